@@ -1,0 +1,1 @@
+"""Recipes: one script per transfer-learning strategy."""

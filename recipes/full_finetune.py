@@ -1,0 +1,52 @@
+"""Full fine-tuning: every weight of the pretrained encoder and a new classification head trains."""
+
+from pathlib import Path
+
+from finetune_recipes.config import (
+    DataArguments, ModelArguments, TrainingArguments, config_to_dict, entrypoint, parse_config,
+)
+from finetune_recipes.data import build_datasets, build_tokenizer
+from finetune_recipes.loop import (
+    build_accelerator, build_dataloaders, check_output_dir, save_outputs, test_results, total_train_steps, train,
+    update_steps_per_epoch,
+)
+from finetune_recipes.modeling import build_model
+from finetune_recipes.optim import build_optimizer, build_scheduler, param_groups
+
+CONFIG = Path(__file__).parent / "configs" / "full_finetune.yaml"
+
+
+@entrypoint
+def main() -> None:
+    model_args, data_args, args = parse_config(ModelArguments, DataArguments, TrainingArguments, default_config=CONFIG)
+    check_output_dir(args)
+    accelerator = build_accelerator(args)
+
+    # Tokenizer and data: labels fixed from train, a stratified validation split when none is given.
+    tokenizer = build_tokenizer(model_args, data_args)
+    with accelerator.main_process_first():
+        data = build_datasets(data_args, tokenizer, args.seed)
+    train_dl, eval_dl, test_dl = build_dataloaders(data, tokenizer, args, accelerator, data_args.group_by_length)
+
+    # Model: the pretrained encoder with a new head sized to the labels.
+    model = build_model(model_args.model_name_or_path, data.label_names)
+
+    # What trains: everything, at one learning rate; no weight decay on biases and norms.
+    groups = param_groups(model, args.learning_rate, args.weight_decay)
+    optimizer = build_optimizer(groups, args.learning_rate)
+    steps = total_train_steps(args, update_steps_per_epoch(len(train_dl), accelerator, args.gradient_accumulation_steps))
+    scheduler = build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps)
+
+    model, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
+        model, optimizer, train_dl, eval_dl, test_dl, scheduler
+    )
+    results = train(
+        accelerator, model, optimizer, scheduler, train_dl, eval_dl, args,
+        num_labels=len(data.label_names), max_train_steps=steps,
+    )
+    results |= test_results(accelerator, model, test_dl, len(data.label_names))
+    save_outputs(accelerator, model, tokenizer, args, results, config_to_dict(model_args, data_args, args))
+
+
+if __name__ == "__main__":
+    main()

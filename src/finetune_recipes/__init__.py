@@ -1,0 +1,1 @@
+"""finetune_recipes: transfer-learning recipes for text classification."""

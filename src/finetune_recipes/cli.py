@@ -1,0 +1,104 @@
+"""The `finetune-recipes` command: list and copy the recipes, predict with a trained model, compare strategies."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.resources
+import shutil
+import sys
+from pathlib import Path
+
+from .config import UserError, entrypoint
+
+
+def recipes_dir() -> Path:
+    """The recipes as installed with the package (the repository's recipes/ in an editable install)."""
+    return Path(str(importlib.resources.files("finetune_recipes.recipes")))
+
+
+def list_recipes() -> dict[str, str]:
+    """Recipe name → the first line of its module docstring, the one description there is."""
+    return {
+        path.stem: (ast.get_docstring(ast.parse(path.read_text())) or "").splitlines()[0]
+        for path in sorted(recipes_dir().glob("*.py"))
+        if not path.name.startswith("_")
+    }
+
+
+def copy_recipe(name: str, dest: str | Path, with_config: bool = False) -> list[Path]:
+    """Copies recipe `name` (and its YAML under configs/ beside it) to `dest`; never overwrites."""
+    recipes = list_recipes()
+    if name.removesuffix(".py") not in recipes:
+        raise UserError(f"no recipe '{name}'; recipes: {', '.join(recipes)}")
+    name = name.removesuffix(".py")
+    dest = Path(dest)
+    target = dest / f"{name}.py" if dest.is_dir() else dest
+    copies = {recipes_dir() / f"{name}.py": target}
+    if with_config:
+        copies[recipes_dir() / "configs" / f"{name}.yaml"] = target.parent / "configs" / f"{name}.yaml"
+    existing = [str(t) for t in copies.values() if t.exists()]
+    if existing:
+        raise UserError(f"{existing[0]} exists; remove it or copy to another destination")
+    if not target.parent.is_dir():
+        raise UserError(f"directory {target.parent} does not exist; create it first")
+    for source, copy in copies.items():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, copy)
+    return list(copies.values())
+
+
+def read_texts(file: str | None, texts: list[str]) -> list[str]:
+    """Texts from the command line, or one per line from a file ('-' for standard input)."""
+    if file:
+        try:
+            lines = (sys.stdin if file == "-" else open(file, encoding="utf-8")).read().splitlines()  # noqa: SIM115
+        except OSError as error:
+            raise UserError(f"cannot read {file}: {error.strerror}; pass a readable text file") from None
+        texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise UserError("no text to classify: pass texts as arguments or --file FILE (one text per line)")
+    return texts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune-recipes", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("ls", help="list the recipes")
+    cp = commands.add_parser("cp", help="copy a recipe out to adapt it")
+    cp.add_argument("recipe")
+    cp.add_argument("dest")
+    cp.add_argument("--config", action="store_true", help="also copy its YAML config to DEST/configs/")
+    predict = commands.add_parser("predict", help="labels and scores for raw texts")
+    predict.add_argument("--model", required=True, help="a recipe's output_dir")
+    predict.add_argument("--file", help="one text per line; '-' reads standard input")
+    predict.add_argument("--batch_size", type=int, default=32)
+    predict.add_argument("--format", choices=["table", "jsonl"], default="table")
+    predict.add_argument("texts", nargs="*")
+    compare = commands.add_parser("compare", help="run several recipes on the same data and budget, one table")
+    compare.add_argument("args", nargs=argparse.REMAINDER, help="see `finetune-recipes compare --help`")
+    return parser
+
+
+@entrypoint
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "ls":
+        recipes = list_recipes()
+        width = max(map(len, recipes))
+        print("\n".join(f"{name:<{width}}  {doc}" for name, doc in recipes.items()))
+    elif args.command == "cp":
+        for path in copy_recipe(args.recipe, args.dest, args.config):
+            print(f"copied {path}")
+    elif args.command == "predict":
+        from .predict import format_jsonl, format_table, predict
+
+        texts = read_texts(args.file, args.texts)
+        if not Path(args.model).is_dir():
+            raise UserError(f"model directory {args.model} does not exist; pass a recipe's output_dir")
+        results = predict(args.model, texts, args.batch_size)
+        print(format_table(results) if args.format == "table" else format_jsonl(results))
+    elif args.command == "compare":
+        from .compare import main as compare_main
+
+        compare_main(args.args)

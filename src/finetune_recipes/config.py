@@ -1,0 +1,165 @@
+"""Recipe configuration: dataclasses parsed from a YAML file plus command-line overrides."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from transformers import HfArgumentParser
+
+T = TypeVar("T")
+
+
+class UserError(ValueError):
+    """A problem the user can fix; entry points print it as one line and exit with code 2."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        metadata={"help": "Local directory or Hub id of a pretrained encoder."},
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Defaults to model_name_or_path."})
+    layer_mapping: str | None = field(
+        default=None,
+        metadata={"help": "For architectures layer discovery cannot map: 'embeddings=PATH,blocks=PATH,pooler=PATH'."},
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default="bbc_news", metadata={"help": "Hub data set, or 'bbc_news' for the bundled BBC News corpus."}
+    )
+    dataset_config_name: str | None = None
+    train_file: str | None = field(default=None, metadata={"help": "CSV, JSON, JSON Lines or Parquet file."})
+    validation_file: str | None = None
+    test_file: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    max_length: int = 128
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "Held out, stratified, when the data has no validation split."}
+    )
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    group_by_length: bool = field(default=False, metadata={"help": "Batch texts of similar length together."})
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = "outputs/run"
+    overwrite_output_dir: bool = False
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 64
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    num_train_epochs: float = 3.0
+    max_train_steps: int | None = field(default=None, metadata={"help": "Overrides num_train_epochs."})
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = field(default=None, metadata={"help": "Overrides warmup_ratio."})
+    seed: int = 42
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "no, bf16 or fp16; default: what `accelerate launch` was given."}
+    )
+    logging_steps: int = 20
+    report_to: str | None = field(default=None, metadata={"help": "Accelerate tracker: tensorboard, wandb, ..."})
+    checkpointing_steps: str | None = field(default=None, metadata={"help": "An integer, or 'epoch'."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint path, or 'latest'."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept in output_dir."})
+    metric_for_best_model: str | None = field(
+        default=None, metadata={"help": "accuracy or f1_macro: keep the weights of the best evaluation."}
+    )
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without improvement."}
+    )
+
+
+def parse_config(
+    *types: type, args: list[str] | None = None, default_config: str | Path | None = None
+) -> tuple[Any, ...]:
+    """Parses `types` from `--config FILE` (or `default_config` when it exists) with CLI flags on top.
+
+    YAML values become the parser's defaults, so every command-line flag overrides the file and a
+    key that no dataclass declares is an error rather than a silently ignored typo.
+    """
+    args = sys.argv[1:] if args is None else list(args)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(args)
+    parser = HfArgumentParser(types)
+    parser.add_argument("--config", help="YAML file of defaults for every flag below.")
+    config_file = known.config or (default_config if default_config and Path(default_config).exists() else None)
+    if config_file:
+        parser.set_defaults(**_read_yaml(Path(config_file), parser))
+    try:
+        parsed = parser.parse_args_into_dataclasses(rest)
+    except ValueError as error:
+        raise UserError(f"{error}; run with --help to list the valid flags") from None
+    return tuple(parsed[: len(types)])  # the rest is a namespace holding --config
+
+
+def _read_yaml(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"cannot read config {path}: {error.__class__.__name__}; pass a readable YAML file") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config {path} is not a mapping; write one `flag_name: value` per line")
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # the flag itself comes before a `--no_x` complement of the same dest
+        if action.dest not in ("help", "config"):
+            actions.setdefault(action.dest, action)
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise UserError(f"unknown key '{unknown[0]}' in {path}; valid keys: {', '.join(sorted(actions))}")
+    return {k: _coerce(k, v, actions[k], path) for k, v in values.items()}
+
+
+def _coerce(key: str, value: Any, action: argparse.Action, path: Path) -> Any:
+    """Applies the flag's own type, as the command line would: argparse leaves non-string defaults as they are.
+
+    YAML reads 5e-5 as a string, `checkpointing_steps: 500` as an int and `mixed_precision: no` as False;
+    each would otherwise reach the dataclass with the wrong type.
+    """
+    if value is None or isinstance(value, (list, dict)) or not callable(action.type):
+        return value
+    if isinstance(value, bool) and action.type is str:
+        spelling = "yes" if value else "no"
+        raise UserError(f"key '{key}' in {path} reads as the boolean {value}; quote it, e.g. {key}: '{spelling}'")
+    try:
+        return action.type(str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        kind = getattr(action.type, "__name__", "value")
+        raise UserError(f"key '{key}' in {path} has {value!r}, not a valid {kind}; fix that value") from None
+
+
+def config_to_dict(*configs: Any) -> dict[str, Any]:
+    """The resolved configuration, one flat mapping, as `--config` reads it back."""
+    return {k: v for c in configs for k, v in dataclasses.asdict(c).items()}
+
+
+def entrypoint(main: Callable[..., T]) -> Callable[..., T]:
+    """Runs `main`, turning a UserError into one line on stderr and exit code 2."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> T:
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return run

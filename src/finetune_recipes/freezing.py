@@ -1,0 +1,170 @@
+"""Freezing: choose which layer groups of a model train, count what trains, and report it.
+
+Group names are those of ``LayerMap.groups()`` ("embeddings", "blocks.0" .. "blocks.{n-1}", "pooler",
+"head") plus three shorthands, so one recipe reads the same for every architecture:
+
+- "blocks": every block; "blocks.top": the last block; "blocks.-k": the k-th block from the top.
+- "pooler" on a model without a pooler selects nothing (RoBERTa and DistilBERT classifiers have none),
+  so "pooler+head" means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+
+from torch import nn
+
+from .config import UserError
+from .layers import LayerMap
+
+
+def freeze(model: nn.Module) -> None:
+    """Stops gradients for every parameter of ``model``."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+def expand_groups(layer_map: LayerMap, groups: Iterable[str] | str) -> list[str]:
+    """The ``LayerMap.groups()`` names that ``groups`` selects, shorthands expanded, in map order.
+
+    A single string is one group name, not an iterable of letters.
+    """
+    names = [groups] if isinstance(groups, str) else list(groups)
+    valid = list(layer_map.groups())
+    selected: set[str] = set()
+    for name in names:
+        selected.update(_expand(layer_map, name, valid))
+    return [name for name in valid if name in selected]
+
+
+def _expand(layer_map: LayerMap, name: str, valid: list[str]) -> list[str]:
+    blocks = [f"blocks.{i}" for i in range(layer_map.num_blocks)]
+    if name in valid:
+        return [name]
+    if name == "pooler":
+        return []
+    if name == "blocks":
+        return blocks
+    if name == "blocks.top":
+        return blocks[-1:]
+    index = name.removeprefix("blocks.")
+    if name.startswith("blocks.-") and index[1:].isdigit() and 0 < int(index[1:]) <= len(blocks):
+        return [blocks[int(index)]]
+    shorthands = "blocks, blocks.top, blocks.-k"
+    raise UserError(f"unknown layer group '{name}'; valid groups: {', '.join(valid)} (or {shorthands})")
+
+
+def unfreeze(layer_map: LayerMap, groups: Iterable[str] | str) -> None:
+    """Lets gradients flow into every parameter of the named groups; other parameters keep their state."""
+    selected = layer_map.groups()
+    for name in expand_groups(layer_map, groups):
+        for _, param in selected[name]:
+            param.requires_grad_(True)
+
+
+def set_trainable(model: nn.Module, layer_map: LayerMap, groups: Iterable[str] | str) -> None:
+    """Trains exactly ``groups``: freezes the whole model, then unfreezes them.
+
+    Names are checked before anything is frozen, so a typo leaves the model as it was.
+    """
+    names = expand_groups(layer_map, groups)
+    freeze(model)
+    unfreeze(layer_map, names)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) element counts; ``parameters()`` yields a shared or tied parameter once."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable, total
+
+
+def trainable_groups(layer_map: LayerMap) -> list[str]:
+    """Names of the groups with at least one trainable parameter, bottom to top."""
+    return [name for name, params in layer_map.groups().items() if any(p.requires_grad for _, p in params)]
+
+
+def format_trainable(model: nn.Module, layer_map: LayerMap) -> str:
+    """A short report: trainable groups (partly trainable ones, as under LoRA, marked), frozen, counts."""
+    trainable, frozen = [], []
+    for name, params in layer_map.groups().items():
+        flags = [p.requires_grad for _, p in params]
+        if flags and all(flags):
+            trainable.append(name)
+        elif any(flags):
+            trainable.append(f"{name} (partly)")
+        else:
+            frozen.append(name)
+    count, total = count_parameters(model)
+    percent = 100.0 * count / total if total else 0.0
+    return "\n".join(
+        [
+            f"trainable groups: {_compact(trainable) or 'none'}",
+            f"frozen groups: {_compact(frozen) or 'none'}",
+            f"trainable parameters: {count:,} of {total:,} ({percent:.2f}%)",
+        ]
+    )
+
+
+def _compact(names: list[str]) -> str:
+    """Joins group names, writing runs of consecutive blocks as a range: blocks.0-9."""
+    parts: list[str] = []
+    run: list[int] = []  # consecutive block indices, all with the same suffix
+    suffix = ""
+
+    def flush() -> None:
+        if run:
+            parts.append(f"blocks.{run[0]}" + (f"-{run[-1]}" if len(run) > 1 else "") + suffix)
+            run.clear()
+
+    for name in names:
+        head, _, rest = name.partition(" ")
+        if head.startswith("blocks."):
+            index, tail = int(head.split(".")[1]), f" {rest}" if rest else ""
+            if run and (index != run[-1] + 1 or tail != suffix):
+                flush()
+            run.append(index)
+            suffix = tail
+        else:
+            flush()
+            parts.append(name)
+    flush()
+    return ", ".join(parts)
+
+
+def unfreezing_stages(layer_map: LayerMap) -> list[list[str]]:
+    """Stage 0 trains the pooler and head; each later stage adds the next block down, the last the embeddings."""
+    thaw_order = [f"blocks.{i}" for i in reversed(range(layer_map.num_blocks))] + ["embeddings"]
+    return [["pooler", "head", *thaw_order[:k]] for k in range(len(thaw_order) + 1)]
+
+
+def stage_starts(
+    num_stages: int, every: float, steps_per_epoch: int, unit: str = "epoch", explicit: str | None = None
+) -> list[int]:
+    """The optimizer step at which each stage begins: stage k at k × `every` epochs (or steps), or as listed.
+
+    `explicit` is a comma-separated list of the steps where stages 1, 2, ... begin; stages it leaves out
+    never start, so "100,200" thaws two blocks and keeps the rest frozen.
+    """
+    if explicit:
+        try:
+            steps = [int(s) for s in explicit.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"unfreeze_schedule '{explicit}' must be comma-separated step numbers, e.g. 50,100,150") from None
+        if steps != sorted(steps) or (steps and steps[0] < 0) or len(steps) >= num_stages:
+            raise UserError(
+                f"unfreeze_schedule '{explicit}' must list at most {num_stages - 1} increasing, non-negative steps"
+            )
+        return [0, *steps]
+    if unit not in ("epoch", "step") or every <= 0:
+        raise UserError("unfreeze_every must be positive and unfreeze_unit 'epoch' or 'step'")
+    interval = every * steps_per_epoch if unit == "epoch" else every
+    return [round(k * interval) for k in range(num_stages)]
+
+
+def stage_at(step: int, starts: list[int]) -> int:
+    """The stage in force at optimizer step `step`."""
+    return bisect.bisect_right(starts, step) - 1

