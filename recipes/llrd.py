@@ -54,7 +54,11 @@ def main() -> None:
     optimizer = build_optimizer(groups, args.learning_rate)
     steps = total_train_steps(args, update_steps_per_epoch(len(train_dl), accelerator, args.gradient_accumulation_steps))
     scheduler = build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps)
-    lrs = lr_trajectory(groups, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps) if llrd.plot_lr else None
+    lrs = (
+        lr_trajectory(groups, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps, args.learning_rate)
+        if llrd.plot_lr
+        else None
+    )
 
     model, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
         model, optimizer, train_dl, eval_dl, test_dl, scheduler

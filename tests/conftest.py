@@ -7,13 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from tiny import topic_rows, write_csv, write_tiny_bert
-
-ROOT = Path(__file__).resolve().parents[1]
+# Before anything imports huggingface_hub, which reads these once: no test may reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from tiny import topic_rows, write_csv, write_tiny_bert  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")

@@ -96,10 +96,11 @@ def parse_config(
     key that no dataclass declares is an error rather than a silently ignored typo.
     """
     args = sys.argv[1:] if args is None else list(args)
-    pre = argparse.ArgumentParser(add_help=False)
+    # No abbreviations: a typo that happens to be a prefix (--learning_rat) must fail like any other typo.
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(args)
-    parser = HfArgumentParser(types)
+    parser = HfArgumentParser(types, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of defaults for every flag below.")
     config_file = known.config or (default_config if default_config and Path(default_config).exists() else None)
     if config_file:

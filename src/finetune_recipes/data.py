@@ -89,14 +89,33 @@ def _load_files(files: dict[str, str]) -> DatasetDict:
     for path in files.values():
         if not Path(path).is_file():
             raise UserError(f"data file {path} does not exist; check --train_file/--validation_file/--test_file")
-    return datasets.load_dataset(builders.pop(), data_files=files)
+    # load_dataset in steps: reading a split of no rows fails with "Instruction ... corresponds to no data!".
+    builder = datasets.load_dataset_builder(builders.pop(), data_files=files)
+    builder.download_and_prepare()
+    for split, path in files.items():
+        if split not in builder.info.splits or not builder.info.splits[split].num_examples:
+            raise UserError(f"the {split} split is empty ({path} has no rows); give it at least one example")
+    return builder.as_dataset()
+
+
+def drop_absent_test_labels(raw: DatasetDict, label_column: str) -> DatasetDict:
+    """Removes the test split's label column when it holds no label at all.
+
+    `datasets` gives every split of a set of files the same columns, so an unlabelled test file comes
+    back with a label column of None that would otherwise read as an unknown label 'None'.
+    """
+    test = raw.get("test")
+    if test is not None and label_column in test.column_names and all(v is None for v in test[label_column]):
+        raw["test"] = test.remove_columns(label_column)
+    return raw
 
 
 def check_columns(raw: DatasetDict, args: DataArguments) -> None:
-    """Every split has the text (and pair) columns; train and validation have the label column."""
+    """Every split has the text (and pair) columns; train and validation have the label column, test may."""
     wanted = [c for c in (args.text_column, args.text_pair_column) if c]
     for split, ds in raw.items():
-        needed = wanted + ([args.label_column] if split != "test" else [])
+        labelled = split != "test" or args.label_column in ds.column_names
+        needed = wanted + ([args.label_column] if labelled else [])
         missing = [c for c in needed if c not in ds.column_names]
         if missing:
             raise UserError(
@@ -188,15 +207,16 @@ def build_datasets(args: DataArguments, tokenizer: PreTrainedTokenizerBase, seed
     raw = load_raw_datasets(args)
     if "train" not in raw:
         raise UserError(f"the data has no train split (splits: {', '.join(raw)}); pass --train_file")
+    raw = drop_absent_test_labels(raw, args.label_column)
     check_columns(raw, args)
     text_columns = [c for c in (args.text_column, args.text_pair_column) if c]
     raw, label_names = encode_labels(raw, args.label_column)
     if "validation" not in raw:
         raw["train"], raw["validation"] = split_validation(raw["train"], text_columns, args, seed)
-    if args.max_train_samples:
-        raw["train"] = raw["train"].select(range(min(args.max_train_samples, len(raw["train"]))))
-    if args.max_eval_samples:
-        raw["validation"] = raw["validation"].select(range(min(args.max_eval_samples, len(raw["validation"]))))
+    # A seeded sample, not the first rows: files are often sorted by label.
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if limit and limit < len(raw[split]):
+            raw[split] = raw[split].shuffle(seed=seed).select(range(limit))
     tokenized = tokenize(raw, tokenizer, text_columns, args.max_length)
     return ClassificationData(tokenized["train"], tokenized["validation"], tokenized.get("test"), label_names)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 
 def is_norm(module: nn.Module) -> bool:
     """LayerNorm, RMSNorm, BatchNorm, ... under any name a model gives its own normalisation class."""
-    return isinstance(module, nn.modules.normalization.LayerNorm | nn.modules.batchnorm._NormBase) or (
-        "norm" in type(module).__name__.lower()
+    # By suffix, so T5LayerNorm or DebertaLayerNorm count and a NormedLinear does not.
+    return isinstance(module, nn.modules.normalization.LayerNorm | nn.modules.batchnorm._NormBase) or bool(
+        re.search(r"norm(\dd)?$", type(module).__name__.lower())
     )
 
 
@@ -30,7 +32,7 @@ def decay_flags(model: nn.Module) -> dict[str, bool]:
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{name}" if module_name else name
-            flags[full] = param.ndim >= 2
+            flags[full] = param.ndim >= 2 and not is_norm(module)
     return flags
 
 

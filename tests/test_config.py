@@ -1,0 +1,249 @@
+"""Configuration: YAML defaults under command-line flags, type conversion, clear errors, the entry point."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+import pytest
+import yaml
+
+from finetune_recipes.config import (
+    DataArguments,
+    ModelArguments,
+    TrainingArguments,
+    UserError,
+    config_to_dict,
+    entrypoint,
+    parse_config,
+)
+
+TYPES = (ModelArguments, DataArguments, TrainingArguments)
+
+
+@dataclass
+class RecipeArguments:
+    """A recipe's own flags, parsed beside the shared ones."""
+
+    pooling: str = "mean"
+    layer_decay: float = 1.0
+
+
+@pytest.fixture
+def write_yaml(tmp_path):
+    def write(text: str, name: str = "config.yaml"):
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def parse(*args, **kw) -> tuple:
+    return parse_config(*TYPES, args=[str(a) for a in args], **kw)
+
+
+def test_defaults_without_config():
+    model, data, train = parse()
+    assert model == ModelArguments() and data == DataArguments() and train == TrainingArguments()
+
+
+def test_yaml_values_and_cli_wins(write_yaml):
+    path = write_yaml("learning_rate: 5e-5\nseed: 7\noutput_dir: from_yaml\nmax_length: 96\n")
+    model, data, train = parse("--config", path, "--seed", "9", "--max_length", "32")
+    assert train.seed == 9 and data.max_length == 32  # the command line overrides the file
+    assert train.output_dir == "from_yaml"  # the file overrides the dataclass default
+    assert model.model_name_or_path == ModelArguments().model_name_or_path
+
+
+def test_config_equals_form(write_yaml):
+    (_, _, train) = parse(f"--config={write_yaml('seed: 3')}")
+    assert train.seed == 3
+
+
+def test_exponent_without_dot_is_a_float(write_yaml):
+    # PyYAML (YAML 1.1) reads 5e-5 as the string "5e-5".
+    assert yaml.safe_load("x: 5e-5")["x"] == "5e-5"
+    (_, _, train) = parse("--config", write_yaml("learning_rate: 5e-5\nweight_decay: 1e-2\n"))
+    assert isinstance(train.learning_rate, float) and train.learning_rate == pytest.approx(5e-5)
+    assert isinstance(train.weight_decay, float) and train.weight_decay == pytest.approx(0.01)
+
+
+def test_yaml_values_get_the_flag_type(write_yaml):
+    text = "checkpointing_steps: 500\nnum_train_epochs: 3\nvalidation_split_percentage: 10\nsave_total_limit: 4\n"
+    (_, data, train) = parse("--config", write_yaml(text))
+    assert train.checkpointing_steps == "500"  # a str flag: loop.py calls .isdigit() on it
+    assert isinstance(train.num_train_epochs, float) and train.num_train_epochs == 3.0
+    assert isinstance(data.validation_split_percentage, float)
+    assert train.save_total_limit == 4
+
+
+def test_yaml_null_keeps_none(write_yaml):
+    (model, _, train) = parse(
+        "--config", write_yaml("max_train_steps: null\ntokenizer_name: ~\nsave_total_limit: null")
+    )
+    assert train.max_train_steps is None and model.tokenizer_name is None and train.save_total_limit is None
+
+
+def test_yaml_bad_value_names_the_key(write_yaml):
+    with pytest.raises(UserError, match=r"key 'learning_rate' .* 'fast'"):
+        parse("--config", write_yaml("learning_rate: fast"))
+    with pytest.raises(UserError, match="key 'seed'"):
+        parse("--config", write_yaml("seed: 1.5"))
+
+
+def test_yaml_boolean_for_a_string_flag_asks_for_quotes(write_yaml):
+    with pytest.raises(UserError, match=r"mixed_precision.*boolean.*quote"):
+        parse("--config", write_yaml("mixed_precision: no"))
+    (_, _, train) = parse("--config", write_yaml("mixed_precision: 'no'"))
+    assert train.mixed_precision == "no"
+
+
+def test_unknown_yaml_key_is_named(write_yaml):
+    path = write_yaml("learning_rat: 1e-3\n")
+    with pytest.raises(UserError, match=r"unknown key 'learning_rat'.*valid keys:.*learning_rate") as info:
+        parse("--config", path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["help", "config"])
+def test_parser_internal_keys_are_not_config_keys(write_yaml, key):
+    with pytest.raises(UserError, match=f"unknown key '{key}'"):
+        parse("--config", write_yaml(f"{key}: x.yaml"))
+
+
+def test_unknown_cli_flag():
+    with pytest.raises(UserError, match=r"--learning_rtae.*--help"):
+        parse("--learning_rtae", "1e-3")
+
+
+@pytest.mark.parametrize("flag", ["--learning_rat", "--conf"])
+def test_prefix_of_a_flag_is_not_accepted(write_yaml, flag):
+    with pytest.raises(UserError, match=flag):
+        parse(flag, write_yaml("seed: 1") if flag == "--conf" else "1e-3")
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match=r"cannot read config .*missing\.yaml"):
+        parse("--config", tmp_path / "missing.yaml")
+
+
+def test_config_is_a_directory(tmp_path):
+    with pytest.raises(UserError, match="cannot read config"):
+        parse("--config", tmp_path)
+
+
+def test_invalid_yaml(write_yaml):
+    with pytest.raises(UserError, match="cannot read config"):
+        parse("--config", write_yaml("seed: [1,\n"))
+
+
+@pytest.mark.parametrize("text", ["- seed\n- 3\n", "just a string\n", "42\n"])
+def test_non_mapping_yaml(write_yaml, text):
+    with pytest.raises(UserError, match="not a mapping"):
+        parse("--config", write_yaml(text))
+
+
+def test_empty_yaml_means_defaults(write_yaml):
+    assert parse("--config", write_yaml("# only a comment\n")) == parse()
+
+
+def test_bool_flag_without_value():
+    (_, data, train) = parse("--overwrite_output_dir", "--group_by_length")
+    assert train.overwrite_output_dir is True and data.group_by_length is True
+    (_, _, train) = parse("--overwrite_output_dir", "false")
+    assert train.overwrite_output_dir is False
+
+
+def test_bool_from_yaml_and_cli_override(write_yaml):
+    path = write_yaml("overwrite_output_dir: true\ngroup_by_length: 'yes'\n")
+    (_, data, train) = parse("--config", path)
+    assert train.overwrite_output_dir is True and data.group_by_length is True
+    (_, _, train) = parse("--config", path, "--overwrite_output_dir", "no")
+    assert train.overwrite_output_dir is False
+
+
+def test_default_config_used_when_present(write_yaml):
+    default = write_yaml("seed: 11\n", "default.yaml")
+    (_, _, train) = parse(default_config=default)
+    assert train.seed == 11
+    (_, _, train) = parse("--seed", "12", default_config=default)
+    assert train.seed == 12
+
+
+def test_default_config_ignored_when_missing(tmp_path):
+    assert parse(default_config=tmp_path / "nope.yaml") == parse()
+
+
+def test_explicit_config_replaces_default_config(write_yaml):
+    default = write_yaml("seed: 11\nmax_length: 50\n", "default.yaml")
+    explicit = write_yaml("seed: 13\n", "explicit.yaml")
+    (_, data, train) = parse("--config", explicit, default_config=default)
+    assert train.seed == 13 and data.max_length == DataArguments().max_length  # not merged with the default
+
+
+def test_args_default_to_sys_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["recipe.py", "--seed", "5"])
+    (_, _, train) = parse_config(*TYPES)
+    assert train.seed == 5
+
+
+def test_extra_dataclass_returned_in_order(write_yaml):
+    parsed = parse_config(*TYPES, RecipeArguments, args=["--config", str(write_yaml("layer_decay: 0.9\n"))])
+    assert len(parsed) == 4
+    assert parsed[3] == RecipeArguments(pooling="mean", layer_decay=0.9)
+
+
+def test_config_to_dict_round_trips(write_yaml):
+    args = ["--model_name_or_path", "some/model", "--train_file", "t.csv", "--learning_rate", "3e-5"]
+    args += ["--overwrite_output_dir", "--checkpointing_steps", "100", "--max_train_samples", "7", "--pooling", "cls"]
+    parsed = parse_config(*TYPES, RecipeArguments, args=args)
+    flat = config_to_dict(*parsed)
+    assert len(flat) == sum(len(dataclasses.fields(t)) for t in (*TYPES, RecipeArguments))  # no key collides
+    assert flat["learning_rate"] == 3e-5 and flat["pooling"] == "cls"
+    path = write_yaml(yaml.safe_dump(flat), "resolved.yaml")
+    assert parse_config(*TYPES, RecipeArguments, args=["--config", str(path)]) == parsed
+
+
+def test_entrypoint_user_error_is_one_line_and_exit_2(capsys):
+    @entrypoint
+    def main():
+        raise UserError("the thing is wrong; fix the thing")
+
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "error: the thing is wrong; fix the thing\n"
+    assert "Traceback" not in err
+
+
+def test_entrypoint_wraps_a_bad_flag(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["recipe.py", "--no_such_flag", "1"])
+    main = entrypoint(lambda: parse_config(*TYPES))
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--no_such_flag" in err
+
+
+def test_entrypoint_returns_the_result_and_keeps_the_name():
+    def main():
+        return 41 + 1
+
+    wrapped = entrypoint(main)
+    assert wrapped() == 42 and wrapped.__name__ == "main"
+
+
+def test_entrypoint_lets_other_errors_through(capsys):
+    @entrypoint
+    def main():
+        raise RuntimeError("a bug, not a user mistake")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        main()
+    assert capsys.readouterr().err == ""

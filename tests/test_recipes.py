@@ -1,0 +1,164 @@
+"""Every recipe end to end on a tiny BERT: what it trains, what it saves, and how it refuses bad input."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_recipe
+from safetensors.torch import load_file
+from transformers import pipeline
+
+from finetune_recipes.predict import predict
+
+RECIPES = ["full_finetune", "llrd", "frozen_base_pooler", "progressive_unfreezing", "feature_extraction", "lora"]
+LABELS = {"business", "sport", "tech"}
+
+
+def base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(model_dir / "model.safetensors")
+
+
+def saved_weights(out: Path) -> dict[str, torch.Tensor]:
+    """Base-model weights of a saved classifier, under the names the base checkpoint uses."""
+    return {k.removeprefix("bert."): v for k, v in load_file(out / "model.safetensors").items()}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_trains_saves_and_predicts(recipe, tiny_args, tmp_path):
+    extra = ["--feature_cache_dir", tmp_path / "cache"] if recipe == "feature_extraction" else []
+    run_recipe(recipe, *tiny_args, *extra)
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert results["eval_samples"] == 30 and results["test_samples"] == 30
+    assert 0 < results["trainable_params"] <= results["total_params"]
+    for key in ("eval_accuracy", "eval_f1_macro", "test_accuracy", "train_runtime_s", "peak_memory_mb"):
+        assert key in results
+    assert (out / "recipe_config.yaml").exists()
+    predictions = predict(out, ["market bank profit share price", "goal match team win cup"])
+    assert {p["label"] for p in predictions} <= LABELS
+    assert all(0 < p["score"] <= 1 for p in predictions)
+
+
+def test_full_finetune_learns_and_pipeline_reads_the_labels(tiny_args, tmp_path):
+    run_recipe("full_finetune", *tiny_args, "--num_train_epochs", "8", "--learning_rate", "3e-3")
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["eval_accuracy"] > 0.5  # chance is 1/3
+    classify = pipeline("text-classification", model=str(tmp_path / "out"))
+    assert {p["label"] for p in classify(["market bank profit", "goal team win"])} <= LABELS
+
+
+def test_frozen_base_pooler_trains_only_pooler_and_head(tiny_args, tiny_model, tmp_path):
+    run_recipe("frozen_base_pooler", *tiny_args)
+    before, after = base_weights(tiny_model), saved_weights(tmp_path / "out")
+    for name, tensor in before.items():
+        if name.startswith("pooler."):
+            assert not torch.equal(tensor, after[name]), name
+        else:
+            assert torch.equal(tensor, after[name]), name
+
+
+def test_feature_extraction_encoder_frozen_and_cache_skips_encoding(tiny_args, tiny_model, tmp_path):
+    cache = tmp_path / "cache"
+    first = run_recipe("feature_extraction", *tiny_args, "--feature_cache_dir", cache)
+    assert "encode train" in first.stderr and len(list(cache.glob("*.safetensors"))) == 3
+    second = run_recipe(
+        "feature_extraction", *tiny_args, "--feature_cache_dir", cache, "--overwrite_output_dir"
+    )
+    assert "encode train" not in second.stderr and "from cache" in second.stderr
+    before, after = base_weights(tiny_model), saved_weights(tmp_path / "out")
+    assert all(torch.equal(t, after[n]) for n, t in before.items())
+    # A different pooling is a different encoding: the cache must not be reused.
+    third = run_recipe(
+        "feature_extraction", *tiny_args, "--feature_cache_dir", cache, "--overwrite_output_dir", "--pooling", "cls"
+    )
+    assert "encode train" in third.stderr
+
+
+def test_lora_trains_adapters_and_head_only_and_merges(tiny_args, tiny_model, tmp_path):
+    run_recipe("lora", *tiny_args, "--merge_adapter")
+    out = tmp_path / "out"
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in adapter) and any("classifier" in k for k in adapter)
+    assert all("lora_" in k or "classifier" in k for k in adapter)
+    results = json.loads((out / "results.json").read_text())
+    assert results["trainable_params"] < results["total_params"] / 2
+    texts = ["market bank profit share price", "goal match team win cup", "phone chip data code"]
+    adapter_preds = predict(out, texts)
+    merged_preds = predict(out / "merged", texts)
+    assert [p["label"] for p in adapter_preds] == [p["label"] for p in merged_preds]
+    for a, m in zip(adapter_preds, merged_preds, strict=True):
+        assert a["score"] == pytest.approx(m["score"], abs=1e-3)
+    assert {p["label"] for p in pipeline("text-classification", model=str(out / "merged"))(texts)} <= LABELS
+
+
+def run_main(recipe: str, args: list, monkeypatch, capsys) -> tuple[int, str]:
+    """Runs a recipe in this process, as `python recipes/<recipe>.py ARGS`; returns (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", [recipe, *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "recipes" / f"{recipe}.py"), run_name="__main__")
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def replace(args: list, flag: str, value) -> list:
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, str]]:
+    """case → (recipe, how to change the tiny args, what the error line must say)."""
+    (tmp / "empty.csv").write_text("text,label\n")
+    (tmp / "garbage.parquet").write_bytes(b"\x00not parquet at all")
+    (tmp / "unseen.csv").write_text("text,label\nmarket bank,business\ngoal team,weather\n")
+    (tmp / "typo.yaml").write_text("learning_rate: 1e-3\nlearnig_rate: 2e-3\n")
+    return {
+        "missing text column": ("full_finetune", ["--text_column", "body"], "columns are text, label"),
+        "missing label column": ("full_finetune", ["--label_column", "topic"], "columns are text, label"),
+        "empty split": ("full_finetune", [("--validation_file", tmp / "empty.csv")], "split is empty"),
+        "unknown config key": ("full_finetune", ["--config", tmp / "typo.yaml"], "unknown key 'learnig_rate'"),
+        "unknown flag": ("full_finetune", ["--learnig_rate", "1"], "learnig_rate"),
+        "model path": ("full_finetune", [("--model_name_or_path", tmp / "no-such-model")], "cannot load model"),
+        "unreadable data": ("full_finetune", [("--train_file", tmp / "garbage.parquet"), ("--validation_file", tmp / "garbage.parquet"), ("--test_file", tmp / "garbage.parquet")], "cannot read data"),  # noqa: E501
+        "max_length over limit": ("full_finetune", [("--max_length", 1000)], "max_length 1000 is outside 1..64"),
+        "unseen validation label": ("full_finetune", [("--validation_file", tmp / "unseen.csv")], "label 'weather'"),
+        "layer_decay": ("llrd", ["--layer_decay", "1.5"], "layer_decay 1.5 is outside (0, 1]"),
+        "negative learning rate": ("llrd", ["--learning_rate=-1e-3"], "learning rates must be positive"),
+        "pooling without pooler": ("feature_extraction", ["--pooling", "max"], "pooling 'max' is not one of"),
+        "bad unfreeze schedule": ("progressive_unfreezing", ["--unfreeze_schedule", "5,3"], "unfreeze_schedule"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing text column", "missing label column", "empty split", "unknown config key", "unknown flag",
+        "model path", "unreadable data", "max_length over limit", "unseen validation label", "layer_decay",
+        "negative learning rate", "pooling without pooler", "bad unfreeze schedule",
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_args, tiny_data, tmp_path, monkeypatch, capsys):
+    recipe, change, expected = bad_inputs(tmp_path, tiny_data)[case]
+    args = list(tiny_args)
+    for item in change:
+        args = replace(args, *item) if isinstance(item, tuple) else args
+    args += [c for c in change if not isinstance(c, tuple)]
+    code, err = run_main(recipe, args, monkeypatch, capsys)
+    assert code == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_output_dir_is_not_overwritten(tiny_args, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, err = run_main("full_finetune", tiny_args, monkeypatch, capsys)
+    assert code == 2 and "--overwrite_output_dir" in err.strip().splitlines()[-1]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
