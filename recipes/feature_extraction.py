@@ -7,15 +7,30 @@ import datasets
 from transformers import AutoModel, DataCollatorWithPadding
 
 from finetune_recipes.config import (
-    DataArguments, ModelArguments, TrainingArguments, config_to_dict, entrypoint, parse_config,
+    DataArguments,
+    ModelArguments,
+    TrainingArguments,
+    config_to_dict,
+    entrypoint,
+    parse_config,
 )
 from finetune_recipes.data import build_datasets, build_tokenizer, labelled
 from finetune_recipes.features import (
-    ClassificationHead, FeatureClassifier, cached_features, check_pooling, feature_dataloader,
+    ClassificationHead,
+    FeatureClassifier,
+    cached_features,
+    check_pooling,
+    feature_dataloader,
 )
 from finetune_recipes.freezing import freeze
 from finetune_recipes.loop import (
-    build_accelerator, check_output_dir, save_outputs, test_results, total_train_steps, train, update_steps_per_epoch,
+    build_accelerator,
+    check_output_dir,
+    save_outputs,
+    test_results,
+    total_train_steps,
+    train,
+    update_steps_per_epoch,
 )
 from finetune_recipes.modeling import build_model
 from finetune_recipes.optim import build_optimizer, build_scheduler, param_groups
@@ -56,12 +71,19 @@ def main() -> None:
     if labelled(data.test) is not None:
         splits["test"] = data.test
     features = cached_features(
-        encoder, splits, DataCollatorWithPadding(tokenizer), accelerator, feats.pooling, data_args.max_length,
-        feats.feature_cache_dir, feats.encode_batch_size,
+        encoder,
+        splits,
+        DataCollatorWithPadding(tokenizer),
+        accelerator,
+        feats.pooling,
+        data_args.max_length,
+        feats.feature_cache_dir,
+        feats.encode_batch_size,
     )
     loaders = {
         split: feature_dataloader(
-            features[split], ds["labels"],
+            features[split],
+            ds["labels"],
             args.per_device_train_batch_size if split == "train" else args.per_device_eval_batch_size,
             shuffle=split == "train",
         )
@@ -69,7 +91,9 @@ def main() -> None:
     }
 
     # What trains: a linear (or MLP) head on the cached features; a step takes microseconds.
-    head = ClassificationHead(encoder.config.hidden_size, len(data.label_names), feats.head_hidden_size, feats.head_dropout)
+    head = ClassificationHead(
+        encoder.config.hidden_size, len(data.label_names), feats.head_hidden_size, feats.head_dropout
+    )
     optimizer = build_optimizer(param_groups(head, args.learning_rate, args.weight_decay), args.learning_rate)
     steps = total_train_steps(
         args, update_steps_per_epoch(len(loaders["train"]), accelerator, args.gradient_accumulation_steps)
@@ -80,14 +104,23 @@ def main() -> None:
         head, optimizer, loaders["train"], loaders["validation"], loaders.get("test"), scheduler
     )
     results = train(
-        accelerator, head, optimizer, scheduler, train_dl, eval_dl, args,
-        num_labels=len(data.label_names), max_train_steps=steps,
+        accelerator,
+        head,
+        optimizer,
+        scheduler,
+        train_dl,
+        eval_dl,
+        args,
+        num_labels=len(data.label_names),
+        max_train_steps=steps,
     )
     results |= test_results(accelerator, head, test_dl, len(data.label_names))
 
     # Saved as encoder + pooling + head, which `finetune-recipes predict` runs on raw text.
     classifier = FeatureClassifier(encoder, accelerator.unwrap_model(head), feats.pooling)
     save_outputs(accelerator, classifier, tokenizer, args, results, config_to_dict(model_args, data_args, args, feats))
+
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -3,11 +3,22 @@
 from pathlib import Path
 
 from finetune_recipes.config import (
-    DataArguments, ModelArguments, TrainingArguments, config_to_dict, entrypoint, parse_config,
+    DataArguments,
+    ModelArguments,
+    TrainingArguments,
+    config_to_dict,
+    entrypoint,
+    parse_config,
 )
 from finetune_recipes.data import build_datasets, build_tokenizer
 from finetune_recipes.loop import (
-    build_accelerator, build_dataloaders, check_output_dir, save_outputs, test_results, total_train_steps, train,
+    build_accelerator,
+    build_dataloaders,
+    check_output_dir,
+    save_outputs,
+    test_results,
+    total_train_steps,
+    train,
     update_steps_per_epoch,
 )
 from finetune_recipes.modeling import build_model
@@ -34,18 +45,29 @@ def main() -> None:
     # What trains: everything, at one learning rate; no weight decay on biases and norms.
     groups = param_groups(model, args.learning_rate, args.weight_decay)
     optimizer = build_optimizer(groups, args.learning_rate)
-    steps = total_train_steps(args, update_steps_per_epoch(len(train_dl), accelerator, args.gradient_accumulation_steps))
+    steps = total_train_steps(
+        args, update_steps_per_epoch(len(train_dl), accelerator, args.gradient_accumulation_steps)
+    )
     scheduler = build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps)
 
     model, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
         model, optimizer, train_dl, eval_dl, test_dl, scheduler
     )
     results = train(
-        accelerator, model, optimizer, scheduler, train_dl, eval_dl, args,
-        num_labels=len(data.label_names), max_train_steps=steps,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_dl,
+        eval_dl,
+        args,
+        num_labels=len(data.label_names),
+        max_train_steps=steps,
     )
     results |= test_results(accelerator, model, test_dl, len(data.label_names))
     save_outputs(accelerator, model, tokenizer, args, results, config_to_dict(model_args, data_args, args))
+
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -4,17 +4,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune_recipes.config import (
-    DataArguments, ModelArguments, TrainingArguments, config_to_dict, entrypoint, parse_config,
+    DataArguments,
+    ModelArguments,
+    TrainingArguments,
+    config_to_dict,
+    entrypoint,
+    parse_config,
 )
 from finetune_recipes.data import build_datasets, build_tokenizer
 from finetune_recipes.layers import discover_layers
 from finetune_recipes.loop import (
-    build_accelerator, build_dataloaders, check_output_dir, save_outputs, test_results, total_train_steps, train,
+    build_accelerator,
+    build_dataloaders,
+    check_output_dir,
+    save_outputs,
+    test_results,
+    total_train_steps,
+    train,
     update_steps_per_epoch,
 )
 from finetune_recipes.modeling import build_model
 from finetune_recipes.optim import (
-    build_optimizer, build_scheduler, format_groups, lr_trajectory, param_groups, plot_lr_schedule,
+    build_optimizer,
+    build_scheduler,
+    format_groups,
+    lr_trajectory,
+    param_groups,
+    plot_lr_schedule,
 )
 
 CONFIG = Path(__file__).parent / "configs" / "llrd.yaml"
@@ -46,13 +62,20 @@ def main() -> None:
     # each depth below the top multiplies the rate by layer_decay, so the embeddings move least.
     layers = discover_layers(model, model_args.layer_mapping)
     groups = param_groups(
-        model, args.learning_rate, args.weight_decay, layer_map=layers, layer_decay=llrd.layer_decay, head_lr=llrd.head_lr
+        model,
+        args.learning_rate,
+        args.weight_decay,
+        layer_map=layers,
+        layer_decay=llrd.layer_decay,
+        head_lr=llrd.head_lr,
     )
     report = format_groups(groups)
     accelerator.print(f"Optimizer groups ({len(groups)}):\n{report}")
 
     optimizer = build_optimizer(groups, args.learning_rate)
-    steps = total_train_steps(args, update_steps_per_epoch(len(train_dl), accelerator, args.gradient_accumulation_steps))
+    steps = total_train_steps(
+        args, update_steps_per_epoch(len(train_dl), accelerator, args.gradient_accumulation_steps)
+    )
     scheduler = build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps)
     lrs = (
         lr_trajectory(groups, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps, args.learning_rate)
@@ -64,14 +87,23 @@ def main() -> None:
         model, optimizer, train_dl, eval_dl, test_dl, scheduler
     )
     results = train(
-        accelerator, model, optimizer, scheduler, train_dl, eval_dl, args,
-        num_labels=len(data.label_names), max_train_steps=steps,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_dl,
+        eval_dl,
+        args,
+        num_labels=len(data.label_names),
+        max_train_steps=steps,
     )
     results |= test_results(accelerator, model, test_dl, len(data.label_names))
     config = config_to_dict(model_args, data_args, args, llrd)
     save_outputs(accelerator, model, tokenizer, args, results, config, {"param_groups.md": report + "\n"})
     if lrs and accelerator.is_main_process:
         plot_lr_schedule(groups, lrs, Path(args.output_dir) / "lr_schedule.png")
+
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -6,14 +6,26 @@ from pathlib import Path
 from peft import LoraConfig, TaskType, get_peft_model
 
 from finetune_recipes.config import (
-    DataArguments, ModelArguments, TrainingArguments, config_to_dict, entrypoint, parse_config,
+    DataArguments,
+    ModelArguments,
+    TrainingArguments,
+    config_to_dict,
+    entrypoint,
+    parse_config,
 )
 from finetune_recipes.data import build_datasets, build_tokenizer
 from finetune_recipes.freezing import format_trainable
 from finetune_recipes.layers import block_linears, discover_layers
 from finetune_recipes.loop import (
-    build_accelerator, build_dataloaders, check_output_dir, save_merged, save_outputs, test_results,
-    total_train_steps, train, update_steps_per_epoch,
+    build_accelerator,
+    build_dataloaders,
+    check_output_dir,
+    save_merged,
+    save_outputs,
+    test_results,
+    total_train_steps,
+    train,
+    update_steps_per_epoch,
 )
 from finetune_recipes.modeling import build_model
 from finetune_recipes.optim import build_optimizer, build_scheduler, param_groups
@@ -52,29 +64,44 @@ def main() -> None:
     targets = linears["attention"] + (linears["feed_forward"] if lora.lora_feed_forward else [])
     head_modules = sorted({name.split(".")[0] for name, _ in layers.head})
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-        target_modules=targets, modules_to_save=head_modules,
+        task_type=TaskType.SEQ_CLS,
+        r=lora.lora_r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=targets,
+        modules_to_save=head_modules,
     )
     model = get_peft_model(model, config)
     accelerator.print(format_trainable(model, discover_layers(model)))
 
     groups = param_groups(model, args.learning_rate, args.weight_decay)
     optimizer = build_optimizer(groups, args.learning_rate)
-    steps = total_train_steps(args, update_steps_per_epoch(len(train_dl), accelerator, args.gradient_accumulation_steps))
+    steps = total_train_steps(
+        args, update_steps_per_epoch(len(train_dl), accelerator, args.gradient_accumulation_steps)
+    )
     scheduler = build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps)
 
     model, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
         model, optimizer, train_dl, eval_dl, test_dl, scheduler
     )
     results = train(
-        accelerator, model, optimizer, scheduler, train_dl, eval_dl, args,
-        num_labels=len(data.label_names), max_train_steps=steps,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_dl,
+        eval_dl,
+        args,
+        num_labels=len(data.label_names),
+        max_train_steps=steps,
     )
     results |= test_results(accelerator, model, test_dl, len(data.label_names))
     # The adapter alone (a few MB) goes to output_dir; merged/ holds a plain model any pipeline loads.
     save_outputs(accelerator, model, tokenizer, args, results, config_to_dict(model_args, data_args, args, lora))
     if lora.merge_adapter:
         save_merged(accelerator, model, tokenizer, Path(args.output_dir) / "merged")
+
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -4,15 +4,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune_recipes.config import (
-    DataArguments, ModelArguments, TrainingArguments, config_to_dict, entrypoint, parse_config,
+    DataArguments,
+    ModelArguments,
+    TrainingArguments,
+    config_to_dict,
+    entrypoint,
+    parse_config,
 )
 from finetune_recipes.data import build_datasets, build_tokenizer
 from finetune_recipes.freezing import (
-    format_trainable, set_trainable, stage_at, stage_starts, unfreezing_stages,
+    format_trainable,
+    set_trainable,
+    stage_at,
+    stage_starts,
+    unfreezing_stages,
 )
 from finetune_recipes.layers import discover_layers
 from finetune_recipes.loop import (
-    build_accelerator, build_dataloaders, check_output_dir, save_outputs, test_results, total_train_steps, train,
+    build_accelerator,
+    build_dataloaders,
+    check_output_dir,
+    save_outputs,
+    test_results,
+    total_train_steps,
+    train,
     update_steps_per_epoch,
 )
 from finetune_recipes.modeling import build_model
@@ -53,8 +68,13 @@ def main() -> None:
     layers = discover_layers(model, model_args.layer_mapping)
     stages = unfreezing_stages(layers)
     groups = param_groups(
-        model, args.learning_rate, args.weight_decay, layer_map=layers, layer_decay=unfreeze.layer_decay,
-        head_lr=unfreeze.head_lr, include_frozen=True,
+        model,
+        args.learning_rate,
+        args.weight_decay,
+        layer_map=layers,
+        layer_decay=unfreeze.layer_decay,
+        head_lr=unfreeze.head_lr,
+        include_frozen=True,
     )
     report = format_groups(groups)
     accelerator.print(f"Optimizer groups ({len(groups)}):\n{report}")
@@ -81,13 +101,23 @@ def main() -> None:
             accelerator.print(f"step {step}: stage {stage}\n{format_trainable(model, layers)}")
 
     results = train(
-        accelerator, model, optimizer, scheduler, train_dl, eval_dl, args,
-        num_labels=len(data.label_names), max_train_steps=steps, on_step=thaw,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_dl,
+        eval_dl,
+        args,
+        num_labels=len(data.label_names),
+        max_train_steps=steps,
+        on_step=thaw,
     )
     results |= test_results(accelerator, model, test_dl, len(data.label_names))
     results["unfreezing_stage_starts"] = starts
     config = config_to_dict(model_args, data_args, args, unfreeze)
     save_outputs(accelerator, model, tokenizer, args, results, config, {"param_groups.md": report + "\n"})
+
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

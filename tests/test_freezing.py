@@ -88,9 +88,7 @@ def test_pooler_on_a_model_without_one_selects_nothing():
 @pytest.mark.parametrize("name", ["blocks.2", "blocks.-3", "classifier", "blocks.x", "Head"])
 def test_unknown_group_names_the_valid_ones(bert, name):
     model, layer_map = bert
-    with pytest.raises(
-        ValueError, match="valid groups: embeddings, blocks.0, blocks.1, pooler, head"
-    ) as error:
+    with pytest.raises(ValueError, match="valid groups: embeddings, blocks.0, blocks.1, pooler, head") as error:
         set_trainable(model, layer_map, ["head", name])
     assert f"'{name}'" in str(error.value)
     assert all(p.requires_grad for p in model.parameters()), "a bad name must leave the model untouched"

@@ -175,9 +175,7 @@ def test_bad_mapping(mapping, match):
 def test_peft_lora_model():
     peft = pytest.importorskip("peft")
     model = build("bert")
-    config = peft.LoraConfig(
-        task_type=peft.TaskType.SEQ_CLS, r=2, lora_alpha=4, target_modules=["query", "value"]
-    )
+    config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=2, lora_alpha=4, target_modules=["query", "value"])
     wrapped = peft.get_peft_model(model, config)
     layer_map = discover_layers(wrapped)
     assert_partition(wrapped, layer_map)

@@ -66,9 +66,7 @@ def test_feature_extraction_encoder_frozen_and_cache_skips_encoding(tiny_args, t
     cache = tmp_path / "cache"
     first = run_recipe("feature_extraction", *tiny_args, "--feature_cache_dir", cache)
     assert "encode train" in first.stderr and len(list(cache.glob("*.safetensors"))) == 3
-    second = run_recipe(
-        "feature_extraction", *tiny_args, "--feature_cache_dir", cache, "--overwrite_output_dir"
-    )
+    second = run_recipe("feature_extraction", *tiny_args, "--feature_cache_dir", cache, "--overwrite_output_dir")
     assert "encode train" not in second.stderr and "from cache" in second.stderr
     before, after = base_weights(tiny_model), saved_weights(tmp_path / "out")
     assert all(torch.equal(t, after[n]) for n, t in before.items())
@@ -123,7 +121,15 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
         "unknown config key": ("full_finetune", ["--config", tmp / "typo.yaml"], "unknown key 'learnig_rate'"),
         "unknown flag": ("full_finetune", ["--learnig_rate", "1"], "learnig_rate"),
         "model path": ("full_finetune", [("--model_name_or_path", tmp / "no-such-model")], "cannot load model"),
-        "unreadable data": ("full_finetune", [("--train_file", tmp / "garbage.parquet"), ("--validation_file", tmp / "garbage.parquet"), ("--test_file", tmp / "garbage.parquet")], "cannot read data"),  # noqa: E501
+        "unreadable data": (
+            "full_finetune",
+            [
+                ("--train_file", tmp / "garbage.parquet"),
+                ("--validation_file", tmp / "garbage.parquet"),
+                ("--test_file", tmp / "garbage.parquet"),
+            ],
+            "cannot read data",
+        ),  # noqa: E501
         "max_length over limit": ("full_finetune", [("--max_length", 1000)], "max_length 1000 is outside 1..64"),
         "unseen validation label": ("full_finetune", [("--validation_file", tmp / "unseen.csv")], "label 'weather'"),
         "layer_decay": ("llrd", ["--layer_decay", "1.5"], "layer_decay 1.5 is outside (0, 1]"),
@@ -136,9 +142,19 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
 @pytest.mark.parametrize(
     "case",
     [
-        "missing text column", "missing label column", "empty split", "unknown config key", "unknown flag",
-        "model path", "unreadable data", "max_length over limit", "unseen validation label", "layer_decay",
-        "negative learning rate", "pooling without pooler", "bad unfreeze schedule",
+        "missing text column",
+        "missing label column",
+        "empty split",
+        "unknown config key",
+        "unknown flag",
+        "model path",
+        "unreadable data",
+        "max_length over limit",
+        "unseen validation label",
+        "layer_decay",
+        "negative learning rate",
+        "pooling without pooler",
+        "bad unfreeze schedule",
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_args, tiny_data, tmp_path, monkeypatch, capsys):

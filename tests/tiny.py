@@ -72,8 +72,12 @@ def write_tiny_bert(path: Path, num_hidden_layers: int = 2) -> Path:
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)}, model_max_length=64)
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(words), hidden_size=32, num_hidden_layers=num_hidden_layers, num_attention_heads=2,
-        intermediate_size=37, max_position_embeddings=64,
+        vocab_size=len(words),
+        hidden_size=32,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
     )
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

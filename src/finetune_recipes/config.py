@@ -72,7 +72,8 @@ class TrainingArguments:
     warmup_steps: int | None = field(default=None, metadata={"help": "Overrides warmup_ratio."})
     seed: int = 42
     mixed_precision: str | None = field(
-        default=None, metadata={"help": "no, bf16 or fp16; default: what `accelerate launch` was given."}
+        default=None,
+        metadata={"help": "no, bf16, fp16, or auto (bf16 where the hardware has it); default: accelerate launch's."},
     )
     logging_steps: int = 20
     report_to: str | None = field(default=None, metadata={"help": "Accelerate tracker: tensorboard, wandb, ..."})

@@ -204,6 +204,13 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 def build_datasets(args: DataArguments, tokenizer: PreTrainedTokenizerBase, seed: int) -> ClassificationData:
     """Raw data → labels fixed from train → deduplicated, stratified validation split if missing → tokens."""
+    raw, label_names = labelled_splits(args, seed)
+    tokenized = tokenize(raw, tokenizer, [c for c in (args.text_column, args.text_pair_column) if c], args.max_length)
+    return ClassificationData(tokenized["train"], tokenized["validation"], tokenized.get("test"), label_names)
+
+
+def labelled_splits(args: DataArguments, seed: int) -> tuple[DatasetDict, list[str]]:
+    """The raw texts of train, validation (held out when missing) and test, with label ids and names."""
     raw = load_raw_datasets(args)
     if "train" not in raw:
         raise UserError(f"the data has no train split (splits: {', '.join(raw)}); pass --train_file")
@@ -217,8 +224,7 @@ def build_datasets(args: DataArguments, tokenizer: PreTrainedTokenizerBase, seed
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit and limit < len(raw[split]):
             raw[split] = raw[split].shuffle(seed=seed).select(range(limit))
-    tokenized = tokenize(raw, tokenizer, text_columns, args.max_length)
-    return ClassificationData(tokenized["train"], tokenized["validation"], tokenized.get("test"), label_names)
+    return raw, label_names
 
 
 def split_validation(
@@ -289,6 +295,13 @@ def build_dataloader(
     """Dynamic padding to the longest text of each batch (rounded up to a multiple under mixed precision)."""
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     sampler = EpochLengthGroupedSampler(batch_size, ds, seed) if shuffle and group_by_length else None
+    # A generator of its own: creating an iterator then draws nothing from the global RNG, which
+    # dropout uses, so a run resumed mid-epoch sees the same dropout masks as one never stopped.
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, collate_fn=collator
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        collate_fn=collator,
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -18,20 +19,12 @@ from transformers import AutoModel, DataCollatorWithPadding, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .config import UserError
+from .loop import bf16_supported
 
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean", "pooler")
 HEAD_FILE, HEAD_CONFIG = "feature_head.safetensors", "feature_head.json"
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """bf16 pays off on GPUs that have it and on CPUs with AVX-512 BF16 or AMX; elsewhere it is emulated."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
 
 
 def pool(outputs, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -89,7 +82,7 @@ def encode(
             outputs = encoder(**batch)
         chunks.append(pool(outputs, batch["attention_mask"], pooling).float().cpu())
     mine_features = torch.cat(chunks) if chunks else torch.empty(0)
-    gathered = accelerator.gather_object([(mine, mine_features)]) if accelerator.num_processes > 1 else [(mine, mine_features)]
+    gathered = gather_object([(mine, mine_features)])  # one exchange per split, of finished features
     features = torch.empty(len(ds), encoder.config.hidden_size)
     for indices, values in gathered:
         if indices:
@@ -111,7 +104,10 @@ def cached_features(
     use_bf16 = bf16_supported(accelerator.device)
     features = {}
     for split, ds in splits.items():
-        path = Path(cache_dir) / f"{cache_key(encoder, ds, pooling, max_length, 'bf16' if use_bf16 else 'fp32')}.safetensors"
+        path = (
+            Path(cache_dir)
+            / f"{cache_key(encoder, ds, pooling, max_length, 'bf16' if use_bf16 else 'fp32')}.safetensors"
+        )
         if path.exists():
             logger.info("Features of %s from cache %s", split, path)
             features[split] = load_file(path)["features"]
@@ -131,7 +127,12 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, in_features: int, num_labels: int, hidden_size: int = 0, dropout: float = 0.1):
         super().__init__()
-        self.config = {"in_features": in_features, "num_labels": num_labels, "hidden_size": hidden_size, "dropout": dropout}
+        self.config = {
+            "in_features": in_features,
+            "num_labels": num_labels,
+            "hidden_size": hidden_size,
+            "dropout": dropout,
+        }
         layers: list[nn.Module] = [nn.Dropout(dropout)]
         if hidden_size:
             layers += [nn.Linear(in_features, hidden_size), nn.GELU(), nn.Dropout(dropout)]
@@ -178,4 +179,5 @@ def feature_dataloader(
 ) -> torch.utils.data.DataLoader:
     """Batches of {"features", "labels"}, the keyword arguments ClassificationHead takes."""
     dataset = torch.utils.data.StackDataset(features=features, labels=torch.tensor(labels))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+    generator = torch.Generator().manual_seed(0)  # see data.build_dataloader: keeps the global RNG untouched
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)

@@ -153,7 +153,9 @@ def stage_starts(
         try:
             steps = [int(s) for s in explicit.split(",") if s.strip()]
         except ValueError:
-            raise UserError(f"unfreeze_schedule '{explicit}' must be comma-separated step numbers, e.g. 50,100,150") from None
+            raise UserError(
+                f"unfreeze_schedule '{explicit}' must be comma-separated step numbers, e.g. 50,100,150"
+            ) from None
         if steps != sorted(steps) or (steps and steps[0] < 0) or len(steps) >= num_stages:
             raise UserError(
                 f"unfreeze_schedule '{explicit}' must list at most {num_stages - 1} increasing, non-negative steps"

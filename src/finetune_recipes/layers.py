@@ -121,9 +121,7 @@ def discover_layers(model: nn.Module, mapping: Mapping[str, str] | str | None = 
     else:
         embeddings_path, blocks_path, pooler_path = _resolve_mapping(model, modules, root_path, mapping)
     block_paths = [
-        _join(blocks_path, name)
-        for name, child in modules[blocks_path].named_children()
-        if _has_params(child)
+        _join(blocks_path, name) for name, child in modules[blocks_path].named_children() if _has_params(child)
     ]
     if not block_paths:
         raise LayerDiscoveryError(
@@ -202,8 +200,7 @@ def _find_blocks(model: nn.Module, modules: dict[str, nn.Module], search_path: s
     rivals = [path for n, _, path in candidates if n * 2 > numel and not _nested(path, best)]
     if rivals:  # e.g. an encoder and a decoder stack: guessing one would silently mis-assign the other
         raise LayerDiscoveryError(
-            f"{type(model).__name__} has several stacks of blocks ({best}, {', '.join(rivals)}); "
-            + MAPPING_HINT
+            f"{type(model).__name__} has several stacks of blocks ({best}, {', '.join(rivals)}); " + MAPPING_HINT
         )
     return best
 

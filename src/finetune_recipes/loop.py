@@ -35,6 +35,23 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT = re.compile(r"step_(\d+)$")
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 pays off on GPUs that have it and on CPUs with AVX-512 BF16 or AMX; elsewhere it is emulated."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_mixed_precision(requested: str | None) -> str | None:
+    """'auto' is bf16 where the hardware computes it natively (AMX / AVX-512 BF16 CPUs, Ampere+ GPUs), else fp32."""
+    if requested != "auto":
+        return requested
+    device = torch.accelerator.current_accelerator() or torch.device("cpu")
+    return "bf16" if bf16_supported(device) else "no"
+
+
 def build_accelerator(args: TrainingArguments, find_unused_parameters: bool = False) -> Accelerator:
     """An Accelerator whose shuffling depends only on (seed, epoch), so processes agree and resumes repeat.
 
@@ -45,7 +62,7 @@ def build_accelerator(args: TrainingArguments, find_unused_parameters: bool = Fa
     accelerator = Accelerator(
         cpu=not torch.accelerator.is_available(),  # also makes torchrun's processes join one gloo group
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
         log_with=args.report_to,
         project_dir=args.output_dir,
         step_scheduler_with_optimizer=False,
@@ -151,8 +168,19 @@ def train(
     every = int(args.checkpointing_steps) if (args.checkpointing_steps or "").isdigit() else None
     if args.report_to:
         accelerator.init_trackers("finetune_recipes", {k: v for k, v in vars(args).items() if v is not None})
+    logger.info(
+        "%d optimizer steps on %d process(es) (%s), %s precision, %d examples per step",
+        max_train_steps,
+        accelerator.num_processes,
+        accelerator.distributed_type.value,
+        accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32",
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
+    )
     progress = tqdm(
-        total=max_train_steps, initial=state.completed_steps, desc="train", disable=not accelerator.is_local_main_process
+        total=max_train_steps,
+        initial=state.completed_steps,
+        desc="train",
+        disable=not accelerator.is_local_main_process,
     )
     start, samples = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -186,7 +214,9 @@ def train(
                 loss_sum.zero_()
                 loss_batches = 0
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
-                accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[-1]}, step=state.completed_steps)
+                accelerator.log(
+                    {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[-1]}, step=state.completed_steps
+                )
             if every and state.completed_steps % every == 0:
                 save_checkpoint(accelerator, args, state.completed_steps)
             if state.completed_steps >= max_train_steps:
@@ -205,9 +235,15 @@ def train(
     runtime = time.perf_counter() - start
     if state.best_weights is not None:
         accelerator.unwrap_model(model).load_state_dict(state.best_weights, strict=False)
-        logger.info("Restored the best weights: %s %.4f at step %d", args.metric_for_best_model, state.best_metric, state.best_step)
-    final = state.history[-1] if state.best_step is None else next(h for h in state.history if h["step"] == state.best_step)
-    accelerator.end_training()
+        logger.info(
+            "Restored the best weights: %s %.4f at step %d",
+            args.metric_for_best_model,
+            state.best_metric,
+            state.best_step,
+        )
+    final = (
+        state.history[-1] if state.best_step is None else next(h for h in state.history if h["step"] == state.best_step)
+    )
     return {
         **{f"eval_{k}": v for k, v in final.items() if k not in ("epoch", "step")},
         "epochs": state.epoch,
@@ -228,7 +264,9 @@ def accelerate_skip(dataloader: DataLoader, num_batches: int) -> DataLoader:
     return skip_first_batches(dataloader, num_batches)
 
 
-def track_best(state: TrainState, metrics: dict[str, float], model, accelerator: Accelerator, args: TrainingArguments) -> bool:
+def track_best(
+    state: TrainState, metrics: dict[str, float], model, accelerator: Accelerator, args: TrainingArguments
+) -> bool:
     """Keeps a copy of the best weights by `metric_for_best_model`; True when early stopping says stop."""
     if not args.metric_for_best_model:
         return False
@@ -257,7 +295,9 @@ def resolve_checkpoint(output_dir: str | Path, which: str) -> Path:
     if which == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise UserError(f"no checkpoint in {Path(output_dir) / CHECKPOINT_DIR} to resume from; drop --resume_from_checkpoint")
+            raise UserError(
+                f"no checkpoint in {Path(output_dir) / CHECKPOINT_DIR} to resume from; drop --resume_from_checkpoint"
+            )
         return found[-1]
     if not Path(which).is_dir():
         raise UserError(f"checkpoint {which} does not exist; pass a checkpoint directory or 'latest'")
@@ -303,12 +343,18 @@ def save_outputs(
     out = Path(args.output_dir)
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(
-        out, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+        out,
+        is_main_process=accelerator.is_main_process,
+        save_function=accelerator.save,
         state_dict=accelerator.get_state_dict(model),
     )
     trainable, total = count_parameters(unwrapped)
-    results = {**results, "trainable_params": trainable, "total_params": total,
-               "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1)}
+    results = {
+        **results,
+        "trainable_params": trainable,
+        "total_params": total,
+        "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
+    }
     if accelerator.is_main_process:
         tokenizer.save_pretrained(out)
         if hasattr(unwrapped, "get_base_model"):  # a peft adapter: keep the label names beside it
@@ -326,12 +372,19 @@ def save_outputs(
     accelerator.wait_for_everyone()
 
 
-def build_dataloaders(data, tokenizer, args: TrainingArguments, accelerator: Accelerator, group_by_length: bool = False):
+def build_dataloaders(
+    data, tokenizer, args: TrainingArguments, accelerator: Accelerator, group_by_length: bool = False
+):
     """Train (shuffled, optionally length-grouped), validation and test loaders (None without labelled test data)."""
     pad = pad_multiple(accelerator)
     train = build_dataloader(
-        data.train, tokenizer, args.per_device_train_batch_size, shuffle=True, group_by_length=group_by_length,
-        seed=args.seed, pad_to_multiple_of=pad,
+        data.train,
+        tokenizer,
+        args.per_device_train_batch_size,
+        shuffle=True,
+        group_by_length=group_by_length,
+        seed=args.seed,
+        pad_to_multiple_of=pad,
     )
     evals = [
         build_dataloader(ds, tokenizer, args.per_device_eval_batch_size, pad_to_multiple_of=pad) if ds else None
@@ -340,7 +393,9 @@ def build_dataloaders(data, tokenizer, args: TrainingArguments, accelerator: Acc
     return train, *evals
 
 
-def test_results(accelerator: Accelerator, model, test_dataloader: DataLoader | None, num_labels: int) -> dict[str, float]:
+def test_results(
+    accelerator: Accelerator, model, test_dataloader: DataLoader | None, num_labels: int
+) -> dict[str, float]:
     """test_* metrics when the data has a labelled test split, else nothing."""
     if test_dataloader is None:
         return {}

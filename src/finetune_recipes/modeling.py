@@ -43,7 +43,9 @@ def load_config(name_or_path: str, **kwargs) -> PretrainedConfig:
         ) from None
 
 
-def build_model(name_or_path: str, label_names: list[str], auto_class=AutoModelForSequenceClassification) -> PreTrainedModel:
+def build_model(
+    name_or_path: str, label_names: list[str], auto_class=AutoModelForSequenceClassification
+) -> PreTrainedModel:
     """A sequence classifier (or, with `auto_class=AutoModel`, the bare encoder) whose config maps ids to
     the data set's label names, so pipelines and predictions print them."""
     config = load_config(

@@ -80,9 +80,7 @@ def param_groups(
         layer = layer_of.get(name, "all")
         if layer not in group["layers"]:
             group["layers"].append(layer)
-    return [
-        {"lr": lr, "weight_decay": wd, **group} for (lr, wd), group in sorted(merged.items(), key=lambda kv: kv[0])
-    ]
+    return [{"lr": lr, "weight_decay": wd, **group} for (lr, wd), group in sorted(merged.items(), key=lambda kv: kv[0])]
 
 
 def build_optimizer(groups: list[dict[str, Any]], learning_rate: float) -> torch.optim.AdamW:

@@ -52,21 +52,15 @@ class Accuracy(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
-            ),
-            reference_urls=[
-                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.accuracy_score.html"
-            ],
+            features=datasets.Features({"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}),
+            reference_urls=["https://scikit-learn.org/stable/modules/generated/sklearn.metrics.accuracy_score.html"],
         )
 
     def _compute(self, predictions, references, normalize=True, sample_weight=None):
         predictions = np.asarray(predictions)
         references = np.asarray(references)
         if predictions.shape != references.shape:
-            raise ValueError(
-                f"predictions {predictions.shape} and references {references.shape} differ in shape"
-            )
+            raise ValueError(f"predictions {predictions.shape} and references {references.shape} differ in shape")
         correct = (predictions == references).astype(np.float64)
         if sample_weight is None:
             score = correct.mean() if normalize else correct.sum()

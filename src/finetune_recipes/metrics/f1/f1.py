@@ -95,9 +95,7 @@ def f1_score(
                 "one of [None, 'micro', 'macro', 'weighted']."
             )
         if pos_label not in present and len(present) == 2:
-            raise ValueError(
-                f"pos_label={pos_label} is not a valid label. It should be one of {present.tolist()}"
-            )
+            raise ValueError(f"pos_label={pos_label} is not a valid label. It should be one of {present.tolist()}")
         labels = np.asarray([pos_label])
     elif labels is None:
         labels = present
@@ -129,9 +127,7 @@ def f1_score(
         return float("nan")
     if average == "weighted" and true_sum[keep].sum() > 0:
         return float(np.average(f1[keep], weights=true_sum[keep]))
-    return float(
-        f1[keep].mean()
-    )  # micro/binary (one value), macro, weighted without any support (like sklearn)
+    return float(f1[keep].mean())  # micro/binary (one value), macro, weighted without any support (like sklearn)
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -141,12 +137,8 @@ class F1(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
-            ),
-            reference_urls=[
-                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.f1_score.html"
-            ],
+            features=datasets.Features({"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}),
+            reference_urls=["https://scikit-learn.org/stable/modules/generated/sklearn.metrics.f1_score.html"],
         )
 
     def _compute(

@@ -1,0 +1,154 @@
+"""Training throughput of the recipe loop against a plain Accelerate loop, same model, data and batch size.
+
+The plain loop is the shape of Accelerate's `examples/nlp_example.py`: dynamic padding, AdamW, linear
+warmup, `accelerator.backward`, nothing else. The recipe loop is `finetune_recipes.loop.train` as the
+full fine-tuning recipe calls it (fused AdamW, gradient clipping, no per-step host syncs), first with
+its defaults, then with each option on by itself, then all together. Variants run interleaved, several
+repeats, each from the same initial weights, and every one is reported as a ratio to the plain loop.
+
+    python benchmarks/throughput.py --steps 12 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
+
+from finetune_recipes.config import DataArguments, ModelArguments, TrainingArguments
+from finetune_recipes.data import build_datasets, build_tokenizer
+from finetune_recipes.loop import build_accelerator, build_dataloaders, train
+from finetune_recipes.modeling import build_model
+from finetune_recipes.optim import build_optimizer, build_scheduler, param_groups
+
+VARIANTS = {
+    "plain loop": {},
+    "recipe loop": {},
+    "+ length-grouped batches": {"group_by_length": True},
+    "+ bf16 autocast": {"mixed_precision": "bf16"},
+    "recipe, all options": {"group_by_length": True, "mixed_precision": "bf16"},
+}
+
+
+def fresh_state() -> None:
+    """Accelerate keeps one global state per process; each variant starts its own."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def plain_loop(model, data, tokenizer, batch_size: int, steps: int) -> float:
+    """Accelerate's nlp_example, trimmed to `steps` training steps; returns samples per second."""
+    fresh_state()
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    loader = DataLoader(data.train, shuffle=True, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=steps // 10, num_training_steps=steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model.train()
+    samples, start = 0, time.perf_counter()
+    for step, batch in enumerate(loader):
+        if step == steps:
+            break
+        outputs = model(**batch)
+        accelerator.backward(outputs.loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        samples += batch["labels"].shape[0]
+    return samples / (time.perf_counter() - start)
+
+
+def recipe_loop(model, data, tokenizer, batch_size: int, steps: int, **options) -> float:
+    """The shared `train` loop on the recipe's own builders; returns samples per second."""
+    fresh_state()
+    args = TrainingArguments(
+        per_device_train_batch_size=batch_size,
+        max_train_steps=steps,
+        logging_steps=10**9,
+        mixed_precision=options.get("mixed_precision"),
+        output_dir="/tmp/finetune-recipes-throughput",
+    )
+    accelerator = build_accelerator(args)
+    train_dl, _, _ = build_dataloaders(data, tokenizer, args, accelerator, options.get("group_by_length", False))
+    eval_dl = DataLoader(data.validation.select(range(8)), batch_size=8, collate_fn=DataCollatorWithPadding(tokenizer))
+    optimizer = build_optimizer(param_groups(model, args.learning_rate, args.weight_decay), args.learning_rate)
+    scheduler = build_scheduler(optimizer, "linear", steps, warmup_ratio=0.1)
+    model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+    results = train(
+        accelerator, model, optimizer, scheduler, train_dl, eval_dl, args, num_labels=5, max_train_steps=steps
+    )
+    return results["train_samples_per_second"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12, help="training steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--output", default="benchmarks/results/throughput.json")
+    cli = parser.parse_args()
+
+    model_args, data_args = ModelArguments(), DataArguments(max_length=cli.max_length)
+    tokenizer = build_tokenizer(model_args, data_args)
+    data = build_datasets(data_args, tokenizer, seed=42)
+    model = build_model(model_args.model_name_or_path, [str(i) for i in range(5)])
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    speeds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for repeat in range(cli.repeats):
+        for name, options in VARIANTS.items():
+            model.load_state_dict(initial)
+            set_seed(repeat)
+            run = plain_loop if name == "plain loop" else recipe_loop
+            speed = run(model, data, tokenizer, cli.batch_size, cli.steps, **options)
+            speeds[name].append(speed)
+            print(f"repeat {repeat + 1}/{cli.repeats} {name:<26} {speed:7.2f} samples/s", flush=True)
+
+    plain = speeds["plain loop"]
+    rows = []
+    for name, values in speeds.items():
+        ratios = [v / p for v, p in zip(values, plain, strict=True)]  # paired with the same repeat's plain run
+        rows.append(
+            {
+                "variant": name,
+                "samples_per_second": statistics.median(values),
+                "ratio_median": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+            }
+        )
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    table = [
+        f"Batch {cli.batch_size}, max_length {cli.max_length}, {cli.steps} steps × {cli.repeats} repeats; {machine}",
+        "",
+        "| variant | samples/s (median) | × plain loop (median, min–max) |",
+        "|---|---:|---:|",
+    ]
+    table += [
+        f"| {r['variant']} | {r['samples_per_second']:.2f} | {r['ratio_median']:.2f} "
+        f"({r['ratio_min']:.2f}–{r['ratio_max']:.2f}) |"
+        for r in rows
+    ]
+    print("\n".join(table))
+    Path(cli.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(cli.output).write_text(
+        json.dumps({"machine": machine, "args": vars(cli), "rows": rows, "raw": speeds}, indent=2)
+    )
+    Path(cli.output).with_suffix(".md").write_text("\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+    main()
