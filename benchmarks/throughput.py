@@ -12,6 +12,7 @@ repeats, each from the same initial weights, and every one is reported as a rati
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -84,9 +85,7 @@ def recipe_loop(model, data, tokenizer, batch_size: int, steps: int, **options) 
     optimizer = build_optimizer(param_groups(model, args.learning_rate, args.weight_decay), args.learning_rate)
     scheduler = build_scheduler(optimizer, "linear", steps, warmup_ratio=0.1)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
-    results = train(
-        accelerator, model, optimizer, scheduler, train_dl, eval_dl, args, num_labels=5, max_train_steps=steps
-    )
+    results = train(accelerator, model, optimizer, scheduler, train_dl, eval_dl, args, steps, 5)
     return results["train_samples_per_second"]
 
 
@@ -102,13 +101,13 @@ def main() -> None:
     model_args, data_args = ModelArguments(), DataArguments(max_length=cli.max_length)
     tokenizer = build_tokenizer(model_args, data_args)
     data = build_datasets(data_args, tokenizer, seed=42)
-    model = build_model(model_args.model_name_or_path, [str(i) for i in range(5)])
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    # A fresh copy per run: prepare() under mixed precision patches the model's forward in place.
+    initial = build_model(model_args.model_name_or_path, [str(i) for i in range(5)])
 
     speeds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for repeat in range(cli.repeats):
         for name, options in VARIANTS.items():
-            model.load_state_dict(initial)
+            model = copy.deepcopy(initial)
             set_seed(repeat)
             run = plain_loop if name == "plain loop" else recipe_loop
             speed = run(model, data, tokenizer, cli.batch_size, cli.steps, **options)

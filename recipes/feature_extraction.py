@@ -14,7 +14,7 @@ from finetune_recipes.config import (
     entrypoint,
     parse_config,
 )
-from finetune_recipes.data import build_datasets, build_tokenizer, labelled
+from finetune_recipes.data import labelled, load_data
 from finetune_recipes.features import (
     ClassificationHead,
     FeatureClassifier,
@@ -25,15 +25,14 @@ from finetune_recipes.features import (
 from finetune_recipes.freezing import freeze
 from finetune_recipes.loop import (
     build_accelerator,
+    build_schedule,
     check_output_dir,
     save_outputs,
     test_results,
-    total_train_steps,
     train,
-    update_steps_per_epoch,
 )
 from finetune_recipes.modeling import build_model
-from finetune_recipes.optim import build_optimizer, build_scheduler, param_groups
+from finetune_recipes.optim import build_optimizer, param_groups
 
 CONFIG = Path(__file__).parent / "configs" / "feature_extraction.yaml"
 
@@ -58,9 +57,7 @@ def main() -> None:
     check_output_dir(args)
     accelerator = build_accelerator(args)
 
-    tokenizer = build_tokenizer(model_args, data_args)
-    with accelerator.main_process_first():
-        data = build_datasets(data_args, tokenizer, args.seed)
+    tokenizer, data = load_data(model_args, data_args, args.seed, accelerator)
 
     # The encoder never trains: encode every split once, in inference mode, or read the cache.
     encoder = build_model(model_args.model_name_or_path, data.label_names, auto_class=AutoModel)
@@ -95,25 +92,12 @@ def main() -> None:
         encoder.config.hidden_size, len(data.label_names), feats.head_hidden_size, feats.head_dropout
     )
     optimizer = build_optimizer(param_groups(head, args.learning_rate, args.weight_decay), args.learning_rate)
-    steps = total_train_steps(
-        args, update_steps_per_epoch(len(loaders["train"]), accelerator, args.gradient_accumulation_steps)
-    )
-    scheduler = build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps)
+    scheduler, steps = build_schedule(optimizer, args, len(loaders["train"]), accelerator)
 
     head, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
         head, optimizer, loaders["train"], loaders["validation"], loaders.get("test"), scheduler
     )
-    results = train(
-        accelerator,
-        head,
-        optimizer,
-        scheduler,
-        train_dl,
-        eval_dl,
-        args,
-        num_labels=len(data.label_names),
-        max_train_steps=steps,
-    )
+    results = train(accelerator, head, optimizer, scheduler, train_dl, eval_dl, args, steps, len(data.label_names))
     results |= test_results(accelerator, head, test_dl, len(data.label_names))
 
     # Saved as encoder + pooling + head, which `finetune-recipes predict` runs on raw text.

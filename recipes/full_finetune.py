@@ -10,19 +10,18 @@ from finetune_recipes.config import (
     entrypoint,
     parse_config,
 )
-from finetune_recipes.data import build_datasets, build_tokenizer
+from finetune_recipes.data import load_data
 from finetune_recipes.loop import (
     build_accelerator,
     build_dataloaders,
+    build_schedule,
     check_output_dir,
     save_outputs,
     test_results,
-    total_train_steps,
     train,
-    update_steps_per_epoch,
 )
 from finetune_recipes.modeling import build_model
-from finetune_recipes.optim import build_optimizer, build_scheduler, param_groups
+from finetune_recipes.optim import build_optimizer, param_groups
 
 CONFIG = Path(__file__).parent / "configs" / "full_finetune.yaml"
 
@@ -34,9 +33,7 @@ def main() -> None:
     accelerator = build_accelerator(args)
 
     # Tokenizer and data: labels fixed from train, a stratified validation split when none is given.
-    tokenizer = build_tokenizer(model_args, data_args)
-    with accelerator.main_process_first():
-        data = build_datasets(data_args, tokenizer, args.seed)
+    tokenizer, data = load_data(model_args, data_args, args.seed, accelerator)
     train_dl, eval_dl, test_dl = build_dataloaders(data, tokenizer, args, accelerator, data_args.group_by_length)
 
     # Model: the pretrained encoder with a new head sized to the labels.
@@ -45,25 +42,12 @@ def main() -> None:
     # What trains: everything, at one learning rate; no weight decay on biases and norms.
     groups = param_groups(model, args.learning_rate, args.weight_decay)
     optimizer = build_optimizer(groups, args.learning_rate)
-    steps = total_train_steps(
-        args, update_steps_per_epoch(len(train_dl), accelerator, args.gradient_accumulation_steps)
-    )
-    scheduler = build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps)
+    scheduler, steps = build_schedule(optimizer, args, len(train_dl), accelerator)
 
     model, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
         model, optimizer, train_dl, eval_dl, test_dl, scheduler
     )
-    results = train(
-        accelerator,
-        model,
-        optimizer,
-        scheduler,
-        train_dl,
-        eval_dl,
-        args,
-        num_labels=len(data.label_names),
-        max_train_steps=steps,
-    )
+    results = train(accelerator, model, optimizer, scheduler, train_dl, eval_dl, args, steps, len(data.label_names))
     results |= test_results(accelerator, model, test_dl, len(data.label_names))
     save_outputs(accelerator, model, tokenizer, args, results, config_to_dict(model_args, data_args, args))
 

@@ -11,22 +11,20 @@ from finetune_recipes.config import (
     entrypoint,
     parse_config,
 )
-from finetune_recipes.data import build_datasets, build_tokenizer
+from finetune_recipes.data import load_data
 from finetune_recipes.layers import discover_layers
 from finetune_recipes.loop import (
     build_accelerator,
     build_dataloaders,
+    build_schedule,
     check_output_dir,
     save_outputs,
     test_results,
-    total_train_steps,
     train,
-    update_steps_per_epoch,
 )
 from finetune_recipes.modeling import build_model
 from finetune_recipes.optim import (
     build_optimizer,
-    build_scheduler,
     format_groups,
     lr_trajectory,
     param_groups,
@@ -51,9 +49,7 @@ def main() -> None:
     check_output_dir(args)
     accelerator = build_accelerator(args)
 
-    tokenizer = build_tokenizer(model_args, data_args)
-    with accelerator.main_process_first():
-        data = build_datasets(data_args, tokenizer, args.seed)
+    tokenizer, data = load_data(model_args, data_args, args.seed, accelerator)
     train_dl, eval_dl, test_dl = build_dataloaders(data, tokenizer, args, accelerator, data_args.group_by_length)
 
     model = build_model(model_args.model_name_or_path, data.label_names)
@@ -73,10 +69,7 @@ def main() -> None:
     accelerator.print(f"Optimizer groups ({len(groups)}):\n{report}")
 
     optimizer = build_optimizer(groups, args.learning_rate)
-    steps = total_train_steps(
-        args, update_steps_per_epoch(len(train_dl), accelerator, args.gradient_accumulation_steps)
-    )
-    scheduler = build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps)
+    scheduler, steps = build_schedule(optimizer, args, len(train_dl), accelerator)
     lrs = (
         lr_trajectory(groups, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps, args.learning_rate)
         if llrd.plot_lr
@@ -86,17 +79,7 @@ def main() -> None:
     model, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
         model, optimizer, train_dl, eval_dl, test_dl, scheduler
     )
-    results = train(
-        accelerator,
-        model,
-        optimizer,
-        scheduler,
-        train_dl,
-        eval_dl,
-        args,
-        num_labels=len(data.label_names),
-        max_train_steps=steps,
-    )
+    results = train(accelerator, model, optimizer, scheduler, train_dl, eval_dl, args, steps, len(data.label_names))
     results |= test_results(accelerator, model, test_dl, len(data.label_names))
     config = config_to_dict(model_args, data_args, args, llrd)
     save_outputs(accelerator, model, tokenizer, args, results, config, {"param_groups.md": report + "\n"})

@@ -13,22 +13,21 @@ from finetune_recipes.config import (
     entrypoint,
     parse_config,
 )
-from finetune_recipes.data import build_datasets, build_tokenizer
+from finetune_recipes.data import load_data
 from finetune_recipes.freezing import format_trainable
 from finetune_recipes.layers import block_linears, discover_layers
 from finetune_recipes.loop import (
     build_accelerator,
     build_dataloaders,
+    build_schedule,
     check_output_dir,
     save_merged,
     save_outputs,
     test_results,
-    total_train_steps,
     train,
-    update_steps_per_epoch,
 )
 from finetune_recipes.modeling import build_model
-from finetune_recipes.optim import build_optimizer, build_scheduler, param_groups
+from finetune_recipes.optim import build_optimizer, param_groups
 
 CONFIG = Path(__file__).parent / "configs" / "lora.yaml"
 
@@ -50,9 +49,7 @@ def main() -> None:
     check_output_dir(args)
     accelerator = build_accelerator(args)
 
-    tokenizer = build_tokenizer(model_args, data_args)
-    with accelerator.main_process_first():
-        data = build_datasets(data_args, tokenizer, args.seed)
+    tokenizer, data = load_data(model_args, data_args, args.seed, accelerator)
     train_dl, eval_dl, test_dl = build_dataloaders(data, tokenizer, args, accelerator, data_args.group_by_length)
 
     model = build_model(model_args.model_name_or_path, data.label_names)
@@ -76,25 +73,12 @@ def main() -> None:
 
     groups = param_groups(model, args.learning_rate, args.weight_decay)
     optimizer = build_optimizer(groups, args.learning_rate)
-    steps = total_train_steps(
-        args, update_steps_per_epoch(len(train_dl), accelerator, args.gradient_accumulation_steps)
-    )
-    scheduler = build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps)
+    scheduler, steps = build_schedule(optimizer, args, len(train_dl), accelerator)
 
     model, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
         model, optimizer, train_dl, eval_dl, test_dl, scheduler
     )
-    results = train(
-        accelerator,
-        model,
-        optimizer,
-        scheduler,
-        train_dl,
-        eval_dl,
-        args,
-        num_labels=len(data.label_names),
-        max_train_steps=steps,
-    )
+    results = train(accelerator, model, optimizer, scheduler, train_dl, eval_dl, args, steps, len(data.label_names))
     results |= test_results(accelerator, model, test_dl, len(data.label_names))
     # The adapter alone (a few MB) goes to output_dir; merged/ holds a plain model any pipeline loads.
     save_outputs(accelerator, model, tokenizer, args, results, config_to_dict(model_args, data_args, args, lora))

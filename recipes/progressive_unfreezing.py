@@ -11,7 +11,7 @@ from finetune_recipes.config import (
     entrypoint,
     parse_config,
 )
-from finetune_recipes.data import build_datasets, build_tokenizer
+from finetune_recipes.data import load_data
 from finetune_recipes.freezing import (
     format_trainable,
     set_trainable,
@@ -23,15 +23,15 @@ from finetune_recipes.layers import discover_layers
 from finetune_recipes.loop import (
     build_accelerator,
     build_dataloaders,
+    build_schedule,
     check_output_dir,
     save_outputs,
     test_results,
-    total_train_steps,
     train,
     update_steps_per_epoch,
 )
 from finetune_recipes.modeling import build_model
-from finetune_recipes.optim import build_optimizer, build_scheduler, format_groups, param_groups
+from finetune_recipes.optim import build_optimizer, format_groups, param_groups
 
 CONFIG = Path(__file__).parent / "configs" / "progressive_unfreezing.yaml"
 
@@ -54,9 +54,7 @@ def main() -> None:
     # Which parameters get gradients changes mid-run, so DDP must not expect all of them every step.
     accelerator = build_accelerator(args, find_unused_parameters=True)
 
-    tokenizer = build_tokenizer(model_args, data_args)
-    with accelerator.main_process_first():
-        data = build_datasets(data_args, tokenizer, args.seed)
+    tokenizer, data = load_data(model_args, data_args, args.seed, accelerator)
     train_dl, eval_dl, test_dl = build_dataloaders(data, tokenizer, args, accelerator, data_args.group_by_length)
 
     model = build_model(model_args.model_name_or_path, data.label_names)
@@ -79,9 +77,8 @@ def main() -> None:
     report = format_groups(groups)
     accelerator.print(f"Optimizer groups ({len(groups)}):\n{report}")
     optimizer = build_optimizer(groups, args.learning_rate)
+    scheduler, steps = build_schedule(optimizer, args, len(train_dl), accelerator)
     steps_per_epoch = update_steps_per_epoch(len(train_dl), accelerator, args.gradient_accumulation_steps)
-    steps = total_train_steps(args, steps_per_epoch)
-    scheduler = build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps)
     starts = stage_starts(
         len(stages), unfreeze.unfreeze_every, steps_per_epoch, unfreeze.unfreeze_unit, unfreeze.unfreeze_schedule
     )
@@ -100,18 +97,8 @@ def main() -> None:
             current[0] = stage
             accelerator.print(f"step {step}: stage {stage}\n{format_trainable(model, layers)}")
 
-    results = train(
-        accelerator,
-        model,
-        optimizer,
-        scheduler,
-        train_dl,
-        eval_dl,
-        args,
-        num_labels=len(data.label_names),
-        max_train_steps=steps,
-        on_step=thaw,
-    )
+    num_labels = len(data.label_names)
+    results = train(accelerator, model, optimizer, scheduler, train_dl, eval_dl, args, steps, num_labels, on_step=thaw)
     results |= test_results(accelerator, model, test_dl, len(data.label_names))
     results["unfreezing_stage_starts"] = starts
     config = config_to_dict(model_args, data_args, args, unfreeze)

@@ -165,14 +165,14 @@ def test_cpu_2proc_goes_through_torchrun_with_two_processes(monkeypatch):
     path = CONFIG_DIR / "cpu_2proc.yaml"
     config = validate_config(path)
     # MULTI_GPU, not MULTI_CPU: in accelerate 1.15 only the former is started through torchrun; MULTI_CPU runs
-    # one process and expects mpirun to start the rest. The workers become MULTI_CPU/gloo themselves once they
-    # see ACCELERATE_USE_CPU=1, which the torchrun path does not set: the launch line in the header must.
+    # one process and expects mpirun to start the rest. The workers become MULTI_CPU/gloo because the recipes
+    # build Accelerator(cpu=True) on a machine with no accelerator (tests/test_distributed.py runs it).
     assert config.distributed_type == DistributedType.MULTI_GPU
     assert config.num_processes == 2
     assert config.num_machines == 1
     assert config.use_cpu is True
     assert config.mixed_precision == "no"
-    assert "ACCELERATE_USE_CPU=1 accelerate launch" in path.read_text(encoding="utf-8")
+    assert "accelerate launch --config_file accelerate_configs/cpu_2proc.yaml" in path.read_text(encoding="utf-8")
     args, _ = simulate_launch(path, monkeypatch)
     assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
     assert args.nproc_per_node == "2"

@@ -75,13 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch_size", type=int, default=32)
     predict.add_argument("--format", choices=["table", "jsonl"], default="table")
     predict.add_argument("texts", nargs="*")
-    compare = commands.add_parser("compare", help="run several recipes on the same data and budget, one table")
-    compare.add_argument("args", nargs=argparse.REMAINDER, help="see `finetune-recipes compare --help`")
+    commands.add_parser("compare", help="run several recipes on the same data and budget, one table", add_help=False)
     return parser
 
 
 @entrypoint
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # its flags are the recipes' flags: it parses them itself
+        from .compare import main as compare_main
+
+        return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "ls":
         recipes = list_recipes()
@@ -98,7 +102,3 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"model directory {args.model} does not exist; pass a recipe's output_dir")
         results = predict(args.model, texts, args.batch_size)
         print(format_table(results) if args.format == "table" else format_jsonl(results))
-    elif args.command == "compare":
-        from .compare import main as compare_main
-
-        compare_main(args.args)

@@ -19,16 +19,16 @@ from tqdm.auto import tqdm
 from .cli import list_recipes, recipes_dir
 from .config import DataArguments, ModelArguments, TrainingArguments, UserError, parse_config
 
-COLUMNS = [
-    ("strategy", "strategy"),
-    ("eval_accuracy", "accuracy"),
-    ("eval_f1_macro", "macro-F1"),
-    ("trainable_params", "trainable params"),
-    ("wall_time_s", "wall time (s)"),
-    ("train_runtime_s", "train time (s)"),
-    ("train_samples_per_second", "train samples/s"),
-    ("peak_memory_mb", "peak memory (MB)"),
-    ("status", "status"),
+COLUMNS = [  # results key, title, format
+    ("strategy", "strategy", "{}"),
+    ("eval_accuracy", "accuracy", "{:.4f}"),
+    ("eval_f1_macro", "macro-F1", "{:.4f}"),
+    ("trainable_params", "trainable params", "{:,}"),
+    ("wall_time_s", "wall time (s)", "{:.1f}"),
+    ("train_runtime_s", "train time (s)", "{:.1f}"),
+    ("train_samples_per_second", "train samples/s", "{:.1f}"),
+    ("peak_memory_mb", "peak memory (MB)", "{:,.0f}"),
+    ("status", "status", "{}"),
 ]
 ORDER = ["feature_extraction", "frozen_base_pooler", "progressive_unfreezing", "full_finetune", "llrd", "lora"]
 
@@ -93,26 +93,22 @@ def tfidf_baseline(shared: list[str]) -> dict:
     }
 
 
-def cell(value) -> str:
+def cell(value, fmt: str = "{:.4f}") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if isinstance(value, float):
-        return f"{value:.4f}" if value < 1.5 else f"{value:,.1f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
+    return fmt.format(value)
 
 
 def write_table(rows: list[dict], out: Path, command: str) -> str:
     """comparison.md (with the machine and the command) and comparison.csv; returns the Markdown."""
-    header = [title for _, title in COLUMNS]
+    header = [title for _, title, _ in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(row.get(key)) for key, _ in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row.get(key), fmt) for key, _, fmt in COLUMNS) + " |" for row in rows]
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
     markdown = "\n".join([*lines, "", f"Machine: {machine}. Command: `{command}`", ""])
     (out / "comparison.md").write_text(markdown)
     with (out / "comparison.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[key for key, _ in COLUMNS], extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=[key for key, _, _ in COLUMNS], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return markdown
@@ -169,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         row = run_recipe(recipe, out, shared)
         rows.append(row)
         tqdm.write(f"{recipe}: {row['status']}, accuracy {cell(row.get('eval_accuracy'))}, {row['wall_time_s']} s")
-    command = "finetune-recipes compare " + " ".join(argv if argv is not None else sys.argv[2:])
+    command = "finetune-recipes compare " + " ".join(argv or [])
     print(write_table(rows, out, command.strip()))
     plot(rows, out / "comparison.png")
     print(f"Wrote {out / 'comparison.md'}, comparison.csv and comparison.png")

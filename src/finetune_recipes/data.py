@@ -202,6 +202,13 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         ) from None
 
 
+def load_data(model_args: ModelArguments, data_args: DataArguments, seed: int, accelerator) -> tuple:
+    """(tokenizer, ClassificationData); the main process builds first, so the others read its cache."""
+    tokenizer = build_tokenizer(model_args, data_args)
+    with accelerator.main_process_first():
+        return tokenizer, build_datasets(data_args, tokenizer, seed)
+
+
 def build_datasets(args: DataArguments, tokenizer: PreTrainedTokenizerBase, seed: int) -> ClassificationData:
     """Raw data → labels fixed from train → deduplicated, stratified validation split if missing → tokens."""
     raw, label_names = labelled_splits(args, seed)

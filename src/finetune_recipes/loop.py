@@ -28,6 +28,7 @@ from .config import TrainingArguments, UserError
 from .data import build_dataloader, labelled
 from .freezing import count_parameters
 from .metrics import classification_metrics
+from .optim import build_scheduler
 
 logger = logging.getLogger("finetune_recipes")
 
@@ -105,6 +106,12 @@ def total_train_steps(args: TrainingArguments, steps_per_epoch: int) -> int:
     return steps
 
 
+def build_schedule(optimizer, args: TrainingArguments, num_batches: int, accelerator: Accelerator):
+    """The lr scheduler and the number of optimizer steps it spans (max_train_steps, else the epochs')."""
+    steps = total_train_steps(args, update_steps_per_epoch(num_batches, accelerator, args.gradient_accumulation_steps))
+    return build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps), steps
+
+
 @dataclass
 class TrainState:
     """Where a run is: saved in every checkpoint so a resumed run continues exactly here."""
@@ -147,9 +154,9 @@ def train(
     train_dataloader: DataLoader,
     eval_dataloader: DataLoader,
     args: TrainingArguments,
-    *,
-    num_labels: int,
     max_train_steps: int,
+    num_labels: int,
+    *,
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Trains to `max_train_steps`, evaluating every epoch; returns the run's metrics and timings.
@@ -316,9 +323,9 @@ def save_checkpoint(accelerator: Accelerator, args: TrainingArguments, step: int
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        limit = args.save_total_limit
-        for old in list_checkpoints(args.output_dir)[: -limit if limit else None] if limit else []:
-            shutil.rmtree(old)
+        if args.save_total_limit:
+            for old in list_checkpoints(args.output_dir)[: -args.save_total_limit]:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 

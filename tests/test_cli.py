@@ -1,0 +1,90 @@
+"""The `finetune-recipes` command: ls, cp (a copy runs from anywhere), predict, compare's argument checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_recipe
+
+from finetune_recipes.cli import copy_recipe, list_recipes, main
+
+RECIPES = {"feature_extraction", "frozen_base_pooler", "full_finetune", "llrd", "lora", "progressive_unfreezing"}
+
+
+def test_ls_lists_every_recipe_with_its_docstring(capsys):
+    main(["ls"])
+    out = capsys.readouterr().out
+    assert set(list_recipes()) == RECIPES
+    for name, description in list_recipes().items():
+        assert description and f"{name}" in out and description in out
+
+
+def test_cp_copies_a_recipe_and_its_config_that_run_from_another_folder(tiny_args, tmp_path):
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    copied = copy_recipe("full_finetune", dest, with_config=True)
+    assert [p.relative_to(dest) for p in copied] == [Path("full_finetune.py"), Path("configs/full_finetune.yaml")]
+    args = [str(a) for a in tiny_args]
+    proc = subprocess.run(
+        [sys.executable, "full_finetune.py", *args, "--num_train_epochs", "1"],
+        cwd=dest,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["eval_samples"] == 30
+
+
+def test_cp_refuses_to_overwrite_and_unknown_recipes(tmp_path, capsys):
+    copy_recipe("llrd", tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cp", "llrd", str(tmp_path)])
+    assert exit_info.value.code == 2 and "exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["cp", "no_such_recipe", str(tmp_path)])
+    assert "recipes: feature_extraction" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "out"
+    run_recipe(
+        "full_finetune", "--model_name_or_path", tiny_model, "--train_file", tiny_data["train"],
+        "--validation_file", tiny_data["validation"], "--max_length", "32", "--num_train_epochs", "6",
+        "--learning_rate", "3e-3", "--per_device_train_batch_size", "8", "--output_dir", out,
+    )  # fmt: skip
+    return out
+
+
+def test_predict_table_jsonl_and_file(trained, tmp_path, capsys):
+    main(["predict", "--model", str(trained), "market bank profit", "goal team win"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["label", "score", "text"] and len(table) == 3
+    texts = tmp_path / "texts.txt"
+    texts.write_text("market bank profit\n\ngoal team win\nphone chip code\n")
+    main(["predict", "--model", str(trained), "--file", str(texts), "--format", "jsonl"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["market bank profit", "goal team win", "phone chip code"]
+    assert all(r["label"] in {"business", "sport", "tech"} and 0 < r["score"] <= 1 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "--model", "/no/such/dir", "text"], "does not exist"),
+        (["predict", "--model", "."], "no text to classify"),
+        (["predict", "--model", ".", "--file", "/no/such/file"], "cannot read /no/such/file"),
+        (["compare", "--recipes", "full_finetune,nope"], "no recipe 'nope'"),
+        (["compare", "--learnig_rate", "1"], "learnig_rate"),
+    ],
+)
+def test_bad_cli_input_is_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err

@@ -1,0 +1,90 @@
+"""The shared loop's bookkeeping: step counts, best-model tracking, early stopping, checkpoint discovery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune_recipes.config import TrainingArguments, UserError
+from finetune_recipes.loop import (
+    TrainState,
+    check_output_dir,
+    list_checkpoints,
+    resolve_checkpoint,
+    total_train_steps,
+    track_best,
+    update_steps_per_epoch,
+)
+
+
+class OneProcess:
+    num_processes = 1
+
+    @staticmethod
+    def unwrap_model(model):
+        return model
+
+
+class TwoProcesses(OneProcess):
+    num_processes = 2
+
+
+def test_steps_per_epoch_counts_each_process_share_and_accumulation():
+    assert update_steps_per_epoch(60, OneProcess(), 1) == 60
+    assert update_steps_per_epoch(61, TwoProcesses(), 1) == 31  # the last batch pads out the odd one
+    assert update_steps_per_epoch(61, TwoProcesses(), 4) == 8
+    assert total_train_steps(TrainingArguments(num_train_epochs=2.5), 10) == 25
+    assert total_train_steps(TrainingArguments(max_train_steps=7), 10) == 7
+    with pytest.raises(UserError, match="no training steps"):
+        total_train_steps(TrainingArguments(num_train_epochs=0), 10)
+
+
+def test_best_weights_are_kept_and_early_stopping_counts_evaluations_without_improvement():
+    model = torch.nn.Linear(2, 2)
+    args = TrainingArguments(metric_for_best_model="accuracy", early_stopping_patience=2)
+    state = TrainState()
+    for step, accuracy, stop in [(10, 0.5, False), (20, 0.8, False), (30, 0.7, False), (40, 0.8, True)]:
+        state.completed_steps = step
+        if step == 20:
+            best = model.weight.detach().clone()
+        assert track_best(state, {"accuracy": accuracy}, model, OneProcess(), args) is stop
+        with torch.no_grad():
+            model.weight.add_(1.0)  # training moves on after each evaluation
+    assert state.best_step == 20 and state.best_metric == 0.8
+    torch.testing.assert_close(state.best_weights["weight"], best)
+    with pytest.raises(UserError, match="metric_for_best_model 'loss'"):
+        track_best(state, {"accuracy": 0.9}, model, OneProcess(), TrainingArguments(metric_for_best_model="loss"))
+
+
+def test_train_state_round_trips_through_its_state_dict():
+    state = TrainState(completed_steps=5, epoch=1, batches_in_epoch=3, history=[{"accuracy": 0.5}])
+    copy = TrainState()
+    copy.load_state_dict(state.state_dict())
+    assert copy == state
+
+
+def test_latest_checkpoint_ignores_partial_saves_and_orders_numerically(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in ("step_5", "step_40", "step_100", ".partial_step_120", "step_x"):
+        (root / name).mkdir(parents=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_5", "step_40", "step_100"]
+    assert resolve_checkpoint(tmp_path, "latest").name == "step_100"
+    assert resolve_checkpoint(tmp_path, str(root / "step_5")).name == "step_5"
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_checkpoint(tmp_path, str(root / "step_7"))
+    with pytest.raises(UserError, match="no checkpoint"):
+        resolve_checkpoint(tmp_path / "elsewhere", "latest")
+
+
+def test_output_dir_rules(tmp_path):
+    out = tmp_path / "out"
+    check_output_dir(TrainingArguments(output_dir=str(out)))  # missing: fine
+    out.mkdir()
+    check_output_dir(TrainingArguments(output_dir=str(out)))  # empty: fine
+    (out / "results.json").write_text("{}")
+    with pytest.raises(UserError, match="--overwrite_output_dir"):
+        check_output_dir(TrainingArguments(output_dir=str(out)))
+    check_output_dir(TrainingArguments(output_dir=str(out), overwrite_output_dir=True))
+    check_output_dir(TrainingArguments(output_dir=str(out), resume_from_checkpoint="latest"))
+    with pytest.raises(UserError, match="is a file"):
+        check_output_dir(TrainingArguments(output_dir=str(out / "results.json")))
