@@ -69,6 +69,7 @@ def main() -> None:
         modules_to_save=head_modules,
     )
     model = get_peft_model(model, config)
+    model.peft_config["default"].base_model_name_or_path = model_args.model_name_or_path  # portable adapter
     accelerator.print(format_trainable(model, discover_layers(model)))
 
     groups = param_groups(model, args.learning_rate, args.weight_decay)

@@ -88,3 +88,8 @@ def test_bad_cli_input_is_one_line_and_exit_2(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_cp_into_a_new_directory_creates_it(tmp_path):
+    copied = copy_recipe("lora", f"{tmp_path / 'new' / 'dir'}/", with_config=True)
+    assert [p.relative_to(tmp_path) for p in copied] == [Path("new/dir/lora.py"), Path("new/dir/configs/lora.yaml")]

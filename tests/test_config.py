@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass
 
@@ -198,10 +199,12 @@ def test_extra_dataclass_returned_in_order(write_yaml):
 
 def test_config_to_dict_round_trips(write_yaml):
     args = ["--model_name_or_path", "some/model", "--train_file", "t.csv", "--learning_rate", "3e-5"]
-    args += ["--overwrite_output_dir", "--checkpointing_steps", "100", "--max_train_samples", "7", "--pooling", "cls"]
+    args += ["--checkpointing_steps", "100", "--max_train_samples", "7", "--pooling", "cls"]
     parsed = parse_config(*TYPES, RecipeArguments, args=args)
     flat = config_to_dict(*parsed)
-    assert len(flat) == sum(len(dataclasses.fields(t)) for t in (*TYPES, RecipeArguments))  # no key collides
+    # No key collides; what to do with an existing run (overwrite, resume) is not part of a config.
+    assert "overwrite_output_dir" not in flat and "resume_from_checkpoint" not in flat
+    assert len(flat) == sum(len(dataclasses.fields(t)) for t in (*TYPES, RecipeArguments)) - 2
     assert flat["learning_rate"] == 3e-5 and flat["pooling"] == "cls"
     path = write_yaml(yaml.safe_dump(flat), "resolved.yaml")
     assert parse_config(*TYPES, RecipeArguments, args=["--config", str(path)]) == parsed
@@ -247,3 +250,30 @@ def test_entrypoint_lets_other_errors_through(capsys):
     with pytest.raises(RuntimeError, match="a bug"):
         main()
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("per_device_train_batch_size", 0, "per_device_train_batch_size is 0"),
+        ("gradient_accumulation_steps", 0, "gradient_accumulation_steps is 0"),
+        ("logging_steps", 0, "logging_steps is 0"),
+        ("mixed_precision", "fp32", "mixed_precision 'fp32'"),
+        ("checkpointing_steps", "steps", "checkpointing_steps 'steps'"),
+        ("metric_for_best_model", "loss", "metric_for_best_model 'loss'"),
+        ("early_stopping_patience", 2, "needs --metric_for_best_model"),
+    ],
+)
+def test_training_arguments_reject_values_that_would_fail_later(field, value, message):
+    from finetune_recipes.config import TrainingArguments, UserError
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        TrainingArguments(**{field: value})
+
+
+def test_a_recipe_copied_without_its_yaml_falls_back_to_the_packaged_one(tmp_path):
+    from finetune_recipes.config import DataArguments, ModelArguments, TrainingArguments, parse_config
+
+    missing = tmp_path / "configs" / "full_finetune.yaml"
+    _, _, args = parse_config(ModelArguments, DataArguments, TrainingArguments, args=[], default_config=missing)
+    assert args.output_dir == "outputs/full_finetune" and args.mixed_precision == "auto"

@@ -24,6 +24,10 @@ class OneProcess:
     def unwrap_model(model):
         return model
 
+    @staticmethod
+    def get_state_dict(model):
+        return model.state_dict()
+
 
 class TwoProcesses(OneProcess):
     num_processes = 2

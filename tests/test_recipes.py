@@ -178,3 +178,19 @@ def test_non_empty_output_dir_is_not_overwritten(tiny_args, tmp_path, monkeypatc
     code, err = run_main("full_finetune", tiny_args, monkeypatch, capsys)
     assert code == 2 and "--overwrite_output_dir" in err.strip().splitlines()[-1]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_schedule_counts_optimizer_steps_under_accumulation_and_overwrite_starts_clean(tiny_args, tmp_path):
+    out = tmp_path / "out"
+    run_recipe(
+        "full_finetune", *tiny_args, "--gradient_accumulation_steps", "2", "--max_train_steps", "6",
+        "--checkpointing_steps", "3", "--warmup_ratio", "0",
+    )  # fmt: skip
+    scheduler = torch.load(out / "checkpoints" / "step_3" / "scheduler.bin", weights_only=False)
+    assert scheduler["last_epoch"] == 3  # three optimizer steps of two micro-batches each, not six
+    assert scheduler["_last_lr"][0] == pytest.approx(1e-3 * (6 - 3) / 6)
+    (out / "feature_head.json").write_text("{}")  # a file an older run of another recipe left
+    run_recipe("full_finetune", *tiny_args, "--max_train_steps", "2", "--overwrite_output_dir")
+    assert not (out / "checkpoints").exists() and not (out / "feature_head.json").exists()
+    saved = (out / "recipe_config.yaml").read_text()
+    assert "overwrite_output_dir" not in saved and "output_dir" in saved

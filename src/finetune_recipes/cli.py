@@ -32,16 +32,14 @@ def copy_recipe(name: str, dest: str | Path, with_config: bool = False) -> list[
     if name.removesuffix(".py") not in recipes:
         raise UserError(f"no recipe '{name}'; recipes: {', '.join(recipes)}")
     name = name.removesuffix(".py")
-    dest = Path(dest)
-    target = dest / f"{name}.py" if dest.is_dir() else dest
+    # Anything not named *.py is a directory, created when missing (cp llrd mydir/).
+    target = Path(dest) if str(dest).endswith(".py") else Path(dest) / f"{name}.py"
     copies = {recipes_dir() / f"{name}.py": target}
     if with_config:
         copies[recipes_dir() / "configs" / f"{name}.yaml"] = target.parent / "configs" / f"{name}.yaml"
     existing = [str(t) for t in copies.values() if t.exists()]
     if existing:
         raise UserError(f"{existing[0]} exists; remove it or copy to another destination")
-    if not target.parent.is_dir():
-        raise UserError(f"directory {target.parent} does not exist; create it first")
     for source, copy in copies.items():
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, copy)

@@ -124,6 +124,8 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         return
     done = [r for r in rows if r.get("status") == "ok"]
+    if not done:
+        return
     names = [r["strategy"] for r in done]
     fig, (acc, wall) = plt.subplots(1, 2, figsize=(11, 4.2))
     acc.barh(names, [r["eval_accuracy"] for r in done], color="#4c72b0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.resources
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,6 +88,26 @@ class TrainingArguments:
         default=None, metadata={"help": "Stop after this many evaluations without improvement."}
     )
 
+    def __post_init__(self) -> None:
+        positive = (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} is {getattr(self, name)}; pass a positive integer")
+        if self.mixed_precision not in (None, "no", "bf16", "fp16", "auto"):
+            raise UserError(f"mixed_precision '{self.mixed_precision}' is not one of no, bf16, fp16, auto")
+        steps = self.checkpointing_steps
+        if steps is not None and steps != "epoch" and not (str(steps).isdigit() and int(steps) > 0):
+            raise UserError(f"checkpointing_steps '{steps}' must be a positive integer or 'epoch'")
+        if self.metric_for_best_model not in (None, "accuracy", "f1_macro"):
+            raise UserError(f"metric_for_best_model '{self.metric_for_best_model}' is not one of accuracy, f1_macro")
+        if self.early_stopping_patience is not None and not self.metric_for_best_model:
+            raise UserError("early_stopping_patience needs --metric_for_best_model (accuracy or f1_macro)")
+
 
 def parse_config(
     *types: type, args: list[str] | None = None, default_config: str | Path | None = None
@@ -103,7 +124,7 @@ def parse_config(
     known, rest = pre.parse_known_args(args)
     parser = HfArgumentParser(types, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of defaults for every flag below.")
-    config_file = known.config or (default_config if default_config and Path(default_config).exists() else None)
+    config_file = known.config or _default_config(default_config)
     if config_file:
         parser.set_defaults(**_read_yaml(Path(config_file), parser))
     try:
@@ -111,6 +132,14 @@ def parse_config(
     except ValueError as error:
         raise UserError(f"{error}; run with --help to list the valid flags") from None
     return tuple(parsed[: len(types)])  # the rest is a namespace holding --config
+
+
+def _default_config(path: str | Path | None) -> Path | None:
+    """The config beside the recipe, else the one installed with the package (a recipe copied alone)."""
+    if path is None:
+        return None
+    packaged = Path(str(importlib.resources.files("finetune_recipes.recipes"))) / "configs" / Path(path).name
+    return next((p for p in (Path(path), packaged) if p.exists()), None)
 
 
 def _read_yaml(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -148,9 +177,16 @@ def _coerce(key: str, value: Any, action: argparse.Action, path: Path) -> Any:
         raise UserError(f"key '{key}' in {path} has {value!r}, not a valid {kind}; fix that value") from None
 
 
+RUN_CONTROL = ("overwrite_output_dir", "resume_from_checkpoint")
+
+
 def config_to_dict(*configs: Any) -> dict[str, Any]:
-    """The resolved configuration, one flat mapping, as `--config` reads it back."""
-    return {k: v for c in configs for k, v in dataclasses.asdict(c).items()}
+    """The resolved configuration, one flat mapping, as `--config` reads it back.
+
+    Flags that say what to do with an existing run are left out: reading a saved config back must not
+    overwrite or resume that run unless asked again on the command line.
+    """
+    return {k: v for c in configs for k, v in dataclasses.asdict(c).items() if k not in RUN_CONTROL}
 
 
 def entrypoint(main: Callable[..., T]) -> Callable[..., T]:

@@ -105,7 +105,8 @@ def drop_absent_test_labels(raw: DatasetDict, label_column: str) -> DatasetDict:
     back with a label column of None that would otherwise read as an unknown label 'None'.
     """
     test = raw.get("test")
-    if test is not None and label_column in test.column_names and all(v is None for v in test[label_column]):
+    # GLUE-style hidden test labels are all -1.
+    if test is not None and label_column in test.column_names and all(v in (None, -1) for v in test[label_column]):
         raw["test"] = test.remove_columns(label_column)
     return raw
 
@@ -221,6 +222,7 @@ def labelled_splits(args: DataArguments, seed: int) -> tuple[DatasetDict, list[s
     raw = load_raw_datasets(args)
     if "train" not in raw:
         raise UserError(f"the data has no train split (splits: {', '.join(raw)}); pass --train_file")
+    raw = DatasetDict({k: raw[k] for k in ("train", "validation", "test") if k in raw})  # not MNLI's *_matched
     raw = drop_absent_test_labels(raw, args.label_column)
     check_columns(raw, args)
     text_columns = [c for c in (args.text_column, args.text_pair_column) if c]

@@ -39,7 +39,7 @@ CHECKPOINT = re.compile(r"step_(\d+)$")
 def bf16_supported(device: torch.device) -> bool:
     """bf16 pays off on GPUs that have it and on CPUs with AVX-512 BF16 or AMX; elsewhere it is emulated."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
@@ -166,6 +166,8 @@ def train(
     """
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    if args.overwrite_output_dir and not args.resume_from_checkpoint:
+        clear_output_dir(accelerator, args.output_dir)
     if args.resume_from_checkpoint:
         path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
         logger.info("Resuming from %s", path)
@@ -198,6 +200,8 @@ def train(
         train_dataloader.set_epoch(epoch)
         batches = accelerate_skip(train_dataloader, state.batches_in_epoch)
         for batch in batches:
+            if state.completed_steps >= max_train_steps:  # resumed from the final checkpoint
+                break
             if on_step:
                 on_step(state.completed_steps)
             with accelerator.accumulate(model):
@@ -206,7 +210,8 @@ def train(
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:  # the schedule counts optimizer steps, not micro-batches
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch += 1
             samples += batch["labels"].shape[0]
@@ -282,12 +287,21 @@ def track_best(
     value = metrics[args.metric_for_best_model]
     if state.best_metric is None or value > state.best_metric:
         state.best_metric, state.best_step, state.evals_without_improvement = value, state.completed_steps, 0
-        unwrapped = accelerator.unwrap_model(model)
-        state.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.state_dict().items()}
+        weights = accelerator.get_state_dict(model)  # whole weights, also from a sharded model
+        state.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
         return False
     state.evals_without_improvement += 1
     patience = args.early_stopping_patience
     return patience is not None and state.evals_without_improvement >= patience
+
+
+def clear_output_dir(accelerator: Accelerator, output_dir: str | Path) -> None:
+    """Empties an output_dir being overwritten, so no file or checkpoint of an older run survives beside the new."""
+    out = Path(output_dir)
+    if accelerator.is_main_process and out.is_dir():
+        for path in out.iterdir():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    accelerator.wait_for_everyone()
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -26,7 +26,10 @@ def load_classifier(path: str | Path) -> torch.nn.Module:
 
         base_name = PeftConfig.from_pretrained(path).base_model_name_or_path
         config = AutoConfig.from_pretrained(path)  # the label names; the base checkpoint has none
-        base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(base_name), config=config)
+        try:
+            base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(base_name), config=config)
+        except OSError:
+            raise UserError(f"cannot load the adapter's base model '{base_name}'; make it available locally") from None
         model = PeftModel.from_pretrained(base, path)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path)
