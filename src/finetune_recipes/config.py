@@ -189,6 +189,12 @@ def config_to_dict(*configs: Any) -> dict[str, Any]:
     return {k: v for c in configs for k, v in dataclasses.asdict(c).items() if k not in RUN_CONTROL}
 
 
+def first_line(error: BaseException, width: int = 160) -> str:
+    """The first line of a library's error message, short enough to quote inside one of ours."""
+    text = str(error).strip()
+    return text.splitlines()[0][:width] if text else error.__class__.__name__
+
+
 def entrypoint(main: Callable[..., T]) -> Callable[..., T]:
     """Runs `main`, turning a UserError into one line on stderr and exit code 2."""
 

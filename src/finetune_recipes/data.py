@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from .config import DataArguments, ModelArguments, UserError
+from .config import DataArguments, ModelArguments, UserError, first_line
 from .modeling import load_config, max_positions, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -68,17 +68,16 @@ def load_raw_datasets(args: DataArguments) -> DatasetDict:
         raise  # already one line naming the problem and the fix; do not wrap it again
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as error:
         source = ", ".join(files.values()) or args.dataset_name
-        reason = _first_line(error)
+        reason = _load_error_reason(error)
         raise UserError(f"cannot read data from {source} ({reason}); check the path and the file format") from None
     raise UserError("no data: pass --train_file (CSV, JSON, JSON Lines, Parquet) or --dataset_name")
 
 
-def _first_line(error: BaseException) -> str:
+def _load_error_reason(error: BaseException) -> str:
     """The error's first line; for "An error occurred while generating the dataset", its cause's, which says why."""
     if isinstance(error, datasets.exceptions.DatasetGenerationError) and error.__cause__ is not None:
         error = error.__cause__
-    text = str(error).strip()
-    return f"{error.__class__.__name__}: {text.splitlines()[0][:160]}" if text else error.__class__.__name__
+    return f"{error.__class__.__name__}: {first_line(error)}"
 
 
 def _load_files(files: dict[str, str]) -> DatasetDict:
@@ -196,7 +195,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else error.__class__.__name__
+        reason = first_line(error)
         raise UserError(
             f"cannot load tokenizer '{name_or_path}' ({reason}); pass --tokenizer_name a local directory "
             "or a Hub id reachable from this machine"
@@ -245,7 +244,7 @@ def split_validation(
     try:
         split = pool.train_test_split(test_size=percentage / 100, stratify_by_column="labels", seed=seed)
     except ValueError as error:  # a class with one example, fewer held-out examples than classes, 0 or 100%
-        reason = str(error).strip().splitlines()[0][:160]
+        reason = first_line(error)
         raise UserError(
             f"cannot hold out {percentage}% of {len(pool)} unique training examples stratified by label ({reason}); "
             "pass --validation_file or another --validation_split_percentage"

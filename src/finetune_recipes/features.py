@@ -45,11 +45,17 @@ def check_pooling(encoder: PreTrainedModel, pooling: str) -> None:
         raise UserError(f"{type(encoder).__name__} has no pooler; pass --pooling mean or --pooling cls")
 
 
-def cache_key(encoder: PreTrainedModel, ds: Dataset, pooling: str, max_length: int, dtype: str) -> str:
-    """Changes when the weights, the token ids, the pooling, the max length or the precision change."""
+def encoding_digest(encoder: PreTrainedModel, pooling: str, max_length: int, dtype: str) -> hashlib._Hash:
+    """What every split's features depend on besides its texts: the weights, pooling, max length, precision."""
     digest = hashlib.sha256(f"{pooling}|{max_length}|{dtype}|{type(encoder).__name__}".encode())
     for tensor in encoder.state_dict().values():
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest
+
+
+def cache_key(encoding: hashlib._Hash, ds: Dataset) -> str:
+    """Changes when the encoding or the split's token ids change."""
+    digest = encoding.copy()
     for ids in ds["input_ids"]:
         digest.update(torch.tensor(ids, dtype=torch.int32).numpy().tobytes())
     return digest.hexdigest()[:24]
@@ -102,12 +108,10 @@ def cached_features(
 ) -> dict[str, torch.Tensor]:
     """Features per split from `cache_dir` when this exact encoding was done before, else encoded and cached."""
     use_bf16 = bf16_supported(accelerator.device)
+    encoding = encoding_digest(encoder, pooling, max_length, "bf16" if use_bf16 else "fp32")
     features = {}
     for split, ds in splits.items():
-        path = (
-            Path(cache_dir)
-            / f"{cache_key(encoder, ds, pooling, max_length, 'bf16' if use_bf16 else 'fp32')}.safetensors"
-        )
+        path = Path(cache_dir) / f"{cache_key(encoding, ds)}.safetensors"
         if path.exists():
             logger.info("Features of %s from cache %s", split, path)
             features[split] = load_file(path)["features"]

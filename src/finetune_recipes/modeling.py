@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
-from .config import UserError
+from .config import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def load_config(name_or_path: str, **kwargs) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(resolve_model_path(name_or_path), **kwargs)
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0][:160]
+        reason = first_line(error)
         raise UserError(
             f"cannot load model '{name_or_path}' ({reason}); pass --model_name_or_path a local model "
             "directory or a Hub id reachable from this machine"
