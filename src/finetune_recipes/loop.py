@@ -19,7 +19,7 @@ import datasets
 import torch
 import transformers
 import yaml
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, skip_first_batches
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -198,7 +198,9 @@ def train(
     for epoch in range(state.epoch, num_epochs):
         model.train()
         train_dataloader.set_epoch(epoch)
-        batches = accelerate_skip(train_dataloader, state.batches_in_epoch)
+        # A resumed run continues mid-epoch, after the batches it had already trained on.
+        skip = state.batches_in_epoch
+        batches = skip_first_batches(train_dataloader, skip) if skip else train_dataloader
         for batch in batches:
             if state.completed_steps >= max_train_steps:  # resumed from the final checkpoint
                 break
@@ -265,15 +267,6 @@ def train(
         "history": state.history,
         **({"stopped_early": True} if stop else {}),
     }
-
-
-def accelerate_skip(dataloader: DataLoader, num_batches: int) -> DataLoader:
-    """The loader itself, or one that resumes mid-epoch after `num_batches` already trained on."""
-    if not num_batches:
-        return dataloader
-    from accelerate import skip_first_batches
-
-    return skip_first_batches(dataloader, num_batches)
 
 
 def track_best(
