@@ -1,4 +1,18 @@
-"""Feature extraction: a frozen encoder embeds every text once (cached); only a small head trains."""
+"""Feature extraction: a frozen encoder embeds every text once (cached); only a small head trains.
+
+Flags of its own (FeatureArguments below): `--pooling`, `--head_hidden_size`, `--head_dropout`,
+`--encode_batch_size`, `--feature_cache_dir`; `--help` lists the shared ones. Defaults: FeatureArguments
+and finetune_recipes.config, then configs/feature_extraction.yaml beside this file (shared flags only),
+then the command line.
+
+    python recipes/feature_extraction.py --pooling cls --head_hidden_size 256
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/feature_extraction.py
+
+From Python, `main(ModelArguments(...), DataArguments(...), TrainingArguments(...), FeatureArguments(...))`
+returns the results. Raises `UserError` (from the command line: one line, exit code 2) for a bad flag,
+data set, model or output_dir, or a pooling the encoder lacks. Saves encoder + pooling + head, which
+`finetune-recipes predict` runs on raw text.
+"""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -6,33 +20,23 @@ from pathlib import Path
 import datasets
 from transformers import AutoModel, DataCollatorWithPadding
 
-from finetune_recipes.config import (
+from finetune_recipes import (
+    ClassificationHead,
     DataArguments,
+    FeatureClassifier,
     ModelArguments,
     TrainingArguments,
-    config_to_dict,
-    entrypoint,
-    parse_config,
-)
-from finetune_recipes.data import labelled, load_data
-from finetune_recipes.features import (
-    ClassificationHead,
-    FeatureClassifier,
+    build_model,
+    build_optimizer,
     cached_features,
     check_pooling,
     feature_dataloader,
-)
-from finetune_recipes.freezing import freeze
-from finetune_recipes.loop import (
-    build_accelerator,
-    build_schedule,
-    check_output_dir,
-    save_outputs,
-    test_results,
+    freeze,
+    param_groups,
+    run_cli,
+    start_run,
     train,
 )
-from finetune_recipes.modeling import build_model
-from finetune_recipes.optim import build_optimizer, param_groups
 
 CONFIG = Path(__file__).parent / "configs" / "feature_extraction.yaml"
 
@@ -49,39 +53,36 @@ class FeatureArguments:
     )
 
 
-@entrypoint
-def main() -> None:
-    model_args, data_args, args, feats = parse_config(
-        ModelArguments, DataArguments, TrainingArguments, FeatureArguments, default_config=CONFIG
-    )
-    check_output_dir(args)
-    accelerator = build_accelerator(args)
+def loss_step(head, batch):
+    """The loss the loop backpropagates: the head's cross-entropy on cached features. Yours to change."""
+    return head(**batch).loss
 
-    tokenizer, data = load_data(model_args, data_args, args.seed, accelerator)
+
+def main(model_args, data_args, training_args: TrainingArguments, feats: FeatureArguments) -> dict:
+    run = start_run(model_args, data_args, training_args, feats)
 
     # The encoder never trains: encode every split once, in inference mode, or read the cache.
-    encoder = build_model(model_args.model_name_or_path, data.label_names, auto_class=AutoModel)
+    encoder = build_model(model_args.model_name_or_path, run.data.label_names, auto_class=AutoModel)
     check_pooling(encoder, feats.pooling)
     freeze(encoder)
-    encoder.to(accelerator.device)
-    splits = {"train": data.train, "validation": data.validation}
-    if labelled(data.test) is not None:
-        splits["test"] = data.test
+    encoder.to(run.accelerator.device)
+    splits = {split: getattr(run.data, split) for split in run.loaders}  # train, validation, labelled test
     features = cached_features(
         encoder,
         splits,
-        DataCollatorWithPadding(tokenizer),
-        accelerator,
+        DataCollatorWithPadding(run.tokenizer),
+        run.accelerator,
         feats.pooling,
         data_args.max_length,
         feats.feature_cache_dir,
         feats.encode_batch_size,
     )
-    loaders = {
+    batch_sizes = {"train": training_args.per_device_train_batch_size}
+    run.loaders = {
         split: feature_dataloader(
             features[split],
             ds["labels"],
-            args.per_device_train_batch_size if split == "train" else args.per_device_eval_batch_size,
+            batch_sizes.get(split, training_args.per_device_eval_batch_size),
             shuffle=split == "train",
         )
         for split, ds in splits.items()
@@ -89,23 +90,18 @@ def main() -> None:
 
     # What trains: a linear (or MLP) head on the cached features; a step takes microseconds.
     head = ClassificationHead(
-        encoder.config.hidden_size, len(data.label_names), feats.head_hidden_size, feats.head_dropout
+        encoder.config.hidden_size, len(run.data.label_names), feats.head_hidden_size, feats.head_dropout
     )
-    optimizer = build_optimizer(param_groups(head, args.learning_rate, args.weight_decay), args.learning_rate)
-    scheduler, steps = build_schedule(optimizer, args, len(loaders["train"]), accelerator)
-
-    head, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
-        head, optimizer, loaders["train"], loaders["validation"], loaders.get("test"), scheduler
+    optimizer = build_optimizer(
+        param_groups(head, training_args.learning_rate, training_args.weight_decay), training_args.learning_rate
     )
-    results = train(accelerator, head, optimizer, scheduler, train_dl, eval_dl, args, steps, len(data.label_names))
-    results |= test_results(accelerator, head, test_dl, len(data.label_names))
+    schedule = run.build_schedule(optimizer)
 
+    run.prepare(head, optimizer, schedule)
+    results = train(run, loss_step)
     # Saved as encoder + pooling + head, which `finetune-recipes predict` runs on raw text.
-    classifier = FeatureClassifier(encoder, accelerator.unwrap_model(head), feats.pooling)
-    save_outputs(accelerator, classifier, tokenizer, args, results, config_to_dict(model_args, data_args, args, feats))
-
-    accelerator.end_training()
+    return run.finish(results, model=FeatureClassifier(encoder, run.accelerator.unwrap_model(run.model), feats.pooling))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, ModelArguments, DataArguments, TrainingArguments, FeatureArguments, default_config=CONFIG)

@@ -1,66 +1,63 @@
-"""Frozen base, trainable pooler: the encoder stays fixed, only its pooler and a new head train."""
+"""Frozen base, trainable pooler: the encoder stays fixed, only its pooler and a new head train.
+
+Flags of its own: none; `--help` lists the shared model, data and training flags (`--layer_mapping` for
+an architecture layer discovery cannot map). Defaults: finetune_recipes.config, then
+configs/frozen_base_pooler.yaml beside this file, then the command line.
+
+    python recipes/frozen_base_pooler.py --learning_rate 1e-3
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/frozen_base_pooler.py
+
+From Python, `main(ModelArguments(...), DataArguments(...), TrainingArguments(...))` returns the results.
+Raises `UserError` (from the command line: one line, exit code 2) for a bad flag, data set, model or
+output_dir, or a model whose layers cannot be mapped, before training starts.
+"""
 
 from pathlib import Path
 
-from finetune_recipes.config import (
+from finetune_recipes import (
     DataArguments,
     ModelArguments,
     TrainingArguments,
-    config_to_dict,
-    entrypoint,
-    parse_config,
-)
-from finetune_recipes.data import load_data
-from finetune_recipes.freezing import format_trainable, set_trainable
-from finetune_recipes.layers import discover_layers
-from finetune_recipes.loop import (
-    build_accelerator,
-    build_dataloaders,
-    build_schedule,
-    check_output_dir,
-    save_outputs,
-    test_results,
+    build_model,
+    build_optimizer,
+    discover_layers,
+    format_trainable,
+    param_groups,
+    run_cli,
+    set_trainable,
+    start_run,
     train,
 )
-from finetune_recipes.modeling import build_model
-from finetune_recipes.optim import build_optimizer, param_groups
 
 CONFIG = Path(__file__).parent / "configs" / "frozen_base_pooler.yaml"
 
 
-@entrypoint
-def main() -> None:
-    model_args, data_args, args = parse_config(ModelArguments, DataArguments, TrainingArguments, default_config=CONFIG)
-    check_output_dir(args)
-    accelerator = build_accelerator(args)
+def loss_step(model, batch):
+    """The loss the loop backpropagates: the model's own cross-entropy. Yours to change."""
+    return model(**batch).loss
 
-    tokenizer, data = load_data(model_args, data_args, args.seed, accelerator)
-    train_dl, eval_dl, test_dl = build_dataloaders(data, tokenizer, args, accelerator, data_args.group_by_length)
 
-    model = build_model(model_args.model_name_or_path, data.label_names)
+def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    run = start_run(model_args, data_args, training_args)
+    model = build_model(model_args.model_name_or_path, run.data.label_names)
 
     # What trains: the pooler (pretrained, one dense layer over the first token) and the new head.
     # Models without a pooler (RoBERTa, DistilBERT, ELECTRA, DeBERTa) keep their dense pre-classifier
     # layer in the head, so for them "pooler + head" is the whole head, and we say so.
     layers = discover_layers(model, model_args.layer_mapping)
     if not layers.pooler:
-        accelerator.print(f"{type(model).__name__} has no pooler: training its classification head only.")
+        run.accelerator.print(f"{type(model).__name__} has no pooler: training its classification head only.")
     set_trainable(model, layers, ["pooler", "head"])
-    accelerator.print(format_trainable(model, layers))
+    run.accelerator.print(format_trainable(model, layers))
 
-    groups = param_groups(model, args.learning_rate, args.weight_decay)
-    optimizer = build_optimizer(groups, args.learning_rate)
-    scheduler, steps = build_schedule(optimizer, args, len(train_dl), accelerator)
+    groups = param_groups(model, training_args.learning_rate, training_args.weight_decay)
+    optimizer = build_optimizer(groups, training_args.learning_rate)
+    schedule = run.build_schedule(optimizer)
 
-    model, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
-        model, optimizer, train_dl, eval_dl, test_dl, scheduler
-    )
-    results = train(accelerator, model, optimizer, scheduler, train_dl, eval_dl, args, steps, len(data.label_names))
-    results |= test_results(accelerator, model, test_dl, len(data.label_names))
-    save_outputs(accelerator, model, tokenizer, args, results, config_to_dict(model_args, data_args, args))
-
-    accelerator.end_training()
+    run.prepare(model, optimizer, schedule)
+    results = train(run, loss_step)
+    return run.finish(results)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, ModelArguments, DataArguments, TrainingArguments, default_config=CONFIG)

@@ -1,58 +1,55 @@
-"""Full fine-tuning: every weight of the pretrained encoder and a new classification head trains."""
+"""Full fine-tuning: every weight of the pretrained encoder and a new classification head trains.
+
+Flags of its own: none; `--help` lists the shared model, data and training flags. Defaults: the dataclasses
+in finetune_recipes.config, then configs/full_finetune.yaml beside this file, then the command line.
+
+    python recipes/full_finetune.py --learning_rate 3e-5 --train_file train.csv --validation_file dev.csv
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/full_finetune.py
+
+From Python, `main(ModelArguments(...), DataArguments(...), TrainingArguments(...))` returns the results.
+Raises `UserError` (from the command line: one line, exit code 2) for a bad flag, data set, model or
+output_dir, before training starts.
+"""
 
 from pathlib import Path
 
-from finetune_recipes.config import (
+from finetune_recipes import (
     DataArguments,
     ModelArguments,
     TrainingArguments,
-    config_to_dict,
-    entrypoint,
-    parse_config,
-)
-from finetune_recipes.data import load_data
-from finetune_recipes.loop import (
-    build_accelerator,
-    build_dataloaders,
-    build_schedule,
-    check_output_dir,
-    save_outputs,
-    test_results,
+    build_model,
+    build_optimizer,
+    param_groups,
+    run_cli,
+    start_run,
     train,
 )
-from finetune_recipes.modeling import build_model
-from finetune_recipes.optim import build_optimizer, param_groups
 
 CONFIG = Path(__file__).parent / "configs" / "full_finetune.yaml"
 
 
-@entrypoint
-def main() -> None:
-    model_args, data_args, args = parse_config(ModelArguments, DataArguments, TrainingArguments, default_config=CONFIG)
-    check_output_dir(args)
-    accelerator = build_accelerator(args)
+def loss_step(model, batch):
+    """The loss the loop backpropagates: the model's own cross-entropy. Yours to change (class weights,
+    label smoothing, a penalty): return any scalar tensor computed from `model` and `batch`."""
+    return model(**batch).loss
 
+
+def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     # Tokenizer and data: labels fixed from train, a stratified validation split when none is given.
-    tokenizer, data = load_data(model_args, data_args, args.seed, accelerator)
-    train_dl, eval_dl, test_dl = build_dataloaders(data, tokenizer, args, accelerator, data_args.group_by_length)
+    run = start_run(model_args, data_args, training_args)
 
     # Model: the pretrained encoder with a new head sized to the labels.
-    model = build_model(model_args.model_name_or_path, data.label_names)
+    model = build_model(model_args.model_name_or_path, run.data.label_names)
 
     # What trains: everything, at one learning rate; no weight decay on biases and norms.
-    groups = param_groups(model, args.learning_rate, args.weight_decay)
-    optimizer = build_optimizer(groups, args.learning_rate)
-    scheduler, steps = build_schedule(optimizer, args, len(train_dl), accelerator)
+    groups = param_groups(model, training_args.learning_rate, training_args.weight_decay)
+    optimizer = build_optimizer(groups, training_args.learning_rate)
+    schedule = run.build_schedule(optimizer)
 
-    model, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
-        model, optimizer, train_dl, eval_dl, test_dl, scheduler
-    )
-    results = train(accelerator, model, optimizer, scheduler, train_dl, eval_dl, args, steps, len(data.label_names))
-    results |= test_results(accelerator, model, test_dl, len(data.label_names))
-    save_outputs(accelerator, model, tokenizer, args, results, config_to_dict(model_args, data_args, args))
-
-    accelerator.end_training()
+    run.prepare(model, optimizer, schedule)
+    results = train(run, loss_step)
+    return run.finish(results)  # test metrics, then model, tokenizer, results.json, recipe_config.yaml
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, ModelArguments, DataArguments, TrainingArguments, default_config=CONFIG)

@@ -1,34 +1,35 @@
-"""Layer-wise learning-rate decay: full fine-tuning where lower layers take geometrically smaller steps."""
+"""Layer-wise learning-rate decay: full fine-tuning where lower layers take geometrically smaller steps.
+
+Flags of its own (LLRDArguments below): `--layer_decay`, `--head_lr`, `--plot_lr`; `--help` lists the
+shared ones. Defaults: LLRDArguments and finetune_recipes.config, then configs/llrd.yaml beside this
+file (shared flags only), then the command line.
+
+    python recipes/llrd.py --layer_decay 0.8 --head_lr 1e-3 --plot_lr
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/llrd.py
+
+From Python, `main(ModelArguments(...), DataArguments(...), TrainingArguments(...), LLRDArguments(...))`
+returns the results. Raises `UserError` (from the command line: one line, exit code 2) for a bad flag,
+data set, model or output_dir, a layer_decay outside (0, 1], or a model whose layers cannot be mapped.
+Writes param_groups.md (and lr_schedule.png with --plot_lr) beside the model.
+"""
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune_recipes.config import (
+from finetune_recipes import (
     DataArguments,
     ModelArguments,
     TrainingArguments,
-    config_to_dict,
-    entrypoint,
-    parse_config,
-)
-from finetune_recipes.data import load_data
-from finetune_recipes.layers import discover_layers
-from finetune_recipes.loop import (
-    build_accelerator,
-    build_dataloaders,
-    build_schedule,
-    check_output_dir,
-    save_outputs,
-    test_results,
-    train,
-)
-from finetune_recipes.modeling import build_model
-from finetune_recipes.optim import (
+    build_model,
     build_optimizer,
+    discover_layers,
     format_groups,
     lr_trajectory,
     param_groups,
     plot_lr_schedule,
+    run_cli,
+    start_run,
+    train,
 )
 
 CONFIG = Path(__file__).parent / "configs" / "llrd.yaml"
@@ -41,53 +42,37 @@ class LLRDArguments:
     plot_lr: bool = field(default=False, metadata={"help": "Write lr_schedule.png to output_dir."})
 
 
-@entrypoint
-def main() -> None:
-    model_args, data_args, args, llrd = parse_config(
-        ModelArguments, DataArguments, TrainingArguments, LLRDArguments, default_config=CONFIG
-    )
-    check_output_dir(args)
-    accelerator = build_accelerator(args)
+def loss_step(model, batch):
+    """The loss the loop backpropagates: the model's own cross-entropy. Yours to change."""
+    return model(**batch).loss
 
-    tokenizer, data = load_data(model_args, data_args, args.seed, accelerator)
-    train_dl, eval_dl, test_dl = build_dataloaders(data, tokenizer, args, accelerator, data_args.group_by_length)
 
-    model = build_model(model_args.model_name_or_path, data.label_names)
+def main(model_args, data_args, training_args: TrainingArguments, llrd: LLRDArguments) -> dict:
+    run = start_run(model_args, data_args, training_args, llrd)
+    model = build_model(model_args.model_name_or_path, run.data.label_names)
 
     # What trains: everything. Depth 0 is the embeddings, 1..L the blocks, L+1 the pooler and head;
     # each depth below the top multiplies the rate by layer_decay, so the embeddings move least.
     layers = discover_layers(model, model_args.layer_mapping)
+    lr = training_args.learning_rate
     groups = param_groups(
-        model,
-        args.learning_rate,
-        args.weight_decay,
-        layer_map=layers,
-        layer_decay=llrd.layer_decay,
-        head_lr=llrd.head_lr,
+        model, lr, training_args.weight_decay, layer_map=layers, layer_decay=llrd.layer_decay, head_lr=llrd.head_lr
     )
     report = format_groups(groups)
-    accelerator.print(f"Optimizer groups ({len(groups)}):\n{report}")
+    run.accelerator.print(f"Optimizer groups ({len(groups)}):\n{report}")
+    optimizer = build_optimizer(groups, lr)
+    schedule = run.build_schedule(optimizer)
 
-    optimizer = build_optimizer(groups, args.learning_rate)
-    scheduler, steps = build_schedule(optimizer, args, len(train_dl), accelerator)
-    lrs = (
-        lr_trajectory(groups, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps, args.learning_rate)
-        if llrd.plot_lr
-        else None
-    )
-
-    model, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
-        model, optimizer, train_dl, eval_dl, test_dl, scheduler
-    )
-    results = train(accelerator, model, optimizer, scheduler, train_dl, eval_dl, args, steps, len(data.label_names))
-    results |= test_results(accelerator, model, test_dl, len(data.label_names))
-    config = config_to_dict(model_args, data_args, args, llrd)
-    save_outputs(accelerator, model, tokenizer, args, results, config, {"param_groups.md": report + "\n"})
-    if lrs and accelerator.is_main_process:
+    run.prepare(model, optimizer, schedule)
+    results = train(run, loss_step)
+    if llrd.plot_lr and run.accelerator.is_main_process:
+        args = training_args
+        lrs = lr_trajectory(
+            groups, args.lr_scheduler_type, schedule.total_steps, args.warmup_ratio, args.warmup_steps, lr
+        )
         plot_lr_schedule(groups, lrs, Path(args.output_dir) / "lr_schedule.png")
-
-    accelerator.end_training()
+    return run.finish(results, extra_files={"param_groups.md": report + "\n"})
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, ModelArguments, DataArguments, TrainingArguments, LLRDArguments, default_config=CONFIG)

@@ -1,33 +1,38 @@
-"""LoRA: the encoder stays frozen; low-rank adapters on its attention projections and the head train."""
+"""LoRA: the encoder stays frozen; low-rank adapters on its attention projections and the head train.
+
+Flags of its own (LoraArguments below): `--lora_r`, `--lora_alpha`, `--lora_dropout`,
+`--lora_feed_forward`, `--merge_adapter`; `--help` lists the shared ones. Defaults: LoraArguments and
+finetune_recipes.config, then configs/lora.yaml beside this file (shared flags only), then the command line.
+
+    python recipes/lora.py --lora_r 16 --lora_alpha 32 --merge_adapter
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/lora.py
+
+From Python, `main(ModelArguments(...), DataArguments(...), TrainingArguments(...), LoraArguments(...))`
+returns the results. Raises `UserError` (from the command line: one line, exit code 2) for a bad flag,
+data set, model or output_dir, or a model whose layers cannot be mapped. Saves the adapter (a few MB);
+with --merge_adapter also merged/, a plain model that `pipeline()` loads.
+"""
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import LoraConfig, TaskType, get_peft_model
 
-from finetune_recipes.config import (
+from finetune_recipes import (
     DataArguments,
     ModelArguments,
     TrainingArguments,
-    config_to_dict,
-    entrypoint,
-    parse_config,
-)
-from finetune_recipes.data import load_data
-from finetune_recipes.freezing import format_trainable
-from finetune_recipes.layers import block_linears, discover_layers
-from finetune_recipes.loop import (
-    build_accelerator,
-    build_dataloaders,
-    build_schedule,
-    check_output_dir,
+    block_linears,
+    build_model,
+    build_optimizer,
+    discover_layers,
+    format_trainable,
+    param_groups,
+    run_cli,
     save_merged,
-    save_outputs,
-    test_results,
+    start_run,
     train,
 )
-from finetune_recipes.modeling import build_model
-from finetune_recipes.optim import build_optimizer, param_groups
 
 CONFIG = Path(__file__).parent / "configs" / "lora.yaml"
 
@@ -41,53 +46,42 @@ class LoraArguments:
     merge_adapter: bool = field(default=False, metadata={"help": "Also save a merged plain model in merged/."})
 
 
-@entrypoint
-def main() -> None:
-    model_args, data_args, args, lora = parse_config(
-        ModelArguments, DataArguments, TrainingArguments, LoraArguments, default_config=CONFIG
-    )
-    check_output_dir(args)
-    accelerator = build_accelerator(args)
+def loss_step(model, batch):
+    """The loss the loop backpropagates: the model's own cross-entropy. Yours to change."""
+    return model(**batch).loss
 
-    tokenizer, data = load_data(model_args, data_args, args.seed, accelerator)
-    train_dl, eval_dl, test_dl = build_dataloaders(data, tokenizer, args, accelerator, data_args.group_by_length)
 
-    model = build_model(model_args.model_name_or_path, data.label_names)
+def main(model_args, data_args, training_args: TrainingArguments, lora: LoraArguments) -> dict:
+    run = start_run(model_args, data_args, training_args, lora)
+    model = build_model(model_args.model_name_or_path, run.data.label_names)
 
     # What trains: rank-r adapters on the blocks' attention (and optionally feed-forward) projections,
     # found by layer discovery rather than by name, and the new head in full (modules_to_save).
     layers = discover_layers(model, model_args.layer_mapping)
     linears = block_linears(model, layers)
-    targets = linears["attention"] + (linears["feed_forward"] if lora.lora_feed_forward else [])
-    head_modules = sorted({name.split(".")[0] for name, _ in layers.head})
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=lora.lora_r,
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
-        target_modules=targets,
-        modules_to_save=head_modules,
+        target_modules=linears["attention"] + (linears["feed_forward"] if lora.lora_feed_forward else []),
+        modules_to_save=sorted({name.split(".")[0] for name, _ in layers.head}),
     )
     model = get_peft_model(model, config)
     model.peft_config["default"].base_model_name_or_path = model_args.model_name_or_path  # portable adapter
-    accelerator.print(format_trainable(model, discover_layers(model)))
+    # The same mapping again: its paths are the transformers model's, which discovery finds inside peft.
+    run.accelerator.print(format_trainable(model, discover_layers(model, model_args.layer_mapping)))
 
-    groups = param_groups(model, args.learning_rate, args.weight_decay)
-    optimizer = build_optimizer(groups, args.learning_rate)
-    scheduler, steps = build_schedule(optimizer, args, len(train_dl), accelerator)
+    groups = param_groups(model, training_args.learning_rate, training_args.weight_decay)
+    optimizer = build_optimizer(groups, training_args.learning_rate)
+    schedule = run.build_schedule(optimizer)
 
-    model, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
-        model, optimizer, train_dl, eval_dl, test_dl, scheduler
-    )
-    results = train(accelerator, model, optimizer, scheduler, train_dl, eval_dl, args, steps, len(data.label_names))
-    results |= test_results(accelerator, model, test_dl, len(data.label_names))
-    # The adapter alone (a few MB) goes to output_dir; merged/ holds a plain model any pipeline loads.
-    save_outputs(accelerator, model, tokenizer, args, results, config_to_dict(model_args, data_args, args, lora))
-    if lora.merge_adapter:
-        save_merged(accelerator, model, tokenizer, Path(args.output_dir) / "merged")
-
-    accelerator.end_training()
+    run.prepare(model, optimizer, schedule)
+    results = train(run, loss_step)
+    if lora.merge_adapter:  # beside the few-MB adapter, a plain model any pipeline() loads
+        save_merged(run, Path(training_args.output_dir) / "merged")
+    return run.finish(results)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, ModelArguments, DataArguments, TrainingArguments, LoraArguments, default_config=CONFIG)

@@ -1,63 +1,63 @@
-"""Progressive unfreezing: the head trains first, then blocks thaw one at a time from the top down."""
+"""Progressive unfreezing: the head trains first, then blocks thaw one at a time from the top down.
+
+Flags of its own (UnfreezeArguments below): `--unfreeze_every`, `--unfreeze_unit`, `--unfreeze_schedule`,
+`--layer_decay`, `--head_lr`; `--help` lists the shared ones. Defaults: UnfreezeArguments and
+finetune_recipes.config, then configs/progressive_unfreezing.yaml beside this file (shared flags only),
+then the command line.
+
+    python recipes/progressive_unfreezing.py --unfreeze_every 1 --unfreeze_unit epoch --num_train_epochs 8
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/progressive_unfreezing.py
+
+From Python, `main(ModelArguments(...), DataArguments(...), TrainingArguments(...), UnfreezeArguments(...))`
+returns the results. Raises `UserError` (from the command line: one line, exit code 2) for a bad flag,
+data set, model or output_dir, a bad unfreezing schedule, or a model whose layers cannot be mapped.
+"""
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune_recipes.config import (
+from finetune_recipes import (
     DataArguments,
     ModelArguments,
     TrainingArguments,
-    config_to_dict,
-    entrypoint,
-    parse_config,
-)
-from finetune_recipes.data import load_data
-from finetune_recipes.freezing import (
+    build_model,
+    build_optimizer,
+    discover_layers,
+    format_groups,
     format_trainable,
+    param_groups,
+    run_cli,
     set_trainable,
     stage_at,
     stage_starts,
+    start_run,
+    train,
     unfreezing_stages,
 )
-from finetune_recipes.layers import discover_layers
-from finetune_recipes.loop import (
-    build_accelerator,
-    build_dataloaders,
-    build_schedule,
-    check_output_dir,
-    save_outputs,
-    test_results,
-    train,
-    update_steps_per_epoch,
-)
-from finetune_recipes.modeling import build_model
-from finetune_recipes.optim import build_optimizer, format_groups, param_groups
 
 CONFIG = Path(__file__).parent / "configs" / "progressive_unfreezing.yaml"
 
 
 @dataclass
 class UnfreezeArguments:
-    unfreeze_every: float = field(default=1.0, metadata={"help": "Thaw the next group every this many units."})
-    unfreeze_unit: str = field(default="epoch", metadata={"help": "epoch or step."})
+    # 120 optimizer steps in the default 2 epochs on BBC News: the head alone for 15 steps, then one more
+    # block every 15 steps, the embeddings last.
+    unfreeze_every: float = field(default=15, metadata={"help": "Thaw the next group every this many units."})
+    unfreeze_unit: str = field(default="step", metadata={"help": "epoch or step."})
     unfreeze_schedule: str | None = field(default=None, metadata={"help": "Steps where stages 1, 2, ... begin."})
     layer_decay: float = field(default=1.0, metadata={"help": "Compose with LLRD (ULMFiT's discriminative rates)."})
-    head_lr: float | None = None
+    head_lr: float | None = field(default=2e-3, metadata={"help": "The new head's rate; the rest learning_rate."})
 
 
-@entrypoint
-def main() -> None:
-    model_args, data_args, args, unfreeze = parse_config(
-        ModelArguments, DataArguments, TrainingArguments, UnfreezeArguments, default_config=CONFIG
-    )
-    check_output_dir(args)
+def loss_step(model, batch):
+    """The loss the loop backpropagates: the model's own cross-entropy. Yours to change."""
+    return model(**batch).loss
+
+
+def main(model_args, data_args, training_args: TrainingArguments, unfreeze: UnfreezeArguments) -> dict:
     # Which parameters get gradients changes mid-run, so DDP must not expect all of them every step.
-    accelerator = build_accelerator(args, find_unused_parameters=True)
-
-    tokenizer, data = load_data(model_args, data_args, args.seed, accelerator)
-    train_dl, eval_dl, test_dl = build_dataloaders(data, tokenizer, args, accelerator, data_args.group_by_length)
-
-    model = build_model(model_args.model_name_or_path, data.label_names)
+    run = start_run(model_args, data_args, training_args, unfreeze, find_unused_parameters=True)
+    model = build_model(model_args.model_name_or_path, run.data.label_names)
 
     # What trains, and when: stage 0 is the pooler and head; stage k adds the k-th block from the top;
     # the last stage adds the embeddings. Every parameter is in the optimizer from the start, at its
@@ -67,27 +67,30 @@ def main() -> None:
     stages = unfreezing_stages(layers)
     groups = param_groups(
         model,
-        args.learning_rate,
-        args.weight_decay,
+        training_args.learning_rate,
+        training_args.weight_decay,
         layer_map=layers,
         layer_decay=unfreeze.layer_decay,
         head_lr=unfreeze.head_lr,
         include_frozen=True,
     )
     report = format_groups(groups)
-    accelerator.print(f"Optimizer groups ({len(groups)}):\n{report}")
-    optimizer = build_optimizer(groups, args.learning_rate)
-    scheduler, steps = build_schedule(optimizer, args, len(train_dl), accelerator)
-    steps_per_epoch = update_steps_per_epoch(len(train_dl), accelerator, args.gradient_accumulation_steps)
+    run.accelerator.print(f"Optimizer groups ({len(groups)}):\n{report}")
+    optimizer = build_optimizer(groups, training_args.learning_rate)
+    schedule = run.build_schedule(optimizer)
     starts = stage_starts(
-        len(stages), unfreeze.unfreeze_every, steps_per_epoch, unfreeze.unfreeze_unit, unfreeze.unfreeze_schedule
+        len(stages),
+        unfreeze.unfreeze_every,
+        schedule.steps_per_epoch,
+        unfreeze.unfreeze_unit,
+        unfreeze.unfreeze_schedule,
     )
-    accelerator.print("Unfreezing schedule: " + ", ".join(f"step {s}: {stages[k][-1]}" for k, s in enumerate(starts)))
+    run.accelerator.print(
+        "Unfreezing schedule: " + ", ".join(f"step {s}: {stages[k][-1]}" for k, s in enumerate(starts))
+    )
 
     # DDP registers only parameters that require gradients when it wraps the model: prepare while all do.
-    model, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
-        model, optimizer, train_dl, eval_dl, test_dl, scheduler
-    )
+    run.prepare(model, optimizer, schedule)
     current = [-1]
 
     def thaw(step: int) -> None:  # a function of the step alone, so a resumed run lands in its stage
@@ -95,17 +98,12 @@ def main() -> None:
         if stage != current[0]:
             set_trainable(model, layers, stages[stage])
             current[0] = stage
-            accelerator.print(f"step {step}: stage {stage}\n{format_trainable(model, layers)}")
+            run.accelerator.print(f"step {step}: stage {stage}\n{format_trainable(model, layers)}")
 
-    num_labels = len(data.label_names)
-    results = train(accelerator, model, optimizer, scheduler, train_dl, eval_dl, args, steps, num_labels, on_step=thaw)
-    results |= test_results(accelerator, model, test_dl, len(data.label_names))
+    results = train(run, loss_step, on_step=thaw)
     results["unfreezing_stage_starts"] = starts
-    config = config_to_dict(model_args, data_args, args, unfreeze)
-    save_outputs(accelerator, model, tokenizer, args, results, config, {"param_groups.md": report + "\n"})
-
-    accelerator.end_training()
+    return run.finish(results, extra_files={"param_groups.md": report + "\n"})
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, ModelArguments, DataArguments, TrainingArguments, UnfreezeArguments, default_config=CONFIG)

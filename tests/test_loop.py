@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
 
 from finetune_recipes.config import TrainingArguments, UserError
-from finetune_recipes.loop import (
-    TrainState,
-    check_output_dir,
-    list_checkpoints,
-    resolve_checkpoint,
-    total_train_steps,
-    track_best,
-    update_steps_per_epoch,
-)
+from finetune_recipes.training.checkpoints import TrainState, list_checkpoints, resolve_checkpoint
+from finetune_recipes.training.loop import final_metrics, stop_early, track_best
+from finetune_recipes.training.outputs import check_output_dir
+from finetune_recipes.training.run import total_train_steps, update_steps_per_epoch
 
 
 class OneProcess:
@@ -43,28 +42,38 @@ def test_steps_per_epoch_counts_each_process_share_and_accumulation():
         total_train_steps(TrainingArguments(num_train_epochs=0), 10)
 
 
-def test_best_weights_are_kept_and_early_stopping_counts_evaluations_without_improvement():
+def test_best_weights_are_kept_and_early_stopping_counts_evaluations_without_improvement(tmp_path):
     model = torch.nn.Linear(2, 2)
-    args = TrainingArguments(metric_for_best_model="accuracy", early_stopping_patience=2)
-    state = TrainState()
+    args = TrainingArguments(output_dir=str(tmp_path), metric_for_best_model="accuracy", early_stopping_patience=2)
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, training_args=args, state=TrainState())
+    state = run.state
     for step, accuracy, stop in [(10, 0.5, False), (20, 0.8, False), (30, 0.7, False), (40, 0.8, True)]:
         state.completed_steps = step
+        state.history.append({"step": step, "accuracy": accuracy})
         if step == 20:
             best = model.weight.detach().clone()
-        assert track_best(state, {"accuracy": accuracy}, model, OneProcess(), args) is stop
+        track_best(run, {"accuracy": accuracy})
+        assert stop_early(run) is stop
         with torch.no_grad():
             model.weight.add_(1.0)  # training moves on after each evaluation
     assert state.best_step == 20 and state.best_metric == 0.8
-    torch.testing.assert_close(state.best_weights["weight"], best)
+    # On disk, not in memory or in every checkpoint: only the best so far is kept.
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["best_step_20"]
+    torch.testing.assert_close(
+        load_file(tmp_path / "checkpoints" / "best_step_20" / "model.safetensors")["weight"], best
+    )
+    assert final_metrics(run) == {"eval_accuracy": 0.8}  # the best evaluation's, its weights restored
+    torch.testing.assert_close(model.weight, best)
+    assert not (tmp_path / "checkpoints").exists()  # scratch when the run keeps no checkpoints
     with pytest.raises(UserError, match="metric_for_best_model 'loss'"):
-        track_best(state, {"accuracy": 0.9}, model, OneProcess(), TrainingArguments(metric_for_best_model="loss"))
+        run.training_args = TrainingArguments(metric_for_best_model="loss")
+        track_best(run, {"accuracy": 0.9})
 
 
-def test_train_state_round_trips_through_its_state_dict():
-    state = TrainState(completed_steps=5, epoch=1, batches_in_epoch=3, history=[{"accuracy": 0.5}])
-    copy = TrainState()
-    copy.load_state_dict(state.state_dict())
-    assert copy == state
+def test_train_state_round_trips_through_its_json_file(tmp_path):
+    state = TrainState(completed_steps=5, epoch=1, batches_in_epoch=3, best_step=4, history=[{"accuracy": 0.5}])
+    state.save(tmp_path)
+    assert TrainState.load(tmp_path) == state
 
 
 def test_latest_checkpoint_ignores_partial_saves_and_orders_numerically(tmp_path):

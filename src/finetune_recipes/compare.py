@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .cli import list_recipes, recipes_dir
+from .catalog import list_recipes, recipes_dir
 from .config import DataArguments, ModelArguments, TrainingArguments, UserError, parse_config
 
 COLUMNS = [  # results key, title, format

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import functools
 import importlib.resources
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +78,10 @@ class TrainingArguments:
         metadata={"help": "no, bf16, fp16, or auto (bf16 where the hardware has it); default: accelerate launch's."},
     )
     logging_steps: int = 20
+    eval_strategy: str = field(
+        default="epoch", metadata={"help": "epoch, or steps (every eval_steps); also at the end."}
+    )
+    eval_steps: int | None = field(default=None, metadata={"help": "Optimizer steps between evaluations."})
     report_to: str | None = field(default=None, metadata={"help": "Accelerate tracker: tensorboard, wandb, ..."})
     checkpointing_steps: str | None = field(default=None, metadata={"help": "An integer, or 'epoch'."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint path, or 'latest'."})
@@ -100,6 +105,10 @@ class TrainingArguments:
                 raise UserError(f"{name} is {getattr(self, name)}; pass a positive integer")
         if self.mixed_precision not in (None, "no", "bf16", "fp16", "auto"):
             raise UserError(f"mixed_precision '{self.mixed_precision}' is not one of no, bf16, fp16, auto")
+        if self.eval_strategy not in ("epoch", "steps"):
+            raise UserError(f"eval_strategy '{self.eval_strategy}' is not one of epoch, steps")
+        if self.eval_strategy == "steps" and not (self.eval_steps and self.eval_steps > 0):
+            raise UserError("eval_strategy steps needs --eval_steps N, a positive number of optimizer steps")
         steps = self.checkpointing_steps
         if steps is not None and steps != "epoch" and not (str(steps).isdigit() and int(steps) > 0):
             raise UserError(f"checkpointing_steps '{steps}' must be a positive integer or 'epoch'")
@@ -125,6 +134,8 @@ def parse_config(
     parser = HfArgumentParser(types, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of defaults for every flag below.")
     config_file = known.config or _default_config(default_config)
+    if config_file and not known.config and os.environ.get("RANK", "0") == "0":
+        print(f"config: {config_file} (the recipe's defaults; --config FILE reads another)", file=sys.stderr)
     if config_file:
         parser.set_defaults(**_read_yaml(Path(config_file), parser))
     try:
@@ -193,6 +204,12 @@ def first_line(error: BaseException, width: int = 160) -> str:
     """The first line of a library's error message, short enough to quote inside one of ours."""
     text = str(error).strip()
     return text.splitlines()[0][:width] if text else error.__class__.__name__
+
+
+def run_cli(main: Callable[..., T], *types: type, default_config: str | Path | None = None) -> T:
+    """`python recipe.py FLAGS`: parses `types` (from `default_config`, --config and the flags) and calls
+    `main(*parsed)`; a UserError anywhere becomes one line on stderr and exit code 2."""
+    return entrypoint(lambda: main(*parse_config(*types, default_config=default_config)))()
 
 
 def entrypoint(main: Callable[..., T]) -> Callable[..., T]:

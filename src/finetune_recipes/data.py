@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from .config import DataArguments, ModelArguments, UserError, first_line
+from .config import DataArguments, ModelArguments, TrainingArguments, UserError, first_line
 from .modeling import load_config, max_positions, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -313,3 +313,27 @@ def build_dataloader(
         collate_fn=collator,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def build_dataloaders(
+    data: ClassificationData,
+    tokenizer: PreTrainedTokenizerBase,
+    args: TrainingArguments,
+    group_by_length: bool = False,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, DataLoader]:
+    """Train (shuffled, optionally length-grouped), validation, and test when the test split has labels."""
+    splits = {"train": data.train, "validation": data.validation, "test": labelled(data.test)}
+    return {
+        split: build_dataloader(
+            ds,
+            tokenizer,
+            args.per_device_train_batch_size if split == "train" else args.per_device_eval_batch_size,
+            shuffle=split == "train",
+            group_by_length=group_by_length and split == "train",
+            seed=args.seed,
+            pad_to_multiple_of=pad_to_multiple_of,
+        )
+        for split, ds in splits.items()
+        if ds is not None
+    }

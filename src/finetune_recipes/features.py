@@ -19,7 +19,7 @@ from transformers import AutoModel, DataCollatorWithPadding, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .config import UserError
-from .loop import bf16_supported
+from .training.precision import bf16_supported
 
 logger = logging.getLogger(__name__)
 
@@ -161,13 +161,22 @@ class FeatureClassifier(nn.Module):
         outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs)
         return self.head(pool(outputs, attention_mask, self.pooling), labels)
 
-    def save_pretrained(self, path: str | Path, is_main_process: bool = True, **kwargs) -> None:
-        """The encoder as a standard checkpoint (with the label names), the head and its config beside it."""
-        if not is_main_process:
-            return
-        self.encoder.save_pretrained(path)
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, Path(path) / HEAD_FILE)
-        (Path(path) / HEAD_CONFIG).write_text(json.dumps({**self.head.config, "pooling": self.pooling}, indent=2))
+    def save_pretrained(
+        self, path: str | Path, is_main_process: bool = True, state_dict: dict | None = None, **kwargs
+    ) -> None:
+        """The encoder as a standard checkpoint (with the label names), the head and its config beside it.
+
+        `state_dict` (e.g. gathered from a sharded model) and `kwargs` (`save_function`, ...) are those
+        `PreTrainedModel.save_pretrained` takes; the keys under `encoder.` go to the encoder.
+        """
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        parts = {
+            p: {k.removeprefix(p): v for k, v in state_dict.items() if k.startswith(p)} for p in ("encoder.", "head.")
+        }
+        self.encoder.save_pretrained(path, is_main_process=is_main_process, state_dict=parts["encoder."], **kwargs)
+        if is_main_process:
+            save_file({k: v.contiguous() for k, v in parts["head."].items()}, Path(path) / HEAD_FILE)
+            (Path(path) / HEAD_CONFIG).write_text(json.dumps({**self.head.config, "pooling": self.pooling}, indent=2))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> FeatureClassifier:

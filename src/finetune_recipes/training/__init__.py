@@ -1,0 +1,1 @@
+"""Training: the accelerator and precision, the run, the loop, checkpoints and outputs."""

@@ -1,0 +1,134 @@
+"""Checkpoints: the run's position (TrainState), atomic saves, rotation, the best weights, and resuming."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import load_checkpoint_in_model
+
+from ..config import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT = re.compile(r"step_(\d+)$")
+BEST = "best_step_{}"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where a run is: written into every checkpoint as JSON, so a resumed run continues exactly here."""
+
+    completed_steps: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def save(self, directory: Path) -> None:
+        (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> TrainState:
+        return cls(**json.loads((directory / STATE_FILE).read_text()))
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINT_DIR
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a save in progress has a temporary name until it is whole)."""
+    root = checkpoint_root(output_dir)
+    found = [p for p in root.glob("step_*") if CHECKPOINT.search(p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(CHECKPOINT.search(p.name).group(1)))
+
+
+def resolve_checkpoint(output_dir: str | Path, which: str) -> Path:
+    """`latest` is the newest complete checkpoint in output_dir; anything else is a path."""
+    if which == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise UserError(
+                f"no checkpoint in {checkpoint_root(output_dir)} to resume from; drop --resume_from_checkpoint"
+            )
+        return found[-1]
+    if not Path(which).is_dir():
+        raise UserError(f"checkpoint {which} does not exist; pass a checkpoint directory or 'latest'")
+    return Path(which)
+
+
+def write_atomically(accelerator: Accelerator, final: Path, write: Callable[[Path], None]) -> None:
+    """Every process writes its part into a temporary directory, which is renamed once whole.
+
+    A run killed mid-save leaves only the temporary name behind, which nothing reads.
+    """
+    partial = final.with_name(f".partial_{final.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    write(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+    accelerator.wait_for_everyone()
+
+
+def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: str, keep: int | None) -> None:
+    """The whole training state (accelerator.save_state) and TrainState; only the newest `keep` are kept."""
+
+    def write(path: Path) -> None:
+        accelerator.save_state(str(path))
+        if accelerator.is_main_process:
+            state.save(path)
+
+    write_atomically(accelerator, checkpoint_root(output_dir) / f"step_{state.completed_steps}", write)
+    if accelerator.is_main_process and keep:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
+        prune_best(output_dir, state.best_step)
+
+
+def resume(accelerator: Accelerator, output_dir: str, which: str) -> TrainState:
+    """Loads model, optimizer, scheduler and RNG states from a checkpoint; returns where the run stood."""
+    path = resolve_checkpoint(output_dir, which)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"{path} has no {STATE_FILE}, so it is not a recipe's checkpoint; pass one that is")
+    accelerator.load_state(str(path))
+    return TrainState.load(path)
+
+
+def save_best(accelerator: Accelerator, model, output_dir: str, state: TrainState) -> None:
+    """The weights of the best evaluation so far, on disk beside the checkpoints rather than in memory."""
+    final = checkpoint_root(output_dir) / BEST.format(state.best_step)
+    write_atomically(accelerator, final, lambda path: accelerator.save_model(model, path))
+    if accelerator.is_main_process:
+        prune_best(output_dir, state.best_step)
+
+
+def load_best(accelerator: Accelerator, model, output_dir: str, step: int) -> None:
+    load_checkpoint_in_model(accelerator.unwrap_model(model), str(checkpoint_root(output_dir) / BEST.format(step)))
+
+
+def prune_best(output_dir: str | Path, current: int | None) -> None:
+    """Removes best weights that neither the run nor any kept checkpoint refers to (a resume needs its own).
+
+    With `current` None and no checkpoint kept, that is all of them, and an emptied checkpoints/ goes too.
+    """
+    root = checkpoint_root(output_dir)
+    wanted = {current} | {TrainState.load(c).best_step for c in list_checkpoints(output_dir)}
+    for path in root.glob(BEST.format("*")):
+        if path.name not in {BEST.format(step) for step in wanted}:
+            shutil.rmtree(path)
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()

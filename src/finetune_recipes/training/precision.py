@@ -1,0 +1,63 @@
+"""The accelerator and its mixed precision: bf16 where the hardware computes it natively, else fp32."""
+
+from __future__ import annotations
+
+import logging
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+
+from ..config import TrainingArguments
+
+logger = logging.getLogger("finetune_recipes")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 pays off on GPUs that have it and on CPUs with AVX-512 BF16 or AMX; elsewhere it is emulated."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_mixed_precision(requested: str | None) -> str | None:
+    """'auto' is bf16 where the hardware computes it natively (AMX / AVX-512 BF16 CPUs, Ampere+ GPUs), else fp32."""
+    if requested != "auto":
+        return requested
+    device = torch.accelerator.current_accelerator() or torch.device("cpu")
+    return "bf16" if bf16_supported(device) else "no"
+
+
+def pad_multiple(accelerator: Accelerator) -> int | None:
+    """Tensor cores and AMX tiles want sequence lengths in multiples of 8 under mixed precision."""
+    return 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
+
+
+def build_accelerator(args: TrainingArguments, find_unused_parameters: bool = False) -> Accelerator:
+    """An Accelerator whose shuffling depends only on (seed, epoch), so processes agree and resumes repeat.
+
+    `find_unused_parameters` is for strategies that change which parameters train mid-run: DDP must
+    know every parameter up front and tolerate those that get no gradient in a step.
+    """
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),  # also makes torchrun's processes join one gloo group
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        log_with=args.report_to,
+        project_dir=args.output_dir,
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=handlers,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if not accelerator.is_local_main_process:
+        datasets.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    return accelerator

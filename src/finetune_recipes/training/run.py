@@ -1,0 +1,120 @@
+"""A run: what a recipe carries from set-up to saving, and the set-up and tail every recipe shares."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from ..config import DataArguments, ModelArguments, TrainingArguments, UserError, config_to_dict
+from ..data import ClassificationData, build_dataloaders, load_data
+from ..optim import build_scheduler
+from .checkpoints import TrainState
+from .loop import evaluate
+from .outputs import check_output_dir, save_outputs
+from .precision import build_accelerator, pad_multiple
+
+
+def update_steps_per_epoch(num_batches: int, accelerator: Accelerator, accumulation: int) -> int:
+    """Optimizer steps in one epoch of a not-yet-prepared loader, once its batches are shared out."""
+    return math.ceil(math.ceil(num_batches / accelerator.num_processes) / accumulation)
+
+
+def total_train_steps(args: TrainingArguments, steps_per_epoch: int) -> int:
+    """max_train_steps when given, else the epochs' worth of optimizer steps."""
+    steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+    if steps <= 0:
+        raise UserError("no training steps: raise --num_train_epochs or --max_train_steps")
+    return steps
+
+
+@dataclass
+class Schedule:
+    """The lr scheduler and the optimizer steps it spans, counted once, before the loaders are sharded."""
+
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    steps_per_epoch: int
+
+    @property
+    def num_epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+
+@dataclass
+class Run:
+    """The arguments, the accelerator, the tokenizer, the data and its loaders of one training run.
+
+    `prepare` adds the model, optimizer and schedule; `train` moves `state`; `finish` saves.
+    """
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    training_args: TrainingArguments
+    recipe_args: tuple[Any, ...]
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerBase
+    data: ClassificationData
+    loaders: dict[str, DataLoader]  # train, validation, and test when it has labels
+    model: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    schedule: Schedule | None = None
+    state: TrainState = field(default_factory=TrainState)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved configuration, as `--config` reads it back."""
+        return config_to_dict(self.model_args, self.data_args, self.training_args, *self.recipe_args)
+
+    def build_schedule(self, optimizer: torch.optim.Optimizer) -> Schedule:
+        """`lr_scheduler_type` over max_train_steps, else the epochs' worth of optimizer steps."""
+        args = self.training_args
+        per_epoch = update_steps_per_epoch(
+            len(self.loaders["train"]), self.accelerator, args.gradient_accumulation_steps
+        )
+        steps = total_train_steps(args, per_epoch)
+        scheduler = build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps)
+        return Schedule(scheduler, steps, per_epoch)
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule) -> None:
+        """`accelerator.prepare`: devices, DDP, mixed precision, and each process's share of the loaders."""
+        names = list(self.loaders)
+        model, optimizer, scheduler, *loaders = self.accelerator.prepare(
+            model, optimizer, schedule.scheduler, *self.loaders.values()
+        )
+        self.model, self.optimizer, self.loaders = model, optimizer, dict(zip(names, loaders, strict=True))
+        self.schedule = Schedule(scheduler, schedule.total_steps, schedule.steps_per_epoch)
+
+    def finish(self, results: dict[str, Any], model=None, extra_files: dict[str, str] | None = None) -> dict:
+        """Test metrics (when the test split has labels), then the model (`model` when it differs from the one
+        trained), tokenizer, results.json and recipe_config.yaml; returns the results."""
+        if "test" in self.loaders:
+            results = {**results, **{f"test_{k}": v for k, v in evaluate(self, "test").items()}}
+        results = save_outputs(self, model if model is not None else self.model, results, extra_files)
+        self.accelerator.end_training()
+        return results
+
+
+def start_run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    *recipe_args: Any,
+    find_unused_parameters: bool = False,
+) -> Run:
+    """The set-up every recipe shares: check output_dir, build the accelerator, load the data, batch it.
+
+    `recipe_args` are the recipe's own dataclasses, saved with the rest of the config. Set
+    `find_unused_parameters` when what trains changes mid-run: DDP must then tolerate parameters without
+    gradients.
+    """
+    check_output_dir(training_args)
+    accelerator = build_accelerator(training_args, find_unused_parameters)
+    tokenizer, data = load_data(model_args, data_args, training_args.seed, accelerator)
+    loaders = build_dataloaders(data, tokenizer, training_args, data_args.group_by_length, pad_multiple(accelerator))
+    return Run(model_args, data_args, training_args, recipe_args, accelerator, tokenizer, data, loaders)
