@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_recipe
+import yaml
+from conftest import ROOT, run_recipe
 
-from finetune_recipes.cli import copy_recipe, list_recipes, main
+from finetune_recipes.catalog import copy_recipe, list_recipes
+from finetune_recipes.cli import main
+from finetune_recipes.predict import predict
 
 RECIPES = {"feature_extraction", "frozen_base_pooler", "full_finetune", "llrd", "lora", "progressive_unfreezing"}
 
@@ -93,3 +96,59 @@ def test_bad_cli_input_is_one_line_and_exit_2(argv, message, capsys):
 def test_cp_into_a_new_directory_creates_it(tmp_path):
     copied = copy_recipe("lora", f"{tmp_path / 'new' / 'dir'}/", with_config=True)
     assert [p.relative_to(tmp_path) for p in copied] == [Path("new/dir/lora.py"), Path("new/dir/configs/lora.yaml")]
+
+
+def run_copy(path: Path, args: list, cwd: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(path), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_a_copy_owns_its_loss_a_class_weighted_one_changes_the_result(tiny_args, tmp_path):
+    # The user's edit, in the copied file only: cross-entropy where only the first label (business) counts.
+    copy = copy_recipe("full_finetune", tmp_path / "mine")[0]
+    source = copy.read_text()
+    own_loss = """    import torch
+
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    weight = torch.tensor([1.0, 0.0, 0.0], device=logits.device)
+    return torch.nn.functional.cross_entropy(logits, labels, weight=weight)
+"""
+    assert source.count("    return model(**batch).loss\n") == 1
+    copy.write_text(source.replace("    return model(**batch).loss\n", own_loss))
+    args = replace_flag(replace_flag(tiny_args, "--num_train_epochs", "6"), "--learning_rate", "3e-3")
+    plain = run_copy(ROOT / "recipes" / "full_finetune.py", [*args, "--output_dir", tmp_path / "plain"], tmp_path)
+    weighted = run_copy(copy, [*args, "--output_dir", tmp_path / "weighted"], tmp_path)
+    assert plain.returncode == weighted.returncode == 0
+    texts = [
+        line.split(",")[0] for line in Path(args[args.index("--validation_file") + 1]).read_text().splitlines()[1:]
+    ]
+    labels = {d: [p["label"] for p in predict(tmp_path / d, texts)] for d in ("plain", "weighted")}
+    # Only business examples give a gradient: the weighted model says business for (almost) everything.
+    assert labels["weighted"].count("business") >= 0.9 * len(texts)
+    assert labels["plain"].count("business") <= 0.6 * len(texts), labels["plain"]  # a third are business
+
+
+def test_a_copy_owns_its_defaults_an_edit_takes_effect(tiny_args, tmp_path, capfd):
+    copy = copy_recipe("llrd", tmp_path / "mine")[0]
+    source = copy.read_text()
+    assert source.count("layer_decay: float = field(default=0.9,") == 1
+    copy.write_text(
+        source.replace("layer_decay: float = field(default=0.9,", "layer_decay: float = field(default=0.5,")
+    )
+    args = replace_flag(tiny_args, "--num_train_epochs", "1")
+    proc = run_copy(copy, args, tmp_path)
+    saved = yaml.safe_load((tmp_path / "out" / "recipe_config.yaml").read_text())
+    assert saved["layer_decay"] == 0.5
+    # The copy came without its YAML: it reads the packaged one, and says so in one line.
+    said = [line for line in proc.stderr.splitlines() if line.startswith("config: ")]
+    assert len(said) == 1 and said[0].split()[1].endswith("configs/llrd.yaml")
+
+
+def replace_flag(args: list, flag: str, value: str) -> list:
+    args = [str(a) for a in args]
+    args[args.index(flag) + 1] = value
+    return args

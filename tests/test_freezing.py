@@ -13,7 +13,6 @@ from finetune_recipes.freezing import (
     format_trainable,
     freeze,
     set_trainable,
-    trainable_groups,
     unfreeze,
 )
 from finetune_recipes.layers import LayerMap, discover_layers
@@ -37,6 +36,11 @@ def tiny_bert(num_hidden_layers: int = 2) -> nn.Module:
 def bert() -> tuple[nn.Module, LayerMap]:
     model = tiny_bert()
     return model, discover_layers(model)
+
+
+def trainable_groups(layer_map: LayerMap) -> list[str]:
+    """Names of the groups with at least one trainable parameter, bottom to top."""
+    return [name for name, params in layer_map.groups().items() if any(p.requires_grad for _, p in params)]
 
 
 def numel(params) -> int:
@@ -73,8 +77,7 @@ def test_set_trainable_replaces_the_selection(bert):
 def test_shorthands():
     model = tiny_bert(num_hidden_layers=4)
     layer_map = discover_layers(model)
-    assert expand_groups(layer_map, ["blocks.top"]) == ["blocks.3"]
-    assert expand_groups(layer_map, ["head", "blocks.-2", "blocks.-1"]) == ["blocks.2", "blocks.3", "head"]
+    assert expand_groups(layer_map, ["head", "blocks.3", "blocks.2"]) == ["blocks.2", "blocks.3", "head"]
     assert expand_groups(layer_map, ["blocks"]) == [f"blocks.{i}" for i in range(4)]
 
 
@@ -85,7 +88,7 @@ def test_pooler_on_a_model_without_one_selects_nothing():
     assert expand_groups(layer_map, ["pooler", "head"]) == ["head"]
 
 
-@pytest.mark.parametrize("name", ["blocks.2", "blocks.-3", "classifier", "blocks.x", "Head"])
+@pytest.mark.parametrize("name", ["blocks.2", "blocks.top", "classifier", "blocks.x", "Head"])
 def test_unknown_group_names_the_valid_ones(bert, name):
     model, layer_map = bert
     with pytest.raises(ValueError, match="valid groups: embeddings, blocks.0, blocks.1, pooler, head") as error:
@@ -117,7 +120,7 @@ def test_format_trainable(bert):
 def test_format_trainable_writes_block_runs_as_ranges():
     model = tiny_bert(num_hidden_layers=5)
     layer_map = discover_layers(model)
-    set_trainable(model, layer_map, ["blocks.-2", "blocks.-1", "head"])
+    set_trainable(model, layer_map, ["blocks.3", "blocks.4", "head"])
     assert format_trainable(model, layer_map).splitlines()[:2] == [
         "trainable groups: blocks.3-4, head",
         "frozen groups: embeddings, blocks.0-2, pooler",

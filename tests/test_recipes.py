@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import runpy
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, run_recipe
 from safetensors.torch import load_file
 from transformers import pipeline
@@ -94,9 +96,12 @@ def test_lora_trains_adapters_and_head_only_and_merges(tiny_args, tiny_model, tm
     assert {p["label"] for p in pipeline("text-classification", model=str(out / "merged"))(texts)} <= LABELS
 
 
-def run_main(recipe: str, args: list, monkeypatch, capsys) -> tuple[int, str]:
+def run_main(recipe: str, args: list, monkeypatch, capsys, expect_exit: bool = True) -> tuple[int, str]:
     """Runs a recipe in this process, as `python recipes/<recipe>.py ARGS`; returns (exit code, stderr)."""
     monkeypatch.setattr(sys, "argv", [recipe, *map(str, args)])
+    if not expect_exit:
+        runpy.run_path(str(ROOT / "recipes" / f"{recipe}.py"), run_name="__main__")
+        return 0, ""
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(ROOT / "recipes" / f"{recipe}.py"), run_name="__main__")
     return exit_info.value.code, capsys.readouterr().err
@@ -194,3 +199,30 @@ def test_schedule_counts_optimizer_steps_under_accumulation_and_overwrite_starts
     assert not (out / "checkpoints").exists() and not (out / "feature_head.json").exists()
     saved = (out / "recipe_config.yaml").read_text()
     assert "overwrite_output_dir" not in saved and "output_dir" in saved
+
+
+def test_lora_with_a_manual_layer_mapping_on_an_architecture_discovery_cannot_map(tiny_args, tmp_path, monkeypatch):
+    import finetune_recipes.layers as layers
+
+    def unmappable(model, *args):
+        raise layers.LayerDiscoveryError(f"cannot map {type(model).__name__}; pass --layer_mapping")
+
+    monkeypatch.setattr(layers, "_find_blocks", unmappable)  # as for an architecture discovery does not know
+    mapping = "embeddings=bert.embeddings,blocks=bert.encoder.layer,pooler=bert.pooler"
+    args = [*map(str, tiny_args), "--num_train_epochs", "1", "--layer_mapping", mapping]
+    code, err = run_main("lora", args, monkeypatch, None, expect_exit=False)
+    assert code == 0, err
+    adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert any("encoder.layer.1.attention" in k and "lora_A" in k for k in adapter)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_yaml_holds_only_overrides_and_starts_with_its_launch_command(recipe):
+    from finetune_recipes.config import DataArguments, ModelArguments, TrainingArguments
+
+    text = (ROOT / "recipes" / "configs" / f"{recipe}.yaml").read_text()
+    assert text.startswith("# accelerate launch ") and f"recipes/{recipe}.py" in text.splitlines()[0]
+    defaults = {f.name: f.default for t in (ModelArguments, DataArguments, TrainingArguments) for f in fields(t)}
+    for key, value in yaml.safe_load(text).items():
+        assert key in defaults, f"{key}: the recipe's own flags keep their defaults in the recipe's dataclass"
+        assert value != defaults[key], f"{key}: {value} repeats the default"

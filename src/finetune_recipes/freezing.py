@@ -1,11 +1,8 @@
 """Freezing: choose which layer groups of a model train, count what trains, and report it.
 
 Group names are those of ``LayerMap.groups()`` ("embeddings", "blocks.0" .. "blocks.{n-1}", "pooler",
-"head") plus three shorthands, so one recipe reads the same for every architecture:
-
-- "blocks": every block; "blocks.top": the last block; "blocks.-k": the k-th block from the top.
-- "pooler" on a model without a pooler selects nothing (RoBERTa and DistilBERT classifiers have none),
-  so "pooler+head" means the same thing everywhere.
+"head"), and "blocks" for every block. "pooler" on a model without a pooler selects nothing (RoBERTa and
+DistilBERT classifiers have none), so "pooler+head" means the same thing everywhere.
 """
 
 from __future__ import annotations
@@ -46,13 +43,7 @@ def _expand(layer_map: LayerMap, name: str, valid: list[str]) -> list[str]:
         return []
     if name == "blocks":
         return blocks
-    if name == "blocks.top":
-        return blocks[-1:]
-    index = name.removeprefix("blocks.")
-    if name.startswith("blocks.-") and index[1:].isdigit() and 0 < int(index[1:]) <= len(blocks):
-        return [blocks[int(index)]]
-    shorthands = "blocks, blocks.top, blocks.-k"
-    raise UserError(f"unknown layer group '{name}'; valid groups: {', '.join(valid)} (or {shorthands})")
+    raise UserError(f"unknown layer group '{name}'; valid groups: {', '.join(valid)} (or blocks, for all)")
 
 
 def unfreeze(layer_map: LayerMap, groups: Iterable[str] | str) -> None:
@@ -80,11 +71,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
     return trainable, total
-
-
-def trainable_groups(layer_map: LayerMap) -> list[str]:
-    """Names of the groups with at least one trainable parameter, bottom to top."""
-    return [name for name, params in layer_map.groups().items() if any(p.requires_grad for _, p in params)]
 
 
 def format_trainable(model: nn.Module, layer_map: LayerMap) -> str:

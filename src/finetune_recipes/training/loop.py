@@ -45,12 +45,12 @@ def train(run: Run, loss_step: LossStep, on_step: Callable[[int], None] | None =
                 break
             if on_step:
                 on_step(state.completed_steps)
+            samples += len(batch["labels"])  # before loss_step, which may pop the labels
             with accelerator.accumulate(model):
                 loss = loss_step(model, batch)
                 accelerator.backward(loss)
                 optimizer_step(run)
             state.batches_in_epoch += 1
-            samples += len(batch["labels"])
             losses.add(loss)
             if accelerator.sync_gradients:
                 state.completed_steps += 1
