@@ -1,7 +1,7 @@
 """Training throughput of the recipe loop against a plain Accelerate loop, same model, data and batch size.
 
 The plain loop is the shape of Accelerate's `examples/nlp_example.py`: dynamic padding, AdamW, linear
-warmup, `accelerator.backward`, nothing else. The recipe loop is `finetune_recipes.loop.train` as the
+warmup, `accelerator.backward`, nothing else. The recipe loop is `finetune_recipes.train` as the
 full fine-tuning recipe calls it (fused AdamW, gradient clipping, no per-step host syncs), first with
 its defaults, then with each option on by itself, then all together. Variants run interleaved, several
 repeats, each from the same initial weights, and every one is reported as a ratio to the plain loop.
@@ -27,10 +27,12 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
 from finetune_recipes.config import DataArguments, ModelArguments, TrainingArguments
-from finetune_recipes.data import build_datasets, build_tokenizer
-from finetune_recipes.loop import build_accelerator, build_dataloaders, train
+from finetune_recipes.data import build_dataloaders, build_datasets, build_tokenizer
 from finetune_recipes.modeling import build_model
-from finetune_recipes.optim import build_optimizer, build_scheduler, param_groups
+from finetune_recipes.optim import build_optimizer, param_groups
+from finetune_recipes.training.loop import train
+from finetune_recipes.training.precision import build_accelerator, pad_multiple
+from finetune_recipes.training.run import Run
 
 VARIANTS = {
     "plain loop": {},
@@ -80,12 +82,16 @@ def recipe_loop(model, data, tokenizer, batch_size: int, steps: int, **options) 
         output_dir="/tmp/finetune-recipes-throughput",
     )
     accelerator = build_accelerator(args)
-    train_dl, _, _ = build_dataloaders(data, tokenizer, args, accelerator, options.get("group_by_length", False))
-    eval_dl = DataLoader(data.validation.select(range(8)), batch_size=8, collate_fn=DataCollatorWithPadding(tokenizer))
+    pad = pad_multiple(accelerator)
+    loaders = build_dataloaders(data, tokenizer, args, options.get("group_by_length", False), pad)
+    loaders = {
+        "train": loaders["train"],
+        "validation": DataLoader(data.validation.select(range(8)), 8, collate_fn=DataCollatorWithPadding(tokenizer)),
+    }
+    run = Run(ModelArguments(), DataArguments(), args, (), accelerator, tokenizer, data, loaders)
     optimizer = build_optimizer(param_groups(model, args.learning_rate, args.weight_decay), args.learning_rate)
-    scheduler = build_scheduler(optimizer, "linear", steps, warmup_ratio=0.1)
-    model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
-    results = train(accelerator, model, optimizer, scheduler, train_dl, eval_dl, args, steps, 5)
+    run.prepare(model, optimizer, run.build_schedule(optimizer))
+    results = train(run, lambda model, batch: model(**batch).loss)
     return results["train_samples_per_second"]
 
 

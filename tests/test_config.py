@@ -262,6 +262,8 @@ def test_entrypoint_lets_other_errors_through(capsys):
         ("checkpointing_steps", "steps", "checkpointing_steps 'steps'"),
         ("metric_for_best_model", "loss", "metric_for_best_model 'loss'"),
         ("early_stopping_patience", 2, "needs --metric_for_best_model"),
+        ("eval_strategy", "no", "eval_strategy 'no' is not one of epoch, steps"),
+        ("eval_strategy", "steps", "eval_strategy steps needs --eval_steps"),
     ],
 )
 def test_training_arguments_reject_values_that_would_fail_later(field, value, message):

@@ -125,3 +125,22 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(recipe, tiny_args, t
     metrics = [json.loads((d / "results.json").read_text()) for d in (straight, resumed)]
     for key in ("eval_accuracy", "eval_f1_macro", "test_accuracy", "steps", "history"):
         assert metrics[0][key] == metrics[1][key], key
+
+
+@pytest.mark.slow
+def test_best_weights_on_disk_on_two_processes_kept_beside_the_checkpoints(tiny_args, tmp_path):
+    run_recipe(
+        "full_finetune", *tiny_args, "--metric_for_best_model", "f1_macro", "--checkpointing_steps", "epoch",
+        "--save_total_limit", "1", launcher=TWO_PROCESSES,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    best = max(results["history"], key=lambda h: h["f1_macro"])
+    assert results["eval_f1_macro"] == best["f1_macro"]
+    # One checkpoint kept (the last), and the best weights its resume would restore: nothing else.
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == sorted({f"step_{results['steps']}", f"best_step_{best['step']}"})
+    saved = load_file(out / "model.safetensors")
+    best_weights = load_file(out / "checkpoints" / f"best_step_{best['step']}" / "model.safetensors")
+    for name, tensor in best_weights.items():
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0, msg=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import runpy
 import sys
@@ -226,3 +227,22 @@ def test_recipe_yaml_holds_only_overrides_and_starts_with_its_launch_command(rec
     for key, value in yaml.safe_load(text).items():
         assert key in defaults, f"{key}: the recipe's own flags keep their defaults in the recipe's dataclass"
         assert value != defaults[key], f"{key}: {value} repeats the default"
+
+
+def test_eval_strategy_steps_evaluates_every_eval_steps_and_at_the_end(tiny_args, tmp_path):
+    run_recipe("full_finetune", *tiny_args, "--max_train_steps", "10", "--eval_strategy", "steps", "--eval_steps", "4")
+    history = json.loads((tmp_path / "out" / "results.json").read_text())["history"]
+    assert [h["step"] for h in history] == [4, 8, 10]
+
+
+def test_best_model_is_restored_from_disk_and_leaves_no_scratch(tiny_args, tiny_data, tmp_path):
+    args = [*tiny_args, "--eval_strategy", "steps", "--eval_steps", "3", "--metric_for_best_model", "accuracy"]
+    run_recipe("full_finetune", *args)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    best = max(h["accuracy"] for h in results["history"])
+    assert results["eval_accuracy"] == best
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    # The saved model is the best evaluation's: it scores that accuracy again on the validation texts.
+    rows = list(csv.DictReader(tiny_data["validation"].open()))
+    labels = [p["label"] for p in predict(tmp_path / "out", [r["text"] for r in rows])]
+    assert sum(p == r["label"] for p, r in zip(labels, rows, strict=True)) / len(rows) == pytest.approx(best)

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedToken
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .config import DataArguments, ModelArguments, TrainingArguments, UserError, first_line
-from .modeling import load_config, max_positions, resolve_model_path
+from .modeling import from_pretrained, load_config, max_positions
 
 logger = logging.getLogger(__name__)
 
@@ -191,15 +191,7 @@ def build_tokenizer(model_args: ModelArguments, data_args: DataArguments) -> Pre
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """AutoTokenizer with one clear error, like `load_config`, when the name is neither a directory nor reachable."""
-    try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
-    except (OSError, ValueError) as error:
-        reason = first_line(error)
-        raise UserError(
-            f"cannot load tokenizer '{name_or_path}' ({reason}); pass --tokenizer_name a local directory "
-            "or a Hub id reachable from this machine"
-        ) from None
+    return from_pretrained(AutoTokenizer, name_or_path, "tokenizer", "--tokenizer_name")
 
 
 def load_data(model_args: ModelArguments, data_args: DataArguments, seed: int, accelerator) -> tuple:

@@ -31,16 +31,20 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(path)
 
 
-def load_config(name_or_path: str, **kwargs) -> PretrainedConfig:
-    """AutoConfig with one clear error when the model is neither a local directory nor reachable."""
+def from_pretrained(auto_class, name_or_path: str, what: str, flag: str, **kwargs):
+    """`auto_class.from_pretrained` with one clear error when the name is neither a directory nor reachable."""
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+        return auto_class.from_pretrained(resolve_model_path(name_or_path), **kwargs)
     except (OSError, ValueError) as error:
         reason = first_line(error)
         raise UserError(
-            f"cannot load model '{name_or_path}' ({reason}); pass --model_name_or_path a local model "
-            "directory or a Hub id reachable from this machine"
+            f"cannot load {what} '{name_or_path}' ({reason}); pass {flag} a local directory "
+            "or a Hub id reachable from this machine"
         ) from None
+
+
+def load_config(name_or_path: str, **kwargs) -> PretrainedConfig:
+    return from_pretrained(AutoConfig, name_or_path, "model", "--model_name_or_path", **kwargs)
 
 
 def build_model(
