@@ -59,7 +59,7 @@ def main(model_args, data_args, training_args: TrainingArguments, lora: LoraArgu
     # found by layer discovery rather than by name, and the new head in full (modules_to_save).
     layers = discover_layers(model, model_args.layer_mapping)
     linears = block_linears(model, layers)
-    config = LoraConfig(
+    lora_config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=lora.lora_r,
         lora_alpha=lora.lora_alpha,
@@ -67,7 +67,7 @@ def main(model_args, data_args, training_args: TrainingArguments, lora: LoraArgu
         target_modules=linears["attention"] + (linears["feed_forward"] if lora.lora_feed_forward else []),
         modules_to_save=sorted({name.split(".")[0] for name, _ in layers.head}),
     )
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, lora_config)
     model.peft_config["default"].base_model_name_or_path = model_args.model_name_or_path  # portable adapter
     # The same mapping again: its paths are the transformers model's, which discovery finds inside peft.
     run.accelerator.print(format_trainable(model, discover_layers(model, model_args.layer_mapping)))

@@ -4,7 +4,6 @@ Recipes import from here, not from the modules, so a copied recipe keeps working
 """
 
 from .config import DataArguments, ModelArguments, TrainingArguments, UserError, run_cli
-from .data import labelled
 from .features import ClassificationHead, FeatureClassifier, cached_features, check_pooling, feature_dataloader
 from .freezing import format_trainable, freeze, set_trainable, stage_at, stage_starts, unfreezing_stages
 from .layers import block_linears, discover_layers
@@ -34,7 +33,6 @@ __all__ = [
     "format_groups",
     "format_trainable",
     "freeze",
-    "labelled",
     "lr_trajectory",
     "param_groups",
     "plot_lr_schedule",

@@ -58,7 +58,7 @@ def tfidf_baseline(shared: list[str]) -> dict:
         from sklearn.metrics import accuracy_score, f1_score
     except ImportError:
         return {"strategy": "tfidf_logreg", "status": "skipped: pip install scikit-learn"}
-    from .data import labelled_splits
+    from .data import raw_splits
 
     _, data_args, args = parse_config(
         ModelArguments,
@@ -68,7 +68,7 @@ def tfidf_baseline(shared: list[str]) -> dict:
         default_config=recipes_dir() / "configs" / "full_finetune.yaml",
     )
     start = time.perf_counter()
-    splits, _ = labelled_splits(data_args, args.seed)
+    splits, _ = raw_splits(data_args, args.seed)
     columns = [c for c in (data_args.text_column, data_args.text_pair_column) if c]
 
     def texts(split):

@@ -114,8 +114,8 @@ def check_columns(raw: DatasetDict, args: DataArguments) -> None:
     """Every split has the text (and pair) columns; train and validation have the label column, test may."""
     wanted = [c for c in (args.text_column, args.text_pair_column) if c]
     for split, ds in raw.items():
-        labelled = split != "test" or args.label_column in ds.column_names
-        needed = wanted + ([args.label_column] if labelled else [])
+        has_labels = split != "test" or args.label_column in ds.column_names
+        needed = wanted + ([args.label_column] if has_labels else [])
         missing = [c for c in needed if c not in ds.column_names]
         if missing:
             raise UserError(
@@ -203,12 +203,12 @@ def load_data(model_args: ModelArguments, data_args: DataArguments, seed: int, a
 
 def build_datasets(args: DataArguments, tokenizer: PreTrainedTokenizerBase, seed: int) -> ClassificationData:
     """Raw data → labels fixed from train → deduplicated, stratified validation split if missing → tokens."""
-    raw, label_names = labelled_splits(args, seed)
+    raw, label_names = raw_splits(args, seed)
     tokenized = tokenize(raw, tokenizer, [c for c in (args.text_column, args.text_pair_column) if c], args.max_length)
     return ClassificationData(tokenized["train"], tokenized["validation"], tokenized.get("test"), label_names)
 
 
-def labelled_splits(args: DataArguments, seed: int) -> tuple[DatasetDict, list[str]]:
+def raw_splits(args: DataArguments, seed: int) -> tuple[DatasetDict, list[str]]:
     """The raw texts of train, validation (held out when missing) and test, with label ids and names."""
     raw = load_raw_datasets(args)
     if "train" not in raw:

@@ -83,7 +83,7 @@ def save_outputs(run: Run, model, results: dict[str, Any], extra_files: dict[str
         if hasattr(unwrapped, "get_base_model"):  # a peft adapter: keep the label names beside it
             unwrapped.get_base_model().config.save_pretrained(out)
         for name, text in {
-            "recipe_config.yaml": yaml.safe_dump(run.config, sort_keys=False),
+            "recipe_config.yaml": yaml.safe_dump(run.resolved_config, sort_keys=False),
             "results.json": json.dumps(results, indent=2) + "\n",
             **(extra_files or {}),
         }.items():

@@ -67,7 +67,7 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
 
     @property
-    def config(self) -> dict[str, Any]:
+    def resolved_config(self) -> dict[str, Any]:
         """The resolved configuration, as `--config` reads it back."""
         return config_to_dict(self.model_args, self.data_args, self.training_args, *self.recipe_args)
 
