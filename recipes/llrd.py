@@ -62,16 +62,17 @@ def main(model_args, data_args, training_args: TrainingArguments, llrd: LLRDArgu
     run.accelerator.print(f"Optimizer groups ({len(groups)}):\n{report}")
     optimizer = build_optimizer(groups, lr)
     schedule = run.build_schedule(optimizer)
-
-    run.prepare(model, optimizer, schedule)
-    results = train(run, loss_step)
-    if llrd.plot_lr and run.accelerator.is_main_process:
+    files = {"param_groups.md": report + "\n"}
+    if llrd.plot_lr:  # every group's lr over the run, drawn before training so a missing matplotlib stops it
         args = training_args
         lrs = lr_trajectory(
             groups, args.lr_scheduler_type, schedule.total_steps, args.warmup_ratio, args.warmup_steps, lr
         )
-        plot_lr_schedule(groups, lrs, Path(args.output_dir) / "lr_schedule.png")
-    return run.finish(results, extra_files={"param_groups.md": report + "\n"})
+        files["lr_schedule.png"] = plot_lr_schedule(groups, lrs)
+
+    run.prepare(model, optimizer, schedule)
+    results = train(run, loss_step)
+    return run.finish(results, extra_files=files)
 
 
 if __name__ == "__main__":

@@ -78,9 +78,10 @@ def main(model_args, data_args, training_args: TrainingArguments, lora: LoraArgu
 
     run.prepare(model, optimizer, schedule)
     results = train(run, loss_step)
+    results = run.finish(results)
     if lora.merge_adapter:  # beside the few-MB adapter, a plain model any pipeline() loads
-        save_merged(run, Path(training_args.output_dir) / "merged")
-    return run.finish(results)
+        save_merged(run)
+    return results
 
 
 if __name__ == "__main__":

@@ -195,9 +195,9 @@ def test_schedule_counts_optimizer_steps_under_accumulation_and_overwrite_starts
     scheduler = torch.load(out / "checkpoints" / "step_3" / "scheduler.bin", weights_only=False)
     assert scheduler["last_epoch"] == 3  # three optimizer steps of two micro-batches each, not six
     assert scheduler["_last_lr"][0] == pytest.approx(1e-3 * (6 - 3) / 6)
-    (out / "feature_head.json").write_text("{}")  # a file an older run of another recipe left
+    (out / "feature_head.json").write_text("{}")  # a file no run wrote (not in the manifest): the user's
     run_recipe("full_finetune", *tiny_args, "--max_train_steps", "2", "--overwrite_output_dir")
-    assert not (out / "checkpoints").exists() and not (out / "feature_head.json").exists()
+    assert not (out / "checkpoints").exists() and (out / "feature_head.json").read_text() == "{}"
     saved = (out / "recipe_config.yaml").read_text()
     assert "overwrite_output_dir" not in saved and "output_dir" in saved
 

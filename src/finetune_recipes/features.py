@@ -169,14 +169,15 @@ class FeatureClassifier(nn.Module):
         `state_dict` (e.g. gathered from a sharded model) and `kwargs` (`save_function`, ...) are those
         `PreTrainedModel.save_pretrained` takes; the keys under `encoder.` go to the encoder.
         """
+        if not is_main_process:
+            return
         state_dict = self.state_dict() if state_dict is None else state_dict
         parts = {
             p: {k.removeprefix(p): v for k, v in state_dict.items() if k.startswith(p)} for p in ("encoder.", "head.")
         }
-        self.encoder.save_pretrained(path, is_main_process=is_main_process, state_dict=parts["encoder."], **kwargs)
-        if is_main_process:
-            save_file({k: v.contiguous() for k, v in parts["head."].items()}, Path(path) / HEAD_FILE)
-            (Path(path) / HEAD_CONFIG).write_text(json.dumps({**self.head.config, "pooling": self.pooling}, indent=2))
+        self.encoder.save_pretrained(path, state_dict=parts["encoder."], **kwargs)
+        save_file({k: v.contiguous() for k, v in parts["head."].items()}, Path(path) / HEAD_FILE)
+        (Path(path) / HEAD_CONFIG).write_text(json.dumps({**self.head.config, "pooling": self.pooling}, indent=2))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> FeatureClassifier:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections import defaultdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -159,8 +159,11 @@ def _peak_lr(group: dict[str, Any]) -> float:
     return group.get("initial_lr", group["lr"])
 
 
-def plot_lr_schedule(groups: list[dict[str, Any]], lrs: list[list[float]], path: str | Path) -> None:
-    """One line per optimizer group over the run, saved as a PNG (needs the `plot` extra)."""
+def plot_lr_schedule(groups: list[dict[str, Any]], lrs: list[list[float]]) -> bytes:
+    """One line per optimizer group over the run, as PNG bytes (needs the `plot` extra).
+
+    Bytes, so a recipe draws it before training (a missing matplotlib fails early) and saves it with the rest.
+    """
     try:
         import matplotlib
 
@@ -175,5 +178,7 @@ def plot_lr_schedule(groups: list[dict[str, Any]], lrs: list[list[float]], path:
     ax.set(xlabel="optimizer step", ylabel="learning rate", yscale="log", title="Learning rate per parameter group")
     ax.legend(fontsize="x-small", ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    return png.getvalue()

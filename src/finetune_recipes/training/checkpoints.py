@@ -105,7 +105,16 @@ def resume(accelerator: Accelerator, output_dir: str, which: str) -> TrainState:
     if not (path / STATE_FILE).is_file():
         raise UserError(f"{path} has no {STATE_FILE}, so it is not a recipe's checkpoint; pass one that is")
     accelerator.load_state(str(path))
-    return TrainState.load(path)
+    state = TrainState.load(path)
+    best = BEST.format(state.best_step)
+    if state.best_step is not None and not (checkpoint_root(output_dir) / best).is_dir():
+        # A checkpoint from elsewhere: its best weights come along, or the run could not restore them at the end.
+        if not (path.parent / best).is_dir():
+            raise UserError(f"{path} names best weights {path.parent / best} that do not exist; resume from another")
+        if accelerator.is_main_process:
+            shutil.copytree(path.parent / best, checkpoint_root(output_dir) / best)
+        accelerator.wait_for_everyone()
+    return state
 
 
 def save_best(accelerator: Accelerator, model, output_dir: str, state: TrainState) -> None:

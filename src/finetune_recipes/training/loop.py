@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..config import UserError
 from ..metrics import classification_metrics
 from .checkpoints import TrainState, load_best, prune_best, resume, save_best, save_checkpoint
-from .outputs import clear_output_dir
+from .outputs import claim_output_dir
 
 if TYPE_CHECKING:
     from .run import Run
@@ -39,6 +39,8 @@ def train(run: Run, loss_step: LossStep, on_step: Callable[[int], None] | None =
     )
     start, samples, losses = time.perf_counter(), 0, LossMeter(run)
     for epoch in range(state.epoch, run.schedule.num_epochs):
+        if state.completed_steps >= total or stop_early(run):  # resumed from the last checkpoint of a run
+            break
         model.train()
         for batch in epoch_batches(run, epoch):
             if state.completed_steps >= total or stop_early(run):  # resumed at the end, or patience spent
@@ -75,13 +77,12 @@ def train(run: Run, loss_step: LossStep, on_step: Callable[[int], None] | None =
 
 
 def begin(run: Run) -> TrainState:
-    """A fresh start (clearing an output_dir being overwritten) or a resume; trackers on; the plan logged."""
+    """output_dir locked and claimed (an overwrite removes what runs wrote); a resume; trackers; the plan logged."""
     accelerator, args = run.accelerator, run.training_args
+    claim_output_dir(run)
     if args.resume_from_checkpoint:
         run.state = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
         logger.info("Resumed at step %d from %s", run.state.completed_steps, args.resume_from_checkpoint)
-    elif args.overwrite_output_dir:
-        clear_output_dir(accelerator, args.output_dir)
     if args.report_to:
         accelerator.init_trackers("finetune_recipes", {k: v for k, v in vars(args).items() if v is not None})
     logger.info(

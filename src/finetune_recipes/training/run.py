@@ -65,6 +65,8 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     schedule: Schedule | None = None
     state: TrainState = field(default_factory=TrainState)
+    kept: set[str] = field(default_factory=set)  # entries of output_dir that are not the run's: never removed
+    lock: int | None = None  # the file descriptor holding output_dir's lock until the process ends
 
     @property
     def resolved_config(self) -> dict[str, Any]:
@@ -90,7 +92,7 @@ class Run:
         self.model, self.optimizer, self.loaders = model, optimizer, dict(zip(names, loaders, strict=True))
         self.schedule = Schedule(scheduler, schedule.total_steps, schedule.steps_per_epoch)
 
-    def finish(self, results: dict[str, Any], model=None, extra_files: dict[str, str] | None = None) -> dict:
+    def finish(self, results: dict[str, Any], model=None, extra_files: dict[str, str | bytes] | None = None) -> dict:
         """Test metrics (when the test split has labels), then the model (`model` when it differs from the one
         trained), tokenizer, results.json and recipe_config.yaml; returns the results."""
         if "test" in self.loaders:

@@ -1,0 +1,102 @@
+"""Output-directory ownership through the real command line: a run only ever removes what a run wrote."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_recipe
+
+from finetune_recipes.training.outputs import LOCK, MANIFEST
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file and folder under `root`, with the bytes of each file."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def refused(recipe: str, args: list, expected: str, root: Path) -> None:
+    """The run exits 2 with one line saying `expected`, and nothing under `root` changes, byte for byte."""
+    before = snapshot(root)
+    proc = run_recipe(recipe, *args, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith("error: ") and expected in last, last
+    assert snapshot(root) == before
+
+
+def short(args: list) -> list:
+    return [*map(str, args), "--max_train_steps", "2"]
+
+
+def test_overwrite_removes_what_runs_wrote_and_keeps_the_users_files(tiny_args, tmp_path):
+    out = tmp_path / "out"
+    run_recipe("full_finetune", *short(tiny_args), "--checkpointing_steps", "1")
+    assert "checkpoints" in json.loads((out / MANIFEST).read_text())["entries"]
+    (out / "notes.txt").write_text("mine")
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    run_recipe("full_finetune", *short(tiny_args), "--overwrite_output_dir")
+    assert (out / "notes.txt").read_text() == "mine" and (out / ".git" / "HEAD").exists()
+    assert not (out / "checkpoints").exists()  # the first run's, removed
+    entries = json.loads((out / MANIFEST).read_text())["entries"]
+    assert "model.safetensors" in entries and "notes.txt" not in entries and ".git" not in entries
+
+
+def test_overwrite_refuses_a_directory_no_run_wrote_and_never_removes_the_runs_data(tiny_args, tiny_data, tmp_path):
+    data = tmp_path / "mydata"
+    data.mkdir()
+    shutil.copy(tiny_data["train"], data / "train.csv")
+    args = [*short(tiny_args), "--train_file", data / "train.csv", "--output_dir", data, "--overwrite_output_dir"]
+    refused("full_finetune", args, "holds 'train.csv', which no run wrote", tmp_path)
+
+
+def test_overwrite_refuses_to_remove_an_input_of_the_run(tiny_args, tmp_path):
+    out = tmp_path / "out"
+    run_recipe("full_finetune", *short(tiny_args))
+    # The model trained there is this run's input: overwriting would delete it under the run.
+    args = [*short(tiny_args), "--model_name_or_path", out, "--overwrite_output_dir"]
+    refused("full_finetune", args, "an input of this run", tmp_path)
+
+
+def test_resuming_another_runs_checkpoint_into_a_finished_run_is_refused(tiny_args, tmp_path):
+    other = tmp_path / "other"
+    run_recipe("full_finetune", *short(tiny_args), "--output_dir", other, "--checkpointing_steps", "1")
+    run_recipe("full_finetune", *short(tiny_args))
+    args = [*short(tiny_args), "--resume_from_checkpoint", other / "checkpoints" / "step_1"]
+    refused("full_finetune", args, "holds another run's outputs, which resuming from", tmp_path)
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_holder(tiny_args, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"the run of pid 4242 on somehost")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
+    try:
+        refused("full_finetune", short(tiny_args), "is in use by the run of pid 4242 on somehost", tmp_path)
+    finally:
+        os.close(fd)
+    run_recipe("full_finetune", *short(tiny_args))  # released with its holder: a dead run leaves no stale lock
+    assert (out / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_compare_keeps_a_users_file_in_a_recipes_directory(tiny_args, tmp_path):
+    out = tmp_path / "compare"
+    (out / "full_finetune").mkdir(parents=True)
+    (out / "full_finetune" / "mine.txt").write_text("mine")
+    flags = [a for a in short(tiny_args)]
+    flags = flags[: flags.index("--output_dir")] + flags[flags.index("--output_dir") + 2 :]
+    cli = Path(sys.executable).parent / "finetune-recipes"
+    cmd = [str(cli), "compare", "--recipes", "full_finetune", "--no_baseline", "--output_dir", str(out), *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "full_finetune" / "mine.txt").read_text() == "mine"
+    assert "which no run wrote" in (out / "logs" / "full_finetune.log").read_text()
