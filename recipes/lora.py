@@ -25,6 +25,7 @@ from finetune_recipes import (
     block_linears,
     build_model,
     build_optimizer,
+    check_ranges,
     discover_layers,
     format_trainable,
     param_groups,
@@ -44,6 +45,9 @@ class LoraArguments:
     lora_dropout: float = 0.1
     lora_feed_forward: bool = field(default=False, metadata={"help": "Adapt the feed-forward projections too."})
     merge_adapter: bool = field(default=False, metadata={"help": "Also save a merged plain model in merged/."})
+
+    def __post_init__(self) -> None:
+        check_ranges(self, lora_r=(1, None), lora_alpha=(1, None), lora_dropout=(0, 0.99))
 
 
 def loss_step(model, batch):

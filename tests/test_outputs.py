@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_recipe
 
+from finetune_recipes.training import loop, outputs
 from finetune_recipes.training.outputs import LOCK, MANIFEST
 
 
@@ -100,3 +103,56 @@ def test_compare_keeps_a_users_file_in_a_recipes_directory(tiny_args, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "full_finetune" / "mine.txt").read_text() == "mine"
     assert "which no run wrote" in (out / "logs" / "full_finetune.log").read_text()
+
+
+def run_in_process(recipe: str, args: list, monkeypatch, capsys) -> tuple[int, str]:
+    """`python recipes/<recipe>.py ARGS` in this process, so a test can inject a fault; (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", [recipe, *map(str, args)])
+    try:
+        runpy.run_path(str(ROOT / "recipes" / f"{recipe}.py"), run_name="__main__")
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+def fail_with(errno_code: int):
+    def fail(*args, **kwargs):
+        raise OSError(errno_code, os.strerror(errno_code))
+
+    return fail
+
+
+# Tests run as root, where chmod cannot make a directory unwritable and a full disk cannot be had: the
+# faults are injected as the OSError the write would raise.
+def test_a_full_disk_at_the_final_save_leaves_no_half_written_model(tiny_args, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    write_text = outputs.write_text
+
+    def full_disk(path, content):  # at results.json, the last file of the final save
+        return fail_with(errno.ENOSPC)() if path.name == "results.json" else write_text(path, content)
+
+    monkeypatch.setattr(outputs, "write_text", full_disk)
+    code, err = run_in_process("full_finetune", short(tiny_args), monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last == f"error: cannot save the outputs to {out} (No space left on device); none was " \
+        "written: free space or fix permissions, then run again"  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK, MANIFEST])  # no config.json without its weights
+
+
+@pytest.mark.parametrize("errno_code", [errno.EROFS, errno.EACCES])
+def test_an_unwritable_output_dir_stops_before_training(errno_code, tiny_args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(outputs, "lock_output_dir", fail_with(errno_code))  # the run's first write
+    monkeypatch.setattr(loop, "epoch_batches", fail_with(errno.EIO))  # training must not start
+    code, err = run_in_process("full_finetune", short(tiny_args), monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith(f"error: cannot write to output_dir {tmp_path / 'out'} ")
+    assert f"({os.strerror(errno_code)}); pass a writable --output_dir" in last
+
+
+def test_too_little_disk_for_the_model_stops_before_training(tiny_args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
+    monkeypatch.setattr(loop, "epoch_batches", fail_with(errno.EIO))
+    code, err = run_in_process("full_finetune", short(tiny_args), monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "has 0 MB free and the model alone needs" in last, last

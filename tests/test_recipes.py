@@ -142,6 +142,23 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
         "negative learning rate": ("llrd", ["--learning_rate=-1e-3"], "learning rates must be positive"),
         "pooling without pooler": ("feature_extraction", ["--pooling", "max"], "pooling 'max' is not one of"),
         "bad unfreeze schedule": ("progressive_unfreezing", ["--unfreeze_schedule", "5,3"], "unfreeze_schedule"),
+        "negative max_grad_norm": (
+            "full_finetune",
+            ["--max_grad_norm", "-1"],
+            "max_grad_norm is -1.0; pass a value at least 0",
+        ),
+        "negative save_total_limit": ("full_finetune", ["--save_total_limit", "-1"], "save_total_limit is -1"),
+        "zero max_train_samples": ("full_finetune", ["--max_train_samples", "0"], "max_train_samples is 0"),
+        "nan learning_rate": (
+            "full_finetune",
+            ["--learning_rate", "nan"],
+            "learning_rate is nan; pass a finite number",
+        ),
+        "infinite epochs": ("full_finetune", ["--num_train_epochs", "inf"], "num_train_epochs is inf"),
+        "negative seed": ("full_finetune", ["--seed", "-1"], "seed is -1"),
+        "unknown tracker": ("full_finetune", ["--report_to", "bogus"], "report_to 'bogus' is not one of"),
+        "zero lora_r": ("lora", ["--lora_r", "0"], "lora_r is 0"),
+        "lora_dropout over 1": ("lora", ["--lora_dropout", "2"], "lora_dropout is 2.0"),
     }
 
 
@@ -161,6 +178,15 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
         "negative learning rate",
         "pooling without pooler",
         "bad unfreeze schedule",
+        "negative max_grad_norm",
+        "negative save_total_limit",
+        "zero max_train_samples",
+        "nan learning_rate",
+        "infinite epochs",
+        "negative seed",
+        "unknown tracker",
+        "zero lora_r",
+        "lora_dropout over 1",
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_args, tiny_data, tmp_path, monkeypatch, capsys):

@@ -3,7 +3,7 @@
 Recipes import from here, not from the modules, so a copied recipe keeps working when a helper moves.
 """
 
-from .config import DataArguments, ModelArguments, TrainingArguments, UserError, run_cli
+from .config import DataArguments, ModelArguments, TrainingArguments, UserError, check_ranges, run_cli
 from .features import ClassificationHead, FeatureClassifier, cached_features, check_pooling, feature_dataloader
 from .freezing import format_trainable, freeze, set_trainable, stage_at, stage_starts, unfreezing_stages
 from .layers import block_linears, discover_layers
@@ -26,6 +26,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "cached_features",
+    "check_ranges",
     "check_pooling",
     "discover_layers",
     "evaluate",

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import functools
 import importlib.resources
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 
 T = TypeVar("T")
@@ -56,6 +58,9 @@ class DataArguments:
     max_eval_samples: int | None = None
     group_by_length: bool = field(default=False, metadata={"help": "Batch texts of similar length together."})
 
+    def __post_init__(self) -> None:
+        check_ranges(self, max_train_samples=(1, None), max_eval_samples=(1, None), max_length=(1, None))
+
 
 @dataclass
 class TrainingArguments:
@@ -94,15 +99,27 @@ class TrainingArguments:
     )
 
     def __post_init__(self) -> None:
-        positive = (
-            "per_device_train_batch_size",
-            "per_device_eval_batch_size",
-            "gradient_accumulation_steps",
-            "logging_steps",
+        at_least_one = (1, None)
+        check_ranges(
+            self,
+            per_device_train_batch_size=at_least_one,
+            per_device_eval_batch_size=at_least_one,
+            gradient_accumulation_steps=at_least_one,
+            logging_steps=at_least_one,
+            max_train_steps=at_least_one,
+            eval_steps=at_least_one,
+            save_total_limit=at_least_one,
+            early_stopping_patience=at_least_one,
+            warmup_steps=(0, None),
+            num_train_epochs=(0, None),
+            weight_decay=(0, None),
+            max_grad_norm=(0, None),  # 0 turns clipping off; below 0 would ascend the gradient
+            warmup_ratio=(0, 1),
+            seed=(0, 2**32 - 1),
         )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} is {getattr(self, name)}; pass a positive integer")
+        trackers = [t.value for t in LoggerType]
+        if self.report_to is not None and self.report_to not in trackers:
+            raise UserError(f"report_to '{self.report_to}' is not one of {', '.join(trackers)}")
         if self.mixed_precision not in (None, "no", "bf16", "fp16", "auto"):
             raise UserError(f"mixed_precision '{self.mixed_precision}' is not one of no, bf16, fp16, auto")
         if self.eval_strategy not in ("epoch", "steps"):
@@ -116,6 +133,19 @@ class TrainingArguments:
             raise UserError(f"metric_for_best_model '{self.metric_for_best_model}' is not one of accuracy, f1_macro")
         if self.early_stopping_patience is not None and not self.metric_for_best_model:
             raise UserError("early_stopping_patience needs --metric_for_best_model (accuracy or f1_macro)")
+
+
+def check_ranges(config: Any, **limits: tuple[float | None, float | None]) -> None:
+    """Every float field of `config` finite; each field named in `limits` (when set) within [low, high]."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{f.name} is {value}; pass a finite number")
+    for name, (low, high) in limits.items():
+        value = getattr(config, name)
+        if value is not None and not ((low is None or value >= low) and (high is None or value <= high)):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise UserError(f"{name} is {value}; pass a value {bounds}")
 
 
 def parse_config(
@@ -142,6 +172,8 @@ def parse_config(
         parsed = parser.parse_args_into_dataclasses(rest)
     except ValueError as error:
         raise UserError(f"{error}; run with --help to list the valid flags") from None
+    for config in parsed[: len(types)]:
+        check_ranges(config)  # nan and inf in a recipe's own float flags too
     return tuple(parsed[: len(types)])  # the rest is a namespace holding --config
 
 

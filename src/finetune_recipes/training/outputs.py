@@ -10,12 +10,13 @@ import os
 import resource
 import shutil
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from ..config import TrainingArguments, UserError
@@ -108,25 +109,35 @@ def claim_output_dir(run: Run) -> None:
 
     Checked again here, just before the first write, because the directory may have changed since start.
     """
-    accelerator, args, out = run.accelerator, run.training_args, Path(run.training_args.output_dir)
-    problem = None
-    if accelerator.is_main_process:
-        try:
-            check_output_dir(args, run_inputs(run))
-            out.mkdir(parents=True, exist_ok=True)
-            run.lock = lock_output_dir(out)
-            if args.overwrite_output_dir and not args.resume_from_checkpoint:
-                for name in removable(out):
-                    shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-            run.kept = entries(out) - (owned_entries(out) or set()) - {MANIFEST, LOCK}
-            record_outputs(
-                run, "checkpoints", "finetune_recipes"
-            )  # written later: claimed before a crash can leave them
-        except UserError as error:
-            problem = str(error)
-    [problem] = broadcast_object_list([problem])  # every process stops, not only the one that found it
-    if problem:
-        raise UserError(problem)
+    args, out = run.training_args, Path(run.training_args.output_dir)
+
+    def claim() -> None:
+        check_output_dir(args, run_inputs(run))
+        out.mkdir(parents=True, exist_ok=True)
+        run.lock = lock_output_dir(out)
+        check_free_space(run, out)
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+            for name in removable(out):
+                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+        run.kept = entries(out) - (owned_entries(out) or set()) - {MANIFEST, LOCK}
+        # Claimed before they exist, so a run that dies after writing them still owns them.
+        record_outputs(run, "checkpoints", "finetune_recipes")
+
+    on_main(run.accelerator, claim, f"cannot write to output_dir {out} ({{reason}}); pass a writable --output_dir")
+
+
+def check_free_space(run: Run, out: Path) -> None:
+    """Refuses a disk without room for the model; warns when checkpoints (weights and AdamW's moments) may not."""
+    model_mb = sum(p.numel() * p.element_size() for p in run.model.parameters()) / 2**20
+    free_mb = shutil.disk_usage(out).free / 2**20
+    if free_mb < model_mb:
+        raise UserError(
+            f"output_dir {out} has {free_mb:,.0f} MB free and the model alone needs {model_mb:,.0f} MB; "
+            "free space or pass another --output_dir"
+        )
+    kept = run.training_args.save_total_limit or 1
+    if run.training_args.checkpointing_steps and free_mb < model_mb * (1 + 3 * kept):
+        logger.warning("%s has %.0f MB free; %d checkpoints may need %.0f MB", out, free_mb, kept, 3 * kept * model_mb)
 
 
 def record_outputs(run: Run, *to_come: str) -> None:
@@ -183,40 +194,69 @@ def write_text(path: Path, content: str | bytes) -> None:
 def save_outputs(run: Run, model, results: dict[str, Any], extra_files: dict[str, str | bytes] | None = None) -> dict:
     """Model and tokenizer (safetensors) so `pipeline()` loads them, results.json, and the resolved config.
 
-    Returns the results with the parameter counts and peak memory added.
+    All of it is written into a staging directory first and moved into output_dir once whole, so a full disk
+    or a permission error leaves no config.json without its weights. Returns the results with the parameter
+    counts and peak memory added.
     """
-    accelerator = run.accelerator
-    accelerator.wait_for_everyone()
-    out = Path(run.training_args.output_dir)
+    accelerator, out = run.accelerator, Path(run.training_args.output_dir)
+    state_dict = accelerator.get_state_dict(model)  # every process takes part, also for a sharded model
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(
-        out,
-        is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(model),
-    )
     trainable, total = count_parameters(unwrapped)
-    results = {
-        **results,
-        "trainable_params": trainable,
-        "total_params": total,
-        "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
+    memory = round(peak_memory_mb(accelerator.device), 1)
+    results = {**results, "trainable_params": trainable, "total_params": total, "peak_memory_mb": memory}
+    files = {
+        "recipe_config.yaml": yaml.safe_dump(run.resolved_config, sort_keys=False),
+        "results.json": json.dumps(results, indent=2) + "\n",
+        **(extra_files or {}),
     }
-    if accelerator.is_main_process:
-        run.tokenizer.save_pretrained(out)
+
+    def write(staging: Path) -> None:
+        unwrapped.save_pretrained(staging, save_function=accelerator.save, state_dict=state_dict)
+        run.tokenizer.save_pretrained(staging)
         if hasattr(unwrapped, "get_base_model"):  # a peft adapter: keep the label names beside it
-            unwrapped.get_base_model().config.save_pretrained(out)
-        for name, text in {
-            "recipe_config.yaml": yaml.safe_dump(run.resolved_config, sort_keys=False),
-            "results.json": json.dumps(results, indent=2) + "\n",
-            **(extra_files or {}),
-        }.items():
-            write_text(out / name, text)
-        record_outputs(run)
-        summary = {k: v for k, v in results.items() if k.startswith(("eval_accuracy", "eval_f1", "test_accuracy"))}
-        logger.info("Saved to %s: %s", out, ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
-    accelerator.wait_for_everyone()
+            unwrapped.get_base_model().config.save_pretrained(staging)
+        for name, content in files.items():
+            write_text(staging / name, content)
+
+    failure = f"cannot save the outputs to {out} ({{reason}}); none was written: free space or fix permissions"
+    on_main(accelerator, lambda: publish(run, write), failure + ", then run again")
+    summary = {k: v for k, v in results.items() if k.startswith(("eval_accuracy", "eval_f1", "test_accuracy"))}
+    logger.info("Saved to %s: %s", out, ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     return results
+
+
+def publish(run: Run, write: Callable[[Path], None]) -> None:
+    """`write`s into a staging directory inside output_dir, then moves each file into place."""
+    out = Path(run.training_args.output_dir)
+    staging = out / ".partial_outputs"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        write(staging)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for path in staging.iterdir():
+        if (out / path.name).is_dir():  # merged/ of an earlier save
+            shutil.rmtree(out / path.name)
+        os.replace(path, out / path.name)  # a rename: needs no space, cannot leave half a file
+    staging.rmdir()
+    record_outputs(run)
+
+
+def on_main(accelerator: Accelerator, work: Callable[[], None], failure: str) -> None:
+    """Runs `work` on the main process; its UserError, or an OSError (disk full, read-only, no permission)
+    as `failure` with {reason} filled in, stops every process with that one line."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            work()
+        except UserError as error:
+            problem = str(error)
+        except OSError as error:
+            problem = failure.format(reason=error.strerror or error.__class__.__name__)
+    [problem] = broadcast_object_list([problem])  # every process stops, not only the one that found it
+    if problem:
+        raise UserError(problem)
 
 
 def save_merged(run: Run, name: str = "merged") -> None:
@@ -224,10 +264,18 @@ def save_merged(run: Run, name: str = "merged") -> None:
 
     Call it after `run.finish`: merging is in place, and the adapter has been evaluated and saved by then.
     """
-    if run.accelerator.is_main_process:
-        path = Path(run.training_args.output_dir) / name
-        merged = run.accelerator.unwrap_model(run.model).merge_and_unload()
-        merged.save_pretrained(path)
-        run.tokenizer.save_pretrained(path)
-        record_outputs(run)
-        logger.info("Saved the merged model to %s", path)
+    if not run.accelerator.is_main_process:
+        return
+    merged = run.accelerator.unwrap_model(run.model).merge_and_unload()
+
+    def write(staging: Path) -> None:
+        merged.save_pretrained(staging / name)
+        run.tokenizer.save_pretrained(staging / name)
+
+    try:
+        publish(run, write)
+    except OSError as error:
+        where = Path(run.training_args.output_dir) / name
+        reason = error.strerror or error.__class__.__name__
+        raise UserError(f"cannot save the merged model to {where} ({reason}); the adapter is saved") from None
+    logger.info("Saved the merged model to %s", Path(run.training_args.output_dir) / name)
