@@ -59,7 +59,7 @@ class DataArguments:
     group_by_length: bool = field(default=False, metadata={"help": "Batch texts of similar length together."})
 
     def __post_init__(self) -> None:
-        check_ranges(self, max_train_samples=(1, None), max_eval_samples=(1, None), max_length=(1, None))
+        check_ranges(self, max_train_samples=(1, None), max_eval_samples=(1, None))
 
 
 @dataclass
