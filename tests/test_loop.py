@@ -80,6 +80,7 @@ def test_latest_checkpoint_ignores_partial_saves_and_orders_numerically(tmp_path
     root = tmp_path / "checkpoints"
     for name in ("step_5", "step_40", "step_100", ".partial_step_120", "step_x"):
         (root / name).mkdir(parents=True)
+        (root / name / "index.json").write_text("{}")  # complete: every file it lists (none) is there
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_5", "step_40", "step_100"]
     assert resolve_checkpoint(tmp_path, "latest").name == "step_100"
     assert resolve_checkpoint(tmp_path, str(root / "step_5")).name == "step_5"

@@ -156,3 +156,45 @@ def test_too_little_disk_for_the_model_stops_before_training(tiny_args, tmp_path
     code, err = run_in_process("full_finetune", short(tiny_args), monkeypatch, capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and "has 0 MB free and the model alone needs" in last, last
+
+
+def checkpointed(tiny_args: list, out: Path) -> list:
+    """Four optimizer steps, a checkpoint after each of the first... every 2: step_2 and step_4."""
+    args = [*map(str, tiny_args), "--max_train_steps", "4", "--checkpointing_steps", "2", "--save_total_limit", "5"]
+    run_recipe("full_finetune", *args)
+    return args
+
+
+def test_resume_passes_over_an_incomplete_checkpoint_and_refuses_one_named(tiny_args, tmp_path):
+    out = tmp_path / "out"
+    args = checkpointed(tiny_args, out)
+    (out / "checkpoints" / "step_4" / "random_states_0.pkl").unlink()  # the RNG state is gone: it would diverge
+    refused(
+        "full_finetune",
+        [*args, "--resume_from_checkpoint", out / "checkpoints" / "step_4"],
+        "step_4 is incomplete (random_states_0.pkl is missing)",
+        tmp_path,
+    )
+    proc = run_recipe("full_finetune", *args, "--resume_from_checkpoint", "latest")
+    assert "step_4 is incomplete (random_states_0.pkl is missing): passed over" in proc.stderr
+    assert "Resumed at step 2" in proc.stderr
+
+
+def test_a_corrupted_checkpoint_is_one_line(tiny_args, tmp_path):
+    out = tmp_path / "out"
+    args = checkpointed(tiny_args, out)
+    optimizer = out / "checkpoints" / "step_4" / "optimizer.bin"
+    optimizer.write_bytes(b"\0" * optimizer.stat().st_size)  # the right size, garbage inside
+    refused("full_finetune", [*args, "--resume_from_checkpoint", "latest"], "cannot load checkpoint", tmp_path)
+
+
+def test_resume_refuses_other_settings_or_data_unless_told(tiny_args, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    args = checkpointed(tiny_args, out)
+    resume = [*args, "--resume_from_checkpoint", "latest"]
+    refused("full_finetune", [*resume, "--learning_rate", "2e-3"], "learning_rate 0.001 → 0.002", tmp_path)
+    other = tmp_path / "other.csv"
+    other.write_text(tiny_data["train"].read_text().replace("market", "stock"))
+    refused("full_finetune", [*resume, "--train_file", other], "train_data", tmp_path)
+    proc = run_recipe("full_finetune", *resume, "--learning_rate", "2e-3", "--allow_config_change_on_resume")
+    assert "Resumed at step 4" in proc.stderr

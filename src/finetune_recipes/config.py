@@ -90,6 +90,9 @@ class TrainingArguments:
     report_to: str | None = field(default=None, metadata={"help": "Accelerate tracker: tensorboard, wandb, ..."})
     checkpointing_steps: str | None = field(default=None, metadata={"help": "An integer, or 'epoch'."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint path, or 'latest'."})
+    allow_config_change_on_resume: bool = field(
+        default=False, metadata={"help": "Resume although settings or data differ from the checkpoint's."}
+    )
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept in output_dir."})
     metric_for_best_model: str | None = field(
         default=None, metadata={"help": "accuracy or f1_macro: keep the weights of the best evaluation."}
@@ -220,7 +223,7 @@ def _coerce(key: str, value: Any, action: argparse.Action, path: Path) -> Any:
         raise UserError(f"key '{key}' in {path} has {value!r}, not a valid {kind}; fix that value") from None
 
 
-RUN_CONTROL = ("overwrite_output_dir", "resume_from_checkpoint")
+RUN_CONTROL = ("overwrite_output_dir", "resume_from_checkpoint", "allow_config_change_on_resume")
 
 
 def config_to_dict(*configs: Any) -> dict[str, Any]:

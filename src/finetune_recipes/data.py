@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -258,6 +259,15 @@ def tokenize(
             for split, ds in raw.items()
         }
     )
+
+
+def content_digest(ds: Dataset, columns: tuple[str, ...] = ("input_ids", "labels")) -> str:
+    """A hash of the split's token ids (and labels): changes when the texts, their order or the tokenizer do."""
+    digest = hashlib.sha256()
+    for column in (c for c in columns if c in ds.column_names):
+        for value in ds[column]:
+            digest.update(torch.tensor(value, dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:24]
 
 
 def labelled(ds: Dataset | None) -> Dataset | None:

@@ -19,6 +19,7 @@ from transformers import AutoModel, DataCollatorWithPadding, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .config import UserError
+from .data import content_digest
 from .training.precision import bf16_supported
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,7 @@ def encoding_digest(encoder: PreTrainedModel, pooling: str, max_length: int, dty
 def cache_key(encoding: hashlib._Hash, ds: Dataset) -> str:
     """Changes when the encoding or the split's token ids change."""
     digest = encoding.copy()
-    for ids in ds["input_ids"]:
-        digest.update(torch.tensor(ids, dtype=torch.int32).numpy().tobytes())
+    digest.update(content_digest(ds, ("input_ids",)).encode())
     return digest.hexdigest()[:24]
 
 

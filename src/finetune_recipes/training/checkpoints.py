@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -13,13 +15,17 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import load_checkpoint_in_model
+from safetensors import SafetensorError
 
-from ..config import UserError
+from ..config import UserError, first_line
+
+logger = logging.getLogger("finetune_recipes")
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT = re.compile(r"step_(\d+)$")
 BEST = "best_step_{}"
 STATE_FILE = "trainer_state.json"
+INDEX_FILE = "index.json"  # written last: every file of the checkpoint and its size
 
 
 @dataclass
@@ -33,6 +39,7 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    fingerprint: dict[str, object] = field(default_factory=dict)  # what determines the run: see loop.fingerprint
 
     def save(self, directory: Path) -> None:
         (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
@@ -54,17 +61,44 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def resolve_checkpoint(output_dir: str | Path, which: str) -> Path:
-    """`latest` is the newest complete checkpoint in output_dir; anything else is a path."""
+    """`latest` is the newest complete checkpoint in output_dir (an incomplete one is passed over with a
+    warning); anything else is a path, which must be complete."""
     if which == "latest":
         found = list_checkpoints(output_dir)
         if not found:
             raise UserError(
                 f"no checkpoint in {checkpoint_root(output_dir)} to resume from; drop --resume_from_checkpoint"
             )
-        return found[-1]
+        for path in reversed(found):
+            problem = incomplete(path)
+            if problem is None:
+                return path
+            logger.warning("Checkpoint %s is incomplete (%s): passed over", path, problem)
+        raise UserError(f"no complete checkpoint in {checkpoint_root(output_dir)}; drop --resume_from_checkpoint")
     if not Path(which).is_dir():
         raise UserError(f"checkpoint {which} does not exist; pass a checkpoint directory or 'latest'")
+    problem = incomplete(Path(which))
+    if problem:
+        raise UserError(f"checkpoint {which} is incomplete ({problem}); resume from another checkpoint or 'latest'")
     return Path(which)
+
+
+def write_index(path: Path) -> None:
+    files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+    (path / INDEX_FILE).write_text(json.dumps(files, indent=1) + "\n")
+
+
+def incomplete(path: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a file missing or truncated), or None when it is whole."""
+    try:
+        files = json.loads((path / INDEX_FILE).read_text())
+    except (OSError, ValueError):
+        return f"no readable {INDEX_FILE}, which a complete save writes last"
+    for name, size in files.items():
+        found = (path / name).stat().st_size if (path / name).is_file() else None
+        if found != size:
+            return f"{name} is missing" if found is None else f"{name} has {found} bytes, not {size}"
+    return None
 
 
 def write_atomically(accelerator: Accelerator, final: Path, write: Callable[[Path], None]) -> None:
@@ -89,8 +123,10 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: str
 
     def write(path: Path) -> None:
         accelerator.save_state(str(path))
+        accelerator.wait_for_everyone()  # every process's RNG state is on disk before the index lists it
         if accelerator.is_main_process:
             state.save(path)
+            write_index(path)
 
     write_atomically(accelerator, checkpoint_root(output_dir) / f"step_{state.completed_steps}", write)
     if accelerator.is_main_process and keep:
@@ -99,22 +135,45 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: str
         prune_best(output_dir, state.best_step)
 
 
-def resume(accelerator: Accelerator, output_dir: str, which: str) -> TrainState:
-    """Loads model, optimizer, scheduler and RNG states from a checkpoint; returns where the run stood."""
-    path = resolve_checkpoint(output_dir, which)
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"{path} has no {STATE_FILE}, so it is not a recipe's checkpoint; pass one that is")
-    accelerator.load_state(str(path))
-    state = TrainState.load(path)
-    best = BEST.format(state.best_step)
-    if state.best_step is not None and not (checkpoint_root(output_dir) / best).is_dir():
-        # A checkpoint from elsewhere: its best weights come along, or the run could not restore them at the end.
-        if not (path.parent / best).is_dir():
-            raise UserError(f"{path} names best weights {path.parent / best} that do not exist; resume from another")
-        if accelerator.is_main_process:
-            shutil.copytree(path.parent / best, checkpoint_root(output_dir) / best)
-        accelerator.wait_for_everyone()
+def resume(accelerator: Accelerator, path: Path, fingerprint: dict, allow_changes: bool) -> TrainState:
+    """Loads model, optimizer, scheduler and RNG states from a checkpoint; returns where the run stood.
+
+    Refuses a checkpoint written with other settings or data (`fingerprint`) unless `allow_changes`.
+    """
+    try:
+        state = TrainState.load(path)
+    except (OSError, ValueError, TypeError):
+        raise UserError(f"{path} has no readable {STATE_FILE}, so it is not a recipe's checkpoint") from None
+    changed = [
+        k for k in sorted(set(fingerprint) | set(state.fingerprint)) if fingerprint.get(k) != state.fingerprint.get(k)
+    ]
+    if changed and not allow_changes:
+        shown = ", ".join(f"{k} {state.fingerprint.get(k)} → {fingerprint.get(k)}" for k in changed[:4])
+        raise UserError(
+            f"checkpoint {path} was written with other settings or data ({shown}); resume with the same ones, "
+            "or pass --allow_config_change_on_resume"
+        )
+    try:
+        accelerator.load_state(str(path))
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
+        raise UserError(
+            f"cannot load checkpoint {path} ({first_line(error)}); resume from another checkpoint"
+        ) from None
+    state.fingerprint = fingerprint
+    best = path.parent / BEST.format(state.best_step)
+    if state.best_step is not None and not best.is_dir():
+        raise UserError(f"{path} names best weights {best} that do not exist; resume from another checkpoint")
     return state
+
+
+def adopt_best(accelerator: Accelerator, path: Path, output_dir: str, state: TrainState) -> None:
+    """Copies the best weights of a checkpoint resumed from elsewhere beside this run's checkpoints."""
+    source = path.parent / BEST.format(state.best_step)
+    target = checkpoint_root(output_dir) / source.name
+    if state.best_step is not None and not target.is_dir():
+        if accelerator.is_main_process:
+            shutil.copytree(source, target)
+        accelerator.wait_for_everyone()
 
 
 def save_best(accelerator: Accelerator, model, output_dir: str, state: TrainState) -> None:

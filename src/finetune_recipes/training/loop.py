@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,8 +14,18 @@ from accelerate import skip_first_batches
 from tqdm.auto import tqdm
 
 from ..config import UserError
+from ..data import content_digest
 from ..metrics import classification_metrics
-from .checkpoints import TrainState, load_best, prune_best, resume, save_best, save_checkpoint
+from .checkpoints import (
+    TrainState,
+    adopt_best,
+    load_best,
+    prune_best,
+    resolve_checkpoint,
+    resume,
+    save_best,
+    save_checkpoint,
+)
 from .outputs import claim_output_dir
 
 if TYPE_CHECKING:
@@ -63,6 +75,7 @@ def train(run: Run, loss_step: LossStep, on_step: Callable[[int], None] | None =
         step_done(run, end_of_epoch=True)
         if state.completed_steps >= total or stop_early(run):
             break
+    evaluate_if_due(run, end_of_epoch=True)  # a run resumed from its last checkpoint may not have yet
     progress.close()
     runtime = time.perf_counter() - start
     return {
@@ -79,10 +92,15 @@ def train(run: Run, loss_step: LossStep, on_step: Callable[[int], None] | None =
 def begin(run: Run) -> TrainState:
     """output_dir locked and claimed (an overwrite removes what runs wrote); a resume; trackers; the plan logged."""
     accelerator, args = run.accelerator, run.training_args
+    run.state.fingerprint = fingerprint(run)
+    path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    if path:  # checked and loaded before anything is written: a refused resume leaves output_dir as it was
+        allow = args.allow_config_change_on_resume
+        run.state = resume(accelerator, path, run.state.fingerprint, allow)
     claim_output_dir(run)
-    if args.resume_from_checkpoint:
-        run.state = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
-        logger.info("Resumed at step %d from %s", run.state.completed_steps, args.resume_from_checkpoint)
+    if path:
+        adopt_best(accelerator, path, args.output_dir, run.state)
+        logger.info("Resumed at step %d from %s", run.state.completed_steps, path)
     if args.report_to:
         accelerator.init_trackers("finetune_recipes", {k: v for k, v in vars(args).items() if v is not None})
     logger.info(
@@ -94,6 +112,23 @@ def begin(run: Run) -> TrainState:
         args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
     )
     return run.state
+
+
+# Settings a resumed run may change: they do not alter what it computes. Data is compared by content.
+RESUME_MAY_CHANGE = {
+    "output_dir", "logging_steps", "report_to", "per_device_eval_batch_size", "checkpointing_steps",
+    "save_total_limit", "eval_strategy", "eval_steps", "metric_for_best_model", "early_stopping_patience",
+    "feature_cache_dir", "encode_batch_size", "merge_adapter", "plot_lr", "allow_config_change_on_resume",
+    "dataset_name", "dataset_config_name", "train_file", "validation_file", "test_file",
+}  # fmt: skip
+
+
+def fingerprint(run: Run) -> dict[str, object]:
+    """What determines a run's trajectory: its settings, the recipe, the process count and the data's content."""
+    settings = {k: v for k, v in run.resolved_config.items() if k not in RESUME_MAY_CHANGE}
+    data = {f"{split}_data": content_digest(getattr(run.data, split)) for split in ("train", "validation")}
+    recipe = Path(sys.argv[0]).stem
+    return {**settings, **data, "recipe": recipe, "processes": run.accelerator.num_processes}
 
 
 def epoch_batches(run: Run, epoch: int):
@@ -140,6 +175,16 @@ class LossMeter:
 def step_done(run: Run, end_of_epoch: bool) -> None:
     """Evaluates and checkpoints when they are due after an optimizer step or at the end of an epoch."""
     args, state = run.training_args, run.state
+    evaluate_if_due(run, end_of_epoch)
+    every = args.checkpointing_steps
+    due = every == "epoch" if end_of_epoch else every not in (None, "epoch") and state.completed_steps % int(every) == 0
+    if due:
+        save_checkpoint(run.accelerator, state, args.output_dir, args.save_total_limit)
+
+
+def evaluate_if_due(run: Run, end_of_epoch: bool) -> None:
+    """Evaluates, logs, and tracks the best model when `evaluation_due`."""
+    state = run.state
     if evaluation_due(run, end_of_epoch):
         metrics = evaluate(run)
         state.history.append({"epoch": state.epoch, "step": state.completed_steps, **metrics})
@@ -147,10 +192,6 @@ def step_done(run: Run, end_of_epoch: bool) -> None:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "samples")
         logger.info("step %d (epoch %d): %s", state.completed_steps, state.epoch, shown)
         track_best(run, metrics)
-    every = args.checkpointing_steps
-    due = every == "epoch" if end_of_epoch else every not in (None, "epoch") and state.completed_steps % int(every) == 0
-    if due:
-        save_checkpoint(run.accelerator, state, args.output_dir, args.save_total_limit)
 
 
 def evaluation_due(run: Run, end_of_epoch: bool) -> bool:
