@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from finetune_recipes.config import (
+    RUN_CONTROL,
     DataArguments,
     ModelArguments,
     TrainingArguments,
@@ -203,8 +204,8 @@ def test_config_to_dict_round_trips(write_yaml):
     parsed = parse_config(*TYPES, RecipeArguments, args=args)
     flat = config_to_dict(*parsed)
     # No key collides; what to do with an existing run (overwrite, resume) is not part of a config.
-    assert "overwrite_output_dir" not in flat and "resume_from_checkpoint" not in flat
-    assert len(flat) == sum(len(dataclasses.fields(t)) for t in (*TYPES, RecipeArguments)) - 2
+    assert not set(RUN_CONTROL) & set(flat)
+    assert len(flat) == sum(len(dataclasses.fields(t)) for t in (*TYPES, RecipeArguments)) - len(RUN_CONTROL)
     assert flat["learning_rate"] == 3e-5 and flat["pooling"] == "cls"
     path = write_yaml(yaml.safe_dump(flat), "resolved.yaml")
     assert parse_config(*TYPES, RecipeArguments, args=["--config", str(path)]) == parsed

@@ -98,6 +98,7 @@ class Run:
         if "test" in self.loaders:
             results = {**results, **{f"test_{k}": v for k, v in evaluate(self, "test").items()}}
         results = save_outputs(self, model if model is not None else self.model, results, extra_files)
+        self.accelerator.wait_for_everyone()  # no process may tear the group down while another still uses it
         self.accelerator.end_training()
         return results
 
