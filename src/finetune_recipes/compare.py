@@ -52,12 +52,10 @@ def run_recipe(recipe: str, out: Path, shared: list[str]) -> dict:
 
 def tfidf_baseline(shared: list[str]) -> dict:
     """TF-IDF + logistic regression on exactly the recipes' train and validation texts."""
-    try:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.metrics import accuracy_score, f1_score
-    except ImportError:
-        return {"strategy": "tfidf_logreg", "status": "skipped: pip install scikit-learn"}
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+
     from .data import raw_splits
 
     _, data_args, args = parse_config(
