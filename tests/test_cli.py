@@ -84,6 +84,8 @@ def test_predict_table_jsonl_and_file(trained, tmp_path, capsys):
         (["predict", "--model", ".", "--file", "/no/such/file"], "cannot read /no/such/file"),
         (["compare", "--recipes", "full_finetune,nope"], "no recipe 'nope'"),
         (["compare", "--learnig_rate", "1"], "learnig_rate"),
+        (["predict", "--model", ".", "--batch_size", "0", "text"], "'0' is not a positive integer"),
+        (["predict"], "the following arguments are required: --model"),
     ],
 )
 def test_bad_cli_input_is_one_line_and_exit_2(argv, message, capsys):
@@ -152,3 +154,12 @@ def replace_flag(args: list, flag: str, value: str) -> list:
     args = [str(a) for a in args]
     args[args.index(flag) + 1] = value
     return args
+
+
+def test_predict_on_a_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    texts = tmp_path / "latin1.txt"
+    texts.write_bytes("café crème\n".encode("latin-1"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--model", str(tmp_path), "--file", str(texts)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "is not UTF-8 text" in err[0], err

@@ -120,6 +120,7 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
     (tmp / "garbage.parquet").write_bytes(b"\x00not parquet at all")
     (tmp / "unseen.csv").write_text("text,label\nmarket bank,business\ngoal team,weather\n")
     (tmp / "typo.yaml").write_text("learning_rate: 1e-3\nlearnig_rate: 2e-3\n")
+    (tmp / "one_class.csv").write_text("text,label\nmarket bank,business\nshares rose,business\n")
     return {
         "missing text column": ("full_finetune", ["--text_column", "body"], "columns are text, label"),
         "missing label column": ("full_finetune", ["--label_column", "topic"], "columns are text, label"),
@@ -142,6 +143,7 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
         "negative learning rate": ("llrd", ["--learning_rate=-1e-3"], "learning rates must be positive"),
         "pooling without pooler": ("feature_extraction", ["--pooling", "max"], "pooling 'max' is not one of"),
         "bad unfreeze schedule": ("progressive_unfreezing", ["--unfreeze_schedule", "5,3"], "unfreeze_schedule"),
+        "one class": ("full_finetune", [("--train_file", tmp / "one_class.csv")], "classification needs at least two"),
         "negative max_grad_norm": (
             "full_finetune",
             ["--max_grad_norm", "-1"],
@@ -178,6 +180,7 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
         "negative learning rate",
         "pooling without pooler",
         "bad unfreeze schedule",
+        "one class",
         "negative max_grad_norm",
         "negative save_total_limit",
         "zero max_train_samples",

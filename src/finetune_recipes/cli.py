@@ -17,14 +17,29 @@ def read_texts(file: str | None, texts: list[str]) -> list[str]:
             lines = (sys.stdin if file == "-" else open(file, encoding="utf-8")).read().splitlines()  # noqa: SIM115
         except OSError as error:
             raise UserError(f"cannot read {file}: {error.strerror}; pass a readable text file") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{file} is not UTF-8 text; convert it (iconv -t UTF-8) or pass another file") from None
         texts = [line for line in lines if line.strip()]
     if not texts:
         raise UserError("no text to classify: pass texts as arguments or --file FILE (one text per line)")
     return texts
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit code 2, like every other mistake (not a usage block)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; run with --help")
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive integer")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune-recipes", description=__doc__)
+    parser = Parser(prog="finetune-recipes", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("ls", help="list the recipes")
     cp = commands.add_parser("cp", help="copy a recipe out to adapt it")
@@ -34,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="labels and scores for raw texts")
     predict.add_argument("--model", required=True, help="a recipe's output_dir")
     predict.add_argument("--file", help="one text per line; '-' reads standard input")
-    predict.add_argument("--batch_size", type=int, default=32)
+    predict.add_argument("--batch_size", type=positive_int, default=32)
     predict.add_argument("--format", choices=["table", "jsonl"], default="table")
     predict.add_argument("texts", nargs="*")
     commands.add_parser("compare", help="run several recipes on the same data and budget, one table", add_help=False)

@@ -160,6 +160,11 @@ def encode_labels(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, lis
     else:
         values = sorted(set(raw["train"][label_column]))
         names = [str(v) for v in values]
+    if len(names) < 2:
+        raise UserError(
+            f"the train split has one label ('{names[0]}'); classification needs at least two classes: "
+            "add examples of another class"
+        )
     to_id = {v: i for i, v in enumerate(values)}
     encoded = {}
     for split, ds in raw.items():
