@@ -198,3 +198,14 @@ def test_resume_refuses_other_settings_or_data_unless_told(tiny_args, tiny_data,
     refused("full_finetune", [*resume, "--train_file", other], "train_data", tmp_path)
     proc = run_recipe("full_finetune", *resume, "--learning_rate", "2e-3", "--allow_config_change_on_resume")
     assert "Resumed at step 4" in proc.stderr
+
+
+def test_the_final_save_never_replaces_a_users_file_of_the_same_name(tiny_args, tmp_path):
+    out = tmp_path / "out"
+    run_recipe("full_finetune", *short(tiny_args))
+    (out / "param_groups.md").write_text("my notes")  # the user's, not in the manifest
+    proc = run_recipe("llrd", *short(tiny_args), "--overwrite_output_dir", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "param_groups.md is not a run's output" in last, last
+    assert (out / "param_groups.md").read_text() == "my notes"
+    assert (out / ".partial_outputs" / "model.safetensors").exists()  # the trained model is not lost

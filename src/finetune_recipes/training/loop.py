@@ -45,17 +45,19 @@ def train(run: Run, loss_step: LossStep, on_step: Callable[[int], None] | None =
     `eval_strategy` (and always ends the run), checkpoints `checkpointing_steps`.
     """
     accelerator, args, model, state = run.accelerator, run.training_args, run.model, begin(run)
-    total = run.schedule.total_steps
     progress = tqdm(
-        total=total, initial=state.completed_steps, desc="train", disable=not accelerator.is_local_main_process
+        total=run.schedule.total_steps,
+        initial=state.completed_steps,
+        desc="train",
+        disable=not accelerator.is_local_main_process,
     )
     start, samples, losses = time.perf_counter(), 0, LossMeter(run)
     for epoch in range(state.epoch, run.schedule.num_epochs):
-        if state.completed_steps >= total or stop_early(run):  # resumed from the last checkpoint of a run
+        if finished(run):  # resumed from the last checkpoint of a run
             break
         model.train()
         for batch in epoch_batches(run, epoch):
-            if state.completed_steps >= total or stop_early(run):  # resumed at the end, or patience spent
+            if finished(run):  # resumed at the end, or patience spent
                 break
             if on_step:
                 on_step(state.completed_steps)
@@ -73,7 +75,7 @@ def train(run: Run, loss_step: LossStep, on_step: Callable[[int], None] | None =
                 step_done(run, end_of_epoch=False)
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         step_done(run, end_of_epoch=True)
-        if state.completed_steps >= total or stop_early(run):
+        if finished(run):
             break
     evaluate_if_due(run, end_of_epoch=True)  # a run resumed from its last checkpoint may not have yet
     progress.close()
@@ -92,7 +94,8 @@ def train(run: Run, loss_step: LossStep, on_step: Callable[[int], None] | None =
 def begin(run: Run) -> TrainState:
     """output_dir locked and claimed (an overwrite removes what runs wrote); a resume; trackers; the plan logged."""
     accelerator, args = run.accelerator, run.training_args
-    run.state.fingerprint = fingerprint(run)
+    if args.checkpointing_steps or args.resume_from_checkpoint:  # only checkpoints carry it: hash data only then
+        run.state.fingerprint = fingerprint(run)
     path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     if path:  # checked and loaded before anything is written: a refused resume leaves output_dir as it was
         allow = args.allow_config_change_on_resume
@@ -236,6 +239,11 @@ def track_best(run: Run, metrics: dict[str, float]) -> None:
         return
     state.best_metric, state.best_step, state.evals_without_improvement = metrics[name], state.completed_steps, 0
     save_best(run.accelerator, run.model, run.training_args.output_dir, state)
+
+
+def finished(run: Run) -> bool:
+    """The schedule is done, or early stopping's patience is spent."""
+    return run.state.completed_steps >= run.schedule.total_steps or stop_early(run)
 
 
 def stop_early(run: Run) -> bool:

@@ -235,6 +235,12 @@ def publish(run: Run, write: Callable[[Path], None]) -> None:
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    clash = sorted({p.name for p in staging.iterdir()} & run.kept)
+    if clash:  # never replace a user's file, and never lose the trained outputs either
+        raise UserError(
+            f"{out / clash[0]} is not a run's output and the save would replace it; the outputs are in "
+            f"{staging}: move {clash[0]} away, then move them into {out}"
+        )
     for path in staging.iterdir():
         if (out / path.name).is_dir():  # merged/ of an earlier save
             shutil.rmtree(out / path.name)
