@@ -84,6 +84,7 @@ def main(model_args, data_args, training_args: TrainingArguments, unfreeze: Unfr
         schedule.steps_per_epoch,
         unfreeze.unfreeze_unit,
         unfreeze.unfreeze_schedule,
+        schedule.total_steps,
     )
     run.accelerator.print(
         "Unfreezing schedule: " + ", ".join(f"step {s}: {stages[k][-1]}" for k, s in enumerate(starts))

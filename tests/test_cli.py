@@ -163,3 +163,56 @@ def test_predict_on_a_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
         main(["predict", "--model", str(tmp_path), "--file", str(texts)])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "is not UTF-8 text" in err[0], err
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None for a folder): what 'nothing written' is checked against."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "--model", "{tmp}", "text"], "holds no saved model (no config.json)"),
+        (["predict", "--model", "{model}", "text"], "holds no trained classification head (classifier.bias"),
+        (["cp", "llrd", "{tmp}/a_file/llrd.py"], "a_file is a file, not a folder"),
+        (["cp", "llrd", "{tmp}/a_file"], "a_file is a file, not a folder"),
+        (["compare", "--output_dir", "{tmp}/a_file"], "output_dir {tmp}/a_file is a file"),
+        (["compare", "--output_dir", "{tmp}", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+        (["compare", "--output_dir", "{tmp}", "--recipes", "full_finetune", "--lora_r", "4"], "takes --lora_r"),
+        (["compare", "--output_dir", "{tmp}", "--no_baseline=1"], "ignored explicit argument '1'"),
+        (["compare", "--output_dir", "{tmp}", "--learning_rate", "nan"], "learning_rate is nan"),
+    ],
+)
+def test_bad_input_leaves_every_file_as_it_was(argv, message, tiny_model, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("mine")
+    before = snapshot(tmp_path)
+    argv = [a.format(tmp=tmp_path, model=tiny_model) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and message.format(tmp=tmp_path) in err[-1], err
+    assert "Traceback" not in "\n".join(err) and "usage:" not in "\n".join(err)
+    assert snapshot(tmp_path) == before
+
+
+def test_compare_routes_a_recipe_flag_to_the_recipes_that_take_it(capsys):
+    from finetune_recipes.compare import route_flags
+
+    routes = route_flags(["llrd", "full_finetune"], ["--layer_decay", "0.5", "--seed", "3", "--group_by_length"])
+    assert routes == {
+        "llrd": ["--layer_decay", "0.5", "--seed", "3", "--group_by_length"],
+        "full_finetune": ["--seed", "3", "--group_by_length"],
+    }
+    assert capsys.readouterr().err.strip() == "--layer_decay goes to llrd only: the others do not take it"
+
+
+@pytest.mark.parametrize(
+    "holding, message", [("comparison.md", "holds an earlier comparison"), ("notes.txt", "notes.txt")]
+)
+def test_compare_refuses_an_earlier_comparison_or_a_users_file(holding, message, tmp_path, capsys):
+    (tmp_path / holding).write_text("mine")
+    with pytest.raises(SystemExit):
+        main(["compare", "--output_dir", str(tmp_path), "--recipes", "full_finetune"])
+    assert message in capsys.readouterr().err
+    assert snapshot(tmp_path) == {holding: b"mine"}

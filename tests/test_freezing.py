@@ -13,6 +13,8 @@ from finetune_recipes.freezing import (
     format_trainable,
     freeze,
     set_trainable,
+    stage_at,
+    stage_starts,
     unfreeze,
 )
 from finetune_recipes.layers import LayerMap, discover_layers
@@ -148,3 +150,21 @@ def test_frozen_weights_do_not_move_in_training(bert):
             assert not torch.equal(param, before[name]), f"{name} did not train"
         else:
             assert torch.equal(param, before[name]), f"frozen {name} changed"
+
+
+def test_stage_starts_by_epoch_step_or_list_and_the_stage_in_force():
+    assert stage_starts(4, 1, steps_per_epoch=10, unit="epoch") == [0, 10, 20, 30]
+    assert stage_starts(4, 15, steps_per_epoch=10, unit="step") == [0, 15, 30, 45]
+    assert stage_starts(4, 1, steps_per_epoch=10, explicit="5,8") == [0, 5, 8]
+    assert [stage_at(s, [0, 10, 20]) for s in (0, 9, 10, 25)] == [0, 0, 1, 2]
+
+
+def test_stages_that_begin_after_the_last_step_are_named_in_a_warning(caplog):
+    with caplog.at_level("WARNING"):
+        stage_starts(5, 15, steps_per_epoch=20, unit="step", total_steps=40)
+    [said] = [r.getMessage() for r in caplog.records]
+    assert said.startswith("unfreezing stages 3, 4 begin at step 45 or later, after the run's last step (39)")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        stage_starts(3, 15, steps_per_epoch=20, unit="step", total_steps=40)
+    assert not caplog.records

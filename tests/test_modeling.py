@@ -56,13 +56,19 @@ def test_other_names_unchanged(name):
     assert resolve_model_path(name) == name
 
 
-@pytest.mark.parametrize("name", ["/no/such/model/dir", "no-such-org/no-such-model-xyz"])
+@pytest.mark.parametrize("name", ["no-such-org/no-such-model-xyz"])
 def test_load_config_of_missing_model_fails_fast(offline, name):
     start = time.monotonic()
     with pytest.raises(UserError, match=rf"^cannot load model '{name}' \(.*\); pass --model_name_or_path") as info:
         load_config(name)
     assert time.monotonic() - start < 5  # no network retries
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["/no/such/model/dir", "./nomodel", "../a/b", "~/nomodel", "a/b/c"])
+def test_a_path_that_does_not_exist_is_said_so_not_read_as_a_hub_id(offline, name):
+    with pytest.raises(UserError, match=rf"^model path {name} does not exist; pass --model_name_or_path a local"):
+        load_config(name)
 
 
 def test_load_config_of_directory_without_config(offline, tmp_path):
@@ -95,7 +101,7 @@ def test_build_model_accepts_a_path(tiny_model):
 
 
 def test_build_model_of_missing_model(offline, tmp_path):
-    with pytest.raises(UserError, match="cannot load model"):
+    with pytest.raises(UserError, match="nothing does not exist"):
         build_model(str(tmp_path / "nothing"), ["a", "b"])
 
 

@@ -99,6 +99,7 @@ def test_compare_keeps_a_users_file_in_a_recipes_directory(tiny_args, tmp_path):
     flags = flags[: flags.index("--output_dir")] + flags[flags.index("--output_dir") + 2 :]
     cli = Path(sys.executable).parent / "finetune-recipes"
     cmd = [str(cli), "compare", "--recipes", "full_finetune", "--no_baseline", "--output_dir", str(out), *flags]
+    cmd.append("--overwrite_output_dir")  # out holds a folder named like a recipe: an earlier comparison
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "full_finetune" / "mine.txt").read_text() == "mine"

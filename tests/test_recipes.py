@@ -9,6 +9,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -114,6 +116,10 @@ def replace(args: list, flag: str, value) -> list:
     return args
 
 
+def same_file(path: Path) -> list[tuple[str, Path]]:
+    return [("--train_file", path), ("--validation_file", path), ("--test_file", path)]
+
+
 def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, str]]:
     """case → (recipe, how to change the tiny args, what the error line must say)."""
     (tmp / "empty.csv").write_text("text,label\n")
@@ -121,13 +127,24 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
     (tmp / "unseen.csv").write_text("text,label\nmarket bank,business\ngoal team,weather\n")
     (tmp / "typo.yaml").write_text("learning_rate: 1e-3\nlearnig_rate: 2e-3\n")
     (tmp / "one_class.csv").write_text("text,label\nmarket bank,business\nshares rose,business\n")
+    (tmp / "numbers.csv").write_text("text,label\n1,business\n2,sport\n3,business\n4,sport\n")
+    (tmp / "pairs.jsonl").write_text('{"text": ["a", "b"], "label": "sport"}\n{"text": ["c", "d"], "label": "tech"}\n')
+    (tmp / "mixed.jsonl").write_text('{"text": 5, "label": "sport"}\n{"text": "goal", "label": "tech"}\n')
+    (tmp / "nolabel.csv").write_text("text\nmarket bank\ngoal team\n")
+    (tmp / "folder.csv").mkdir()
+    pq.write_table(pa.table({"text": [{"title": "t", "body": "b"}] * 2, "label": ["sport", "tech"]}), tmp / "s.parquet")
     return {
         "missing text column": ("full_finetune", ["--text_column", "body"], "columns are text, label"),
         "missing label column": ("full_finetune", ["--label_column", "topic"], "columns are text, label"),
         "empty split": ("full_finetune", [("--validation_file", tmp / "empty.csv")], "split is empty"),
         "unknown config key": ("full_finetune", ["--config", tmp / "typo.yaml"], "unknown key 'learnig_rate'"),
         "unknown flag": ("full_finetune", ["--learnig_rate", "1"], "learnig_rate"),
-        "model path": ("full_finetune", [("--model_name_or_path", tmp / "no-such-model")], "cannot load model"),
+        "model path": (
+            "full_finetune",
+            [("--model_name_or_path", tmp / "no-such-model")],
+            "no-such-model does not exist",
+        ),
+        "model hub id": ("full_finetune", [("--model_name_or_path", "nobody/no-such-model")], "cannot load model"),
         "unreadable data": (
             "full_finetune",
             [
@@ -135,8 +152,32 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
                 ("--validation_file", tmp / "garbage.parquet"),
                 ("--test_file", tmp / "garbage.parquet"),
             ],
-            "cannot read data",
-        ),  # noqa: E501
+            "garbage.parquet (ArrowInvalid",
+        ),
+        "numbers as text": ("full_finetune", [("--train_file", tmp / "numbers.csv")], "holds int64 values, not text"),
+        "lists as text": (
+            "full_finetune",
+            same_file(tmp / "pairs.jsonl"),
+            "pairs.jsonl) holds lists, not text; pass --text_column a column of strings (for text pairs",
+        ),
+        "mixed types": (
+            "full_finetune",
+            same_file(tmp / "mixed.jsonl"),
+            "holds values of mixed types",
+        ),
+        "struct column": (
+            "full_finetune",
+            same_file(tmp / "s.parquet"),
+            "column 'text' of the train split",
+        ),
+        "validation without labels": (
+            "full_finetune",
+            [("--validation_file", tmp / "nolabel.csv")],
+            "column 'label' not in the validation split (",
+        ),
+        "folder named .csv": ("full_finetune", [("--train_file", tmp / "folder.csv")], "folder.csv is a folder"),
+        "type error": ("full_finetune", ["--num_train_epochs", "x"], "invalid float value: 'x'; run with --help"),
+        "label column is the text": ("full_finetune", ["--label_column", "text"], "… (96 in all)"),
         "max_length over limit": ("full_finetune", [("--max_length", 1000)], "max_length 1000 is outside 1..64"),
         "unseen validation label": ("full_finetune", [("--validation_file", tmp / "unseen.csv")], "label 'weather'"),
         "layer_decay": ("llrd", ["--layer_decay", "1.5"], "layer_decay 1.5 is outside (0, 1]"),
@@ -190,6 +231,15 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
         "unknown tracker",
         "zero lora_r",
         "lora_dropout over 1",
+        "model hub id",
+        "numbers as text",
+        "lists as text",
+        "mixed types",
+        "struct column",
+        "validation without labels",
+        "folder named .csv",
+        "type error",
+        "label column is the text",
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_args, tiny_data, tmp_path, monkeypatch, capsys):
@@ -203,6 +253,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_args, tiny_data
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last, err
+    assert len(last) < 600 and "usage:" not in err  # one readable line, no usage block
     assert not (tmp_path / "out").exists()
 
 

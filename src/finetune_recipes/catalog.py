@@ -7,7 +7,7 @@ import importlib.resources
 import shutil
 from pathlib import Path
 
-from .config import UserError
+from .config import UserError, listing
 
 
 def recipes_dir() -> Path:
@@ -28,10 +28,13 @@ def copy_recipe(name: str, dest: str | Path, with_config: bool = False) -> list[
     """Copies recipe `name` (and its YAML under configs/ beside it) to `dest`; never overwrites."""
     recipes = list_recipes()
     if name.removesuffix(".py") not in recipes:
-        raise UserError(f"no recipe '{name}'; recipes: {', '.join(recipes)}")
+        raise UserError(f"no recipe '{name}'; recipes: {listing(list(recipes))}")
     name = name.removesuffix(".py")
     # Anything not named *.py is a directory, created when missing (cp llrd mydir/).
     target = Path(dest) if str(dest).endswith(".py") else Path(dest) / f"{name}.py"
+    blocking = next((p for p in [target.parent, *target.parent.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"{blocking} is a file, not a folder; copy to a folder or to a path ending in .py")
     copies = {recipes_dir() / f"{name}.py": target}
     if with_config:
         copies[recipes_dir() / "configs" / f"{name}.yaml"] = target.parent / "configs" / f"{name}.yaml"

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .catalog import copy_recipe, list_recipes
-from .config import UserError, entrypoint
+from .config import Parser, UserError, entrypoint
 
 
 def read_texts(file: str | None, texts: list[str]) -> list[str]:
@@ -23,13 +22,6 @@ def read_texts(file: str | None, texts: list[str]) -> list[str]:
     if not texts:
         raise UserError("no text to classify: pass texts as arguments or --file FILE (one text per line)")
     return texts
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line and exit code 2, like every other mistake (not a usage block)."""
-
-    def error(self, message: str):
-        raise UserError(f"{message}; run with --help")
 
 
 def positive_int(text: str) -> int:
@@ -75,7 +67,5 @@ def main(argv: list[str] | None = None) -> None:
         from .predict import format_jsonl, format_table, predict
 
         texts = read_texts(args.file, args.texts)
-        if not Path(args.model).is_dir():
-            raise UserError(f"model directory {args.model} does not exist; pass a recipe's output_dir")
         results = predict(args.model, texts, args.batch_size)
         print(format_table(results) if args.format == "table" else format_jsonl(results))

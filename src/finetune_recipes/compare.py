@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
+import functools
+import io
 import json
 import math
 import os
 import platform
-import shutil
+import runpy
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .catalog import list_recipes, recipes_dir
-from .config import DataArguments, ModelArguments, TrainingArguments, UserError, parse_config
+from .config import DataArguments, ModelArguments, Parser, TrainingArguments, UserError, listing, parse_config
+from .training.outputs import LOCK, MANIFEST, entries, lock_output_dir, write_text
 
 COLUMNS = [  # results key, title, format
     ("strategy", "strategy", "{}"),
@@ -33,17 +37,89 @@ COLUMNS = [  # results key, title, format
 ORDER = ["feature_extraction", "frozen_base_pooler", "progressive_unfreezing", "full_finetune", "llrd", "lora"]
 
 
-def run_recipe(recipe: str, out: Path, shared: list[str]) -> dict:
+SHARED_TYPES = (ModelArguments, DataArguments, TrainingArguments)
+OUTPUTS = ("comparison.md", "comparison.csv", "comparison.png", "logs", MANIFEST, LOCK)  # + one folder a recipe
+
+
+@functools.cache
+def recipe_types(recipe: str) -> tuple[type, ...]:
+    """The argument dataclasses a recipe file defines itself (LLRD's layer_decay, ...), read without running it."""
+    namespace = runpy.run_path(str(recipes_dir() / f"{recipe}.py"), run_name=f"finetune_recipes_{recipe}")
+    return tuple(v for v in namespace.values() if is_dataclass(v) and v.__module__ == f"finetune_recipes_{recipe}")
+
+
+def flag_groups(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """`--name value...` (or `--name=value`) groups of a command line, each with its field name."""
+    groups: list[tuple[str, list[str]]] = []
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            groups.append((name, [token]))
+        elif groups:
+            groups[-1][1].append(token)
+        else:
+            raise UserError(f"'{token}' is not a flag; compare takes --flag value pairs, run with --help")
+    return groups
+
+
+def route_flags(recipes: list[str], argv: list[str]) -> dict[str, list[str]]:
+    """Each recipe's share of the command line: the shared flags, and the recipe-specific flags it declares.
+
+    A flag no recipe declares is an error; one that only some declare goes to those, and a line says so.
+    Each recipe's share is parsed here, before anything runs, so a bad value fails before hours of work.
+    """
+    shared = {f.name for t in SHARED_TYPES for f in fields(t)} | {"config"}
+    own = {r: {f.name for t in recipe_types(r) for f in fields(t)} for r in recipes}
+    groups = flag_groups(argv)
+    routes: dict[str, list[str]] = {r: [] for r in recipes}
+    for name, tokens in groups:
+        field_name = (
+            name.removeprefix("no_") if name.removeprefix("no_") in shared | set().union(*own.values()) else name
+        )
+        takers = [r for r in recipes if field_name in shared or field_name in own[r]]
+        if not takers:
+            raise UserError(f"none of the recipes {listing(recipes)} takes --{name}; run a recipe with --help")
+        if len(takers) < len(recipes):
+            print(f"--{name} goes to {', '.join(takers)} only: the others do not take it", file=sys.stderr)
+        for recipe in takers:
+            routes[recipe] += tokens
+    for recipe in recipes:
+        parse_config(*SHARED_TYPES, *recipe_types(recipe), args=routes[recipe])
+    return routes
+
+
+def claim_compare_dir(out: Path, overwrite: bool) -> int:
+    """Refuses an output_dir holding anything but an earlier comparison, and that too without
+    --overwrite_output_dir; locks it for this comparison. Nothing is removed here: each recipe's own
+    overwrite removes only what its runs wrote, and the tables are replaced file by file."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file; pass --output_dir a directory")
+    present = sorted(entries(out) - {MANIFEST, LOCK})
+    foreign = [n for n in present if n not in OUTPUTS and n not in list_recipes()]
+    if foreign:
+        raise UserError(
+            f"output_dir {out} holds '{foreign[0]}', which compare did not write; pass another --output_dir"
+        )
+    if present and not overwrite:
+        raise UserError(
+            f"output_dir {out} holds an earlier comparison; pass --overwrite_output_dir to replace it "
+            "(a recipe's folder loses only what its run wrote) or another --output_dir"
+        )
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    return lock_output_dir(out)
+
+
+def run_recipe(recipe: str, out: Path, flags: list[str], overwrite: bool) -> dict:
     """One recipe in its own process (clean memory peak, failures isolated); its results plus wall time."""
     log = out / "logs" / f"{recipe}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    extra = ["--feature_cache_dir", str(out / "feature_cache")] if recipe == "feature_extraction" else []
-    cmd = [sys.executable, str(recipes_dir() / f"{recipe}.py"), *shared, *extra]
-    cmd += ["--output_dir", str(out / recipe), "--overwrite_output_dir"]
-    start = time.perf_counter()
-    with log.open("w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-    wall = round(time.perf_counter() - start, 1)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".feature_cache_") as cache:  # every encoding is paid for
+        extra = ["--feature_cache_dir", cache] if recipe == "feature_extraction" else []
+        cmd = [sys.executable, str(recipes_dir() / f"{recipe}.py"), *flags, *extra, "--output_dir", str(out / recipe)]
+        cmd += ["--overwrite_output_dir"] if overwrite else []
+        start = time.perf_counter()
+        with log.open("w") as f:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        wall = round(time.perf_counter() - start, 1)
     if code != 0:
         return {"strategy": recipe, "wall_time_s": wall, "status": f"failed ({code}): see {log}"}
     results = json.loads((out / recipe / "results.json").read_text())
@@ -59,11 +135,7 @@ def tfidf_baseline(shared: list[str]) -> dict:
     from .data import raw_splits
 
     _, data_args, args = parse_config(
-        ModelArguments,
-        DataArguments,
-        TrainingArguments,
-        args=shared,
-        default_config=recipes_dir() / "configs" / "full_finetune.yaml",
+        *SHARED_TYPES, args=shared, default_config=recipes_dir() / "configs" / "full_finetune.yaml"
     )
     start = time.perf_counter()
     splits, _ = raw_splits(data_args, args.seed)
@@ -104,11 +176,12 @@ def write_table(rows: list[dict], out: Path, command: str) -> str:
     lines += ["| " + " | ".join(cell(row.get(key), fmt) for key, _, fmt in COLUMNS) + " |" for row in rows]
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
     markdown = "\n".join([*lines, "", f"Machine: {machine}. Command: `{command}`", ""])
-    (out / "comparison.md").write_text(markdown)
-    with (out / "comparison.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[key for key, _, _ in COLUMNS], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_text(out / "comparison.md", markdown)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=[key for key, _, _ in COLUMNS], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "comparison.csv", table.getvalue())
     return markdown
 
 
@@ -136,36 +209,43 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.text(r[key], i, " " + fmt.format(r[key]), va="center", fontsize=8)
     fig.suptitle("Transfer-learning strategies on the same data, seed and budget")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    write_text(path, image.getvalue())
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="finetune-recipes compare",
         description="Runs recipes one after another on the same data, seed and budget. Any other flag "
-        "(--model_name_or_path, --train_file, --num_train_epochs, --seed, ...) goes to every recipe.",
+        "(--model_name_or_path, --train_file, --num_train_epochs, --seed, ...) goes to every recipe that "
+        "takes it (--layer_decay to llrd and progressive_unfreezing only).",
+        allow_abbrev=False,
     )
     parser.add_argument("--recipes", default=",".join(ORDER), help="comma-separated recipe names")
     parser.add_argument("--output_dir", default="outputs/compare")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier comparison there")
     parser.add_argument("--no_baseline", action="store_true", help="skip the TF-IDF + logistic regression row")
-    known, shared = parser.parse_known_args(argv)
+    known, rest = parser.parse_known_args(argv)
     recipes = [r for r in known.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in list_recipes()]
-    if unknown:
-        raise UserError(f"no recipe '{unknown[0]}'; recipes: {', '.join(list_recipes())}")
-    parse_config(ModelArguments, DataArguments, TrainingArguments, args=shared)  # bad flags fail before hours of work
+    if unknown or not recipes:
+        raise UserError(f"no recipe '{(unknown or [''])[0]}'; recipes: {', '.join(list_recipes())}")
+    routes = route_flags(recipes, rest)
+    shared_fields = {f.name for t in SHARED_TYPES for f in fields(t)}
+    shared = [t for name, tokens in flag_groups(rest) if name.removeprefix("no_") in shared_fields for t in tokens]
     out = Path(known.output_dir)
-    shutil.rmtree(out / "feature_cache", ignore_errors=True)  # feature extraction pays for its encoding
-    out.mkdir(parents=True, exist_ok=True)
+    lock = claim_compare_dir(out, known.overwrite_output_dir)
     rows = [] if known.no_baseline else [tfidf_baseline(shared)]
     progress = tqdm(recipes, desc="compare", unit="recipe")
     for recipe in progress:
         progress.set_postfix_str(recipe)
-        row = run_recipe(recipe, out, shared)
+        row = run_recipe(recipe, out, routes[recipe], known.overwrite_output_dir)
         rows.append(row)
         tqdm.write(f"{recipe}: {row['status']}, accuracy {cell(row.get('eval_accuracy'))}, {row['wall_time_s']} s")
     command = "finetune-recipes compare " + " ".join(argv or [])
     print(write_table(rows, out, command.strip()))
     plot(rows, out / "comparison.png")
+    os.close(lock)
     print(f"Wrote {out / 'comparison.md'}, comparison.csv and comparison.png")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import importlib.resources
 import math
@@ -23,6 +24,21 @@ T = TypeVar("T")
 
 class UserError(ValueError):
     """A problem the user can fix; entry points print it as one line and exit with code 2."""
+
+
+class OneLineErrors:
+    """argparse's errors (a bad value, a missing argument) as one line and exit code 2, not a usage block."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; run with --help")
+
+
+class Parser(OneLineErrors, argparse.ArgumentParser):
+    pass
+
+
+class DataclassParser(OneLineErrors, HfArgumentParser):
+    pass
 
 
 @dataclass
@@ -161,10 +177,10 @@ def parse_config(
     """
     args = sys.argv[1:] if args is None else list(args)
     # No abbreviations: a typo that happens to be a prefix (--learning_rat) must fail like any other typo.
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(args)
-    parser = HfArgumentParser(types, allow_abbrev=False)
+    parser = DataclassParser(types, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of defaults for every flag below.")
     config_file = known.config or _default_config(default_config)
     if config_file and not known.config and os.environ.get("RANK", "0") == "0":
@@ -173,7 +189,9 @@ def parse_config(
         parser.set_defaults(**_read_yaml(Path(config_file), parser))
     try:
         parsed = parser.parse_args_into_dataclasses(rest)
-    except ValueError as error:
+    except UserError:
+        raise
+    except ValueError as error:  # "Some specified arguments are not used by the HfArgumentParser"
         raise UserError(f"{error}; run with --help to list the valid flags") from None
     for config in parsed[: len(types)]:
         check_ranges(config)  # nan and inf in a recipe's own float flags too
@@ -201,7 +219,9 @@ def _read_yaml(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
             actions.setdefault(action.dest, action)
     unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise UserError(f"unknown key '{unknown[0]}' in {path}; valid keys: {', '.join(sorted(actions))}")
+        close = difflib.get_close_matches(unknown[0], list(actions), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "run with --help to list the valid keys"
+        raise UserError(f"unknown key '{unknown[0]}' in {path}; {hint}")
     return {k: _coerce(k, v, actions[k], path) for k, v in values.items()}
 
 
@@ -239,6 +259,12 @@ def first_line(error: BaseException, width: int = 160) -> str:
     """The first line of a library's error message, short enough to quote inside one of ours."""
     text = str(error).strip()
     return text.splitlines()[0][:width] if text else error.__class__.__name__
+
+
+def listing(items: list[Any], limit: int = 8) -> str:
+    """Items joined by commas, the first `limit` only, so a message stays one readable line."""
+    shown = ", ".join(t if len(t := str(i)) <= 32 else t[:31] + "…" for i in items[:limit])
+    return shown if len(items) <= limit else f"{shown}, … ({len(items)} in all)"
 
 
 def run_cli(main: Callable[..., T], *types: type, default_config: str | Path | None = None) -> T:

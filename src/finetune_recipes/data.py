@@ -10,12 +10,12 @@ from pathlib import Path
 
 import datasets
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict
+from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Value
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from .config import DataArguments, ModelArguments, TrainingArguments, UserError, first_line
+from .config import DataArguments, ModelArguments, TrainingArguments, UserError, first_line, listing
 from .modeling import from_pretrained, load_config, max_positions
 
 logger = logging.getLogger(__name__)
@@ -82,20 +82,32 @@ def _load_error_reason(error: BaseException) -> str:
 
 
 def _load_files(files: dict[str, str]) -> DatasetDict:
+    """Each split from its own file, read on its own: a file missing a column is named, not cast to the others'."""
     suffixes = {Path(f).suffix.lower() for f in files.values()}
     builders = {FILE_BUILDERS.get(s) for s in suffixes}
     if None in builders or len(builders) > 1:
         raise UserError(f"data files must all be one of {', '.join(FILE_BUILDERS)}; got {', '.join(files.values())}")
     for path in files.values():
+        if Path(path).is_dir():
+            raise UserError(f"data file {path} is a folder; pass --train_file/--validation_file/--test_file a file")
         if not Path(path).is_file():
             raise UserError(f"data file {path} does not exist; check --train_file/--validation_file/--test_file")
+    kind = builders.pop()
+    return DatasetDict({split: _load_file(kind, split, path) for split, path in files.items()})
+
+
+def _load_file(kind: str, split: str, path: str) -> Dataset:
     # load_dataset in steps: reading a split of no rows fails with "Instruction ... corresponds to no data!".
-    builder = datasets.load_dataset_builder(builders.pop(), data_files=files)
-    builder.download_and_prepare()
-    for split, path in files.items():
-        if split not in builder.info.splits or not builder.info.splits[split].num_examples:
-            raise UserError(f"the {split} split is empty ({path} has no rows); give it at least one example")
-    return builder.as_dataset()
+    builder = datasets.load_dataset_builder(kind, data_files={split: path})
+    try:
+        builder.download_and_prepare()
+    except StopIteration:  # the JSON reader's way of saying the file holds no record
+        raise UserError(f"the {split} split is empty ({path} has no rows); give it at least one example") from None
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as error:
+        raise UserError(f"cannot read {path} ({_load_error_reason(error)}); check the file and its format") from None
+    if split not in builder.info.splits or not builder.info.splits[split].num_examples:
+        raise UserError(f"the {split} split is empty ({path} has no rows); give it at least one example")
+    return builder.as_dataset(split=split)
 
 
 def drop_absent_test_labels(raw: DatasetDict, label_column: str) -> DatasetDict:
@@ -112,21 +124,55 @@ def drop_absent_test_labels(raw: DatasetDict, label_column: str) -> DatasetDict:
 
 
 def check_columns(raw: DatasetDict, args: DataArguments) -> None:
-    """Every split has the text (and pair) columns; train and validation have the label column, test may."""
+    """Every split has the text (and pair) columns, holding strings; train and validation have the label
+    column, holding one scalar label per example; test may."""
     wanted = [c for c in (args.text_column, args.text_pair_column) if c]
     for split, ds in raw.items():
+        where = f"the {split} split" + (f" ({source})" if (source := _source(args, split)) else "")
         has_labels = split != "test" or args.label_column in ds.column_names
         needed = wanted + ([args.label_column] if has_labels else [])
         missing = [c for c in needed if c not in ds.column_names]
         if missing:
             raise UserError(
-                f"column '{missing[0]}' not in the {split} split, whose columns are {', '.join(ds.column_names)}; "
+                f"column '{missing[0]}' not in {where}, whose columns are {listing(ds.column_names)}; "
                 "pass --text_column/--text_pair_column/--label_column"
             )
         if len(ds) == 0:
-            raise UserError(f"the {split} split is empty; give it at least one example")
+            raise UserError(f"{where} is empty; give it at least one example")
+        for column in wanted:
+            _check_type(ds.features[column], column, where, text=True)
+        if has_labels:
+            _check_type(ds.features[args.label_column], args.label_column, where, text=False)
         for column in needed:
             _check_no_missing(ds[column], column, split)
+
+
+def _source(args: DataArguments, split: str) -> str | None:
+    return {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}[split]
+
+
+def _check_type(feature, column: str, where: str, text: bool) -> None:
+    """Texts must be strings and a label one scalar: a list or a struct would otherwise reach the tokenizer
+    (which reads a 2-element list as a text pair) or the label sort, and fail there or train on the wrong thing."""
+    if isinstance(feature, Value) and (feature.dtype in ("string", "large_string") or not text):
+        return
+    if isinstance(feature, ClassLabel) and not text:
+        return
+    if isinstance(feature, (List, LargeList, list)):
+        kind, hint = "lists", " (for text pairs put the second text in its own column: --text_pair_column)"
+    elif isinstance(feature, dict):
+        kind, hint = f"structs with fields {listing(list(feature))}", " (flatten it into columns)"
+    elif type(feature).__name__ == "Json":  # rows of different types (a number here, a string there)
+        kind, hint = "values of mixed types", " (quote every value as a string)"
+    else:
+        kind, hint = f"{getattr(feature, 'dtype', type(feature).__name__)} values", ""
+    if text:
+        raise UserError(
+            f"column '{column}' of {where} holds {kind}, not text; pass --text_column a column of strings{hint}"
+        )
+    raise UserError(
+        f"column '{column}' of {where} holds {kind}, not one label per example; pass --label_column a column of labels"
+    )
 
 
 def _check_no_missing(values, column: str, split: str) -> None:
@@ -160,6 +206,12 @@ def encode_labels(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, lis
     else:
         values = sorted(set(raw["train"][label_column]))
         names = [str(v) for v in values]
+    if len(raw["train"]) >= 20 and len(names) > len(raw["train"]) / 2:
+        logger.warning(
+            "the label column '%s' has %d different values in %d training examples; "
+            "if it is not the label, pass --label_column",
+            label_column, len(names), len(raw["train"]),
+        )  # fmt: skip
     if len(names) < 2:
         raise UserError(
             f"the train split has one label ('{names[0]}'); classification needs at least two classes: "
@@ -174,7 +226,7 @@ def encode_labels(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, lis
         unseen = sorted({str(v) for v in ds[label_column]} - {str(v) for v in values})
         if unseen:
             raise UserError(
-                f"label '{unseen[0]}' of the {split} split never occurs in train (labels: {', '.join(names)}); "
+                f"label '{unseen[0]}' of the {split} split never occurs in train (labels: {listing(names)}); "
                 "add training examples for it or drop it"
             )
         labels = [to_id[v] for v in ds[label_column]]
@@ -226,11 +278,32 @@ def raw_splits(args: DataArguments, seed: int) -> tuple[DatasetDict, list[str]]:
     raw, label_names = encode_labels(raw, args.label_column)
     if "validation" not in raw:
         raw["train"], raw["validation"] = split_validation(raw["train"], text_columns, args, seed)
+    else:
+        warn_overlap(raw["train"], raw["validation"], text_columns)
     # A seeded sample, not the first rows: files are often sorted by label.
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit and limit < len(raw[split]):
             raw[split] = raw[split].shuffle(seed=seed).select(range(limit))
     return raw, label_names
+
+
+def warn_overlap(train: Dataset, validation: Dataset, columns: list[str]) -> None:
+    """Warns when validation texts also occur in train: their scores measure recall of the training set, and
+    where the labels differ, noise the model cannot get right."""
+    train_labels: dict[tuple, set[int]] = {}
+    for *key, label in zip(*(train[c] for c in columns), train["labels"], strict=True):
+        train_labels.setdefault(tuple(key), set()).add(label)
+    shared = conflicting = 0
+    for *key, label in zip(*(validation[c] for c in columns), validation["labels"], strict=True):
+        if tuple(key) in train_labels:
+            shared += 1
+            conflicting += train_labels[tuple(key)] != {label}
+    if shared:
+        logger.warning(
+            "%d of %d validation texts also occur in train, %d of them with another label there; "
+            "validation scores overstate what the model learned (drop them from one file)",
+            shared, len(validation), conflicting,
+        )  # fmt: skip
 
 
 def split_validation(

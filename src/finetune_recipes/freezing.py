@@ -8,12 +8,15 @@ DistilBERT classifiers have none), so "pooler+head" means the same thing everywh
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Iterable
 
 from torch import nn
 
 from .config import UserError
 from .layers import LayerMap
+
+logger = logging.getLogger(__name__)
 
 
 def freeze(model: nn.Module) -> None:
@@ -128,13 +131,31 @@ def unfreezing_stages(layer_map: LayerMap) -> list[list[str]]:
 
 
 def stage_starts(
-    num_stages: int, every: float, steps_per_epoch: int, unit: str = "epoch", explicit: str | None = None
+    num_stages: int,
+    every: float,
+    steps_per_epoch: int,
+    unit: str = "epoch",
+    explicit: str | None = None,
+    total_steps: int | None = None,
 ) -> list[int]:
     """The optimizer step at which each stage begins: stage k at k × `every` epochs (or steps), or as listed.
 
     `explicit` is a comma-separated list of the steps where stages 1, 2, ... begin; stages it leaves out
-    never start, so "100,200" thaws two blocks and keeps the rest frozen.
+    never start, so "100,200" thaws two blocks and keeps the rest frozen. Stages that would begin at or
+    after `total_steps` never train: a warning says so.
     """
+    starts = _stage_starts(num_stages, every, steps_per_epoch, unit, explicit)
+    late = [k for k, step in enumerate(starts) if total_steps is not None and step >= total_steps]
+    if late:
+        logger.warning(
+            "unfreezing stages %s begin at step %d or later, after the run's last step (%d): they never train; "
+            "lower --unfreeze_every or train for longer",
+            ", ".join(map(str, late)), starts[late[0]], total_steps - 1,
+        )  # fmt: skip
+    return starts
+
+
+def _stage_starts(num_stages: int, every: float, steps_per_epoch: int, unit: str, explicit: str | None) -> list[int]:
     if explicit:
         try:
             steps = [int(s) for s in explicit.split(",") if s.strip()]

@@ -33,6 +33,13 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def from_pretrained(auto_class, name_or_path: str, what: str, flag: str, **kwargs):
     """`auto_class.from_pretrained` with one clear error when the name is neither a directory nor reachable."""
+    name_or_path = str(name_or_path)
+    path = Path(name_or_path).expanduser()
+    # A Hub id is "name" or "org/name"; anything else is a path, and the Hub's "Repo id must be..." misleads.
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if not path.is_dir() and (path.exists() or looks_local):
+        state = "is a file, not a model directory" if path.exists() else "does not exist"
+        raise UserError(f"{what} path {name_or_path} {state}; pass {flag} a local model directory or a Hub id")
     try:
         return auto_class.from_pretrained(resolve_model_path(name_or_path), **kwargs)
     except (OSError, ValueError) as error:

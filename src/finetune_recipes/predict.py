@@ -6,19 +6,33 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 import yaml
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from .config import UserError
+from .config import UserError, listing
 from .features import HEAD_CONFIG, FeatureClassifier
 from .modeling import resolve_model_path
 
 
-def load_classifier(path: str | Path) -> torch.nn.Module:
-    """The model a recipe saved in `path`, ready for inference, whichever strategy produced it."""
-    path = Path(path)
+def check_model_dir(path: Path) -> None:
+    """Refuses, in one line, a path that holds no saved classifier and tokenizer."""
+    if not path.is_dir():
+        raise UserError(f"model directory {path} does not exist; pass --model a recipe's output_dir")
+    if not any((path / name).exists() for name in ("config.json", "adapter_config.json", HEAD_CONFIG)):
+        raise UserError(f"{path} holds no saved model (no config.json); pass --model a recipe's output_dir")
     if not (path / "tokenizer_config.json").exists():
-        raise UserError(f"{path} is not the output directory of a recipe (no tokenizer_config.json); pass --model")
+        raise UserError(f"{path} holds no tokenizer (no tokenizer_config.json); pass --model a recipe's output_dir")
+
+
+def load_classifier(path: str | Path) -> torch.nn.Module:
+    """The model a recipe saved in `path`, ready for inference, whichever strategy produced it.
+
+    Refuses a bare encoder: its classification head would be freshly initialised, and its confident
+    labels random. A missing head is what tells (id2label cannot: a regression model keeps LABEL_0).
+    """
+    path = Path(path)
+    check_model_dir(path)
     if (path / HEAD_CONFIG).exists():
         model = FeatureClassifier.from_pretrained(path)
     elif (path / "adapter_config.json").exists():
@@ -32,7 +46,18 @@ def load_classifier(path: str | Path) -> torch.nn.Module:
             raise UserError(f"cannot load the adapter's base model '{base_name}'; make it available locally") from None
         model = PeftModel.from_pretrained(base, path)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path)
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # the load report of a bare encoder; we say it in one line
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        if info["missing_keys"]:
+            missing = listing(sorted(info["missing_keys"]), limit=3)
+            raise UserError(
+                f"{path} holds no trained classification head ({missing} not in its weights), so its labels "
+                "would be random; train a head with a recipe and pass --model its output_dir"
+            )
     return model.eval()
 
 
@@ -48,8 +73,8 @@ def max_length_of(path: Path, tokenizer) -> int:
 def predict(path: str | Path, texts: list[str], batch_size: int = 32) -> list[dict[str, object]]:
     """Label and score of every text, in input order; batches are length-sorted to pad little."""
     path = Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     model = load_classifier(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     id2label = model.config.id2label
     encoded = tokenizer(texts, truncation=True, max_length=max_length_of(path, tokenizer))
     rows = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
