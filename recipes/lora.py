@@ -71,7 +71,9 @@ def main(model_args, data_args, training_args: TrainingArguments, lora: LoraArgu
         target_modules=linears["attention"] + (linears["feed_forward"] if lora.lora_feed_forward else []),
         modules_to_save=sorted({name.split(".")[0] for name, _ in layers.head}),
     )
-    model = get_peft_model(model, lora_config)
+    # Adapters in the base weights' dtype: under DeepSpeed ZeRO-3 the base loads in bf16, and peft's default
+    # fp32 upcast of the adapters would give ZeRO-3 trainable parameters of two dtypes, which it refuses.
+    model = get_peft_model(model, lora_config, autocast_adapter_dtype=False)
     model.peft_config["default"].base_model_name_or_path = model_args.model_name_or_path  # portable adapter
     # The same mapping again: its paths are the transformers model's, which discovery finds inside peft.
     run.accelerator.print(format_trainable(model, discover_layers(model, model_args.layer_mapping)))

@@ -168,3 +168,14 @@ def test_stages_that_begin_after_the_last_step_are_named_in_a_warning(caplog):
     with caplog.at_level("WARNING"):
         stage_starts(3, 15, steps_per_epoch=20, unit="step", total_steps=40)
     assert not caplog.records
+
+
+def test_set_trainable_reaches_parameters_replaced_after_discovery():
+    """FSDP2 swaps a prepared model's parameters for sharded ones: the map's old objects must not be what thaws."""
+    model = tiny_bert()
+    layers = discover_layers(model)
+    old = model.classifier.weight
+    model.classifier.weight = nn.Parameter(old.detach().clone())  # what fully_shard does to every parameter
+    set_trainable(model, layers, ["head"])
+    assert model.classifier.weight.requires_grad and model.classifier.bias.requires_grad
+    assert not model.bert.pooler.dense.weight.requires_grad

@@ -102,3 +102,33 @@ def test_output_dir_rules(tmp_path):
     check_output_dir(TrainingArguments(output_dir=str(out), resume_from_checkpoint="latest"))
     with pytest.raises(UserError, match="is a file"):
         check_output_dir(TrainingArguments(output_dir=str(out / "results.json")))
+
+
+def test_fsdp2_wraps_the_blocks_but_not_the_module_holding_the_input_embedding():
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, TaskType, get_peft_model
+    from tiny import build_tiny
+
+    from finetune_recipes.training.run import wrap_blocks_not_embeddings
+
+    for model in (build_tiny("bert"), get_peft_model(build_tiny("bert"), LoraConfig(task_type=TaskType.SEQ_CLS))):
+        plugin = SimpleNamespace(fsdp_version=2, transformer_cls_names_to_wrap=None)
+        wrap_blocks_not_embeddings(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)), model)
+        assert plugin.transformer_cls_names_to_wrap == ["BertLayer"]  # not BertEmbeddings
+    plugin = SimpleNamespace(fsdp_version=2, transformer_cls_names_to_wrap=["BertEmbeddings"])  # the user's choice
+    wrap_blocks_not_embeddings(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)), build_tiny("bert"))
+    assert plugin.transformer_cls_names_to_wrap == ["BertEmbeddings"]
+
+
+def test_a_recipe_that_thaws_mid_run_refuses_fsdp_before_training(monkeypatch):
+    from finetune_recipes.config import TrainingArguments, UserError
+    from finetune_recipes.training import precision
+
+    class FsdpAccelerator(precision.Accelerator):
+        distributed_type = precision.DistributedType.FSDP
+
+    monkeypatch.setattr(precision, "Accelerator", FsdpAccelerator)
+    with pytest.raises(UserError, match="changes which parameters train mid-run, which FSDP2 does not follow"):
+        precision.build_accelerator(TrainingArguments(output_dir="unused"), find_unused_parameters=True)
+    precision.build_accelerator(TrainingArguments(output_dir="unused"))  # what trains is fixed: FSDP is fine

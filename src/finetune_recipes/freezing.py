@@ -49,22 +49,27 @@ def _expand(layer_map: LayerMap, name: str, valid: list[str]) -> list[str]:
     raise UserError(f"unknown layer group '{name}'; valid groups: {', '.join(valid)} (or blocks, for all)")
 
 
-def unfreeze(layer_map: LayerMap, groups: Iterable[str] | str) -> None:
-    """Lets gradients flow into every parameter of the named groups; other parameters keep their state."""
+def unfreeze(layer_map: LayerMap, groups: Iterable[str] | str, model: nn.Module | None = None) -> None:
+    """Lets gradients flow into every parameter of the named groups; other parameters keep their state.
+
+    With `model`, its parameters of the same names: FSDP2 replaces a model's parameters with sharded ones
+    when it is prepared, so the objects the map was built from may no longer be the ones that train.
+    """
+    current = dict(model.named_parameters()) if model is not None else {}
     selected = layer_map.groups()
     for name in expand_groups(layer_map, groups):
-        for _, param in selected[name]:
-            param.requires_grad_(True)
+        for param_name, param in selected[name]:
+            current.get(param_name, param).requires_grad_(True)
 
 
 def set_trainable(model: nn.Module, layer_map: LayerMap, groups: Iterable[str] | str) -> None:
-    """Trains exactly ``groups``: freezes the whole model, then unfreezes them.
+    """Trains exactly ``groups``: freezes the whole model, then unfreezes them (by name, in `model` as it is now).
 
     Names are checked before anything is frozen, so a typo leaves the model as it was.
     """
     names = expand_groups(layer_map, groups)
     freeze(model)
-    unfreeze(layer_map, names)
+    unfreeze(layer_map, names, model)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

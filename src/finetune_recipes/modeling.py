@@ -76,3 +76,16 @@ def max_positions(config: PretrainedConfig, tokenizer_limit: int) -> int:
     """
     limits = [n for n in (tokenizer_limit, getattr(config, "max_position_embeddings", None)) if n and n < 1_000_000]
     return min(limits) if limits else tokenizer_limit
+
+
+def load_adapter_classifier(path: str | Path) -> PreTrainedModel:
+    """A saved peft adapter on its base model, with the label names saved beside it (the base has none)."""
+    from peft import PeftConfig, PeftModel
+
+    base_name = PeftConfig.from_pretrained(path).base_model_name_or_path
+    config = AutoConfig.from_pretrained(path)
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(base_name), config=config)
+    except OSError:
+        raise UserError(f"cannot load the adapter's base model '{base_name}'; make it available locally") from None
+    return PeftModel.from_pretrained(base, path)

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 import transformers
 import yaml
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from .config import UserError, listing
 from .features import HEAD_CONFIG, FeatureClassifier
-from .modeling import resolve_model_path
+from .modeling import load_adapter_classifier
 
 
 def check_model_dir(path: Path) -> None:
@@ -36,15 +36,7 @@ def load_classifier(path: str | Path) -> torch.nn.Module:
     if (path / HEAD_CONFIG).exists():
         model = FeatureClassifier.from_pretrained(path)
     elif (path / "adapter_config.json").exists():
-        from peft import PeftConfig, PeftModel
-
-        base_name = PeftConfig.from_pretrained(path).base_model_name_or_path
-        config = AutoConfig.from_pretrained(path)  # the label names; the base checkpoint has none
-        try:
-            base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(base_name), config=config)
-        except OSError:
-            raise UserError(f"cannot load the adapter's base model '{base_name}'; make it available locally") from None
-        model = PeftModel.from_pretrained(base, path)
+        model = load_adapter_classifier(path)
     else:
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # the load report of a bare encoder; we say it in one line

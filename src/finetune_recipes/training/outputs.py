@@ -21,6 +21,7 @@ from accelerate.utils import broadcast_object_list
 
 from ..config import TrainingArguments, UserError
 from ..freezing import count_parameters
+from ..modeling import load_adapter_classifier
 
 if TYPE_CHECKING:
     from .run import Run
@@ -268,11 +269,12 @@ def on_main(accelerator: Accelerator, work: Callable[[], None], failure: str) ->
 def save_merged(run: Run, name: str = "merged") -> None:
     """Folds a peft adapter into its base weights and saves the plain model `pipeline()` loads in output_dir/name.
 
-    Call it after `run.finish`: merging is in place, and the adapter has been evaluated and saved by then.
+    Call it after `run.finish`. The adapter it saved is read back on the CPU and merged there, so this works
+    whatever engine trained it: under FSDP2 or ZeRO-3 the live model's parameters are shards.
     """
     if not run.accelerator.is_main_process:
         return
-    merged = run.accelerator.unwrap_model(run.model).merge_and_unload()
+    merged = load_adapter_classifier(run.training_args.output_dir).merge_and_unload()
 
     def write(staging: Path) -> None:
         merged.save_pretrained(staging / name)

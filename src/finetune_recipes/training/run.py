@@ -86,6 +86,7 @@ class Run:
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule) -> None:
         """`accelerator.prepare`: devices, DDP, mixed precision, and each process's share of the loaders."""
         names = list(self.loaders)
+        wrap_blocks_not_embeddings(self.accelerator, model)
         model, optimizer, scheduler, *loaders = self.accelerator.prepare(
             model, optimizer, schedule.scheduler, *self.loaders.values()
         )
@@ -101,6 +102,25 @@ class Run:
         self.accelerator.wait_for_everyone()  # no process may tear the group down while another still uses it
         self.accelerator.end_training()
         return results
+
+
+def wrap_blocks_not_embeddings(accelerator, model: torch.nn.Module) -> None:
+    """Under FSDP2 with transformer-based wrapping, shard the model's blocks, but not the module that holds
+    its input embedding.
+
+    accelerate (1.15) wraps every class of `model._no_split_modules` (BERT's lists BertEmbeddings) and then
+    shards the input embedding once more on its own, which fails inside `fully_shard` ("Invariant
+    encountered: value was None") when its parent is already sharded. Measured on an H200 with torch 2.11.
+    An explicit `fsdp_transformer_layer_cls_to_wrap` in the config is left as the user wrote it.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    if plugin is None or plugin.fsdp_version != 2 or plugin.transformer_cls_names_to_wrap or embeddings is None:
+        return
+    holders = {type(m).__name__ for m in model.modules() if any(c is embeddings for c in m.children())}
+    plugin.transformer_cls_names_to_wrap = [
+        n for n in getattr(model, "_no_split_modules", None) or [] if n not in holders
+    ]
 
 
 def start_run(
