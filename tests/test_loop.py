@@ -132,3 +132,18 @@ def test_a_recipe_that_thaws_mid_run_refuses_fsdp_before_training(monkeypatch):
     with pytest.raises(UserError, match="changes which parameters train mid-run, which FSDP2 does not follow"):
         precision.build_accelerator(TrainingArguments(output_dir="unused"), find_unused_parameters=True)
     precision.build_accelerator(TrainingArguments(output_dir="unused"))  # what trains is fixed: FSDP is fine
+
+
+@pytest.mark.parametrize(
+    "device, bf16, expected",
+    [("cuda", True, "bf16"), ("cuda", False, "fp16"), ("cpu", True, "bf16"), ("cpu", False, "no")],
+)
+def test_mixed_precision_auto_by_device(device, bf16, expected, monkeypatch):
+    import torch
+
+    from finetune_recipes.training import precision
+
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device(device))
+    monkeypatch.setattr(precision, "bf16_supported", lambda d: bf16)
+    assert precision.resolve_mixed_precision("auto") == expected
+    assert precision.resolve_mixed_precision("fp16") == "fp16"  # what the user asked for stands

@@ -210,3 +210,18 @@ def test_the_final_save_never_replaces_a_users_file_of_the_same_name(tiny_args, 
     assert proc.returncode == 2 and "param_groups.md is not a run's output" in last, last
     assert (out / "param_groups.md").read_text() == "my notes"
     assert (out / ".partial_outputs" / "model.safetensors").exists()  # the trained model is not lost
+
+
+def test_a_file_dropped_in_while_a_run_writes_is_never_the_runs(tmp_path):
+    from types import SimpleNamespace
+
+    from finetune_recipes.training.outputs import MANIFEST, record_outputs, removable
+
+    run = SimpleNamespace(training_args=SimpleNamespace(output_dir=str(tmp_path)), kept=set())
+    (tmp_path / "checkpoints").mkdir()
+    record_outputs(run, "checkpoints")  # at the start
+    (tmp_path / "notes.txt").write_text("mine, written mid-run")
+    (tmp_path / "config.json").write_text("{}")
+    record_outputs(run, "config.json")  # the final save
+    assert json.loads((tmp_path / MANIFEST).read_text())["entries"] == sorted(["checkpoints", "config.json", MANIFEST])
+    assert removable(tmp_path) == {"checkpoints", "config.json"}

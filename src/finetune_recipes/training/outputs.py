@@ -122,7 +122,7 @@ def claim_output_dir(run: Run) -> None:
                 shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
         run.kept = entries(out) - (owned_entries(out) or set()) - {MANIFEST, LOCK}
         # Claimed before they exist, so a run that dies after writing them still owns them.
-        record_outputs(run, "checkpoints", "finetune_recipes")
+        record_outputs(run, *(entries(out) - run.kept), "checkpoints", "finetune_recipes")
 
     on_main(run.accelerator, claim, f"cannot write to output_dir {out} ({{reason}}); pass a writable --output_dir")
 
@@ -141,10 +141,14 @@ def check_free_space(run: Run, out: Path) -> None:
         logger.warning("%s has %.0f MB free; %d checkpoints may need %.0f MB", out, free_mb, kept, 3 * kept * model_mb)
 
 
-def record_outputs(run: Run, *to_come: str) -> None:
-    """Writes the manifest: every entry of output_dir (and `to_come`) but the lock and what was not ours."""
+def record_outputs(run: Run, *written: str) -> None:
+    """Adds `written` (entries this run wrote or is about to write) to the manifest.
+
+    Only names the run itself reports are added, so a file someone drops into output_dir while the run
+    writes there never becomes the run's, and a later overwrite leaves it alone.
+    """
     out = Path(run.training_args.output_dir)
-    ours = sorted((entries(out) | {MANIFEST, *to_come}) - run.kept - {LOCK})
+    ours = sorted((((owned_entries(out) or set()) & entries(out)) | {MANIFEST, *written}) - run.kept - {LOCK})
     write_text(out / MANIFEST, json.dumps({"written_by": "finetune-recipes", "entries": ours}, indent=1) + "\n")
 
 
@@ -242,12 +246,13 @@ def publish(run: Run, write: Callable[[Path], None]) -> None:
             f"{out / clash[0]} is not a run's output and the save would replace it; the outputs are in "
             f"{staging}: move {clash[0]} away, then move them into {out}"
         )
-    for path in staging.iterdir():
-        if (out / path.name).is_dir():  # merged/ of an earlier save
-            shutil.rmtree(out / path.name)
-        os.replace(path, out / path.name)  # a rename: needs no space, cannot leave half a file
+    published = [path.name for path in staging.iterdir()]
+    record_outputs(run, *published)  # first: a run that dies while moving them still owns them
+    for name in published:
+        if (out / name).is_dir():  # merged/ of an earlier save
+            shutil.rmtree(out / name)
+        os.replace(staging / name, out / name)  # a rename: needs no space, cannot leave half a file
     staging.rmdir()
-    record_outputs(run)
 
 
 def on_main(accelerator: Accelerator, work: Callable[[], None], failure: str) -> None:

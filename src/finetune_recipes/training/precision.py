@@ -25,11 +25,14 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def resolve_mixed_precision(requested: str | None) -> str | None:
-    """'auto' is bf16 where the hardware computes it natively (AMX / AVX-512 BF16 CPUs, Ampere+ GPUs), else fp32."""
+    """'auto' is bf16 where the hardware computes it natively (AMX / AVX-512 BF16 CPUs, Ampere+ GPUs); fp16 on
+    a GPU without bf16 (V100, T4: Accelerate adds the loss scaler fp16 needs); else fp32."""
     if requested != "auto":
         return requested
     device = torch.accelerator.current_accelerator() or torch.device("cpu")
-    return "bf16" if bf16_supported(device) else "no"
+    if bf16_supported(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "no"
 
 
 def pad_multiple(accelerator: Accelerator) -> int | None:
