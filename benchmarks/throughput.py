@@ -108,7 +108,7 @@ def main() -> None:
     tokenizer = build_tokenizer(model_args, data_args)
     data = build_datasets(data_args, tokenizer, seed=42)
     # A fresh copy per run: prepare() under mixed precision patches the model's forward in place.
-    initial = build_model(model_args.model_name_or_path, [str(i) for i in range(5)])
+    initial = build_model(model_args, [str(i) for i in range(5)])
 
     speeds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for repeat in range(cli.repeats):

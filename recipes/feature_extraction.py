@@ -62,7 +62,7 @@ def main(model_args, data_args, training_args: TrainingArguments, feats: Feature
     run = start_run(model_args, data_args, training_args, feats)
 
     # The encoder never trains: encode every split once, in inference mode, or read the cache.
-    encoder = build_model(model_args.model_name_or_path, run.data.label_names, auto_class=AutoModel)
+    encoder = build_model(model_args, run.data.label_names, auto_class=AutoModel)
     check_pooling(encoder, feats.pooling)
     freeze(encoder)
     encoder.to(run.accelerator.device)

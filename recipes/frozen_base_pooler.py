@@ -39,7 +39,7 @@ def loss_step(model, batch):
 
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     run = start_run(model_args, data_args, training_args)
-    model = build_model(model_args.model_name_or_path, run.data.label_names)
+    model = build_model(model_args, run.data.label_names)
 
     # What trains: the pooler (pretrained, one dense layer over the first token) and the new head.
     # Models without a pooler (RoBERTa, DistilBERT, ELECTRA, DeBERTa) keep their dense pre-classifier

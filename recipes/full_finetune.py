@@ -39,7 +39,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     run = start_run(model_args, data_args, training_args)
 
     # Model: the pretrained encoder with a new head sized to the labels.
-    model = build_model(model_args.model_name_or_path, run.data.label_names)
+    model = build_model(model_args, run.data.label_names)
 
     # What trains: everything, at one learning rate; no weight decay on biases and norms.
     groups = param_groups(model, training_args.learning_rate, training_args.weight_decay)

@@ -49,7 +49,7 @@ def loss_step(model, batch):
 
 def main(model_args, data_args, training_args: TrainingArguments, llrd: LLRDArguments) -> dict:
     run = start_run(model_args, data_args, training_args, llrd)
-    model = build_model(model_args.model_name_or_path, run.data.label_names)
+    model = build_model(model_args, run.data.label_names)
 
     # What trains: everything. Depth 0 is the embeddings, 1..L the blocks, L+1 the pooler and head;
     # each depth below the top multiplies the rate by layer_decay, so the embeddings move least.

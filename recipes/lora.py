@@ -57,7 +57,7 @@ def loss_step(model, batch):
 
 def main(model_args, data_args, training_args: TrainingArguments, lora: LoraArguments) -> dict:
     run = start_run(model_args, data_args, training_args, lora)
-    model = build_model(model_args.model_name_or_path, run.data.label_names)
+    model = build_model(model_args, run.data.label_names)
 
     # What trains: rank-r adapters on the blocks' attention (and optionally feed-forward) projections,
     # found by layer discovery rather than by name, and the new head in full (modules_to_save).

@@ -57,7 +57,7 @@ def loss_step(model, batch):
 def main(model_args, data_args, training_args: TrainingArguments, unfreeze: UnfreezeArguments) -> dict:
     # Which parameters get gradients changes mid-run, so DDP must not expect all of them every step.
     run = start_run(model_args, data_args, training_args, unfreeze, find_unused_parameters=True)
-    model = build_model(model_args.model_name_or_path, run.data.label_names)
+    model = build_model(model_args, run.data.label_names)
 
     # What trains, and when: stage 0 is the pooler and head; stage k adds the k-th block from the top;
     # the last stage adds the embeddings. Every parameter is in the optimizer from the start, at its

@@ -119,3 +119,28 @@ def test_max_positions_without_a_position_table():
 
     assert max_positions(NoTable(), 4096) == 4096
     assert max_positions(NoTable(), int(1e30)) == int(1e30)  # nothing known: no limit to enforce
+
+
+def test_attention_kernel_and_dropout_follow_the_model_arguments(tiny_model):
+    from finetune_recipes.config import ModelArguments
+
+    args = ModelArguments(model_name_or_path=str(tiny_model), attn_implementation="eager", attention_dropout=0.0)
+    model = build_model(args, ["a", "b"])
+    assert model.config._attn_implementation == "eager"
+    assert model.config.attention_probs_dropout_prob == 0.0 and model.config.hidden_dropout_prob == 0.1
+    default = build_model(str(tiny_model), ["a", "b"])
+    assert default.config.attention_probs_dropout_prob == 0.1  # a bare path keeps the model's own
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"attn_implementation": "flash"}, "attn_implementation 'flash' is not one of auto, sdpa, eager"),
+        ({"attention_dropout": 1.5}, "attention_dropout is 1.5; pass a value between 0 and 0.99"),
+    ],
+)
+def test_bad_attention_flags_are_refused(kwargs, message):
+    from finetune_recipes.config import ModelArguments
+
+    with pytest.raises(UserError, match=message):
+        ModelArguments(**kwargs)

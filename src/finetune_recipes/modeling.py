@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
-from .config import UserError, first_line
+from .config import ModelArguments, UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +54,40 @@ def load_config(name_or_path: str, **kwargs) -> PretrainedConfig:
     return from_pretrained(AutoConfig, name_or_path, "model", "--model_name_or_path", **kwargs)
 
 
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")  # BERT family; DistilBERT, ModernBERT
+
+
 def build_model(
-    name_or_path: str, label_names: list[str], auto_class=AutoModelForSequenceClassification
+    model_args: ModelArguments | str, label_names: list[str], auto_class=AutoModelForSequenceClassification
 ) -> PreTrainedModel:
     """A sequence classifier (or, with `auto_class=AutoModel`, the bare encoder) whose config maps ids to
-    the data set's label names, so pipelines and predictions print them."""
+    the data set's label names, so pipelines and predictions print them; with the attention kernel and
+    attention dropout `model_args` asks for (a bare path keeps the model's own)."""
+    if isinstance(model_args, str | Path):
+        model_args = ModelArguments(model_name_or_path=str(model_args))
+    name = model_args.model_name_or_path
+    overrides = {}
+    if model_args.attention_dropout is not None:
+        base = load_config(name)
+        keys = [k for k in ATTENTION_DROPOUT_KEYS if hasattr(base, k)]
+        if not keys:
+            raise UserError(
+                f"the {base.model_type} config has no attention dropout to set ({', '.join(ATTENTION_DROPOUT_KEYS)}); "
+                "drop --attention_dropout"
+            )
+        overrides = {k: model_args.attention_dropout for k in keys}
     config = load_config(
-        name_or_path,
+        name,
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
+        label2id={label: i for i, label in enumerate(label_names)},
+        **overrides,
     )
-    return auto_class.from_pretrained(resolve_model_path(name_or_path), config=config)
+    kernel = {} if model_args.attn_implementation == "auto" else {"attn_implementation": model_args.attn_implementation}
+    try:
+        return auto_class.from_pretrained(resolve_model_path(name), config=config, **kernel)
+    except ValueError as error:  # "... does not support an attention implementation through torch.nn.functional..."
+        raise UserError(f"{first_line(error)}; pass --attn_implementation auto or eager") from None
 
 
 def max_positions(config: PretrainedConfig, tokenizer_limit: int) -> int:
