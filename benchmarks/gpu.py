@@ -40,6 +40,9 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from tiny import FILLER, SPECIALS, TOPICS, topic_rows, write_csv  # noqa: E402  the planted data the tests learn
+
 RECIPES = ["feature_extraction", "frozen_base_pooler", "progressive_unfreezing", "full_finetune", "llrd", "lora"]
 CHECKS = (
     [f"single_gpu:{r}" for r in RECIPES]
@@ -60,14 +63,6 @@ LAUNCH_CONFIG = {
 LEARNING_RATE = {"feature_extraction": 3e-3, "frozen_base_pooler": 3e-3, "lora": 3e-3}  # others: 1e-3
 H200_BF16_DENSE_PEAK = 989e12  # FLOP/s, vendor datasheet, SXM, dense
 FAIL_ENV = "FINETUNE_GPU_FAIL"
-
-TOPICS = {
-    "business": "market bank share price profit trade economy growth sales firm",
-    "sport": "goal match team score win player coach season league cup",
-    "tech": "phone software chip internet computer data network robot code game",
-}
-FILLER = ["the", "a", "of", "to", "and", "in", "on", "said", "new", "year"]
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 class Scale:
@@ -432,29 +427,6 @@ def write_small_bert(path: Path, vocab: list[str] | None = None, **config) -> Pa
     small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
     settings = {"vocab_size": len(words), "max_position_embeddings": 64, **small} if vocab is None else config
     BertModel(BertConfig(**settings)).save_pretrained(path)
-    return path
-
-
-def topic_rows(n: int, seed: int) -> list[dict[str, str]]:
-    """Short texts whose label follows their words: mostly words of one topic, some filler."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = sorted(TOPICS)[i % len(TOPICS)]
-        words = rng.choices(TOPICS[label].split(), k=rng.randint(4, 10)) + rng.choices(FILLER, k=rng.randint(1, 5))
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    import csv
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     return path
 
 

@@ -97,6 +97,7 @@ def topic_rows(n: int, seed: int) -> list[dict[str, str]]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
