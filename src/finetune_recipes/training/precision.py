@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import datasets
 import torch
@@ -40,6 +41,30 @@ def pad_multiple(accelerator: Accelerator) -> int | None:
     return 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
 
 
+def check_launch(accelerator: Accelerator) -> None:
+    """Refuses a launch that would silently run something other than what it asked for."""
+    env = os.environ
+    # accelerate's simple launcher sets MASTER_ADDR when asked for several processes or machines
+    # (`--cpu --num_machines 2`, `--cpu --num_processes 2` without a config) but starts this one process
+    # alone; a launch that really starts several sets WORLD_SIZE.
+    if (
+        accelerator.num_processes == 1
+        and "ACCELERATE_USE_CPU" in env
+        and "MASTER_ADDR" in env
+        and "WORLD_SIZE" not in env
+    ):
+        raise UserError(
+            "accelerate launch asked for several processes or machines, but this process runs alone; launch with "
+            "--config_file accelerate_configs/cpu_2proc.yaml (one machine) or cpu_2node.yaml (one per machine)"
+        )
+    # Accelerate applies FSDP only on accelerators: on CPUs a launch with fsdp.yaml runs unsharded.
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+        raise UserError(
+            f"the launch asked for FSDP, but Accelerate applies it only on GPUs and this run is "
+            f"{accelerator.distributed_type.value}; on CPUs launch with accelerate_configs/cpu_2proc.yaml"
+        )
+
+
 def build_accelerator(args: TrainingArguments, find_unused_parameters: bool = False) -> Accelerator:
     """An Accelerator whose shuffling depends only on (seed, epoch), so processes agree and resumes repeat.
 
@@ -57,6 +82,7 @@ def build_accelerator(args: TrainingArguments, find_unused_parameters: bool = Fa
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=handlers,
     )
+    check_launch(accelerator)
     if find_unused_parameters and accelerator.distributed_type == DistributedType.FSDP:
         # Measured on an H200 (torch 2.11, accelerate 1.15): a block thawed after FSDP2 has sharded the model
         # fails in backward ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype
