@@ -38,6 +38,7 @@ ORDER = ["feature_extraction", "frozen_base_pooler", "progressive_unfreezing", "
 
 
 SHARED_TYPES = (ModelArguments, DataArguments, TrainingArguments)
+SHARED_FLAGS = {f.name for t in SHARED_TYPES for f in fields(t)} | {"config"}
 OUTPUTS = ("comparison.md", "comparison.csv", "comparison.png", "logs", MANIFEST, LOCK)  # + one folder a recipe
 
 
@@ -68,7 +69,7 @@ def route_flags(recipes: list[str], argv: list[str]) -> dict[str, list[str]]:
     A flag no recipe declares is an error; one that only some declare goes to those, and a line says so.
     Each recipe's share is parsed here, before anything runs, so a bad value fails before hours of work.
     """
-    shared = {f.name for t in SHARED_TYPES for f in fields(t)} | {"config"}
+    shared = SHARED_FLAGS
     own = {r: {f.name for t in recipe_types(r) for f in fields(t)} for r in recipes}
     groups = flag_groups(argv)
     routes: dict[str, list[str]] = {r: [] for r in recipes}
@@ -233,8 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or not recipes:
         raise UserError(f"no recipe '{(unknown or [''])[0]}'; recipes: {', '.join(list_recipes())}")
     routes = route_flags(recipes, rest)
-    shared_fields = {f.name for t in SHARED_TYPES for f in fields(t)}
-    shared = [t for name, tokens in flag_groups(rest) if name.removeprefix("no_") in shared_fields for t in tokens]
+    # The baseline's share: the flags every recipe takes, so it reads the same data and split.
+    shared = [t for name, tokens in flag_groups(rest) if name.removeprefix("no_") in SHARED_FLAGS for t in tokens]
     out = Path(known.output_dir)
     lock = claim_compare_dir(out, known.overwrite_output_dir)
     rows = [] if known.no_baseline else [tfidf_baseline(shared)]
