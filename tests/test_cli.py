@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,18 @@ def test_compare_refuses_an_earlier_comparison_or_a_users_file(holding, message,
         main(["compare", "--output_dir", str(tmp_path), "--recipes", "full_finetune"])
     assert message in capsys.readouterr().err
     assert snapshot(tmp_path) == {holding: b"mine"}
+
+
+def test_compare_takes_its_own_leftovers_as_its_own(tmp_path, capsys, monkeypatch):
+    """The feature_cache of older versions and a killed comparison's temporary files are not a user's."""
+    from finetune_recipes import compare
+
+    (tmp_path / "feature_cache").mkdir()
+    (tmp_path / ".feature_cache_x1").mkdir()
+    (tmp_path / ".comparison.md.tmp").write_text("half")
+    with pytest.raises(SystemExit):
+        main(["compare", "--output_dir", str(tmp_path), "--recipes", "full_finetune"])
+    assert "holds an earlier comparison" in capsys.readouterr().err  # not "which compare did not write"
+    lock = compare.claim_compare_dir(tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".finetune_recipes.lock", "logs"]
+    os.close(lock)

@@ -477,3 +477,14 @@ def test_a_list_column_is_refused_not_read_as_text_pairs(tokenizer, tmp_path):
     path.write_text('{"text": ["market", "bank"], "label": "business"}\n{"text": ["goal", "cup"], "label": "sport"}\n')
     with pytest.raises(UserError, match="holds lists, not text.*--text_pair_column"):
         build(tokenizer, train_file=path, validation_file=path)
+
+
+def test_validation_file_columns_take_the_train_files_types(tokenizer, tmp_path):
+    """Each file is read on its own: labels 1, 2 in train and "1", "2" in validation, or texts that read as
+    numbers in one file only, must still agree."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(f'{{"text": "market bank {i}", "label": {1 + i % 2}}}\n' for i in range(8)))
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text('{"text": "123", "label": "1"}\n{"text": "456", "label": "2"}\n')
+    data = build(tokenizer, train_file=train, validation_file=validation)
+    assert data.label_names == ["1", "2"] and data.validation["labels"] == [0, 1]

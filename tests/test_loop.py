@@ -147,3 +147,28 @@ def test_mixed_precision_auto_by_device(device, bf16, expected, monkeypatch):
     monkeypatch.setattr(precision, "bf16_supported", lambda d: bf16)
     assert precision.resolve_mixed_precision("auto") == expected
     assert precision.resolve_mixed_precision("fp16") == "fp16"  # what the user asked for stands
+
+
+@pytest.mark.parametrize(
+    "env, refused",
+    [
+        ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, True),  # --cpu --num_machines 2
+        ({"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "10.0.0.1"}, False),  # one GPU inside a cluster job
+        ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2"}, False),
+        ({"MASTER_ADDR": "10.0.0.1"}, False),  # plain python, no launcher
+    ],
+)
+def test_a_lone_process_of_a_multi_process_launch_refuses(env, refused, monkeypatch):
+    from finetune_recipes.config import TrainingArguments, UserError
+    from finetune_recipes.training import precision
+
+    for key in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(precision.Accelerator, "num_processes", 1)
+    if refused:
+        with pytest.raises(UserError, match="this process runs alone"):
+            precision.build_accelerator(TrainingArguments(output_dir="unused"))
+    else:
+        precision.build_accelerator(TrainingArguments(output_dir="unused"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fnmatch
 import functools
 import io
 import json
@@ -10,6 +11,7 @@ import math
 import os
 import platform
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,7 +98,11 @@ def claim_compare_dir(out: Path, overwrite: bool) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file; pass --output_dir a directory")
     present = sorted(entries(out) - {MANIFEST, LOCK})
-    foreign = [n for n in present if n not in OUTPUTS and n not in list_recipes()]
+    # Also compare's own leftovers: the feature_cache of older versions, and a killed run's temporary files.
+    leftovers = [
+        n for n in present if fnmatch.fnmatch(n, ".feature_cache_*") or n == "feature_cache" or n.endswith(".tmp")
+    ]
+    foreign = [n for n in present if n not in OUTPUTS and n not in list_recipes() and n not in leftovers]
     if foreign:
         raise UserError(
             f"output_dir {out} holds '{foreign[0]}', which compare did not write; pass another --output_dir"
@@ -107,7 +113,10 @@ def claim_compare_dir(out: Path, overwrite: bool) -> int:
             "(a recipe's folder loses only what its run wrote) or another --output_dir"
         )
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    return lock_output_dir(out)
+    lock = lock_output_dir(out)
+    for name in leftovers:
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    return lock
 
 
 def run_recipe(recipe: str, out: Path, flags: list[str], overwrite: bool) -> dict:

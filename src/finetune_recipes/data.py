@@ -93,7 +93,26 @@ def _load_files(files: dict[str, str]) -> DatasetDict:
         if not Path(path).is_file():
             raise UserError(f"data file {path} does not exist; check --train_file/--validation_file/--test_file")
     kind = builders.pop()
-    return DatasetDict({split: _load_file(kind, split, path) for split, path in files.items()})
+    splits = {split: _load_file(kind, split, path) for split, path in files.items()}
+    if "train" in splits:  # each file typed on its own: give the others train's column types
+        splits = {split: _like(ds, splits["train"], files[split]) for split, ds in splits.items()}
+    return DatasetDict(splits)
+
+
+def _like(ds: Dataset, train: Dataset, path: str) -> Dataset:
+    """`ds` with train's type for every column both have (labels 1, 2 in train and "1", "2" in validation,
+    or texts a reader took for numbers in one file only); a column that cannot take it is named."""
+    for column in set(ds.column_names) & set(train.column_names):
+        wanted = train.features[column]
+        if ds.features[column] != wanted:
+            try:
+                ds = ds.cast_column(column, wanted)
+            except (ValueError, TypeError) as error:  # pyarrow's ArrowInvalid is a ValueError
+                raise UserError(
+                    f"column '{column}' of {path} cannot take the train file's type {wanted} ({first_line(error)}); "
+                    "make the files agree"
+                ) from None
+    return ds
 
 
 def _load_file(kind: str, split: str, path: str) -> Dataset:

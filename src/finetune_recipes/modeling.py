@@ -40,6 +40,8 @@ def from_pretrained(auto_class, name_or_path: str, what: str, flag: str, **kwarg
     if not path.is_dir() and (path.exists() or looks_local):
         state = "is a file, not a model directory" if path.exists() else "does not exist"
         raise UserError(f"{what} path {name_or_path} {state}; pass {flag} a local model directory or a Hub id")
+    if path.is_dir():
+        name_or_path = str(path)  # ~ expanded: a YAML value does not go through the shell
     try:
         return auto_class.from_pretrained(resolve_model_path(name_or_path), **kwargs)
     except (OSError, ValueError) as error:

@@ -9,7 +9,7 @@ import datasets
 import torch
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, set_seed, str_to_bool
 
 from ..config import TrainingArguments, UserError
 
@@ -49,7 +49,7 @@ def check_launch(accelerator: Accelerator) -> None:
     # alone; a launch that really starts several sets WORLD_SIZE.
     if (
         accelerator.num_processes == 1
-        and "ACCELERATE_USE_CPU" in env
+        and str_to_bool(env.get("ACCELERATE_USE_CPU", "false"))  # "False" on a GPU, where clusters set MASTER_ADDR
         and "MASTER_ADDR" in env
         and "WORLD_SIZE" not in env
     ):
