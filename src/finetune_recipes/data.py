@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -95,23 +96,18 @@ def _load_files(files: dict[str, str]) -> DatasetDict:
     kind = builders.pop()
     splits = {split: _load_file(kind, split, path) for split, path in files.items()}
     if "train" in splits:  # each file typed on its own: give the others train's column types
-        splits = {split: _like(ds, splits["train"], files[split]) for split, ds in splits.items()}
+        splits = {split: _like(ds, splits["train"]) for split, ds in splits.items()}
     return DatasetDict(splits)
 
 
-def _like(ds: Dataset, train: Dataset, path: str) -> Dataset:
-    """`ds` with train's type for every column both have (labels 1, 2 in train and "1", "2" in validation,
-    or texts a reader took for numbers in one file only); a column that cannot take it is named."""
+def _like(ds: Dataset, train: Dataset) -> Dataset:
+    """`ds` with train's type for every column both have and that can take it (labels 1, 2 in train and "1",
+    "2" in validation, or texts a reader took for numbers in one file only). A column that cannot is left as
+    it is, for the column and label checks to name."""
     for column in set(ds.column_names) & set(train.column_names):
-        wanted = train.features[column]
-        if ds.features[column] != wanted:
-            try:
-                ds = ds.cast_column(column, wanted)
-            except (ValueError, TypeError) as error:  # pyarrow's ArrowInvalid is a ValueError
-                raise UserError(
-                    f"column '{column}' of {path} cannot take the train file's type {wanted} ({first_line(error)}); "
-                    "make the files agree"
-                ) from None
+        if ds.features[column] != train.features[column]:
+            with contextlib.suppress(ValueError, TypeError):  # pyarrow's ArrowInvalid is a ValueError
+                ds = ds.cast_column(column, train.features[column])
     return ds
 
 
