@@ -30,7 +30,7 @@ from finetune_recipes import (
     build_optimizer,
     cached_features,
     check_pooling,
-    feature_dataloader,
+    feature_loaders,
     freeze,
     param_groups,
     run_cli,
@@ -53,16 +53,19 @@ class FeatureArguments:
     )
 
 
-def loss_step(head, batch):
-    """The loss the loop backpropagates: the head's cross-entropy on cached features. Yours to change."""
-    return head(**batch).loss
+def loss_step(head, batch, criterion):
+    """The loss the loop backpropagates: the task's criterion on the head's logits (cross-entropy; per-label BCE
+    for multi-label; MSE for regression; class-weighted with --class_weights). Yours to change (label
+    smoothing, a penalty): return any scalar tensor computed from `head` and `batch`."""
+    labels = batch.pop("labels")
+    return criterion(head(**batch).logits, labels)
 
 
 def main(model_args, data_args, training_args: TrainingArguments, feats: FeatureArguments) -> dict:
     run = start_run(model_args, data_args, training_args, feats)
 
     # The encoder never trains: encode every split once, in inference mode, or read the cache.
-    encoder = build_model(model_args, run.data.label_names, auto_class=AutoModel)
+    encoder = build_model(model_args, run.task, auto_class=AutoModel)
     check_pooling(encoder, feats.pooling)
     freeze(encoder)
     encoder.to(run.accelerator.device)
@@ -77,20 +80,12 @@ def main(model_args, data_args, training_args: TrainingArguments, feats: Feature
         feats.feature_cache_dir,
         feats.encode_batch_size,
     )
-    batch_sizes = {"train": training_args.per_device_train_batch_size}
-    run.loaders = {
-        split: feature_dataloader(
-            features[split],
-            ds["labels"],
-            batch_sizes.get(split, training_args.per_device_eval_batch_size),
-            shuffle=split == "train",
-        )
-        for split, ds in splits.items()
-    }
+    # One row per document (a long document's windows averaged); the train split shuffled or class-weighted.
+    run.loaders = feature_loaders(features, splits, training_args, data_args)
 
     # What trains: a linear (or MLP) head on the cached features; a step takes microseconds.
     head = ClassificationHead(
-        encoder.config.hidden_size, len(run.data.label_names), feats.head_hidden_size, feats.head_dropout
+        encoder.config.hidden_size, run.task.num_labels, feats.head_hidden_size, feats.head_dropout
     )
     optimizer = build_optimizer(
         param_groups(head, training_args.learning_rate, training_args.weight_decay), training_args.learning_rate

@@ -32,14 +32,17 @@ from finetune_recipes import (
 CONFIG = Path(__file__).parent / "configs" / "frozen_base_pooler.yaml"
 
 
-def loss_step(model, batch):
-    """The loss the loop backpropagates: the model's own cross-entropy. Yours to change."""
-    return model(**batch).loss
+def loss_step(model, batch, criterion):
+    """The loss the loop backpropagates: the task's criterion on the model's logits (cross-entropy; per-label BCE
+    for multi-label; MSE for regression; class-weighted with --class_weights). Yours to change (label
+    smoothing, a penalty): return any scalar tensor computed from `model` and `batch`."""
+    labels = batch.pop("labels")
+    return criterion(model(**batch).logits, labels)
 
 
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     run = start_run(model_args, data_args, training_args)
-    model = build_model(model_args, run.data.label_names)
+    model = build_model(model_args, run.task)
 
     # What trains: the pooler (pretrained, one dense layer over the first token) and the new head.
     # Models without a pooler (RoBERTa, DistilBERT, ELECTRA, DeBERTa) keep their dense pre-classifier

@@ -28,10 +28,12 @@ from finetune_recipes import (
 CONFIG = Path(__file__).parent / "configs" / "full_finetune.yaml"
 
 
-def loss_step(model, batch):
-    """The loss the loop backpropagates: the model's own cross-entropy. Yours to change (class weights,
-    label smoothing, a penalty): return any scalar tensor computed from `model` and `batch`."""
-    return model(**batch).loss
+def loss_step(model, batch, criterion):
+    """The loss the loop backpropagates: the task's criterion on the model's logits (cross-entropy; per-label BCE
+    for multi-label; MSE for regression; class-weighted with --class_weights). Yours to change (label
+    smoothing, a penalty): return any scalar tensor computed from `model` and `batch`."""
+    labels = batch.pop("labels")
+    return criterion(model(**batch).logits, labels)
 
 
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
@@ -39,7 +41,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     run = start_run(model_args, data_args, training_args)
 
     # Model: the pretrained encoder with a new head sized to the labels.
-    model = build_model(model_args, run.data.label_names)
+    model = build_model(model_args, run.task)
 
     # What trains: everything, at one learning rate; no weight decay on biases and norms.
     groups = param_groups(model, training_args.learning_rate, training_args.weight_decay)

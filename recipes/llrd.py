@@ -42,14 +42,17 @@ class LLRDArguments:
     plot_lr: bool = field(default=False, metadata={"help": "Write lr_schedule.png to output_dir."})
 
 
-def loss_step(model, batch):
-    """The loss the loop backpropagates: the model's own cross-entropy. Yours to change."""
-    return model(**batch).loss
+def loss_step(model, batch, criterion):
+    """The loss the loop backpropagates: the task's criterion on the model's logits (cross-entropy; per-label BCE
+    for multi-label; MSE for regression; class-weighted with --class_weights). Yours to change (label
+    smoothing, a penalty): return any scalar tensor computed from `model` and `batch`."""
+    labels = batch.pop("labels")
+    return criterion(model(**batch).logits, labels)
 
 
 def main(model_args, data_args, training_args: TrainingArguments, llrd: LLRDArguments) -> dict:
     run = start_run(model_args, data_args, training_args, llrd)
-    model = build_model(model_args, run.data.label_names)
+    model = build_model(model_args, run.task)
 
     # What trains: everything. Depth 0 is the embeddings, 1..L the blocks, L+1 the pooler and head;
     # each depth below the top multiplies the rate by layer_decay, so the embeddings move least.

@@ -50,14 +50,17 @@ class LoraArguments:
         check_ranges(self, lora_r=(1, None), lora_alpha=(1, None), lora_dropout=(0, 0.99))
 
 
-def loss_step(model, batch):
-    """The loss the loop backpropagates: the model's own cross-entropy. Yours to change."""
-    return model(**batch).loss
+def loss_step(model, batch, criterion):
+    """The loss the loop backpropagates: the task's criterion on the model's logits (cross-entropy; per-label BCE
+    for multi-label; MSE for regression; class-weighted with --class_weights). Yours to change (label
+    smoothing, a penalty): return any scalar tensor computed from `model` and `batch`."""
+    labels = batch.pop("labels")
+    return criterion(model(**batch).logits, labels)
 
 
 def main(model_args, data_args, training_args: TrainingArguments, lora: LoraArguments) -> dict:
     run = start_run(model_args, data_args, training_args, lora)
-    model = build_model(model_args, run.data.label_names)
+    model = build_model(model_args, run.task)
 
     # What trains: rank-r adapters on the blocks' attention (and optionally feed-forward) projections,
     # found by layer discovery rather than by name, and the new head in full (modules_to_save).

@@ -49,15 +49,18 @@ class UnfreezeArguments:
     head_lr: float | None = field(default=2e-3, metadata={"help": "The new head's rate; the rest learning_rate."})
 
 
-def loss_step(model, batch):
-    """The loss the loop backpropagates: the model's own cross-entropy. Yours to change."""
-    return model(**batch).loss
+def loss_step(model, batch, criterion):
+    """The loss the loop backpropagates: the task's criterion on the model's logits (cross-entropy; per-label BCE
+    for multi-label; MSE for regression; class-weighted with --class_weights). Yours to change (label
+    smoothing, a penalty): return any scalar tensor computed from `model` and `batch`."""
+    labels = batch.pop("labels")
+    return criterion(model(**batch).logits, labels)
 
 
 def main(model_args, data_args, training_args: TrainingArguments, unfreeze: UnfreezeArguments) -> dict:
     # Which parameters get gradients changes mid-run, so DDP must not expect all of them every step.
     run = start_run(model_args, data_args, training_args, unfreeze, find_unused_parameters=True)
-    model = build_model(model_args, run.data.label_names)
+    model = build_model(model_args, run.task)
 
     # What trains, and when: stage 0 is the pooler and head; stage k adds the k-th block from the top;
     # the last stage adds the embeddings. Every parameter is in the optimizer from the start, at its

@@ -115,13 +115,13 @@ def test_a_copy_owns_its_loss_a_class_weighted_one_changes_the_result(tiny_args,
     source = copy.read_text()
     own_loss = """    import torch
 
-    labels = batch.pop("labels")
     logits = model(**batch).logits
     weight = torch.tensor([1.0, 0.0, 0.0], device=logits.device)
     return torch.nn.functional.cross_entropy(logits, labels, weight=weight)
 """
-    assert source.count("    return model(**batch).loss\n") == 1
-    copy.write_text(source.replace("    return model(**batch).loss\n", own_loss))
+    theirs = "    return criterion(model(**batch).logits, labels)\n"
+    assert source.count(theirs) == 1
+    copy.write_text(source.replace(theirs, own_loss))
     args = replace_flag(replace_flag(tiny_args, "--num_train_epochs", "6"), "--learning_rate", "3e-3")
     plain = run_copy(ROOT / "recipes" / "full_finetune.py", [*args, "--output_dir", tmp_path / "plain"], tmp_path)
     weighted = run_copy(copy, [*args, "--output_dir", tmp_path / "weighted"], tmp_path)

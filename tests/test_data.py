@@ -17,12 +17,13 @@ from finetune_recipes.data import (
     build_dataloader,
     build_datasets,
     build_tokenizer,
-    encode_labels,
+    encode_task,
     labelled,
     load_bbc_news,
     load_raw_datasets,
     split_validation,
     tokenize,
+    train_sampler,
 )
 
 BBC_TOPICS = ["business", "entertainment", "politics", "sports", "tech"]
@@ -79,8 +80,9 @@ def test_bbc_default_builds(tokenizer):
 
 
 def test_bbc_split_drops_duplicates_then_holds_out_ten_percent():
-    raw, names = encode_labels(load_bbc_news(), "label")
-    train, val = split_validation(raw["train"], ["text"], DataArguments(), seed=0)
+    raw, task = encode_task(load_bbc_news(), DataArguments())
+    names = task.label_names
+    train, val = split_validation(raw["train"], ["text"], DataArguments(), 0, task.problem_type)
     unique = len(set(raw["train"]["text"]))
     assert unique < 2225  # the corpus has exact duplicates
     assert len(train) + len(val) == unique
@@ -344,7 +346,8 @@ def test_split_depends_on_the_seed(tokenizer, pool_csv):
 def test_split_validation_on_raw_text_pairs():
     rows = {"a": ["x", "x", "y", "y", "z"] * 8, "b": [str(i % 8) for i in range(40)], "labels": [0, 1] * 20}
     ds = Dataset.from_dict(rows).cast_column("labels", ClassLabel(names=["n", "p"]))
-    train, val = split_validation(ds, ["a", "b"], DataArguments(validation_split_percentage=25), seed=0)
+    args = DataArguments(validation_split_percentage=25)
+    train, val = split_validation(ds, ["a", "b"], args, 0, "single_label_classification")
     pairs = {(r["a"], r["b"]) for r in train}
     assert not pairs & {(r["a"], r["b"]) for r in val}
     assert len(train) + len(val) == len({(a, b) for a, b in zip(rows["a"], rows["b"], strict=True)})
@@ -398,7 +401,7 @@ def varied(tokenizer) -> Dataset:
     words = TOPICS["sport"].split()
     rows = [" ".join(rng.choices(words, k=rng.randint(1, 40))) for _ in range(400)]
     raw = Dataset.from_dict({"text": rows, "labels": [i % 3 for i in range(400)]})
-    return tokenize(DatasetDict({"train": raw}), tokenizer, ["text"], 64)["train"]
+    return tokenize(DatasetDict({"train": raw}), tokenizer, DataArguments(max_length=64))["train"]
 
 
 def test_dynamic_padding(tokenizer, varied):
@@ -427,7 +430,8 @@ def spread(loader) -> float:
 def test_group_by_length_batches_similar_lengths(tokenizer, varied):
     torch.manual_seed(0)
     shuffled = spread(build_dataloader(varied, tokenizer, batch_size=8, shuffle=True))
-    grouped = spread(build_dataloader(varied, tokenizer, batch_size=8, shuffle=True, group_by_length=True))
+    sampler = train_sampler(varied, "random", True, 8, 0)
+    grouped = spread(build_dataloader(varied, tokenizer, batch_size=8, shuffle=True, sampler=sampler))
     assert grouped < shuffled / 3
 
 
@@ -439,7 +443,8 @@ def order(loader, epoch: int | None = None) -> list[int]:
 
 def test_group_by_length_order_depends_on_seed_and_epoch(tokenizer, varied):
     def loader(seed):
-        return build_dataloader(varied, tokenizer, batch_size=8, shuffle=True, group_by_length=True, seed=seed)
+        sampler = train_sampler(varied, "random", True, 8, seed)
+        return build_dataloader(varied, tokenizer, batch_size=8, shuffle=True, sampler=sampler, seed=seed)
 
     a, b = loader(3), loader(3)
     assert sorted(order(a, 0)) == list(range(len(varied)))
@@ -452,7 +457,7 @@ def test_group_by_length_order_depends_on_seed_and_epoch(tokenizer, varied):
 
 
 def test_no_shuffle_keeps_order(tokenizer, varied):
-    loader = build_dataloader(varied, tokenizer, batch_size=8, group_by_length=True)  # grouping only when shuffling
+    loader = build_dataloader(varied, tokenizer, batch_size=8)
     assert list(loader.sampler) == list(range(len(varied)))
 
 

@@ -103,3 +103,50 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def multi_label_rows(n: int, seed: int) -> list[dict]:
+    """`n` texts about one or two topics; `labels` lists them (the label set follows the words)."""
+    rng = random.Random(seed)
+    names = sorted(TOPICS)
+    rows = []
+    for i in range(n):
+        topics = sorted(rng.sample(names, 1 + i % 2))
+        words = [w for t in topics for w in rng.choices(TOPICS[t].split(), k=rng.randint(3, 6))]
+        words += rng.choices(FILLER, k=rng.randint(1, 4))
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "labels": topics})
+    return rows
+
+
+def regression_rows(n: int, seed: int) -> list[dict]:
+    """`n` texts of sport and tech words; `score` is the share of sport words among them, in 0..10."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        sport, tech = rng.randint(0, 8), rng.randint(0, 8)
+        words = rng.choices(TOPICS["sport"].split(), k=sport) + rng.choices(TOPICS["tech"].split(), k=tech)
+        words += rng.choices(FILLER, k=2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "score": round(10 * sport / max(sport + tech, 1), 3)})
+    return rows
+
+
+def long_document_rows(n: int, seed: int, filler_words: int = 120) -> list[dict[str, str]]:
+    """`n` documents of `filler_words` neutral words whose topic words come only at the very end, so a
+    model reading the first `max_length` tokens cannot tell the topic and one reading windows can."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = sorted(TOPICS)[i % len(TOPICS)]
+        words = rng.choices(FILLER, k=filler_words) + rng.choices(TOPICS[label].split(), k=6)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

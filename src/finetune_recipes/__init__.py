@@ -4,7 +4,15 @@ Recipes import from here, not from the modules, so a copied recipe keeps working
 """
 
 from .config import DataArguments, ModelArguments, TrainingArguments, UserError, check_ranges, run_cli
-from .features import ClassificationHead, FeatureClassifier, cached_features, check_pooling, feature_dataloader
+from .data import Task
+from .features import (
+    ClassificationHead,
+    FeatureClassifier,
+    cached_features,
+    check_pooling,
+    feature_dataloader,
+    feature_loaders,
+)
 from .freezing import format_trainable, freeze, set_trainable, stage_at, stage_starts, unfreezing_stages
 from .layers import block_linears, discover_layers
 from .modeling import build_model
@@ -20,6 +28,7 @@ __all__ = [
     "ModelArguments",
     "Run",
     "Schedule",
+    "Task",
     "TrainingArguments",
     "UserError",
     "block_linears",
@@ -31,6 +40,7 @@ __all__ = [
     "discover_layers",
     "evaluate",
     "feature_dataloader",
+    "feature_loaders",
     "format_groups",
     "format_trainable",
     "freeze",

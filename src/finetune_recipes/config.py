@@ -19,6 +19,8 @@ import yaml
 from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 
+from .metrics import METRICS
+
 T = TypeVar("T")
 
 
@@ -91,9 +93,85 @@ class DataArguments:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     group_by_length: bool = field(default=False, metadata={"help": "Batch texts of similar length together."})
+    # The task's shape: found from the label column's values unless --problem_type says (README: task shapes).
+    problem_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "single_label, multi_label or regression; default: from the labels (lists or --label_delimiter "
+            "or --label_columns: multi_label; non-integer numbers: regression; else single_label)."
+        },
+    )
+    label_columns: str | None = field(
+        default=None, metadata={"help": "Multi-label from several 0/1 columns: 'a,b,c' (instead of --label_column)."}
+    )
+    label_delimiter: str | None = field(
+        default=None, metadata={"help": "Multi-label from one text column: the separator between labels, e.g. '|'."}
+    )
+    allow_empty_labels: bool = field(
+        default=True, metadata={"help": "Multi-label: a text may have no label (pass false to refuse such rows)."}
+    )
+    standardize_target: bool = field(
+        default=True,
+        metadata={"help": "Regression: train on (y - mean) / std of train; the saved model predicts in y's units."},
+    )
+    class_weights: str = field(
+        default="none",
+        metadata={
+            "help": "Loss weights per class: none, balanced (from train frequencies; multi-label: pos_weight), "
+            "or a JSON file {label: weight}."
+        },
+    )
+    sampler: str = field(
+        default="random", metadata={"help": "random, or weighted: draw each class equally often (seeded)."}
+    )
+    long_documents: str = field(
+        default="truncate",
+        metadata={"help": "truncate at max_length, or windows: overlapping windows, predictions per document."},
+    )
+    window_stride: int = field(
+        default=32, metadata={"help": "Windows: tokens each window shares with the one before (below max_length)."}
+    )
+    window_aggregation: str = field(default="mean", metadata={"help": "Windows → document: mean or max of logits."})
+    max_windows_per_document: int | None = field(
+        default=None, metadata={"help": "Windows: keep a document's first N windows (the dropped ones are counted)."}
+    )
 
     def __post_init__(self) -> None:
-        check_ranges(self, max_train_samples=(1, None), max_eval_samples=(1, None))
+        check_ranges(
+            self,
+            max_train_samples=(1, None),
+            max_eval_samples=(1, None),
+            window_stride=(0, None),
+            max_windows_per_document=(1, None),
+        )
+        choices = {
+            "problem_type": (None, "single_label", "multi_label", "regression"),
+            "sampler": ("random", "weighted"),
+            "long_documents": ("truncate", "windows"),
+            "window_aggregation": ("mean", "max"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = ", ".join(a for a in allowed if a)
+                raise UserError(f"{name} '{getattr(self, name)}' is not one of {shown}")
+        if self.label_columns is not None and self.label_delimiter is not None:
+            raise UserError("pass --label_columns (several 0/1 columns) or --label_delimiter (one column), not both")
+        if self.label_delimiter == "":
+            raise UserError("label_delimiter is empty; pass the character between labels, e.g. '|'")
+        if self.problem_type == "regression" and (self.label_columns or self.label_delimiter):
+            raise UserError("--label_columns/--label_delimiter make a multi-label task; drop --problem_type regression")
+        if self.long_documents == "windows" and self.window_stride >= self.max_length:
+            raise UserError(
+                f"window_stride {self.window_stride} is not below max_length {self.max_length}; windows would not "
+                "advance: pass a smaller --window_stride (e.g. max_length / 4)"
+            )
+
+    @property
+    def label_sources(self) -> list[str]:
+        """The columns the labels come from: --label_columns, else --label_column."""
+        if self.label_columns:
+            return [c.strip() for c in self.label_columns.split(",") if c.strip()]
+        return [self.label_column]
 
 
 @dataclass
@@ -129,7 +207,12 @@ class TrainingArguments:
     )
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept in output_dir."})
     metric_for_best_model: str | None = field(
-        default=None, metadata={"help": "accuracy or f1_macro: keep the weights of the best evaluation."}
+        default=None,
+        metadata={
+            "help": "Keep the weights of the best evaluation by this metric: accuracy or f1_macro (single-label), "
+            "f1_micro, f1_macro, f1_samples or subset_accuracy (multi-label), mse, mae, pearson, spearman or r2 "
+            "(regression); lower is better for mse and mae."
+        },
     )
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without improvement."}
@@ -166,10 +249,11 @@ class TrainingArguments:
         steps = self.checkpointing_steps
         if steps is not None and steps != "epoch" and not (str(steps).isdigit() and int(steps) > 0):
             raise UserError(f"checkpointing_steps '{steps}' must be a positive integer or 'epoch'")
-        if self.metric_for_best_model not in (None, "accuracy", "f1_macro"):
-            raise UserError(f"metric_for_best_model '{self.metric_for_best_model}' is not one of accuracy, f1_macro")
+        known = sorted({m for names in METRICS.values() for m in names})
+        if self.metric_for_best_model not in (None, *known):
+            raise UserError(f"metric_for_best_model '{self.metric_for_best_model}' is not one of {', '.join(known)}")
         if self.early_stopping_patience is not None and not self.metric_for_best_model:
-            raise UserError("early_stopping_patience needs --metric_for_best_model (accuracy or f1_macro)")
+            raise UserError("early_stopping_patience needs --metric_for_best_model (e.g. accuracy, f1_micro, mse)")
 
 
 def check_ranges(config: Any, **limits: tuple[float | None, float | None]) -> None:

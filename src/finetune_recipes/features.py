@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, DataCollatorWithPadding, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .config import UserError
-from .data import content_digest
+from .config import DataArguments, TrainingArguments, UserError
+from .data import EpochWeightedSampler, aggregate_windows, content_digest
 from .training.precision import bf16_supported
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def encode(
     """
     order = sorted(range(len(ds)), key=lambda i: -len(ds[i]["input_ids"]))
     mine = order[accelerator.process_index :: accelerator.num_processes]
-    columns = [c for c in ds.column_names if c != "labels"]
+    columns = [c for c in ds.column_names if c not in ("labels", "document")]
     encoder.eval()
     chunks = []
     for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=not accelerator.is_local_main_process):
@@ -143,10 +143,8 @@ class ClassificationHead(nn.Module):
         layers.append(nn.Linear(hidden_size or in_features, num_labels))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
-        logits = self.net(features)
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+    def forward(self, features: torch.Tensor) -> SequenceClassifierOutput:
+        return SequenceClassifierOutput(logits=self.net(features))
 
 
 class FeatureClassifier(nn.Module):
@@ -157,9 +155,9 @@ class FeatureClassifier(nn.Module):
         self.encoder, self.head, self.pooling = encoder, head, pooling
         self.config = encoder.config  # id2label for predictions
 
-    def forward(self, input_ids, attention_mask, labels=None, **inputs) -> SequenceClassifierOutput:
+    def forward(self, input_ids, attention_mask, **inputs) -> SequenceClassifierOutput:
         outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs)
-        return self.head(pool(outputs, attention_mask, self.pooling), labels)
+        return self.head(pool(outputs, attention_mask, self.pooling))
 
     def save_pretrained(
         self, path: str | Path, is_main_process: bool = True, state_dict: dict | None = None, **kwargs
@@ -188,10 +186,36 @@ class FeatureClassifier(nn.Module):
         return cls(AutoModel.from_pretrained(path), head, pooling)
 
 
+def document_features(features: torch.Tensor, ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) with one row per document: the windows of a long document averaged."""
+    labels = torch.tensor(ds["labels"])
+    if "document" not in ds.column_names:
+        return features, labels
+    return aggregate_windows(features, labels, torch.tensor(ds["document"]), "mean")
+
+
 def feature_dataloader(
-    features: torch.Tensor, labels: list[int], batch_size: int, shuffle: bool = False
+    features: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False, sampler=None
 ) -> torch.utils.data.DataLoader:
-    """Batches of {"features", "labels"}, the keyword arguments ClassificationHead takes."""
-    dataset = torch.utils.data.StackDataset(features=features, labels=torch.tensor(labels))
+    """Batches of {"features", "labels"}: the head's input and the criterion's target."""
+    dataset = torch.utils.data.StackDataset(features=features, labels=labels)
     generator = torch.Generator().manual_seed(0)  # see data.build_dataloader: keeps the global RNG untouched
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=generator
+    )
+
+
+def feature_loaders(
+    features: dict[str, torch.Tensor], splits: dict[str, Dataset], args: TrainingArguments, data_args: DataArguments
+) -> dict[str, torch.utils.data.DataLoader]:
+    """A loader per split over cached features, one row per document; the train split's is shuffled, or
+    class-weighted with --sampler weighted."""
+    loaders = {}
+    for split, ds in splits.items():
+        rows, labels = document_features(features[split], ds)
+        if split == "train":
+            sampler = EpochWeightedSampler(labels.tolist(), args.seed) if data_args.sampler == "weighted" else None
+            loaders[split] = feature_dataloader(rows, labels, args.per_device_train_batch_size, True, sampler)
+        else:
+            loaders[split] = feature_dataloader(rows, labels, args.per_device_eval_batch_size)
+    return loaders

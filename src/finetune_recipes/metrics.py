@@ -1,20 +1,56 @@
-"""Evaluation metrics, computed with scikit-learn on predictions already gathered from every process."""
+"""Evaluation metrics per problem type, computed with scikit-learn and scipy on predictions already gathered
+from every process (one row per document), plus the per-class report and multi-label thresholds."""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    mean_absolute_error,
+    mean_squared_error,
+    precision_recall_fscore_support,
+    r2_score,
+)
+
+SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
+
+# The metrics of each problem type, the first one its primary metric (compare's column, tune's objective).
+METRICS = {
+    SINGLE: ("accuracy", "f1_macro"),
+    MULTI: ("f1_micro", "f1_macro", "f1_samples", "subset_accuracy"),
+    REGRESSION: ("mse", "mae", "pearson", "spearman", "r2"),
+}
+LOWER_IS_BETTER = {"mse", "mae"}
+
+
+def greater_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
+def _array(values, what: str, ndim: int) -> np.ndarray:
+    if hasattr(values, "detach"):  # a torch tensor, possibly on an accelerator
+        values = values.detach().float().cpu().numpy() if values.is_floating_point() else values.cpu().numpy()
+    array = np.asarray(values)
+    if array.ndim != ndim:
+        raise ValueError(f"{what} must be {ndim}-D, got shape {array.shape}")
+    return array
 
 
 def _label_ids(values, what: str) -> np.ndarray:
-    if hasattr(values, "detach"):  # a torch tensor, possibly on an accelerator
-        values = values.detach().cpu().numpy()
-    array = np.asarray(values)
-    if array.ndim != 1:
-        raise ValueError(f"{what} must be a 1-D sequence of label ids, got shape {array.shape}")
+    array = _array(values, what, 1)
     if array.size and array.dtype.kind not in "iub":
         raise ValueError(f"{what} must hold integer label ids, got dtype {array.dtype}")
     return array.astype(np.int64)
+
+
+def _check_lengths(preds: np.ndarray, refs: np.ndarray) -> None:
+    if len(preds) != len(refs):
+        raise ValueError(f"got {len(preds)} predictions for {len(refs)} references")
+    if len(refs) == 0:
+        raise ValueError("cannot compute metrics on an empty evaluation set")
 
 
 def classification_metrics(predictions, references, num_labels: int | None = None) -> dict[str, float]:
@@ -25,10 +61,7 @@ def classification_metrics(predictions, references, num_labels: int | None = Non
     happens to predict on a small evaluation set. A class absent from both arrays scores 0, sklearn's rule.
     """
     preds, refs = _label_ids(predictions, "predictions"), _label_ids(references, "references")
-    if len(preds) != len(refs):
-        raise ValueError(f"got {len(preds)} predictions for {len(refs)} references")
-    if len(refs) == 0:
-        raise ValueError("cannot compute metrics on an empty evaluation set")
+    _check_lengths(preds, refs)
     if num_labels is not None and num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     labels = None if num_labels is None else list(range(num_labels))
@@ -36,3 +69,85 @@ def classification_metrics(predictions, references, num_labels: int | None = Non
         "accuracy": float(accuracy_score(refs, preds)),
         "f1_macro": float(f1_score(refs, preds, labels=labels, average="macro", zero_division=0)),
     }
+
+
+def multi_label_metrics(scores, references, thresholds=0.5) -> dict[str, float]:
+    """Micro-, macro- and samples-F1 and subset accuracy of sigmoid scores (n, labels) cut at `thresholds`
+    (one number, or one per label) against 0/1 references."""
+    probs, refs = _array(scores, "scores", 2), _array(references, "references", 2).round().astype(np.int64)
+    _check_lengths(probs, refs)
+    preds = (probs >= np.asarray(thresholds)).astype(np.int64)
+    f1 = {avg: float(f1_score(refs, preds, average=avg, zero_division=0)) for avg in ("micro", "macro", "samples")}
+    return {
+        "f1_micro": f1["micro"],
+        "f1_macro": f1["macro"],
+        "f1_samples": f1["samples"],
+        "subset_accuracy": float(accuracy_score(refs, preds)),
+    }
+
+
+def regression_metrics(predictions, references) -> dict[str, float]:
+    """MSE, MAE, Pearson and Spearman correlation and R² (correlations are 0 when either side is constant)."""
+    preds, refs = _array(predictions, "predictions", 1).astype(np.float64), _array(references, "references", 1)
+    _check_lengths(preds, refs)
+    constant = len(refs) < 2 or np.ptp(preds) == 0 or np.ptp(refs) == 0
+    return {
+        "mse": float(mean_squared_error(refs, preds)),
+        "mae": float(mean_absolute_error(refs, preds)),
+        "pearson": 0.0 if constant else float(pearsonr(preds, refs)[0]),
+        "spearman": 0.0 if constant else float(spearmanr(preds, refs)[0]),
+        "r2": float(r2_score(refs, preds)) if len(refs) > 1 else 0.0,
+    }
+
+
+def task_metrics(problem_type: str, scores, references, thresholds=0.5) -> dict[str, float]:
+    """The metrics of `problem_type` on `scores`: class probabilities (single-label), per-label sigmoid
+    scores (multi-label) or values (regression), one row per document."""
+    if problem_type == SINGLE:
+        probs = _array(scores, "scores", 2)
+        return classification_metrics(probs.argmax(-1), references, probs.shape[1])
+    if problem_type == MULTI:
+        return multi_label_metrics(scores, references, thresholds)
+    return regression_metrics(scores, references)
+
+
+def tune_thresholds(scores, references) -> np.ndarray:
+    """Per label, the cut on its scores that maximises its F1 on these (validation) examples.
+
+    Candidates are the midpoints between consecutive distinct scores (and 0.5 when a label has no positive
+    example, where any cut above every score is as good as another). Ties go to the cut nearest 0.5.
+    """
+    probs, refs = _array(scores, "scores", 2), _array(references, "references", 2).round().astype(np.int64)
+    thresholds = np.full(probs.shape[1], 0.5)
+    for j in range(probs.shape[1]):
+        if refs[:, j].sum() == 0:
+            continue
+        values = np.unique(probs[:, j])
+        candidates = np.concatenate([(values[:-1] + values[1:]) / 2, [0.5]])
+        f1s = [f1_score(refs[:, j], probs[:, j] >= t, zero_division=0) for t in candidates]
+        best = max(f1s)
+        thresholds[j] = min((c for c, f in zip(candidates, f1s, strict=True) if f == best), key=lambda c: abs(c - 0.5))
+    return thresholds
+
+
+def per_class_report(problem_type: str, scores, references, label_names: list[str], thresholds=0.5) -> dict:
+    """Precision, recall, F1 and support per class (per label for multi-label), and, for single-label, the
+    confusion matrix (rows: true class, columns: predicted, in label order)."""
+    if problem_type == REGRESSION:
+        return {}
+    probs = _array(scores, "scores", 2)
+    if problem_type == SINGLE:
+        refs, preds = _label_ids(references, "references"), probs.argmax(-1)
+    else:
+        refs, preds = _array(references, "references", 2).round().astype(np.int64), probs >= np.asarray(thresholds)
+    labels = list(range(len(label_names))) if problem_type == SINGLE else None
+    p, r, f, s = precision_recall_fscore_support(refs, preds, labels=labels, zero_division=0)
+    report = {
+        "per_class": {
+            name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i, name in enumerate(label_names)
+        }
+    }
+    if problem_type == SINGLE:
+        report["confusion_matrix"] = confusion_matrix(refs, preds, labels=labels).tolist()
+    return report

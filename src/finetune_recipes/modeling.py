@@ -8,6 +8,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
 from .config import ModelArguments, UserError, first_line
@@ -60,13 +61,17 @@ ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")  
 
 
 def build_model(
-    model_args: ModelArguments | str, label_names: list[str], auto_class=AutoModelForSequenceClassification
+    model_args: ModelArguments | str, task, auto_class=AutoModelForSequenceClassification
 ) -> PreTrainedModel:
     """A sequence classifier (or, with `auto_class=AutoModel`, the bare encoder) whose config maps ids to
-    the data set's label names, so pipelines and predictions print them; with the attention kernel and
-    attention dropout `model_args` asks for (a bare path keeps the model's own)."""
+    the task's label names and names its problem type, so pipelines apply softmax, sigmoid or nothing and
+    predictions print the labels; with the attention kernel and attention dropout `model_args` asks for (a
+    bare path keeps the model's own). `task` is a data.Task, or a list of label names (single-label)."""
     if isinstance(model_args, str | Path):
         model_args = ModelArguments(model_name_or_path=str(model_args))
+    label_names = task if isinstance(task, list) else task.label_names
+    problem_type = "single_label_classification" if isinstance(task, list) else task.problem_type
+    num_labels = 1 if problem_type == "regression" else len(label_names)
     name = model_args.model_name_or_path
     overrides = {}
     if model_args.attention_dropout is not None:
@@ -80,9 +85,10 @@ def build_model(
         overrides = {k: model_args.attention_dropout for k in keys}
     config = load_config(
         name,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={label: i for i, label in enumerate(label_names)},
+        num_labels=num_labels,
+        id2label=dict(enumerate(label_names[:num_labels])),
+        label2id={label: i for i, label in enumerate(label_names[:num_labels])},
+        problem_type=problem_type,
         **overrides,
     )
     kernel = {} if model_args.attn_implementation == "auto" else {"attn_implementation": model_args.attn_implementation}
@@ -113,3 +119,22 @@ def load_adapter_classifier(path: str | Path) -> PreTrainedModel:
     except OSError:
         raise UserError(f"cannot load the adapter's base model '{base_name}'; make it available locally") from None
     return PeftModel.from_pretrained(base, path)
+
+
+@torch.no_grad()
+def fold_target_scale(model: torch.nn.Module, mean: float, std: float) -> None:
+    """Folds a regression target's standardisation into the model's output layer (w·std, b·std + mean), so
+    the saved model, `pipeline()` and `predict` give values in the target's own units.
+
+    The output layer is the last trainable linear layer with one output (a peft adapter keeps a frozen copy
+    of the original head beside the trained one; the trained one is the one to fold)."""
+    if mean == 0.0 and std == 1.0:
+        return
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+    trained = [m for m in heads if m.weight.requires_grad] or heads
+    if not trained:
+        raise ValueError(f"{type(model).__name__} has no linear layer with one output to fold the target scale into")
+    head = trained[-1]
+    head.weight.mul_(std)
+    if head.bias is not None:
+        head.bias.mul_(std).add_(mean)

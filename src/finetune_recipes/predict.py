@@ -11,6 +11,7 @@ import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from .config import UserError, listing
+from .data import aggregate_windows, encode_windows
 from .features import HEAD_CONFIG, FeatureClassifier
 from .modeling import load_adapter_classifier
 
@@ -53,43 +54,84 @@ def load_classifier(path: str | Path) -> torch.nn.Module:
     return model.eval()
 
 
-def max_length_of(path: Path, tokenizer) -> int:
-    """The max_length the model was trained with, when its recipe config is there, else the tokenizer's."""
+def recipe_settings(path: Path, tokenizer) -> dict:
+    """How the model read its texts in training (max_length, windows), from its recipe config when there."""
     config = path / "recipe_config.yaml"
-    if config.exists():
-        return int(yaml.safe_load(config.read_text()).get("max_length") or 512)
-    return min(tokenizer.model_max_length, 512)
+    saved = yaml.safe_load(config.read_text()) if config.exists() else {}
+    return {
+        "max_length": int(saved.get("max_length") or min(tokenizer.model_max_length, 512)),
+        "windows": saved.get("long_documents") == "windows",
+        "stride": int(saved.get("window_stride") or 0),
+        "aggregation": saved.get("window_aggregation") or "mean",
+    }
+
+
+def thresholds_of(path: Path, label_names: list[str]) -> list[float]:
+    """Multi-label decision thresholds tuned on validation (thresholds.json), else 0.5 for every label."""
+    file = path / "thresholds.json"
+    saved = json.loads(file.read_text()) if file.exists() else {}
+    return [float(saved.get(name, 0.5)) for name in label_names]
 
 
 @torch.inference_mode()
 def predict(path: str | Path, texts: list[str], batch_size: int = 32) -> list[dict[str, object]]:
-    """Label and score of every text, in input order; batches are length-sorted to pad little."""
+    """One prediction per text, in input order: label and score (single-label), every label over its
+    threshold with its score (multi-label), or the value (regression). Long documents are read as windows
+    when the model was trained so; batches are length-sorted to pad little."""
     path = Path(path)
     model = load_classifier(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    id2label = model.config.id2label
-    encoded = tokenizer(texts, truncation=True, max_length=max_length_of(path, tokenizer))
-    rows = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
-    order = sorted(range(len(texts)), key=lambda i: len(rows[i]["input_ids"]))
+    settings = recipe_settings(path, tokenizer)
+    if settings["windows"]:
+        encoded = encode_windows(tokenizer, [texts], settings["max_length"], settings["stride"])
+        documents = torch.tensor(encoded.pop("overflow_to_sample_mapping"))
+    else:
+        encoded = tokenizer(texts, truncation=True, max_length=settings["max_length"])
+        documents = torch.arange(len(texts))
+    rows = [{k: encoded[k][i] for k in encoded} for i in range(len(documents))]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     collator = DataCollatorWithPadding(tokenizer)
-    results: list[dict[str, object]] = [{} for _ in texts]
+    logits = torch.empty(len(rows), model.config.num_labels)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        probs = model(**collator([rows[i] for i in indices])).logits.float().softmax(-1)
-        scores, labels = probs.max(-1)
-        for i, label, score in zip(indices, labels.tolist(), scores.tolist(), strict=True):
-            results[i] = {"text": texts[i], "label": id2label[label], "score": round(score, 4)}
-    return results
+        logits[indices] = model(**collator([rows[i] for i in indices])).logits.float()
+    logits, _ = aggregate_windows(logits, documents, documents, settings["aggregation"])
+    return [describe(text, row, model.config, path) for text, row in zip(texts, logits, strict=True)]
+
+
+def describe(text: str, logits: torch.Tensor, config, path: Path) -> dict[str, object]:
+    """One text's prediction as the model's problem type reads its logits."""
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    if config.problem_type == "regression":
+        return {"text": text, "value": round(float(logits[0]), 4)}
+    if config.problem_type == "multi_label_classification":
+        scores = logits.sigmoid().tolist()
+        over = [(n, s) for n, s, t in zip(names, scores, thresholds_of(path, names), strict=True) if s >= t]
+        over.sort(key=lambda pair: -pair[1])
+        return {"text": text, "labels": [n for n, _ in over], "scores": [round(s, 4) for _, s in over]}
+    probs = logits.softmax(-1)
+    return {"text": text, "label": names[int(probs.argmax())], "score": round(float(probs.max()), 4)}
 
 
 def format_table(results: list[dict[str, object]], width: int = 60) -> str:
-    """label, score and the start of each text, aligned."""
-    label_width = max([len("label")] + [len(str(r["label"])) for r in results])
-    lines = [f"{'label':<{label_width}}  score   text"]
-    for r in results:
+    """The prediction (label and score; labels with scores; or the value) and the start of each text, aligned."""
+    if results and "labels" in results[0]:
+        shown = [
+            ", ".join(f"{n} {s:.2f}" for n, s in zip(r["labels"], r["scores"], strict=True)) or "-" for r in results
+        ]
+        header = "labels"
+    elif results and "value" in results[0]:
+        shown, header = [f"{r['value']:.4f}" for r in results], "value"
+    else:
+        label_width = max([len("label")] + [len(str(r["label"])) for r in results])
+        shown = [f"{r['label']!s:<{label_width}}  {r['score']:.4f}" for r in results]
+        header = f"{'label':<{label_width}}  score "
+    column = max([len(header)] + [len(s) for s in shown])
+    lines = [f"{header:<{column}}  text"]
+    for r, prediction in zip(results, shown, strict=True):
         text = " ".join(str(r["text"]).split())
         text = text if len(text) <= width else text[: width - 1] + "…"
-        lines.append(f"{r['label']!s:<{label_width}}  {r['score']:.4f}  {text}")
+        lines.append(f"{prediction:<{column}}  {text}")
     return "\n".join(lines)
 
 

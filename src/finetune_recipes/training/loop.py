@@ -14,8 +14,8 @@ from accelerate import skip_first_batches
 from tqdm.auto import tqdm
 
 from ..config import UserError
-from ..data import content_digest
-from ..metrics import classification_metrics
+from ..data import aggregate_windows, content_digest
+from ..metrics import METRICS, greater_is_better, task_metrics
 from .checkpoints import (
     TrainState,
     adopt_best,
@@ -33,15 +33,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("finetune_recipes")
 
-LossStep = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossStep = Callable[[torch.nn.Module, dict[str, torch.Tensor], Criterion], torch.Tensor]
 
 
 def train(run: Run, loss_step: LossStep, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Trains `run.model` to the end of its schedule; returns the metrics, the history and the timings.
 
-    `loss_step(model, batch)` is the recipe's: whatever it returns is backpropagated. `on_step(completed_steps)`
-    runs before every batch: a strategy that changes what trains mid-run (progressive unfreezing) hooks in
-    there, as a function of the step alone so a resumed run lands in the same place. Evaluation follows
+    `loss_step(model, batch, criterion)` is the recipe's: whatever it returns is backpropagated. `criterion`
+    is the task's loss on (logits, labels): cross-entropy, per-label BCE or MSE, class-weighted when asked.
+    `on_step(completed_steps)` runs before every batch: a strategy that changes what trains mid-run
+    (progressive unfreezing) hooks in there, as a function of the step alone so a resumed run lands in the
+    same place. Evaluation follows
     `eval_strategy` (and always ends the run), checkpoints `checkpointing_steps`.
     """
     accelerator, args, model, state = run.accelerator, run.training_args, run.model, begin(run)
@@ -63,7 +66,7 @@ def train(run: Run, loss_step: LossStep, on_step: Callable[[int], None] | None =
                 on_step(state.completed_steps)
             samples += len(batch["labels"])  # before loss_step, which may pop the labels
             with accelerator.accumulate(model):
-                loss = loss_step(model, batch)
+                loss = loss_step(model, batch, run.task.loss)
                 accelerator.backward(loss)
                 optimizer_step(run)
             state.batches_in_epoch += 1
@@ -210,21 +213,43 @@ def evaluation_due(run: Run, end_of_epoch: bool) -> bool:
 
 
 @torch.no_grad()
-def evaluate(run: Run, split: str = "validation") -> dict[str, float]:
-    """Accuracy and macro-F1 over every example exactly once, whatever the number of processes."""
+def predict_split(run: Run, split: str = "validation") -> tuple:
+    """(scores, references) of every document of `split` exactly once, whatever the number of processes:
+    class probabilities, per-label probabilities or values (regression, in the target's units). Windows of a
+    long document are aggregated to one row first."""
     model, accelerator = run.model, run.accelerator
     training = model.training
     model.eval()
-    predictions, references = [], []
+    gathered: dict[str, list[torch.Tensor]] = {}
     for batch in run.loaders[split]:
-        logits = model(**batch).logits
-        preds, refs = accelerator.gather_for_metrics((logits.argmax(dim=-1), batch["labels"]))
-        predictions.append(preds.cpu())
-        references.append(refs.cpu())
+        kept = {k: batch.pop(k) for k in ("labels", "document") if k in batch}
+        kept["logits"] = model(**batch).logits.float()
+        for key, value in accelerator.gather_for_metrics(kept).items():
+            gathered.setdefault(key, []).append(value.cpu())
     model.train(training)
-    references = torch.cat(references).numpy()
-    metrics = classification_metrics(torch.cat(predictions).numpy(), references, len(run.data.label_names))
-    return {**metrics, "samples": len(references)}
+    logits, labels = torch.cat(gathered["logits"]), torch.cat(gathered["labels"])
+    if "document" in gathered:
+        logits, labels = aggregate_windows(
+            logits, labels, torch.cat(gathered["document"]), run.data_args.window_aggregation
+        )
+    return run.task.scores(logits), run.task.references(labels)
+
+
+def evaluate(run: Run, split: str = "validation") -> dict[str, float]:
+    """The task's metrics (accuracy and macro-F1; micro/macro/samples-F1 and subset accuracy at 0.5; or MSE,
+    MAE, correlations and R²) over every document once, and how many documents that was."""
+    scores, references = predict_split(run, split)
+    return {**task_metrics(run.task.problem_type, scores, references), "samples": len(references)}
+
+
+def check_metric(args, problem_type: str) -> None:
+    """metric_for_best_model must be one the task computes: checked before training, not at the first evaluation."""
+    name, known = args.metric_for_best_model, METRICS[problem_type]
+    if name and name not in known:
+        kind = problem_type.replace("_classification", "").replace("_", "-")
+        raise UserError(
+            f"metric_for_best_model '{name}' is not computed for a {kind} task; pass one of {', '.join(known)}"
+        )
 
 
 def track_best(run: Run, metrics: dict[str, float]) -> None:
@@ -234,7 +259,8 @@ def track_best(run: Run, metrics: dict[str, float]) -> None:
         return
     if name not in metrics:
         raise UserError(f"metric_for_best_model '{name}' is not one of {', '.join(metrics)}")
-    if state.best_metric is not None and metrics[name] <= state.best_metric:
+    sign = 1 if greater_is_better(name) else -1
+    if state.best_metric is not None and sign * metrics[name] <= sign * state.best_metric:
         state.evals_without_improvement += 1
         return
     state.best_metric, state.best_step, state.evals_without_improvement = metrics[name], state.completed_steps, 0

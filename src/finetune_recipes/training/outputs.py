@@ -36,7 +36,7 @@ LOCK = ".finetune_recipes.lock"  # held (flock) by the run writing into output_d
 RUN_OUTPUTS = (
     "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
-    "adapter_*", "feature_head.*", "results.json", "recipe_config.yaml", "param_groups.md",
+    "adapter_*", "feature_head.*", "results.json", "recipe_config.yaml", "param_groups.md", "thresholds.json",
     "lr_schedule.png", "merged", "checkpoints", "finetune_recipes", MANIFEST, LOCK,
 )  # fmt: skip
 
@@ -225,7 +225,8 @@ def save_outputs(run: Run, model, results: dict[str, Any], extra_files: dict[str
 
     failure = f"cannot save the outputs to {out} ({{reason}}); none was written: free space or fix permissions"
     on_main(accelerator, lambda: publish(run, write), failure + ", then run again")
-    summary = {k: v for k, v in results.items() if k.startswith(("eval_accuracy", "eval_f1", "test_accuracy"))}
+    primary = run.task.primary_metric
+    summary = {k: results[k] for k in (f"eval_{primary}", f"test_{primary}", f"test_{primary}_tuned") if k in results}
     logger.info("Saved to %s: %s", out, ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     return results
 

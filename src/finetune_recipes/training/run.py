@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,10 +13,12 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from ..config import DataArguments, ModelArguments, TrainingArguments, UserError, config_to_dict
-from ..data import ClassificationData, build_dataloaders, load_data
+from ..data import ClassificationData, Task, build_dataloaders, load_data
+from ..metrics import MULTI, REGRESSION, per_class_report, task_metrics, tune_thresholds
+from ..modeling import fold_target_scale
 from ..optim import build_scheduler
 from .checkpoints import TrainState
-from .loop import evaluate
+from .loop import check_metric, predict_split
 from .outputs import check_output_dir, save_outputs
 from .precision import build_accelerator, pad_multiple
 
@@ -69,6 +72,10 @@ class Run:
     lock: int | None = None  # the file descriptor holding output_dir's lock until the process ends
 
     @property
+    def task(self) -> Task:
+        return self.data.task
+
+    @property
     def resolved_config(self) -> dict[str, Any]:
         """The resolved configuration, as `--config` reads it back."""
         return config_to_dict(self.model_args, self.data_args, self.training_args, *self.recipe_args)
@@ -94,14 +101,44 @@ class Run:
         self.schedule = Schedule(scheduler, schedule.total_steps, schedule.steps_per_epoch)
 
     def finish(self, results: dict[str, Any], model=None, extra_files: dict[str, str | bytes] | None = None) -> dict:
-        """Test metrics (when the test split has labels), then the model (`model` when it differs from the one
-        trained), tokenizer, results.json and recipe_config.yaml; returns the results."""
-        if "test" in self.loaders:
-            results = {**results, **{f"test_{k}": v for k, v in evaluate(self, "test").items()}}
-        results = save_outputs(self, model if model is not None else self.model, results, extra_files)
+        """Test metrics (when the test split has labels), multi-label thresholds tuned on validation, the
+        per-class report, then the model (`model` when it differs from the one trained), tokenizer,
+        results.json and recipe_config.yaml; returns the results."""
+        results, extra_files = score_splits(self, results), dict(extra_files or {})
+        model = model if model is not None else self.model
+        if self.task.thresholds is not None:  # predict reads them back
+            thresholds = dict(zip(self.task.label_names, self.task.thresholds, strict=True))
+            extra_files["thresholds.json"] = json.dumps(thresholds, indent=2) + "\n"
+        if self.task.problem_type == REGRESSION:  # the saved model predicts in the target's units
+            fold_target_scale(self.accelerator.unwrap_model(model), self.task.target_mean, self.task.target_std)
+        results = save_outputs(self, model, results, extra_files)
         self.accelerator.wait_for_everyone()  # no process may tear the group down while another still uses it
         self.accelerator.end_training()
         return results
+
+
+def score_splits(run: Run, results: dict[str, Any]) -> dict[str, Any]:
+    """The final scoring every task shape shares.
+
+    Multi-label thresholds are tuned on validation (each label's F1), and judged on test only: test metrics
+    come at 0.5 and, as test_*_tuned, at the tuned thresholds. Adds the per-class report (precision, recall,
+    F1, support; single-label: the confusion matrix) of validation and test, and the task's summary.
+    """
+    task, reports = run.task, {}
+    validation = predict_split(run, "validation")
+    if task.problem_type == MULTI:
+        task.thresholds = [round(float(t), 4) for t in tune_thresholds(*validation)]
+    cut = task.thresholds if task.thresholds is not None else 0.5
+    reports["validation"] = per_class_report(task.problem_type, *validation, task.label_names, cut)
+    if "test" in run.loaders:
+        scores, references = predict_split(run, "test")
+        metrics = {**task_metrics(task.problem_type, scores, references), "samples": len(references)}
+        results = {**results, **{f"test_{k}": v for k, v in metrics.items()}}
+        if task.thresholds is not None:
+            tuned = task_metrics(task.problem_type, scores, references, task.thresholds)
+            results.update({f"test_{k}_tuned": v for k, v in tuned.items()})
+        reports["test"] = per_class_report(task.problem_type, scores, references, task.label_names, cut)
+    return {**results, "task": task.summary(), **({"report": reports} if any(reports.values()) else {})}
 
 
 def wrap_blocks_not_embeddings(accelerator, model: torch.nn.Module) -> None:
@@ -139,5 +176,6 @@ def start_run(
     check_output_dir(training_args)
     accelerator = build_accelerator(training_args, find_unused_parameters)
     tokenizer, data = load_data(model_args, data_args, training_args.seed, accelerator)
-    loaders = build_dataloaders(data, tokenizer, training_args, data_args.group_by_length, pad_multiple(accelerator))
+    check_metric(training_args, data.task.problem_type)
+    loaders = build_dataloaders(data, tokenizer, training_args, data_args, pad_multiple(accelerator))
     return Run(model_args, data_args, training_args, recipe_args, accelerator, tokenizer, data, loaders)

@@ -1,0 +1,107 @@
+"""Data: read a text-classification data set, find its task shape and encode its labels, split it without
+leakage, tokenize (truncated, or as windows of long documents), batch.
+
+files: reading and column checks · tasks: problem type, labels, loss, class weights · split: validation
+split per task shape · tokenize / windows: token ids · loaders: samplers and dataloaders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from datasets import Dataset, DatasetDict
+from transformers import PreTrainedTokenizerBase
+
+from ..config import DataArguments, ModelArguments, UserError
+from .files import BBC_NEWS, check_columns, drop_absent_test_labels, load_bbc_news, load_raw_datasets
+from .loaders import (
+    EpochLengthGroupedSampler,
+    EpochWeightedSampler,
+    build_dataloader,
+    build_dataloaders,
+    labelled,
+    train_sampler,
+)
+from .split import drop_duplicate_texts, split_validation, warn_overlap
+from .tasks import Task, encode_task
+from .tokenize import build_tokenizer, content_digest, load_tokenizer, tokenize
+from .windows import aggregate_windows, encode_windows
+
+
+@dataclass
+class ClassificationData:
+    """Tokenized splits and the task that decodes their labels (its label names order the label ids)."""
+
+    train: Dataset
+    validation: Dataset
+    test: Dataset | None
+    task: Task
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.task.label_names
+
+
+def load_data(model_args: ModelArguments, data_args: DataArguments, seed: int, accelerator) -> tuple:
+    """(tokenizer, ClassificationData); the main process builds first, so the others read its cache."""
+    tokenizer = build_tokenizer(model_args, data_args)
+    with accelerator.main_process_first():
+        return tokenizer, build_datasets(data_args, tokenizer, seed)
+
+
+def build_datasets(args: DataArguments, tokenizer: PreTrainedTokenizerBase, seed: int) -> ClassificationData:
+    """Raw data → task and labels fixed from train → deduplicated validation split if missing → tokens."""
+    raw, task = raw_splits(args, seed)
+    tokenized = tokenize(raw, tokenizer, args)
+    return ClassificationData(tokenized["train"], tokenized["validation"], tokenized.get("test"), task)
+
+
+def raw_splits(args: DataArguments, seed: int) -> tuple[DatasetDict, Task]:
+    """The raw texts of train, validation (held out when missing) and test, with encoded labels and the task."""
+    raw = load_raw_datasets(args)
+    if "train" not in raw:
+        raise UserError(f"the data has no train split (splits: {', '.join(raw)}); pass --train_file")
+    raw = DatasetDict({k: raw[k] for k in ("train", "validation", "test") if k in raw})  # not MNLI's *_matched
+    raw = drop_absent_test_labels(raw, args.label_sources)
+    check_columns(raw, args)
+    text_columns = [c for c in (args.text_column, args.text_pair_column) if c]
+    raw, task = encode_task(raw, args)
+    if "validation" not in raw:
+        raw["train"], raw["validation"] = split_validation(raw["train"], text_columns, args, seed, task.problem_type)
+    else:
+        warn_overlap(raw["train"], raw["validation"], text_columns)
+    # A seeded sample, not the first rows: files are often sorted by label.
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if limit and limit < len(raw[split]):
+            raw[split] = raw[split].shuffle(seed=seed).select(range(limit))
+    return raw, task
+
+
+__all__ = [
+    "BBC_NEWS",
+    "ClassificationData",
+    "EpochLengthGroupedSampler",
+    "EpochWeightedSampler",
+    "Task",
+    "aggregate_windows",
+    "build_dataloader",
+    "build_dataloaders",
+    "build_datasets",
+    "build_tokenizer",
+    "check_columns",
+    "content_digest",
+    "drop_absent_test_labels",
+    "drop_duplicate_texts",
+    "encode_task",
+    "encode_windows",
+    "labelled",
+    "load_bbc_news",
+    "load_data",
+    "load_raw_datasets",
+    "load_tokenizer",
+    "raw_splits",
+    "split_validation",
+    "tokenize",
+    "train_sampler",
+    "warn_overlap",
+]

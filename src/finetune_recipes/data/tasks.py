@@ -1,0 +1,349 @@
+"""The task's shape, read from the labels: single-label, multi-label or regression. Labels encoded once here,
+and the one loss every recipe uses, so no recipe needs a branch per task shape."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Sequence, Value
+from torch.nn import functional as F
+
+from ..config import DataArguments, UserError, listing
+from ..metrics import METRICS, MULTI, REGRESSION, SINGLE
+from .files import check_no_missing, check_type, split_name
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_TYPES = {"single_label": SINGLE, "multi_label": MULTI, "regression": REGRESSION}
+
+
+@dataclass
+class Task:
+    """What the labels are and how a model is scored against them.
+
+    `problem_type` is the name transformers uses in a model config (so `pipeline()` applies softmax,
+    sigmoid or nothing); `class_weights` are cross-entropy weights per class, or BCE `pos_weight` per label
+    for multi-label; regression targets are trained as (y - target_mean) / target_std.
+    """
+
+    problem_type: str
+    label_names: list[str]
+    class_weights: list[float] | None = None
+    target_mean: float = 0.0
+    target_std: float = 1.0
+    thresholds: list[float] | None = None  # multi-label: tuned on validation at the end of training
+    _weights: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.problem_type == REGRESSION else len(self.label_names)
+
+    @property
+    def primary_metric(self) -> str:
+        return METRICS[self.problem_type][0]
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (single-label), BCE per label (multi-label) or MSE (regression), with the class
+        weights when there are any; computed in float32 whatever the autocast precision."""
+        logits = logits.float()
+        weights = self._weight_tensor(logits.device)
+        if self.problem_type == SINGLE:
+            return F.cross_entropy(logits, labels, weight=weights)
+        if self.problem_type == MULTI:
+            return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights)
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+
+    def _weight_tensor(self, device: torch.device) -> torch.Tensor | None:
+        if self.class_weights is None:
+            return None
+        if device not in self._weights:  # made once per device, not once per step
+            self._weights[device] = torch.tensor(self.class_weights, dtype=torch.float32, device=device)
+        return self._weights[device]
+
+    def scores(self, logits) -> np.ndarray:
+        """What a user reads from logits: class probabilities, per-label probabilities, or values in y's units."""
+        logits = torch.as_tensor(logits).float()
+        if self.problem_type == SINGLE:
+            return logits.softmax(-1).numpy()
+        if self.problem_type == MULTI:
+            return logits.sigmoid().numpy()
+        return (logits.squeeze(-1) * self.target_std + self.target_mean).numpy()
+
+    def references(self, labels) -> np.ndarray:
+        """Encoded labels back as the metrics take them (regression targets in y's units)."""
+        labels = torch.as_tensor(labels)
+        if self.problem_type == REGRESSION:
+            return (labels.double() * self.target_std + self.target_mean).numpy()
+        return labels.numpy()
+
+    def summary(self) -> dict:
+        """For results.json and the logs: the problem type, and the weights or scale the loss used."""
+        out: dict = {"problem_type": self.problem_type, "num_labels": self.num_labels}
+        if self.class_weights is not None:
+            kind = "pos_weight" if self.problem_type == MULTI else "class_weights"
+            out[kind] = {n: round(w, 4) for n, w in zip(self.label_names, self.class_weights, strict=True)}
+        if self.problem_type == REGRESSION:
+            out["target_mean"], out["target_std"] = self.target_mean, self.target_std
+        if self.thresholds is not None:
+            out["thresholds"] = dict(zip(self.label_names, self.thresholds, strict=True))
+        return out
+
+
+def is_list(feature) -> bool:
+    return isinstance(feature, (List, LargeList, Sequence, list))
+
+
+def problem_type_of(train: Dataset, args: DataArguments) -> str:
+    """--problem_type when given (and consistent with the labels), else what the label column holds."""
+    feature = train.features[args.label_sources[0]]
+    multi_source = (
+        "--label_columns" if args.label_columns else
+        "--label_delimiter" if args.label_delimiter else
+        f"column '{args.label_column}' (it holds lists)" if is_list(feature) else None
+    )  # fmt: skip
+    asked = PROBLEM_TYPES.get(args.problem_type) if args.problem_type else None
+    if multi_source:
+        if asked not in (None, MULTI):
+            raise UserError(f"{multi_source} makes a multi-label task; drop --problem_type {args.problem_type}")
+        return MULTI
+    if asked == MULTI:
+        raise UserError(
+            f"problem_type multi_label needs several labels per text: a label column of lists, "
+            f"--label_delimiter for '{args.label_column}', or --label_columns"
+        )
+    if asked:
+        return asked
+    if isinstance(feature, Value) and feature.dtype.startswith("float"):
+        values = np.asarray([v for v in train[args.label_column] if v is not None], dtype=np.float64)
+        if np.any(values != np.round(values)):
+            logger.info("Labels hold non-integer numbers: regression (pass --problem_type single_label for classes)")
+            return REGRESSION
+    return SINGLE
+
+
+def encode_task(raw: DatasetDict, args: DataArguments) -> tuple[DatasetDict, Task]:
+    """Every labelled split with a `labels` column the models take, and the Task that decodes it."""
+    problem_type = problem_type_of(raw["train"], args)
+    if problem_type == MULTI:
+        raw, task = encode_multi_label(raw, args)
+    elif problem_type == REGRESSION:
+        raw, task = encode_regression(raw, args)
+    else:
+        raw, task = encode_single_label(raw, args)
+    task.class_weights = class_weights(raw["train"]["labels"], task, args.class_weights)
+    if args.sampler == "weighted" and problem_type == REGRESSION:
+        raise UserError("sampler weighted draws classes equally often, and regression has none; drop --sampler")
+    return raw, task
+
+
+def _labelled(raw: DatasetDict, args: DataArguments):
+    """(split, dataset) of each split that has its labels (a test file may not)."""
+    return [(split, ds) for split, ds in raw.items() if args.label_sources[0] in ds.column_names]
+
+
+def _replace_labels(ds: Dataset, args: DataArguments, labels: list, feature) -> Dataset:
+    ds = ds.remove_columns([c for c in args.label_sources if c in ds.column_names])
+    return ds.add_column("labels", labels).cast_column("labels", feature)
+
+
+def encode_single_label(raw: DatasetDict, args: DataArguments) -> tuple[DatasetDict, Task]:
+    """Maps labels (strings or integers) to ids 0..n-1 in sorted order of the training labels."""
+    column = args.label_column
+    for split, ds in _labelled(raw, args):
+        check_type(ds.features[column], column, split_name(args, split), text=False)
+        check_no_missing(ds[column], column, split)
+    feature = raw["train"].features[column]
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+        values = list(range(len(names)))
+    else:
+        values = sorted(set(raw["train"][column]))
+        names = [str(v) for v in values]
+    if len(raw["train"]) >= 20 and len(names) > len(raw["train"]) / 2:
+        logger.warning(
+            "the label column '%s' has %d different values in %d training examples; if it is not the label, pass "
+            "--label_column; if it is a score, --problem_type regression",
+            column, len(names), len(raw["train"]),
+        )  # fmt: skip
+    if len(names) < 2:
+        raise UserError(
+            f"the train split has one label ('{names[0]}'); classification needs at least two classes: "
+            "add examples of another class"
+        )
+    to_id = {v: i for i, v in enumerate(values)}
+    encoded = dict(raw)
+    for split, ds in _labelled(raw, args):
+        _refuse_unseen({str(v) for v in ds[column]}, [str(v) for v in values], split, names)
+        encoded[split] = _replace_labels(ds, args, [to_id[v] for v in ds[column]], ClassLabel(names=names))
+    return DatasetDict(encoded), Task(SINGLE, names)
+
+
+def _refuse_unseen(seen: set[str], known: list[str], split: str, names: list[str] | None = None) -> None:
+    names = known if names is None else names
+    unseen = sorted(seen - set(known))
+    if unseen:
+        raise UserError(
+            f"label '{unseen[0]}' of the {split} split never occurs in train (labels: {listing(names)}); "
+            "add training examples for it or drop it"
+        )
+
+
+def encode_multi_label(raw: DatasetDict, args: DataArguments) -> tuple[DatasetDict, Task]:
+    """Multi-hot float vectors over the train split's labels (sorted), from lists, delimited strings or 0/1
+    columns."""
+    per_split = {split: _label_sets(ds, split, args) for split, ds in _labelled(raw, args)}
+    names = sorted({label for row in per_split["train"] for label in row})
+    if args.label_columns:
+        names = sorted(args.label_sources)
+    if len(names) < 2:
+        raise UserError(
+            f"the train split has {len(names)} label(s) ({listing(names)}); multi-label needs at least two: "
+            "check --label_column/--label_delimiter"
+        )
+    index = {n: i for i, n in enumerate(names)}
+    encoded = dict(raw)
+    for split, rows in per_split.items():
+        _refuse_unseen({label for row in rows for label in row}, names, split)
+        vectors = []
+        for row in rows:
+            vector = [0.0] * len(names)
+            for label in row:
+                vector[index[label]] = 1.0
+            vectors.append(vector)
+        encoded[split] = _replace_labels(raw[split], args, vectors, List(Value("float32")))
+    return DatasetDict(encoded), Task(MULTI, names)
+
+
+def _label_sets(ds: Dataset, split: str, args: DataArguments) -> list[set[str]]:
+    """Each example's labels, as strings, from whichever form the data holds them in."""
+    where = split_name(args, split)
+    if args.label_columns:
+        rows = _from_indicator_columns(ds, args.label_sources, where)
+    else:
+        column, feature = args.label_column, ds.features[args.label_column]
+        if is_list(feature):
+            inner = getattr(feature, "feature", None)
+            if not (isinstance(inner, Value) and (inner.dtype in ("string", "large_string") or "int" in inner.dtype)):
+                raise UserError(
+                    f"column '{column}' of {where} holds lists of {getattr(inner, 'dtype', type(inner).__name__)}, "
+                    "not lists of labels; give each text a list of label names"
+                )
+            check_no_missing(ds[column], column, split)
+            rows = [{str(v) for v in row} for row in ds[column]]
+        else:
+            if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+                raise UserError(
+                    f"label_delimiter needs column '{column}' of {where} to hold text, not {feature}; "
+                    "drop --label_delimiter or point --label_column at the delimited labels"
+                )
+            rows = [{p.strip() for p in (v or "").split(args.label_delimiter)} - {""} for v in ds[column]]
+    if not args.allow_empty_labels:
+        empty = next((i for i, row in enumerate(rows) if not row), None)
+        if empty is not None:
+            raise UserError(
+                f"example {empty} (counting from 0) of {where} has no label, and --allow_empty_labels is false; "
+                "give it a label, drop that row, or allow texts without labels"
+            )
+    return rows
+
+
+_ALL_ZERO_OR_ONE = object()
+
+
+def _from_indicator_columns(ds: Dataset, columns: list[str], where: str) -> list[set[str]]:
+    """Labels from 0/1 (or true/false) columns, one column per label."""
+    matrix = []
+    for column in columns:
+        values = ds[column]
+        bad = next((v for v in values if v is None or v not in (0, 1)), _ALL_ZERO_OR_ONE)
+        if bad is not _ALL_ZERO_OR_ONE:  # `True == 1` and `1.0 == 1`: bools and whole floats pass
+            raise UserError(
+                f"column '{column}' of {where} holds {bad!r}, not 0 or 1; "
+                "--label_columns takes one 0/1 column per label"
+            )
+        matrix.append(values)
+    return [{c for c, v in zip(columns, row, strict=True) if v} for row in zip(*matrix, strict=True)]
+
+
+def encode_regression(raw: DatasetDict, args: DataArguments) -> tuple[DatasetDict, Task]:
+    """Float targets, standardised with the train split's mean and standard deviation when asked."""
+    column = args.label_column
+    targets = {split: _numbers(ds, column, split_name(args, split), split) for split, ds in _labelled(raw, args)}
+    train = np.asarray(targets["train"], dtype=np.float64)
+    mean, std = (float(train.mean()), float(train.std())) if args.standardize_target else (0.0, 1.0)
+    if std == 0:
+        raise UserError(
+            f"every target in the train split is {train[0]:g}; regression needs targets that vary "
+            "(or pass --standardize_target false)"
+        )
+    encoded = dict(raw)
+    for split, values in targets.items():
+        scaled = [(v - mean) / std for v in values]
+        encoded[split] = _replace_labels(raw[split], args, scaled, Value("float32"))
+    logger.info("Regression targets: mean %.4g, std %.4g (train)", train.mean(), train.std())
+    return DatasetDict(encoded), Task(REGRESSION, [column], target_mean=mean, target_std=std)
+
+
+def _numbers(ds: Dataset, column: str, where: str, split: str) -> list[float]:
+    feature = ds.features[column]
+    if not isinstance(feature, Value):
+        check_type(feature, column, where, text=False)
+    check_no_missing(ds[column], column, split)
+    out = []
+    for i, value in enumerate(ds[column]):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise UserError(
+                f"label {value!r} (example {i} of {where}) is not a number; regression needs numeric labels: "
+                "fix or drop that row, or pass --problem_type single_label for classes"
+            ) from None
+        if not math.isfinite(number):
+            raise UserError(f"label {value!r} (example {i} of {where}) is not finite; fix or drop that row")
+        out.append(number)
+    return out
+
+
+def class_weights(labels: list, task: Task, spec: str) -> list[float] | None:
+    """none; balanced: n / (classes × count) per class (sklearn's rule), or per label (negatives / positives)
+    as BCE's pos_weight; or a JSON file {label: weight}, unnamed labels weighing 1."""
+    if spec == "none":
+        return None
+    if task.problem_type == REGRESSION:
+        raise UserError("class_weights weigh classes, and regression has none; drop --class_weights")
+    if spec == "balanced":
+        if task.problem_type == MULTI:
+            positives = np.asarray(labels, dtype=np.float64).sum(0)
+            return [float((len(labels) - p) / p) if p else 1.0 for p in positives]
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=task.num_labels)
+        return [float(len(labels) / (task.num_labels * c)) if c else 1.0 for c in counts]
+    path = Path(spec).expanduser()
+    try:
+        given = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"class_weights {spec} is not none, balanced or an existing JSON file") from None
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"cannot read class weights from {spec} ({error.__class__.__name__}); pass a JSON file"
+        ) from None
+    if not isinstance(given, dict):
+        raise UserError(f'class weights file {spec} is not a mapping; write {{"label": weight, ...}}')
+    unknown = sorted(set(map(str, given)) - set(task.label_names))
+    if unknown:
+        raise UserError(
+            f"class weights file {spec} names '{unknown[0]}', which is not a label (labels: "
+            f"{listing(task.label_names)}); fix that name"
+        )
+    weights = {str(k): v for k, v in given.items()}
+    bad = next(
+        (k for k, v in weights.items() if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v))), None
+    )
+    if bad is not None:
+        raise UserError(f"class weight of '{bad}' in {spec} is {weights[bad]!r}; weights must be positive numbers")
+    return [float(weights.get(name, 1.0)) for name in task.label_names]
