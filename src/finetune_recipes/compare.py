@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 
 from .catalog import list_recipes, recipes_dir
 from .config import DataArguments, ModelArguments, Parser, TrainingArguments, UserError, listing, parse_config
+from .metrics import MULTI, REGRESSION, SINGLE, greater_is_better, task_metrics
 from .training.outputs import LOCK, MANIFEST, entries, lock_output_dir, write_text
 
-COLUMNS = [  # results key, title, format
+# The two metrics a table shows per problem type, the first the primary one (the plot's, and what a row says).
+TABLE_METRICS = {SINGLE: ("accuracy", "f1_macro"), MULTI: ("f1_micro", "f1_macro"), REGRESSION: ("mse", "r2")}
+COLUMNS = [  # results key, title, format; the metric columns go after the strategy
     ("strategy", "strategy", "{}"),
-    ("eval_accuracy", "accuracy", "{:.4f}"),
-    ("eval_f1_macro", "macro-F1", "{:.4f}"),
     ("trainable_params", "trainable params", "{:,}"),
     ("wall_time_s", "wall time (s)", "{:.1f}"),
     ("train_runtime_s", "train time (s)", "{:.1f}"),
@@ -137,10 +138,12 @@ def run_recipe(recipe: str, out: Path, flags: list[str], overwrite: bool) -> dic
 
 
 def tfidf_baseline(shared: list[str]) -> dict:
-    """TF-IDF + logistic regression on exactly the recipes' train and validation texts."""
+    """TF-IDF and a linear model on exactly the recipes' train and validation texts (whole texts, never
+    truncated): logistic regression (single-label), one-vs-rest logistic regression (multi-label), or ridge
+    regression on the standardised target (regression); scored by the same metrics as the recipes."""
     from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.multiclass import OneVsRestClassifier
 
     from .data import raw_splits
 
@@ -148,7 +151,7 @@ def tfidf_baseline(shared: list[str]) -> dict:
         *SHARED_TYPES, args=shared, default_config=recipes_dir() / "configs" / "full_finetune.yaml"
     )
     start = time.perf_counter()
-    splits, _ = raw_splits(data_args, args.seed)
+    splits, task = raw_splits(data_args, args.seed)
     columns = [c for c in (data_args.text_column, data_args.text_pair_column) if c]
 
     def texts(split):
@@ -156,21 +159,42 @@ def tfidf_baseline(shared: list[str]) -> dict:
 
     vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2)
     features = vectorizer.fit_transform(texts("train"))
+    model, name = {
+        SINGLE: (LogisticRegression(C=10.0, max_iter=2000), "tfidf_logreg"),
+        MULTI: (OneVsRestClassifier(LogisticRegression(C=10.0, max_iter=2000)), "tfidf_ovr_logreg"),
+        REGRESSION: (Ridge(alpha=1.0), "tfidf_ridge"),
+    }[task.problem_type]
     train_start = time.perf_counter()
-    classifier = LogisticRegression(C=10.0, max_iter=2000).fit(features, splits["train"]["labels"])
+    model.fit(features, splits["train"]["labels"])
     train_time = time.perf_counter() - train_start
-    predictions = classifier.predict(vectorizer.transform(texts("validation")))
-    references = splits["validation"]["labels"]
+    validation = vectorizer.transform(texts("validation"))
+    if task.problem_type == REGRESSION:
+        scores = model.predict(validation) * task.target_std + task.target_mean
+    else:
+        scores = model.predict_proba(validation)
+    metrics = task_metrics(task.problem_type, scores, task.references(splits["validation"]["labels"]))
+    estimators = getattr(model, "estimators_", [model])
     return {
-        "strategy": "tfidf_logreg",
-        "eval_accuracy": accuracy_score(references, predictions),
-        "eval_f1_macro": f1_score(references, predictions, average="macro"),
-        "trainable_params": int(classifier.coef_.size + classifier.intercept_.size),
+        "strategy": name,
+        **{f"eval_{k}": v for k, v in metrics.items()},
+        "task": task.summary(),
+        "trainable_params": int(sum(e.coef_.size + e.intercept_.size for e in estimators)),
         "wall_time_s": round(time.perf_counter() - start, 1),
         "train_runtime_s": round(train_time, 2),
         "train_samples_per_second": round(len(splits["train"]) / train_time, 1),
         "status": "ok",
     }
+
+
+def table_metrics(rows: list[dict]) -> tuple[str, ...]:
+    """The metrics to show: those of the problem type the rows report (single-label when none ran)."""
+    problem_type = next((r["task"]["problem_type"] for r in rows if "task" in r), SINGLE)
+    return TABLE_METRICS[problem_type]
+
+
+def columns_for(rows: list[dict]) -> list[tuple[str, str, str]]:
+    metrics = [(f"eval_{m}", m, "{:.4f}") for m in table_metrics(rows)]
+    return [COLUMNS[0], *metrics, *COLUMNS[1:]]
 
 
 def cell(value, fmt: str = "{:.4f}") -> str:
@@ -181,14 +205,15 @@ def cell(value, fmt: str = "{:.4f}") -> str:
 
 def write_table(rows: list[dict], out: Path, command: str) -> str:
     """comparison.md (with the machine and the command) and comparison.csv; returns the Markdown."""
-    header = [title for _, title, _ in COLUMNS]
+    columns = columns_for(rows)
+    header = [title for _, title, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(row.get(key), fmt) for key, _, fmt in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row.get(key), fmt) for key, _, fmt in columns) + " |" for row in rows]
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
     markdown = "\n".join([*lines, "", f"Machine: {machine}. Command: `{command}`", ""])
     write_text(out / "comparison.md", markdown)
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=[key for key, _, _ in COLUMNS], extrasaction="ignore")
+    writer = csv.DictWriter(table, fieldnames=[key for key, _, _ in columns], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_text(out / "comparison.csv", table.getvalue())
@@ -208,13 +233,16 @@ def plot(rows: list[dict], path: Path) -> None:
     if not done:
         return
     names = [r["strategy"] for r in done]
+    metric = table_metrics(rows)[0]
+    values = [r[f"eval_{metric}"] for r in done]
     fig, (acc, wall) = plt.subplots(1, 2, figsize=(11, 4.2))
-    acc.barh(names, [r["eval_accuracy"] for r in done], color="#4c72b0")
-    acc.set(xlabel="validation accuracy", xlim=(min(r["eval_accuracy"] for r in done) - 0.02, 1.0))
+    acc.barh(names, values, color="#4c72b0")
+    limits = (max(0.0, min(values) - 0.02), 1.0) if greater_is_better(metric) else (0.0, max(values) * 1.15 or 1.0)
+    acc.set(xlabel=f"validation {metric}" + ("" if greater_is_better(metric) else " (lower is better)"), xlim=limits)
     wall.barh(names, [r["wall_time_s"] for r in done], color="#dd8452")
     wall.set(xlabel="wall time (s)")
     wall.set_yticklabels([])
-    for ax, key, fmt in ((acc, "eval_accuracy", "{:.3f}"), (wall, "wall_time_s", "{:.0f}")):
+    for ax, key, fmt in ((acc, f"eval_{metric}", "{:.3f}"), (wall, "wall_time_s", "{:.0f}")):
         for i, r in enumerate(done):
             ax.text(r[key], i, " " + fmt.format(r[key]), va="center", fontsize=8)
     fig.suptitle("Transfer-learning strategies on the same data, seed and budget")
@@ -236,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipes", default=",".join(ORDER), help="comma-separated recipe names")
     parser.add_argument("--output_dir", default="outputs/compare")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier comparison there")
-    parser.add_argument("--no_baseline", action="store_true", help="skip the TF-IDF + logistic regression row")
+    parser.add_argument("--no_baseline", action="store_true", help="skip the TF-IDF baseline row")
     known, rest = parser.parse_known_args(argv)
     recipes = [r for r in known.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in list_recipes()]
@@ -253,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
         progress.set_postfix_str(recipe)
         row = run_recipe(recipe, out, routes[recipe], known.overwrite_output_dir)
         rows.append(row)
-        tqdm.write(f"{recipe}: {row['status']}, accuracy {cell(row.get('eval_accuracy'))}, {row['wall_time_s']} s")
+        metric = table_metrics([row, *rows])[0]
+        tqdm.write(f"{recipe}: {row['status']}, {metric} {cell(row.get(f'eval_{metric}'))}, {row['wall_time_s']} s")
     command = "finetune-recipes compare " + " ".join(argv or [])
     print(write_table(rows, out, command.strip()))
     plot(rows, out / "comparison.png")
