@@ -207,18 +207,21 @@ def test_every_recipe_runs_every_shape(recipe, shape, shapes, tiny_args, tmp_pat
 
 def test_multi_label_learns_its_labels_and_predicts_with_tuned_thresholds(shapes, tiny_args, tmp_path):
     args = shape_args(tiny_args, shapes["multi"], "--label_column", "labels", "--learning_rate", "3e-3")
-    run_recipe("full_finetune", *replace(args, "--num_train_epochs", "8"))
+    run_recipe("full_finetune", *replace(args, "--num_train_epochs", "15"))
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
-    assert results["eval_f1_micro"] > 0.7 and results["test_f1_micro_tuned"] > 0.7
+    assert results["eval_f1_micro"] > 0.9 and results["test_f1_micro_tuned"] > 0.9
     thresholds = json.loads((out / "thresholds.json").read_text())
     assert set(thresholds) == {"business", "sport", "tech"} and results["task"]["thresholds"] == thresholds
     assert set(results["report"]["test"]["per_class"]) == {"business", "sport", "tech"}
-    (sport, both) = predict(out, ["goal match team win score", "goal match win phone software chip code"])
-    assert sport["labels"] == ["sport"]
-    assert set(both["labels"]) == {"sport", "tech"} and len(both["scores"]) == 2
-    scores = pipeline("text-classification", model=str(out), top_k=None)(["goal match team win score"])[0]
-    assert len(scores) == 3 and sum(s["score"] for s in scores) != pytest.approx(1.0, abs=0.05)  # sigmoid
+    texts = ["goal match team win score", "goal match win phone software chip code"]
+    (sport, both) = predict(out, texts)
+    assert "sport" in sport["labels"] and {"sport", "tech"} <= set(both["labels"])
+    piped = pipeline("text-classification", model=str(out), top_k=None)(texts)
+    for row, scores in zip((sport, both), piped, strict=True):
+        assert len(scores) == 3 and sum(s["score"] for s in scores) != pytest.approx(1.0, abs=0.05)  # sigmoid
+        over = {s["label"] for s in scores if s["score"] >= thresholds[s["label"]]}
+        assert set(row["labels"]) == over  # predict cuts each label at its tuned threshold
 
 
 def test_regression_learns_a_function_of_the_text_in_its_units(shapes, tiny_args, tmp_path):
@@ -235,7 +238,7 @@ def test_regression_learns_a_function_of_the_text_in_its_units(shapes, tiny_args
 
 
 def test_windows_find_a_word_truncation_never_reads(shapes, tiny_args, tmp_path):
-    args = shape_args(tiny_args, shapes["long"], "--learning_rate", "3e-3", "--num_train_epochs", "6")
+    args = shape_args(tiny_args, shapes["long"], "--learning_rate", "3e-3", "--num_train_epochs", "15")
     windows = ["--long_documents", "windows", "--window_stride", "8", "--window_aggregation", "max"]
     run_recipe("full_finetune", *replace(args, "--output_dir", str(tmp_path / "cut")))
     run_recipe("full_finetune", *replace(args, "--output_dir", str(tmp_path / "win")), *windows)

@@ -132,7 +132,7 @@ def regression_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def long_document_rows(n: int, seed: int, filler_words: int = 120) -> list[dict[str, str]]:
+def long_document_rows(n: int, seed: int, filler_words: int = 60) -> list[dict[str, str]]:
     """`n` documents of `filler_words` neutral words whose topic words come only at the very end, so a
     model reading the first `max_length` tokens cannot tell the topic and one reading windows can."""
     rng = random.Random(seed)
