@@ -105,12 +105,17 @@ def kill_after_checkpoint(cmd: list[str], checkpoint: Path, timeout: float = 300
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["full_finetune", "progressive_unfreezing"])
-def test_killed_run_resumes_to_the_same_weights_and_metrics(recipe, tiny_args, tmp_path):
+@pytest.mark.parametrize(
+    ("recipe", "extra"),
+    [
+        ("full_finetune", []),
+        ("progressive_unfreezing", ["--unfreeze_every", "1"]),
+        ("full_finetune", ["--sampler", "weighted", "--class_weights", "balanced"]),  # the drawn order repeats
+    ],
+)
+def test_killed_run_resumes_to_the_same_weights_and_metrics(recipe, extra, tiny_args, tmp_path):
     # 12 optimizer steps per epoch; checkpoints every 5 land mid-epoch.
-    common = [*tiny_args, "--num_train_epochs", "8", "--checkpointing_steps", "5", "--unfreeze_every", "1"][:None]
-    if recipe != "progressive_unfreezing":
-        common = common[:-2]
+    common = [*tiny_args, "--num_train_epochs", "8", "--checkpointing_steps", "5", *extra]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_recipe(recipe, *common, "--output_dir", straight)
     cmd = [sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), *map(str, common), "--output_dir", str(resumed)]

@@ -113,7 +113,9 @@ def test_the_criterion_weights_classes_and_fits_each_shape():
     assert weighted == pytest.approx((per_example[0] + 3 * per_example[1]) / 4)  # torch's weighted mean
     targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     pos = Task(MULTI, ["a", "b"], class_weights=[1.0, 4.0]).loss(logits, targets)
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=torch.tensor([1.0, 4.0]))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, targets, pos_weight=torch.tensor([1.0, 4.0])
+    )
     assert pos == pytest.approx(expected)
     assert Task(REGRESSION, ["y"]).loss(torch.tensor([[1.0], [3.0]]), torch.tensor([1.0, 1.0])) == 2.0
 
@@ -149,6 +151,18 @@ def test_windows_cover_a_document_and_aggregate_back(tiny_model):
     assert mean.tolist() == [[2.0, 1.0], [0.0, 5.0]] and labels.tolist() == [1, 0]
     top, _ = aggregate_windows(logits, torch.tensor([1, 1, 0]), torch.tensor([0, 0, 1]), "max")
     assert top.tolist() == [[3.0, 2.0], [0.0, 5.0]]
+
+
+def test_windows_need_a_fast_tokenizer(tiny_model):
+    from finetune_recipes.data.windows import check_windows
+
+    class PythonTokenizer:  # transformers 5 backs most models' tokenizers with `tokenizers`; some still are not
+        is_fast = False
+
+    args = DataArguments(max_length=32, long_documents="windows", window_stride=8)
+    with pytest.raises(UserError, match="needs a fast tokenizer, and PythonTokenizer is not one"):
+        check_windows(PythonTokenizer(), args)
+    check_windows(AutoTokenizer.from_pretrained(tiny_model), args)
 
 
 def test_weighted_sampler_draws_classes_evenly_and_repeats_per_seed_and_epoch():

@@ -148,7 +148,8 @@ def _labelled(raw: DatasetDict, args: DataArguments):
 
 
 def _replace_labels(ds: Dataset, args: DataArguments, labels: list, feature) -> Dataset:
-    ds = ds.remove_columns([c for c in args.label_sources if c in ds.column_names])
+    # A column already named `labels` (the data's, not the one asked for) would clash with the encoded one.
+    ds = ds.remove_columns([c for c in {*args.label_sources, "labels"} if c in ds.column_names])
     return ds.add_column("labels", labels).cast_column("labels", feature)
 
 
