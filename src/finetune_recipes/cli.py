@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch_size", type=positive_int, default=32)
     predict.add_argument("--format", choices=["table", "jsonl"], default="table")
     predict.add_argument("texts", nargs="*")
+    report = commands.add_parser("report", help="redraw a finished run's model card, report and pictures")
+    report.add_argument("output_dir", help="a recipe's output_dir")
     commands.add_parser("compare", help="run several recipes on the same data and budget, one table", add_help=False)
     return parser
 
@@ -69,3 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         texts = read_texts(args.file, args.texts)
         results = predict(args.model, texts, args.batch_size)
         print(format_table(results) if args.format == "table" else format_jsonl(results))
+    elif args.command == "report":
+        from .reporting import report
+
+        print(f"wrote {', '.join(report(args.output_dir))} in {args.output_dir}")

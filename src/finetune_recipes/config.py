@@ -217,6 +217,14 @@ class TrainingArguments:
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without improvement."}
     )
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Upload output_dir (card included, checkpoints not) to the Hub at the end."}
+    )
+    hub_model_id: str | None = field(default=None, metadata={"help": "The Hub repo to push to: 'user/name'."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
+    hub_token: str | None = field(
+        default=None, metadata={"help": "Hub token; default: the cached login. Never written to any file."}
+    )
 
     def __post_init__(self) -> None:
         at_least_one = (1, None)
@@ -252,6 +260,8 @@ class TrainingArguments:
         known = sorted({m for names in METRICS.values() for m in names})
         if self.metric_for_best_model not in (None, *known):
             raise UserError(f"metric_for_best_model '{self.metric_for_best_model}' is not one of {', '.join(known)}")
+        if self.push_to_hub and not self.hub_model_id:
+            raise UserError("push_to_hub needs --hub_model_id user/name, the Hub repo to push to")
         if self.early_stopping_patience is not None and not self.metric_for_best_model:
             raise UserError("early_stopping_patience needs --metric_for_best_model (e.g. accuracy, f1_micro, mse)")
 
@@ -346,6 +356,7 @@ def _coerce(key: str, value: Any, action: argparse.Action, path: Path) -> Any:
 
 
 RUN_CONTROL = ("overwrite_output_dir", "resume_from_checkpoint", "allow_config_change_on_resume")
+SECRETS = ("hub_token",)  # never written to a file, a tracker or a log
 
 
 def config_to_dict(*configs: Any) -> dict[str, Any]:
@@ -354,7 +365,7 @@ def config_to_dict(*configs: Any) -> dict[str, Any]:
     Flags that say what to do with an existing run are left out: reading a saved config back must not
     overwrite or resume that run unless asked again on the command line.
     """
-    return {k: v for c in configs for k, v in dataclasses.asdict(c).items() if k not in RUN_CONTROL}
+    return {k: v for c in configs for k, v in dataclasses.asdict(c).items() if k not in (*RUN_CONTROL, *SECRETS)}
 
 
 def first_line(error: BaseException, width: int = 160) -> str:

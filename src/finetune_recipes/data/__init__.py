@@ -36,6 +36,7 @@ class ClassificationData:
     validation: Dataset
     test: Dataset | None
     task: Task
+    raw: DatasetDict | None = None  # the texts before tokenizing, one row per document: for predictions files
 
     @property
     def label_names(self) -> list[str]:
@@ -53,7 +54,7 @@ def build_datasets(args: DataArguments, tokenizer: PreTrainedTokenizerBase, seed
     """Raw data → task and labels fixed from train → deduplicated validation split if missing → tokens."""
     raw, task = raw_splits(args, seed)
     tokenized = tokenize(raw, tokenizer, args)
-    return ClassificationData(tokenized["train"], tokenized["validation"], tokenized.get("test"), task)
+    return ClassificationData(tokenized["train"], tokenized["validation"], tokenized.get("test"), task, raw)
 
 
 def raw_splits(args: DataArguments, seed: int) -> tuple[DatasetDict, Task]:

@@ -39,6 +39,7 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    loss_history: list[dict[str, float]] = field(default_factory=list)  # the logged training-loss means
     fingerprint: dict[str, object] = field(default_factory=dict)  # what determines the run: see loop.fingerprint
 
     def save(self, directory: Path) -> None:

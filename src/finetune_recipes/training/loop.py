@@ -26,7 +26,7 @@ from .checkpoints import (
     save_best,
     save_checkpoint,
 )
-from .outputs import claim_output_dir
+from .outputs import claim_output_dir, record_outputs
 
 if TYPE_CHECKING:
     from .run import Run
@@ -90,6 +90,7 @@ def train(run: Run, loss_step: LossStep, on_step: Callable[[int], None] | None =
         "train_runtime_s": round(runtime, 2),
         "train_samples_per_second": round(samples * accelerator.num_processes / runtime, 2),
         "history": state.history,
+        "loss_history": state.loss_history,
         **({"stopped_early": True} if stop_early(run) else {}),
     }
 
@@ -108,7 +109,10 @@ def begin(run: Run) -> TrainState:
         adopt_best(accelerator, path, args.output_dir, run.state)
         logger.info("Resumed at step %d from %s", run.state.completed_steps, path)
     if args.report_to:
-        accelerator.init_trackers("finetune_recipes", {k: v for k, v in vars(args).items() if v is not None})
+        settings = {k: v for k, v in run.resolved_config.items() if v is not None and not isinstance(v, dict | list)}
+        accelerator.init_trackers("finetune_recipes", settings)  # the resolved config: no token in it
+        if accelerator.is_main_process and (Path(args.output_dir) / "finetune_recipes").exists():
+            record_outputs(run, "finetune_recipes")  # the tracker's logs are the run's: an overwrite removes them
     logger.info(
         "%d optimizer steps on %d process(es) (%s), %s precision, %d examples per step",
         run.schedule.total_steps,
@@ -125,6 +129,7 @@ RESUME_MAY_CHANGE = {
     "output_dir", "logging_steps", "report_to", "per_device_eval_batch_size", "checkpointing_steps",
     "save_total_limit", "eval_strategy", "eval_steps", "metric_for_best_model", "early_stopping_patience",
     "feature_cache_dir", "encode_batch_size", "merge_adapter", "plot_lr", "allow_config_change_on_resume",
+    "push_to_hub", "hub_model_id", "hub_private_repo",
     "dataset_name", "dataset_config_name", "train_file", "validation_file", "test_file",
 }  # fmt: skip
 
@@ -175,6 +180,7 @@ class LossMeter:
         self.total.zero_()
         self.batches = 0
         progress.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+        self.run.state.loss_history.append({"step": step, "loss": round(mean, 6), "lr": lr})
         self.run.accelerator.log({"train/loss": mean, "train/lr": lr}, step=step)
 
 

@@ -22,6 +22,7 @@ from accelerate.utils import broadcast_object_list
 from ..config import TrainingArguments, UserError
 from ..freezing import count_parameters
 from ..modeling import load_adapter_classifier
+from ..reporting import render
 
 if TYPE_CHECKING:
     from .run import Run
@@ -147,8 +148,12 @@ def record_outputs(run: Run, *written: str) -> None:
     Only names the run itself reports are added, so a file someone drops into output_dir while the run
     writes there never becomes the run's, and a later overwrite leaves it alone.
     """
-    out = Path(run.training_args.output_dir)
-    ours = sorted((((owned_entries(out) or set()) & entries(out)) | {MANIFEST, *written}) - run.kept - {LOCK})
+    write_manifest(Path(run.training_args.output_dir), written, run.kept)
+
+
+def write_manifest(out: Path, written, kept: set[str]) -> None:
+    """The manifest: what it listed and is still there, plus `written`, never a kept (user's) entry."""
+    ours = sorted((((owned_entries(out) or set()) & entries(out)) | {MANIFEST, *written}) - kept - {LOCK})
     write_text(out / MANIFEST, json.dumps({"written_by": "finetune-recipes", "entries": ours}, indent=1) + "\n")
 
 
@@ -221,6 +226,16 @@ def save_outputs(run: Run, model, results: dict[str, Any], extra_files: dict[str
         if hasattr(unwrapped, "get_base_model"):  # a peft adapter: keep the label names beside it
             unwrapped.get_base_model().config.save_pretrained(staging)
         for name, content in files.items():
+            write_text(staging / name, content)
+        predictions = {k: v for k, v in files.items() if k.startswith("predictions_")}
+        names = {p.name for p in staging.iterdir()}
+        rendered = render(results, run.resolved_config, run.task.label_names, names, out, predictions)
+        if "README.md" in run.kept:  # the user's own README stays; the card waits for `report` once it is moved
+            logger.warning(
+                "%s/README.md is yours: no model card written (move it, then `finetune-recipes report`)", out
+            )
+            rendered.pop("README.md")
+        for name, content in rendered.items():
             write_text(staging / name, content)
 
     failure = f"cannot save the outputs to {out} ({{reason}}); none was written: free space or fix permissions"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,10 +20,14 @@ from ..data import ClassificationData, Task, build_dataloaders, load_data
 from ..metrics import MULTI, REGRESSION, per_class_report, task_metrics, tune_thresholds
 from ..modeling import fold_target_scale
 from ..optim import build_scheduler
+from ..reporting import prediction_rows, to_csv
+from ..reporting.hub import check_hub, push
 from .checkpoints import TrainState
 from .loop import check_metric, predict_split
-from .outputs import check_output_dir, save_outputs
+from .outputs import check_output_dir, on_main, save_outputs
 from .precision import build_accelerator, pad_multiple
+
+logger = logging.getLogger("finetune_recipes")
 
 
 def update_steps_per_epoch(num_batches: int, accelerator: Accelerator, accumulation: int) -> int:
@@ -102,43 +109,71 @@ class Run:
 
     def finish(self, results: dict[str, Any], model=None, extra_files: dict[str, str | bytes] | None = None) -> dict:
         """Test metrics (when the test split has labels), multi-label thresholds tuned on validation, the
-        per-class report, then the model (`model` when it differs from the one trained), tokenizer,
-        results.json and recipe_config.yaml; returns the results."""
-        results, extra_files = score_splits(self, results), dict(extra_files or {})
+        per-class report and predictions files, then the model (`model` when it differs from the one
+        trained), tokenizer, results.json, recipe_config.yaml, the model card and the evaluation pictures;
+        with --push_to_hub, all of it but the checkpoints uploaded. Returns the results."""
+        results, predictions = score_splits(self, results)
+        extra_files = {**(extra_files or {}), **predictions}
         model = model if model is not None else self.model
         if self.task.thresholds is not None:  # predict reads them back
             thresholds = dict(zip(self.task.label_names, self.task.thresholds, strict=True))
             extra_files["thresholds.json"] = json.dumps(thresholds, indent=2) + "\n"
         if self.task.problem_type == REGRESSION:  # the saved model predicts in the target's units
             fold_target_scale(self.accelerator.unwrap_model(model), self.task.target_mean, self.task.target_std)
-        results = save_outputs(self, model, results, extra_files)
+        results = save_outputs(self, model, {**results, **self.describe()}, extra_files)
+        if self.training_args.push_to_hub:
+            primary = self.task.primary_metric
+            value = results.get(f"test_{primary}", results.get(f"eval_{primary}"))
+            message = f"finetune-recipes {results['strategy']}: {primary} {value:.4f}"
+            folder = self.training_args.output_dir
+            on_main(
+                self.accelerator,
+                lambda: logger.info("Pushed to %s", push(folder, self.training_args, message)),
+                "{reason}",
+            )
         self.accelerator.wait_for_everyone()  # no process may tear the group down while another still uses it
         self.accelerator.end_training()
         return results
 
+    def describe(self) -> dict[str, Any]:
+        """What the card says besides the metrics: the recipe, the training examples, the hardware."""
+        accelerator = self.accelerator
+        device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else accelerator.device.type
+        precision = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32"
+        return {
+            "strategy": Path(sys.argv[0]).stem,
+            "train_examples": len(self.data.train),
+            "hardware": {"device": device, "processes": accelerator.num_processes, "precision": precision},
+        }
 
-def score_splits(run: Run, results: dict[str, Any]) -> dict[str, Any]:
-    """The final scoring every task shape shares.
+
+def score_splits(run: Run, results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The final scoring every task shape shares, and the predictions files.
 
     Multi-label thresholds are tuned on validation (each label's F1), and judged on test only: test metrics
     come at 0.5 and, as test_*_tuned, at the tuned thresholds. Adds the per-class report (precision, recall,
     F1, support; single-label: the confusion matrix) of validation and test, and the task's summary.
     """
-    task, reports = run.task, {}
-    validation = predict_split(run, "validation")
+    task, reports, scored = run.task, {}, {"validation": predict_split(run, "validation")}
     if task.problem_type == MULTI:
-        task.thresholds = [round(float(t), 4) for t in tune_thresholds(*validation)]
+        task.thresholds = [round(float(t), 4) for t in tune_thresholds(*scored["validation"])]
     cut = task.thresholds if task.thresholds is not None else 0.5
-    reports["validation"] = per_class_report(task.problem_type, *validation, task.label_names, cut)
     if "test" in run.loaders:
-        scores, references = predict_split(run, "test")
+        scores, references = scored["test"] = predict_split(run, "test")
         metrics = {**task_metrics(task.problem_type, scores, references), "samples": len(references)}
         results = {**results, **{f"test_{k}": v for k, v in metrics.items()}}
         if task.thresholds is not None:
             tuned = task_metrics(task.problem_type, scores, references, task.thresholds)
             results.update({f"test_{k}_tuned": v for k, v in tuned.items()})
-        reports["test"] = per_class_report(task.problem_type, scores, references, task.label_names, cut)
-    return {**results, "task": task.summary(), **({"report": reports} if any(reports.values()) else {})}
+    predictions = {}
+    for split, (scores, references) in scored.items():
+        reports[split] = per_class_report(task.problem_type, scores, references, task.label_names, cut)
+        texts = run.data.raw[split][run.data_args.text_column] if run.data.raw is not None else []
+        if len(texts) == len(references):  # one row per document, in the split's order
+            rows = prediction_rows(task.problem_type, task.label_names, scores, references, texts, task.thresholds)
+            predictions[f"predictions_{split}.csv"] = to_csv(rows)
+    results = {**results, "task": task.summary(), **({"report": reports} if any(reports.values()) else {})}
+    return results, predictions
 
 
 def wrap_blocks_not_embeddings(accelerator, model: torch.nn.Module) -> None:
@@ -174,6 +209,7 @@ def start_run(
     gradients.
     """
     check_output_dir(training_args)
+    check_hub(training_args)  # offline or without credentials: now, not after the training
     accelerator = build_accelerator(training_args, find_unused_parameters)
     tokenizer, data = load_data(model_args, data_args, training_args.seed, accelerator)
     check_metric(training_args, data.task.problem_type)

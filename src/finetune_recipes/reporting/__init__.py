@@ -1,0 +1,76 @@
+"""What a run hands on besides the model: the model card, the evaluation report and pictures, the predictions
+files, and the Hub upload. `render` draws the first three from what the run saved, so `finetune-recipes report`
+can redraw them for a finished run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from ..config import UserError
+from ..metrics import REGRESSION
+from .card import render_card, render_report
+from .plots import evaluation_pictures
+from .predictions import prediction_rows, read_csv, regression_pairs, to_csv
+
+PICTURES = ("confusion_matrix.png", "per_label_scores.png", "predicted_vs_true.png", "training_curves.png")
+REPORT_FILES = ("README.md", "eval_report.md", *PICTURES)
+
+
+def render(
+    results: dict, config: dict, label_names: list[str], files: set[str], out: Path, predictions: dict[str, str]
+) -> dict[str, str | bytes]:
+    """README.md (the card), eval_report.md and the pictures of a run whose output directory is `out`.
+
+    `predictions` maps predictions_<split>.csv to its text (regression draws its scatter from it); `files`
+    are the names the directory holds (the card's usage snippet depends on the kind of model saved)."""
+    pairs = None
+    if results["task"]["problem_type"] == REGRESSION:
+        split = "test" if "predictions_test.csv" in predictions else "validation"
+        if f"predictions_{split}.csv" in predictions:
+            pairs = regression_pairs(read_csv(predictions[f"predictions_{split}.csv"]))
+    name = config.get("hub_model_id") or out.name
+    return {
+        "README.md": render_card(results, config, label_names, files, str(out), name),
+        "eval_report.md": render_report(results),
+        **evaluation_pictures(results, label_names, pairs),
+    }
+
+
+def report(path: str | Path) -> list[str]:
+    """Redraws the card, report and pictures of a finished run in `path`; returns the names written."""
+    from ..training.outputs import lock_output_dir, owned_entries, write_manifest, write_text
+
+    out = Path(path)
+    needed = ("results.json", "recipe_config.yaml", "config.json")
+    missing = [n for n in needed if not (out / n).is_file()]
+    if not out.is_dir() or missing:
+        what = "does not exist" if not out.is_dir() else f"holds no finished run (no {missing[0]})"
+        raise UserError(f"{out} {what}; pass `report` a recipe's output_dir")
+    results = json.loads((out / "results.json").read_text())
+    if "task" not in results:
+        raise UserError(f"{out}/results.json predates task shapes (no 'task'); rerun the recipe to report on it")
+    config = yaml.safe_load((out / "recipe_config.yaml").read_text())
+    model_config = json.loads((out / "config.json").read_text())
+    label_names = [model_config["id2label"][str(i)] for i in range(len(model_config["id2label"]))]
+    predictions = {p.name: p.read_text() for p in out.glob("predictions_*.csv")}
+    files = {p.name for p in out.iterdir()}
+    rendered = render(results, config, label_names, files, out, predictions)
+    lock = lock_output_dir(out)  # no run may be writing there meanwhile
+    try:
+        owned = owned_entries(out) or set()
+        theirs = sorted(n for n in rendered if (out / n).exists() and n not in owned)
+        if theirs:  # a run only ever replaces what a run wrote
+            raise UserError(f"{out / theirs[0]} is not a run's output; move it away, then run `report` again")
+        write_manifest(out, rendered, set())
+        for name, content in rendered.items():
+            write_text(out / name, content)
+    finally:
+        os.close(lock)
+    return list(rendered)
+
+
+__all__ = ["PICTURES", "REPORT_FILES", "prediction_rows", "render", "report", "to_csv"]

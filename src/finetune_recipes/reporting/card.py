@@ -1,0 +1,209 @@
+"""The model card (README.md in the Hub's format: YAML front matter by huggingface_hub's ModelCardData, with a
+model-index of the evaluation results) and the evaluation report, both from results.json and the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..metrics import METRICS, MULTI, REGRESSION, SINGLE
+
+STRATEGIES = {
+    "feature_extraction": "Feature extraction: the pretrained encoder is frozen; only a classification head trained "
+    "on its cached sentence features.",
+    "frozen_base_pooler": "Frozen base + trainable pooler: the encoder's blocks are frozen; its pooler and the "
+    "classification head trained.",
+    "progressive_unfreezing": "Progressive unfreezing: the head trained first, then the encoder's blocks were "
+    "unfrozen from the top down, stage by stage.",
+    "full_finetune": "Full fine-tuning: every weight of the pretrained encoder and a new classification head trained.",
+    "llrd": "Layer-wise learning-rate decay: every weight trained, lower blocks at geometrically smaller learning "
+    "rates than the ones above them.",
+    "lora": "LoRA (through peft): the encoder stayed frozen; low-rank adapters in its attention and the head trained.",
+}
+KINDS = {
+    SINGLE: "single-label text classifier",
+    MULTI: "multi-label text classifier",
+    REGRESSION: "text regression model",
+}
+HYPERPARAMETERS = (
+    "learning_rate", "num_train_epochs", "max_train_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "weight_decay", "lr_scheduler_type", "warmup_ratio", "max_grad_norm",
+    "max_length", "long_documents", "window_stride", "window_aggregation", "class_weights", "sampler",
+    "mixed_precision", "seed",
+)  # fmt: skip
+
+
+def front_matter(results: dict, config: dict, name: str, adapter: bool) -> ModelCardData:
+    """library, pipeline tag, base model, data set when it is a Hub id, metrics, and a model-index."""
+    problem_type = results["task"]["problem_type"]
+    dataset = config.get("dataset_name") if not config.get("train_file") else None
+    hub_dataset = dataset if dataset and "/" in dataset else None
+    dataset_name = dataset or (Path(config["train_file"]).name if config.get("train_file") else "local files")
+    evals = [
+        EvalResult(
+            task_type="text-classification",
+            dataset_type=hub_dataset or "local",
+            dataset_name=str(dataset_name),
+            dataset_config=config.get("dataset_config_name"),
+            dataset_split=split,
+            metric_type=metric,
+            metric_value=results[f"{prefix}_{metric}"],
+        )
+        for split, prefix in (("validation", "eval"), ("test", "test"))
+        for metric in METRICS[problem_type]
+        if f"{prefix}_{metric}" in results
+    ]
+    base = config.get("model_name_or_path")
+    return ModelCardData(
+        model_name=name,
+        library_name="peft" if adapter else "transformers",
+        pipeline_tag="text-classification",
+        base_model=base if base and "/" in base and not base.startswith((".", "/", "~")) else None,
+        datasets=hub_dataset,
+        metrics=list(METRICS[problem_type]),
+        tags=["finetune-recipes", results.get("strategy", "text-classification")],
+        eval_results=evals or None,
+    )
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows])
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "–" if value is None else str(value)
+
+
+def metrics_table(results: dict) -> str:
+    problem_type = results["task"]["problem_type"]
+    columns = [("validation", "eval", ""), ("test", "test", ""), ("test, tuned thresholds", "test", "_tuned")]
+    columns = [c for c in columns if any(f"{c[1]}_{m}{c[2]}" in results for m in METRICS[problem_type])]
+    rows = [[m, *(results.get(f"{p}_{m}{s}") for _, p, s in columns)] for m in METRICS[problem_type]]
+    return table(["metric", *(c[0] for c in columns)], rows)
+
+
+def per_class_table(results: dict) -> str:
+    reports = results.get("report", {})
+    split = "test" if "test" in reports else "validation"
+    per_class = reports.get(split, {}).get("per_class")
+    if not per_class:
+        return ""
+    rows = [[n, r["precision"], r["recall"], r["f1"], r["support"]] for n, r in per_class.items()]
+    return f"Per class ({split} split):\n\n" + table(["label", "precision", "recall", "F1", "support"], rows)
+
+
+def usage(results: dict, files: set[str], path: str) -> str:
+    """Snippets that work on this directory, by what it holds."""
+    problem_type = results["task"]["problem_type"]
+    cli = f'finetune-recipes predict --model {path} "Your text here"'
+    if "feature_head.json" in files or "adapter_config.json" in files:
+        kind = "an encoder with a feature head" if "feature_head.json" in files else "a LoRA adapter"
+        load = (
+            "from finetune_recipes.features import FeatureClassifier\nmodel = FeatureClassifier.from_pretrained"
+            if "feature_head.json" in files
+            else "from finetune_recipes.modeling import load_adapter_classifier\nmodel = load_adapter_classifier"
+        )
+        merged = " (or `pipeline()` on `merged/`, the adapter merged into its base)" if "merged" in files else ""
+        return (
+            f"This directory holds {kind}, which `finetune-recipes predict` runs on raw text{merged}:\n\n"
+            f'```bash\n{cli}\n```\n\nFrom Python:\n\n```python\n{load}("{path}")\n```'
+        )
+    extra = {MULTI: ", top_k=None", REGRESSION: ', function_to_apply="none"'}.get(problem_type, "")
+    note = {
+        MULTI: "\n\n`top_k=None` gives every label's sigmoid score; `predict` applies the per-label thresholds "
+        "tuned on validation (`thresholds.json`).",
+        REGRESSION: "\n\nThe score is the predicted value, in the target's own units.",
+    }.get(problem_type, "")
+    return (
+        f'```python\nfrom transformers import pipeline\n\nclassifier = pipeline("text-classification", '
+        f'model="{path}"{extra})\nclassifier("Your text here")\n```{note}\n\nOr from the command line:\n\n'
+        f"```bash\n{cli}\n```"
+    )
+
+
+def render_card(results: dict, config: dict, label_names: list[str], files: set[str], path: str, name: str) -> str:
+    """README.md: front matter, then what the model is, how it was trained, how well it does, how to use it."""
+    adapter = "adapter_config.json" in files
+    data = front_matter(results, config, name, adapter)
+    problem_type = results["task"]["problem_type"]
+    strategy = results.get("strategy", "")
+    trainable, total = results.get("trainable_params"), results.get("total_params")
+    share = f" ({100 * trainable / total:.2f}% of {total:,})" if trainable and total else ""
+    source = f"`{Path(config['train_file']).name}`" if config.get("train_file") else config.get("dataset_name")
+    labels = ", ".join(f"`{n}`" for n in label_names) if problem_type != REGRESSION else f"`{label_names[0]}`"
+    windows = config.get("long_documents") == "windows"
+    shown = [k for k in HYPERPARAMETERS if windows or not k.startswith("window_")]
+    hyper = [
+        [k, f"{config[k]:g}" if isinstance(config[k], float) else str(config[k])]
+        for k in shown
+        if config.get(k) is not None
+    ]
+    hardware = results.get("hardware", {})
+    truncation = (
+        f"Texts longer than {config.get('max_length')} tokens were read as overlapping windows "
+        f"(stride {config.get('window_stride')}), their logits aggregated by {config.get('window_aggregation')}."
+        if config.get("long_documents") == "windows"
+        else f"Texts are truncated at {config.get('max_length')} tokens: what comes later is never read."
+    )
+    body = f"""
+# {name}
+
+A {KINDS[problem_type]} text classifier fine-tuned from `{config.get("model_name_or_path")}` with the
+`{strategy}` recipe of finetune-recipes.
+
+{STRATEGIES.get(strategy, "")} Trainable parameters: {_cell(trainable)}{share}.
+
+## Data
+
+Trained on {source} ({_cell(results.get("train_examples"))} training examples; {_cell(results.get("eval_samples"))}
+validation documents{f", {_cell(results['test_samples'])} test documents" if "test_samples" in results else ""}).
+{"Labels" if problem_type != REGRESSION else "Target"}: {labels}.
+
+## Evaluation
+
+{metrics_table(results)}
+
+{per_class_table(results)}
+
+## Training
+
+{table(["hyperparameter", "value"], hyper)}
+
+{results.get("steps", 0):,} optimizer steps in {results.get("train_runtime_s", 0):.1f} s
+({results.get("train_samples_per_second", 0):.1f} samples/s) on {hardware.get("processes", 1)} process(es),
+device {hardware.get("device", "?")}, {hardware.get("precision", "fp32")}; peak memory
+{results.get("peak_memory_mb", 0):,.0f} MB.
+
+## How to use
+
+{usage(results, files, path)}
+
+## Limits
+
+{truncation} The scores above come from {_cell(results.get("eval_samples"))} validation documents (and the test
+split where there is one); a different kind of text may score lower.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
+
+
+def render_report(results: dict) -> str:
+    """eval_report.md: the metrics, the per-class table, and the pictures beside it."""
+    parts = ["# Evaluation report", "", metrics_table(results), ""]
+    for split, report in results.get("report", {}).items():
+        if report.get("per_class"):
+            rows = [[n, r["precision"], r["recall"], r["f1"], r["support"]] for n, r in report["per_class"].items()]
+            parts += [f"## {split}", "", table(["label", "precision", "recall", "F1", "support"], rows), ""]
+        if report.get("confusion_matrix"):
+            names = list(report["per_class"])
+            rows = [[n, *row] for n, row in zip(names, report["confusion_matrix"], strict=True)]
+            parts += ["Confusion matrix (rows: true, columns: predicted):", "", table(["", *names], rows), ""]
+    if "thresholds" in results["task"]:
+        parts += ["Decision thresholds tuned on validation:", ""]
+        parts += [table(["label", "threshold"], [[n, t] for n, t in results["task"]["thresholds"].items()]), ""]
+    return "\n".join(parts)

@@ -1,0 +1,64 @@
+"""Predictions files: one row per validation or test document with its text, the truth, the prediction and
+the score, so a user can read the errors (and `report` can redraw the pictures from them)."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+
+from ..metrics import MULTI, SINGLE
+
+
+def prediction_rows(
+    problem_type: str, label_names: list[str], scores, references, texts: list[str], thresholds=None
+) -> list[dict[str, object]]:
+    """Rows in the split's order: id, text, the truth, the prediction and its score(s)."""
+    scores, references = np.asarray(scores), np.asarray(references)
+    rows = []
+    for i, text in enumerate(texts):
+        row: dict[str, object] = {"id": i, "text": text}
+        if problem_type == SINGLE:
+            best = int(scores[i].argmax())
+            row |= {
+                "label": label_names[int(references[i])],
+                "predicted": label_names[best],
+                "score": round(float(scores[i, best]), 4),
+                "correct": int(best == int(references[i])),
+            }
+        elif problem_type == MULTI:
+            cut = np.full(len(label_names), 0.5) if thresholds is None else np.asarray(thresholds)
+            truth = {n for n, v in zip(label_names, references[i], strict=True) if v > 0.5}
+            predicted = {n for n, s, t in zip(label_names, scores[i], cut, strict=True) if s >= t}
+            row |= {
+                "labels": "|".join(sorted(truth)),
+                "predicted": "|".join(sorted(predicted)),
+                "scores": " ".join(f"{n}:{s:.4f}" for n, s in zip(label_names, scores[i], strict=True)),
+                "correct": int(truth == predicted),
+            }
+        else:
+            row |= {
+                "target": round(float(references[i]), 6),
+                "predicted": round(float(scores[i]), 6),
+                "error": round(float(scores[i] - references[i]), 6),
+            }
+        rows.append(row)
+    return rows
+
+
+def to_csv(rows: list[dict[str, object]]) -> str:
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["id"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return table.getvalue()
+
+
+def read_csv(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def regression_pairs(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, predictions) of a regression predictions file, for the scatter plot."""
+    return np.array([float(r["target"]) for r in rows]), np.array([float(r["predicted"]) for r in rows])
