@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, run_recipe
 from datasets import Dataset, DatasetDict
 from test_recipes import RECIPES, replace, run_main, same_file
+from test_reporting import assert_card_matches_results
 from tiny import long_document_rows, multi_label_rows, regression_rows, write_csv, write_jsonl
 from transformers import AutoTokenizer, pipeline
 
@@ -217,6 +218,11 @@ def test_every_recipe_runs_every_shape(recipe, shape, shapes, tiny_args, tmp_pat
     assert (tmp_path / "out" / "thresholds.json").exists() == (shape == "multi")
     (row,) = predict(tmp_path / "out", ["goal goal win " * 30])
     assert {"multi": "labels", "regression": "value", "long": "label"}[shape] in row
+    picture = {"multi": "per_label_scores.png", "regression": "predicted_vs_true.png", "long": "confusion_matrix.png"}
+    assert (tmp_path / "out" / picture[shape]).read_bytes().startswith(b"\x89PNG")
+    predictions = (tmp_path / "out" / "predictions_test.csv").read_text().splitlines()
+    assert len(predictions) == 41  # a header and one row per document
+    assert_card_matches_results(tmp_path / "out")
 
 
 def test_multi_label_learns_its_labels_and_predicts_with_tuned_thresholds(shapes, tiny_args, tmp_path):
