@@ -3,6 +3,7 @@ documents (windows), with their metrics, saved outputs, predictions and bad inpu
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, run_recipe
 from datasets import Dataset, DatasetDict
+from sklearn.metrics import f1_score
 from test_recipes import RECIPES, replace, run_main, same_file
 from test_reporting import assert_card_matches_results
 from tiny import long_document_rows, multi_label_rows, regression_rows, write_csv, write_jsonl
@@ -18,7 +20,7 @@ from transformers import AutoTokenizer, pipeline
 
 from finetune_recipes.config import DataArguments, UserError
 from finetune_recipes.data import EpochWeightedSampler, aggregate_windows, encode_task, split_validation, tokenize
-from finetune_recipes.data.tasks import Task, class_weights, problem_type_of
+from finetune_recipes.data.tasks import Task, class_weights, fit_task, problem_type_of
 from finetune_recipes.metrics import (
     MULTI,
     REGRESSION,
@@ -89,9 +91,26 @@ def test_multi_label_lists_delimiters_and_columns_encode_alike():
     assert multi_hot(rows=columns, label_columns="c,a,b") == expected
 
 
+def test_hub_style_lists_of_class_ids_are_read_as_names():
+    from datasets import ClassLabel, Features, List, Value
+
+    features = Features({"text": Value("string"), "label": List(ClassLabel(names=["joy", "anger", "fear"]))})
+    train = Dataset.from_dict({"text": ["x", "y"], "label": [[0, 2], [1]]}, features=features)
+    raw, task = encode_task(DatasetDict({"train": train}), DataArguments())
+    assert task.label_names == ["anger", "fear", "joy"] and raw["train"]["labels"] == [[0, 1, 1], [1, 0, 0]]
+
+
+def test_compare_table_never_shows_a_hub_token():
+    from finetune_recipes.compare import redact
+
+    shown = redact(["--hub_token", "hf_x", "--hub_token=hf_y", "--seed", "1"])
+    assert shown == ["--hub_token", "***", "--hub_token=***", "--seed", "1"]
+
+
 def test_regression_targets_are_standardised_and_read_back_in_their_units():
     rows = {"text": ["a", "b", "c", "d"], "label": [1.5, 2.5, 3.5, 4.5]}
     raw, task = encode_task(DatasetDict({"train": Dataset.from_dict(rows)}), DataArguments())
+    raw = fit_task(raw, task, DataArguments())  # once the training split is final
     assert task.problem_type == REGRESSION and task.num_labels == 1
     assert np.mean(raw["train"]["labels"]) == pytest.approx(0, abs=1e-6)
     assert np.std(raw["train"]["labels"]) == pytest.approx(1, abs=1e-6)
@@ -186,6 +205,11 @@ def test_multi_label_and_regression_metrics_and_thresholds():
     thresholds = tune_thresholds(scores, refs)
     assert multi_label_metrics(scores, refs, thresholds)["subset_accuracy"] == 1.0
     assert 0.2 < thresholds[0] < 0.3
+    rng = np.random.default_rng(0)  # against a brute-force search: the same F1 at every label
+    scores, refs = rng.random((200, 3)), rng.random((200, 3)) < 0.3
+    for j, cut in enumerate(tune_thresholds(scores, refs)):
+        brute = max(f1_score(refs[:, j], scores[:, j] >= t) for t in np.unique(scores[:, j]))
+        assert f1_score(refs[:, j], scores[:, j] >= cut) == pytest.approx(brute)
     metrics = regression_metrics([1.0, 2.0, 3.0], [1.0, 2.0, 4.0])
     assert metrics["mse"] == pytest.approx(1 / 3) and metrics["spearman"] == pytest.approx(1.0)
     report = per_class_report(SINGLE, np.eye(3)[[0, 1, 1]], [0, 1, 2], ["a", "b", "c"])
@@ -220,8 +244,17 @@ def test_every_recipe_runs_every_shape(recipe, shape, shapes, tiny_args, tmp_pat
     assert {"multi": "labels", "regression": "value", "long": "label"}[shape] in row
     picture = {"multi": "per_label_scores.png", "regression": "predicted_vs_true.png", "long": "confusion_matrix.png"}
     assert (tmp_path / "out" / picture[shape]).read_bytes().startswith(b"\x89PNG")
-    predictions = (tmp_path / "out" / "predictions_test.csv").read_text().splitlines()
-    assert len(predictions) == 41  # a header and one row per document
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions_test.csv").open()))
+    assert len(rows) == 40  # one row per document
+    # What evaluation scored is what the saved model predicts: the same labels, windows aggregated alike.
+    predicted = predict(tmp_path / "out", [r["text"] for r in rows])
+    for row, prediction in zip(rows, predicted, strict=True):
+        if shape == "multi":
+            assert row["predicted"] == "|".join(sorted(prediction["labels"]))
+        elif shape == "regression":
+            assert float(row["predicted"]) == pytest.approx(prediction["value"], abs=1e-3)
+        else:
+            assert row["predicted"] == prediction["label"]
     assert_card_matches_results(tmp_path / "out")
 
 
@@ -330,6 +363,7 @@ def bad_shapes(tmp: Path, shapes: dict) -> dict[str, tuple[list, str]]:
                                             "regression has none"),
         "metric of another task": (["--metric_for_best_model", "mse"], "is not computed for a single-label task"),
         "bad problem type": (["--problem_type", "ordinal"], "problem_type 'ordinal' is not one of"),
+        "windows over text pairs": (["--long_documents", "windows", "--text_pair_column", "label"], "text pair"),
     }  # fmt: skip
 
 
@@ -337,7 +371,7 @@ CASES = [
     "unseen multi-label", "empty label list refused", "non-numeric target", "nan target", "regression of strings",
     "missing label column", "non 0/1 column", "unknown class weight", "class weights file missing",
     "stride over max_length", "stride over room", "weighted sampler for regression", "metric of another task",
-    "bad problem type",
+    "bad problem type", "windows over text pairs",
 ]  # fmt: skip
 
 

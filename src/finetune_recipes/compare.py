@@ -197,6 +197,15 @@ def columns_for(rows: list[dict]) -> list[tuple[str, str, str]]:
     return [COLUMNS[0], *metrics, *COLUMNS[1:]]
 
 
+def redact(argv: list[str]) -> list[str]:
+    """The command line as written into comparison.md, without a --hub_token's value."""
+    shown = []
+    for i, token in enumerate(argv):
+        hidden = token.startswith("--hub_token=") or (i and argv[i - 1] == "--hub_token")
+        shown.append(("--hub_token=***" if "=" in token else "***") if hidden else token)
+    return shown
+
+
 def cell(value, fmt: str = "{:.4f}") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -283,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         metric = table_metrics([row, *rows])[0]
         tqdm.write(f"{recipe}: {row['status']}, {metric} {cell(row.get(f'eval_{metric}'))}, {row['wall_time_s']} s")
-    command = "finetune-recipes compare " + " ".join(argv or [])
+    command = "finetune-recipes compare " + " ".join(redact(argv or []))
     print(write_table(rows, out, command.strip()))
     plot(rows, out / "comparison.png")
     os.close(lock)

@@ -160,6 +160,11 @@ class DataArguments:
             raise UserError("label_delimiter is empty; pass the character between labels, e.g. '|'")
         if self.problem_type == "regression" and (self.label_columns or self.label_delimiter):
             raise UserError("--label_columns/--label_delimiter make a multi-label task; drop --problem_type regression")
+        if self.long_documents == "windows" and self.text_pair_column:
+            raise UserError(
+                "long_documents windows reads one text per example, and a text pair would repeat its second text in "
+                "every window; drop --text_pair_column, or use --long_documents truncate"
+            )
         if self.long_documents == "windows" and self.window_stride >= self.max_length:
             raise UserError(
                 f"window_stride {self.window_stride} is not below max_length {self.max_length}; windows would not "

@@ -155,9 +155,13 @@ class FeatureClassifier(nn.Module):
         self.encoder, self.head, self.pooling = encoder, head, pooling
         self.config = encoder.config  # id2label for predictions
 
-    def forward(self, input_ids, attention_mask, **inputs) -> SequenceClassifierOutput:
+    def embed(self, input_ids, attention_mask, **inputs) -> torch.Tensor:
+        """The pooled features the head reads (a long document's windows are averaged on these)."""
         outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs)
-        return self.head(pool(outputs, attention_mask, self.pooling))
+        return pool(outputs, attention_mask, self.pooling)
+
+    def forward(self, input_ids, attention_mask, **inputs) -> SequenceClassifierOutput:
+        return self.head(self.embed(input_ids, attention_mask, **inputs))
 
     def save_pretrained(
         self, path: str | Path, is_main_process: bool = True, state_dict: dict | None = None, **kwargs

@@ -114,19 +114,24 @@ def task_metrics(problem_type: str, scores, references, thresholds=0.5) -> dict[
 def tune_thresholds(scores, references) -> np.ndarray:
     """Per label, the cut on its scores that maximises its F1 on these (validation) examples.
 
-    Candidates are the midpoints between consecutive distinct scores (and 0.5 when a label has no positive
-    example, where any cut above every score is as good as another). Ties go to the cut nearest 0.5.
+    One sort per label: cutting after the k highest scores gives F1 = 2·TP(k) / (k + positives), so every
+    cut between two distinct scores is scored at once (sklearn has no per-label threshold search). The cut
+    is the midpoint between the last score kept and the next; ties go to the cut nearest 0.5. A label with
+    no positive example keeps 0.5.
     """
     probs, refs = _array(scores, "scores", 2), _array(references, "references", 2).round().astype(np.int64)
     thresholds = np.full(probs.shape[1], 0.5)
     for j in range(probs.shape[1]):
-        if refs[:, j].sum() == 0:
+        positives = refs[:, j].sum()
+        if positives == 0:
             continue
-        values = np.unique(probs[:, j])
-        candidates = np.concatenate([(values[:-1] + values[1:]) / 2, [0.5]])
-        f1s = [f1_score(refs[:, j], probs[:, j] >= t, zero_division=0) for t in candidates]
-        best = max(f1s)
-        thresholds[j] = min((c for c, f in zip(candidates, f1s, strict=True) if f == best), key=lambda c: abs(c - 0.5))
+        order = np.argsort(-probs[:, j], kind="stable")
+        ranked, hits = probs[order, j], refs[order, j]
+        f1 = 2 * np.cumsum(hits) / (np.arange(1, len(ranked) + 1) + positives)
+        cuts = np.append((ranked[:-1] + ranked[1:]) / 2, ranked[-1] / 2)
+        distinct = np.append(ranked[:-1] > ranked[1:], True)  # a cut between two equal scores splits nothing
+        best = np.flatnonzero(distinct & (f1 >= f1[distinct].max() - 1e-12))
+        thresholds[j] = cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]]
     return thresholds
 
 

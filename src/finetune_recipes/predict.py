@@ -91,11 +91,15 @@ def predict(path: str | Path, texts: list[str], batch_size: int = 32) -> list[di
     rows = [{k: encoded[k][i] for k in encoded} for i in range(len(documents))]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     collator = DataCollatorWithPadding(tokenizer)
-    logits = torch.empty(len(rows), model.config.num_labels)
+    # A feature head was trained on a document's window features averaged, so it predicts from those too.
+    features = isinstance(model, FeatureClassifier) and settings["windows"]
+    values = torch.empty(len(rows), model.config.hidden_size if features else model.config.num_labels)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        logits[indices] = model(**collator([rows[i] for i in indices])).logits.float()
-    logits, _ = aggregate_windows(logits, documents, documents, settings["aggregation"])
+        batch = collator([rows[i] for i in indices])
+        values[indices] = (model.embed(**batch) if features else model(**batch).logits).float()
+    values, _ = aggregate_windows(values, documents, documents, "mean" if features else settings["aggregation"])
+    logits = model.head(values).logits if features else values
     return [describe(text, row, model.config, path) for text, row in zip(texts, logits, strict=True)]
 
 

@@ -23,7 +23,7 @@ from .loaders import (
     train_sampler,
 )
 from .split import drop_duplicate_texts, split_validation, warn_overlap
-from .tasks import Task, encode_task
+from .tasks import Task, encode_task, fit_task
 from .tokenize import build_tokenizer, content_digest, load_tokenizer, tokenize
 from .windows import aggregate_windows, encode_windows
 
@@ -75,7 +75,7 @@ def raw_splits(args: DataArguments, seed: int) -> tuple[DatasetDict, Task]:
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit and limit < len(raw[split]):
             raw[split] = raw[split].shuffle(seed=seed).select(range(limit))
-    return raw, task
+    return fit_task(raw, task, args), task
 
 
 __all__ = [
@@ -95,6 +95,7 @@ __all__ = [
     "drop_duplicate_texts",
     "encode_task",
     "encode_windows",
+    "fit_task",
     "labelled",
     "load_bbc_news",
     "load_data",

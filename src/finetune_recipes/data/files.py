@@ -115,7 +115,10 @@ def drop_absent_test_labels(raw: DatasetDict, label_columns: list[str]) -> Datas
     present = [c for c in label_columns if test is not None and c in test.column_names]
     # GLUE-style hidden test labels are all -1.
     if present and (len(present) < len(label_columns) or all(v in (None, -1) for v in test[present[0]])):
-        raw["test"] = test.remove_columns(present)
+        test = raw["test"] = test.remove_columns(present)
+        present = []
+    if test is not None and not present and "labels" in test.column_names:  # the data's own, not labels to score
+        raw["test"] = test.remove_columns("labels")
     return raw
 
 

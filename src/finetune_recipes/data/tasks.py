@@ -136,7 +136,6 @@ def encode_task(raw: DatasetDict, args: DataArguments) -> tuple[DatasetDict, Tas
         raw, task = encode_regression(raw, args)
     else:
         raw, task = encode_single_label(raw, args)
-    task.class_weights = class_weights(raw["train"]["labels"], task, args.class_weights)
     if args.sampler == "weighted" and problem_type == REGRESSION:
         raise UserError("sampler weighted draws classes equally often, and regression has none; drop --sampler")
     return raw, task
@@ -230,13 +229,18 @@ def _label_sets(ds: Dataset, split: str, args: DataArguments) -> list[set[str]]:
         column, feature = args.label_column, ds.features[args.label_column]
         if is_list(feature):
             inner = getattr(feature, "feature", None)
-            if not (isinstance(inner, Value) and (inner.dtype in ("string", "large_string") or "int" in inner.dtype)):
+            named = isinstance(inner, ClassLabel)  # class ids with names, as Hub sets like go_emotions store them
+            if not (
+                named
+                or isinstance(inner, Value)
+                and (inner.dtype in ("string", "large_string") or "int" in inner.dtype)
+            ):
                 raise UserError(
                     f"column '{column}' of {where} holds lists of {getattr(inner, 'dtype', type(inner).__name__)}, "
                     "not lists of labels; give each text a list of label names"
                 )
             check_no_missing(ds[column], column, split)
-            rows = [{str(v) for v in row} for row in ds[column]]
+            rows = [{inner.int2str(v) if named else str(v) for v in row} for row in ds[column]]
         else:
             if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
                 raise UserError(
@@ -273,22 +277,38 @@ def _from_indicator_columns(ds: Dataset, columns: list[str], where: str) -> list
 
 
 def encode_regression(raw: DatasetDict, args: DataArguments) -> tuple[DatasetDict, Task]:
-    """Float targets, standardised with the train split's mean and standard deviation when asked."""
+    """Float targets, as given; `fit_task` standardises them once the training split is final."""
     column = args.label_column
-    targets = {split: _numbers(ds, column, split_name(args, split), split) for split, ds in _labelled(raw, args)}
-    train = np.asarray(targets["train"], dtype=np.float64)
-    mean, std = (float(train.mean()), float(train.std())) if args.standardize_target else (0.0, 1.0)
-    if std == 0:
+    encoded = dict(raw)
+    for split, ds in _labelled(raw, args):
+        encoded[split] = _replace_labels(
+            ds, args, _numbers(ds, column, split_name(args, split), split), Value("float32")
+        )
+    return DatasetDict(encoded), Task(REGRESSION, [column])
+
+
+def fit_task(raw: DatasetDict, task: Task, args: DataArguments) -> DatasetDict:
+    """What the final training split decides (after validation is held out and samples are taken, so no
+    validation label leaks into it): the class weights, and a regression target's mean and standard
+    deviation, by which every split's targets are then standardised."""
+    task.class_weights = class_weights(raw["train"]["labels"], task, args.class_weights)
+    if task.problem_type != REGRESSION or not args.standardize_target:
+        return raw
+    train = np.asarray(raw["train"]["labels"], dtype=np.float64)
+    if train.std() == 0:
         raise UserError(
             f"every target in the train split is {train[0]:g}; regression needs targets that vary "
             "(or pass --standardize_target false)"
         )
-    encoded = dict(raw)
-    for split, values in targets.items():
-        scaled = [(v - mean) / std for v in values]
-        encoded[split] = _replace_labels(raw[split], args, scaled, Value("float32"))
-    logger.info("Regression targets: mean %.4g, std %.4g (train)", train.mean(), train.std())
-    return DatasetDict(encoded), Task(REGRESSION, [column], target_mean=mean, target_std=std)
+    task.target_mean, task.target_std = float(train.mean()), float(train.std())
+    logger.info("Regression targets: mean %.4g, std %.4g (train)", task.target_mean, task.target_std)
+    scaled = {}
+    for split, ds in raw.items():
+        if "labels" in ds.column_names:
+            values = [(v - task.target_mean) / task.target_std for v in ds["labels"]]
+            ds = ds.remove_columns("labels").add_column("labels", values).cast_column("labels", Value("float32"))
+        scaled[split] = ds
+    return DatasetDict(scaled)
 
 
 def _numbers(ds: Dataset, column: str, where: str, split: str) -> list[float]:

@@ -33,8 +33,9 @@ def render(
         if f"predictions_{split}.csv" in predictions:
             pairs = regression_pairs(read_csv(predictions[f"predictions_{split}.csv"]))
     name = config.get("hub_model_id") or out.name
+    where = config["hub_model_id"] if config.get("push_to_hub") else str(out)  # where its readers will load it from
     return {
-        "README.md": render_card(results, config, label_names, files, str(out), name),
+        "README.md": render_card(results, config, label_names, files, where, name),
         "eval_report.md": render_report(results),
         **evaluation_pictures(results, label_names, pairs),
     }

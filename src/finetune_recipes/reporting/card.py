@@ -154,7 +154,7 @@ def render_card(results: dict, config: dict, label_names: list[str], files: set[
     body = f"""
 # {name}
 
-A {KINDS[problem_type]} text classifier fine-tuned from `{config.get("model_name_or_path")}` with the
+A {KINDS[problem_type]} fine-tuned from `{config.get("model_name_or_path")}` with the
 `{strategy}` recipe of finetune-recipes.
 
 {STRATEGIES.get(strategy, "")} Trainable parameters: {_cell(trainable)}{share}.

@@ -35,8 +35,9 @@ def check_hub(args: TrainingArguments) -> None:
         raise UserError(f"cannot reach the Hub as the given user ({reason}); check the network and token") from None
 
 
-def push(folder: str, args: TrainingArguments, message: str) -> str:
-    """create_repo (private when asked) + upload_folder without checkpoints; returns the repo's URL."""
+def push(folder: str, args: TrainingArguments, message: str, entries: set[str]) -> str:
+    """create_repo (private when asked) + upload_folder of the run's `entries` (what the manifest says runs
+    wrote: never a file of the user's) without checkpoints and bookkeeping; returns the repo's URL."""
     api, token = HfApi(), hub_token(args)
     try:
         url = api.create_repo(args.hub_model_id, private=args.hub_private_repo, exist_ok=True, token=token)
@@ -44,6 +45,7 @@ def push(folder: str, args: TrainingArguments, message: str) -> str:
             repo_id=args.hub_model_id,
             folder_path=folder,
             commit_message=message,
+            allow_patterns=[p for e in sorted(entries) for p in (e, f"{e}/**")],
             ignore_patterns=NOT_UPLOADED,
             token=token,
         )

@@ -24,7 +24,7 @@ from ..reporting import prediction_rows, to_csv
 from ..reporting.hub import check_hub, push
 from .checkpoints import TrainState
 from .loop import check_metric, predict_split
-from .outputs import check_output_dir, on_main, save_outputs
+from .outputs import check_output_dir, on_main, owned_entries, save_outputs
 from .precision import build_accelerator, pad_multiple
 
 logger = logging.getLogger("finetune_recipes")
@@ -126,11 +126,12 @@ class Run:
             value = results.get(f"test_{primary}", results.get(f"eval_{primary}"))
             message = f"finetune-recipes {results['strategy']}: {primary} {value:.4f}"
             folder = self.training_args.output_dir
-            on_main(
-                self.accelerator,
-                lambda: logger.info("Pushed to %s", push(folder, self.training_args, message)),
-                "{reason}",
-            )
+
+            def upload() -> None:
+                url = push(folder, self.training_args, message, owned_entries(Path(folder)) or set())
+                logger.info("Pushed %s to %s", folder, url)
+
+            on_main(self.accelerator, upload, "{reason}")
         self.accelerator.wait_for_everyone()  # no process may tear the group down while another still uses it
         self.accelerator.end_training()
         return results
@@ -156,7 +157,7 @@ def score_splits(run: Run, results: dict[str, Any]) -> tuple[dict[str, Any], dic
     """
     task, reports, scored = run.task, {}, {"validation": predict_split(run, "validation")}
     if task.problem_type == MULTI:
-        task.thresholds = [round(float(t), 4) for t in tune_thresholds(*scored["validation"])]
+        task.thresholds = [float(t) for t in tune_thresholds(*scored["validation"])]
     cut = task.thresholds if task.thresholds is not None else 0.5
     if "test" in run.loaders:
         scores, references = scored["test"] = predict_split(run, "test")
