@@ -174,6 +174,16 @@ def test_report_redraws_a_finished_run_and_refuses_what_is_not_one(tiny_args, tm
     assert (out / "README.md").read_text() == card
     assert_png(out / "confusion_matrix.png")
 
+    results = json.loads((out / "results.json").read_text())  # as a run from before task shapes wrote it
+    old = {k: v for k, v in results.items() if k not in ("task", "report", "loss_history", "strategy")}
+    (out / "results.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    cli(["report", str(out)])
+    written = capsys.readouterr().out
+    assert_card_matches_results(out)
+    assert "README.md" in written and "confusion_matrix.png" not in written  # no per-class report to draw
+    (out / "results.json").write_text(json.dumps(results))
+
     empty = tmp_path / "empty"
     empty.mkdir()
     before = snapshot(tmp_path)

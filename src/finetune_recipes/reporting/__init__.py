@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from ..config import UserError
-from ..metrics import REGRESSION
+from ..metrics import REGRESSION, SINGLE
 from .card import render_card, render_report
 from .plots import evaluation_pictures
 from .predictions import prediction_rows, read_csv, regression_pairs, to_csv
@@ -52,10 +52,11 @@ def report(path: str | Path) -> list[str]:
         what = "does not exist" if not out.is_dir() else f"holds no finished run (no {missing[0]})"
         raise UserError(f"{out} {what}; pass `report` a recipe's output_dir")
     results = json.loads((out / "results.json").read_text())
-    if "task" not in results:
-        raise UserError(f"{out}/results.json predates task shapes (no 'task'); rerun the recipe to report on it")
     config = yaml.safe_load((out / "recipe_config.yaml").read_text())
     model_config = json.loads((out / "config.json").read_text())
+    # A run from before task shapes: single-label, no per-class report (the card and curves still come).
+    results.setdefault("task", {"problem_type": model_config.get("problem_type") or SINGLE})
+    results.setdefault("strategy", config.get("recipe", ""))
     label_names = [model_config["id2label"][str(i)] for i in range(len(model_config["id2label"]))]
     predictions = {p.name: p.read_text() for p in out.glob("predictions_*.csv")}
     files = {p.name for p in out.iterdir()}
