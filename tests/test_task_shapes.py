@@ -388,3 +388,24 @@ def test_bad_task_input_is_one_line_exit_2_nothing_written(case, shapes, tiny_ar
     assert last.startswith("error: ") and expected in last, err
     assert len(last) < 600 and "usage:" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("shape", "baseline", "columns"),
+    [
+        ("multi", "tfidf_ovr_logreg", "| strategy | f1_micro | f1_macro |"),
+        ("regression", "tfidf_ridge", "| strategy | mse | r2 |"),
+    ],
+)
+def test_compare_reports_each_shape_with_its_baseline_and_metrics(
+    shape, baseline, columns, shapes, tiny_args, tmp_path
+):
+    from finetune_recipes.compare import main as compare
+
+    args = shape_args(tiny_args, shapes[shape], *SHAPE_FLAGS[shape], "--max_train_steps", "2")
+    args = [a for a in args if a != str(tmp_path / "out")]
+    args.remove("--output_dir")
+    compare(["--recipes", "feature_extraction", "--output_dir", str(tmp_path / "cmp"), *args])
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert table.startswith(columns) and f"| {baseline} |" in table and "| feature_extraction |" in table
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes().startswith(b"\x89PNG")
