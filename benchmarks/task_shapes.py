@@ -99,7 +99,9 @@ def build_skewed(out: Path, rare: str = "tech", share: float = 0.05) -> dict[str
 
 def run(name: str, recipe: str, flags: list[str], out: Path) -> dict:
     """One recipe run in its own process: its results.json, wall time and the command."""
-    target = out / "runs" / name
+    section = next((k for k in ("multi", "skewed") if f"/{k}/" in " ".join(flags)), "bbc")
+    label = "regression" if "first_share" in flags else section  # the same documents: its own folder
+    target = out / "runs" / f"{label}: {name}"
     cmd = [sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), *COMMON, *flags]
     cmd += ["--output_dir", str(target), "--overwrite_output_dir"]
     start = time.perf_counter()
