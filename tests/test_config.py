@@ -12,6 +12,7 @@ import yaml
 
 from finetune_recipes.config import (
     RUN_CONTROL,
+    SECRETS,
     DataArguments,
     ModelArguments,
     TrainingArguments,
@@ -205,9 +206,11 @@ def test_config_to_dict_round_trips(write_yaml):
     args += ["--checkpointing_steps", "100", "--max_train_samples", "7", "--pooling", "cls"]
     parsed = parse_config(*TYPES, RecipeArguments, args=args)
     flat = config_to_dict(*parsed)
-    # No key collides; what to do with an existing run (overwrite, resume) is not part of a config.
-    assert not set(RUN_CONTROL) & set(flat)
-    assert len(flat) == sum(len(dataclasses.fields(t)) for t in (*TYPES, RecipeArguments)) - len(RUN_CONTROL)
+    # No key collides; what to do with an existing run (overwrite, resume) is not part of a config, and a
+    # secret (the Hub token) is never written.
+    assert not set(RUN_CONTROL) & set(flat) and not set(SECRETS) & set(flat)
+    fields_in_all = sum(len(dataclasses.fields(t)) for t in (*TYPES, RecipeArguments))
+    assert len(flat) == fields_in_all - len(RUN_CONTROL) - len(SECRETS)
     assert flat["learning_rate"] == 3e-5 and flat["pooling"] == "cls"
     path = write_yaml(yaml.safe_dump(flat), "resolved.yaml")
     assert parse_config(*TYPES, RecipeArguments, args=["--config", str(path)]) == parsed
