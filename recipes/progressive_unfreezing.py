@@ -23,6 +23,7 @@ from finetune_recipes import (
     build_model,
     build_optimizer,
     discover_layers,
+    eval_frozen,
     format_groups,
     format_trainable,
     param_groups,
@@ -103,6 +104,7 @@ def main(model_args, data_args, training_args: TrainingArguments, unfreeze: Unfr
             set_trainable(model, layers, stages[stage])
             current[0] = stage
             run.accelerator.print(f"step {step}: stage {stage}\n{format_trainable(model, layers)}")
+        eval_frozen(model)  # frozen blocks without dropout (again after each evaluation's model.train())
 
     results = train(run, loss_step, on_step=thaw)
     results["unfreezing_stage_starts"] = starts

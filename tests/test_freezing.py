@@ -9,6 +9,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig
 
 from finetune_recipes.freezing import (
     count_parameters,
+    eval_frozen,
     expand_groups,
     format_trainable,
     freeze,
@@ -179,3 +180,19 @@ def test_set_trainable_reaches_parameters_replaced_after_discovery():
     set_trainable(model, layers, ["head"])
     assert model.classifier.weight.requires_grad and model.classifier.bias.requires_grad
     assert not model.bert.pooler.dense.weight.requires_grad
+
+
+def test_eval_frozen_turns_dropout_off_only_where_nothing_trains(bert):
+    model, layers = bert
+    set_trainable(model, layers, ["head", "pooler", "blocks.1"])
+    model.train()
+    eval_frozen(model)
+    encoder = model.bert.encoder.layer
+    assert not model.bert.embeddings.training and not encoder[0].training
+    assert not any(m.training for m in encoder[0].modules())  # its attention dropout too
+    assert encoder[1].training and model.bert.pooler.training and model.classifier.training
+    assert model.dropout.training  # no parameters of its own, under a parent that trains: stays on
+    torch.manual_seed(0)
+    ids = torch.randint(5, 100, (2, 8))
+    model(input_ids=ids).logits.sum().backward()  # the trainable part still gets its gradients
+    assert model.bert.encoder.layer[1].output.dense.weight.grad is not None

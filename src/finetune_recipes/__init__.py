@@ -13,7 +13,7 @@ from .features import (
     feature_dataloader,
     feature_loaders,
 )
-from .freezing import format_trainable, freeze, set_trainable, stage_at, stage_starts, unfreezing_stages
+from .freezing import eval_frozen, format_trainable, freeze, set_trainable, stage_at, stage_starts, unfreezing_stages
 from .layers import block_linears, discover_layers
 from .modeling import build_model
 from .optim import build_optimizer, format_groups, lr_trajectory, param_groups, plot_lr_schedule
@@ -38,6 +38,7 @@ __all__ = [
     "check_ranges",
     "check_pooling",
     "discover_layers",
+    "eval_frozen",
     "evaluate",
     "feature_dataloader",
     "feature_loaders",
