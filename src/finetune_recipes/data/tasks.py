@@ -198,9 +198,7 @@ def encode_multi_label(raw: DatasetDict, args: DataArguments) -> tuple[DatasetDi
     """Multi-hot float vectors over the train split's labels (sorted), from lists, delimited strings or 0/1
     columns."""
     per_split = {split: _label_sets(ds, split, args) for split, ds in _labelled(raw, args)}
-    names = sorted({label for row in per_split["train"] for label in row})
-    if args.label_columns:
-        names = sorted(args.label_sources)
+    names = sorted(args.label_sources if args.label_columns else {label for row in per_split["train"] for label in row})
     if len(names) < 2:
         raise UserError(
             f"the train split has {len(names)} label(s) ({listing(names)}); multi-label needs at least two: "
