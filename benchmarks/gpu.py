@@ -467,7 +467,7 @@ def recipe_flags(recipe: str, work: Path, out: Path, scale: Scale) -> list:
         "--mixed_precision", scale.precision,
         "--seed", "42",
     ]  # fmt: skip
-    if recipe == "feature_extraction":
+    if recipe in ("feature_extraction", "frozen_base_pooler"):  # they take --feature_cache_dir
         flags += ["--feature_cache_dir", out.parent / "feature-cache"]
     if recipe == "lora":
         flags += ["--merge_adapter"]  # merged/ is what pipeline() loads

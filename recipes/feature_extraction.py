@@ -17,10 +17,10 @@ data set, model or output_dir, or a pooling the encoder lacks. Saves encoder + p
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 from transformers import AutoModel, DataCollatorWithPadding
 
 from finetune_recipes import (
+    CacheArguments,
     ClassificationHead,
     DataArguments,
     FeatureClassifier,
@@ -42,15 +42,10 @@ CONFIG = Path(__file__).parent / "configs" / "feature_extraction.yaml"
 
 
 @dataclass
-class FeatureArguments:
+class FeatureArguments(CacheArguments):  # + --encode_batch_size, --feature_cache_dir
     pooling: str = field(default="mean", metadata={"help": "cls, mean (over real tokens) or pooler."})
     head_hidden_size: int = field(default=0, metadata={"help": "0: a linear head; else an MLP of this width."})
     head_dropout: float = 0.1
-    encode_batch_size: int = 64
-    feature_cache_dir: str = field(
-        default=str(Path(datasets.config.HF_DATASETS_CACHE) / "finetune_recipes" / "features"),
-        metadata={"help": "Where encoded features are kept between runs."},
-    )
 
 
 def loss_step(head, batch, criterion):

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Before anything imports huggingface_hub, which reads these once: no test may reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Nor write to the user's caches: the datasets cache and the recipes' default feature cache live under it.
+CACHE = tempfile.TemporaryDirectory(prefix="finetune-recipes-tests-")  # removed when the session ends
+os.environ.setdefault("HF_DATASETS_CACHE", CACHE.name)
 
 import pytest  # noqa: E402
 from tiny import topic_rows, write_csv, write_tiny_bert  # noqa: E402

@@ -16,8 +16,11 @@ import torch
 import yaml
 from conftest import ROOT, run_recipe
 from safetensors.torch import load_file
-from transformers import pipeline
+from tiny import build_tiny, tiny_configs
+from transformers import AutoModelForSequenceClassification, pipeline
 
+from finetune_recipes import UserError, discover_layers, freeze, on_cached_states, set_trainable
+from finetune_recipes.catalog import CACHED_RECIPES
 from finetune_recipes.predict import predict
 
 RECIPES = ["full_finetune", "llrd", "frozen_base_pooler", "progressive_unfreezing", "feature_extraction", "lora"]
@@ -35,7 +38,7 @@ def saved_weights(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_trains_saves_and_predicts(recipe, tiny_args, tmp_path):
-    extra = ["--feature_cache_dir", tmp_path / "cache"] if recipe == "feature_extraction" else []
+    extra = ["--feature_cache_dir", tmp_path / "cache"] if recipe in CACHED_RECIPES else []
     run_recipe(recipe, *tiny_args, *extra)
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
@@ -65,6 +68,42 @@ def test_frozen_base_pooler_trains_only_pooler_and_head(tiny_args, tiny_model, t
             assert not torch.equal(tensor, after[name]), name
         else:
             assert torch.equal(tensor, after[name]), name
+
+
+@pytest.mark.parametrize("name", sorted(tiny_configs()))
+def test_pooler_and_head_on_cached_first_token_states_give_the_whole_models_logits(name):
+    model = build_tiny(name).eval()
+    set_trainable(model, discover_layers(model), ["pooler", "head"])
+    ids = torch.randint(5, 60, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    whole = model(input_ids=ids, attention_mask=mask).logits
+    states = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+    assert torch.allclose(on_cached_states(model)(inputs_embeds=states).logits, whole, atol=1e-5)
+
+
+def test_on_cached_states_refuses_a_trainable_layer_below_the_first_token_state():
+    model = build_tiny("bert")
+    freeze(model)
+    model.bert.encoder.layer[1].output.dense.weight.requires_grad_(True)
+    with pytest.raises(UserError, match="bert.encoder.layer.1.output.dense.weight trains but runs before"):
+        on_cached_states(model)
+    config = tiny_configs()["modernbert"]
+    config.classifier_pooling = "mean"
+    with pytest.raises(UserError, match="pools every token for its head"):
+        on_cached_states(AutoModelForSequenceClassification.from_config(config))
+
+
+def test_frozen_base_pooler_encodes_once_then_reads_the_cache(tiny_args, tmp_path):
+    cache = ["--feature_cache_dir", tmp_path / "cache"]
+    first = run_recipe("frozen_base_pooler", *tiny_args, *cache)
+    assert "encode train" in first.stderr and len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    second = run_recipe("frozen_base_pooler", *tiny_args, *cache, "--overwrite_output_dir")
+    assert "encode train" not in second.stderr and "from cache" in second.stderr
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert any(k.startswith("bert.encoder.") for k in saved) and "classifier.weight" in saved
+    classify = pipeline("text-classification", model=str(tmp_path / "out"))  # a whole classifier was saved
+    assert {p["label"] for p in classify(["market bank profit", "goal team win"])} <= LABELS
 
 
 def test_feature_extraction_encoder_frozen_and_cache_skips_encoding(tiny_args, tiny_model, tmp_path):

@@ -1,59 +1,63 @@
 """Transfer-learning recipes for text classification: the builders the recipes import.
 
 Recipes import from here, not from the modules, so a copied recipe keeps working when a helper moves.
+Each name is imported on first use (PEP 562), as transformers does: `finetune-recipes predict` on an ONNX
+export, or `ls`, never pays for torch, transformers or accelerate.
 """
 
-from .config import DataArguments, ModelArguments, TrainingArguments, UserError, check_ranges, run_cli
-from .data import Task
-from .features import (
-    ClassificationHead,
-    FeatureClassifier,
-    cached_features,
-    check_pooling,
-    feature_dataloader,
-    feature_loaders,
-)
-from .freezing import eval_frozen, format_trainable, freeze, set_trainable, stage_at, stage_starts, unfreezing_stages
-from .layers import block_linears, discover_layers
-from .modeling import build_model
-from .optim import build_optimizer, format_groups, lr_trajectory, param_groups, plot_lr_schedule
-from .training.loop import evaluate, train
-from .training.outputs import save_merged
-from .training.run import Run, Schedule, start_run
+from __future__ import annotations
 
-__all__ = [
-    "ClassificationHead",
-    "DataArguments",
-    "FeatureClassifier",
-    "ModelArguments",
-    "Run",
-    "Schedule",
-    "Task",
-    "TrainingArguments",
-    "UserError",
-    "block_linears",
-    "build_model",
-    "build_optimizer",
-    "cached_features",
-    "check_ranges",
-    "check_pooling",
-    "discover_layers",
-    "eval_frozen",
-    "evaluate",
-    "feature_dataloader",
-    "feature_loaders",
-    "format_groups",
-    "format_trainable",
-    "freeze",
-    "lr_trajectory",
-    "param_groups",
-    "plot_lr_schedule",
-    "run_cli",
-    "save_merged",
-    "set_trainable",
-    "stage_at",
-    "stage_starts",
-    "start_run",
-    "train",
-    "unfreezing_stages",
-]
+import importlib
+
+# name -> the module that defines it
+_EXPORTS = {
+    "DataArguments": "config",
+    "ModelArguments": "config",
+    "TrainingArguments": "config",
+    "check_ranges": "config",
+    "run_cli": "config",
+    "UserError": "errors",
+    "Task": "data",
+    "CacheArguments": "features",
+    "ClassificationHead": "features",
+    "FeatureClassifier": "features",
+    "cached_features": "features",
+    "check_pooling": "features",
+    "feature_dataloader": "features",
+    "feature_loaders": "features",
+    "on_cached_states": "features",
+    "eval_frozen": "freezing",
+    "format_trainable": "freezing",
+    "freeze": "freezing",
+    "set_trainable": "freezing",
+    "stage_at": "freezing",
+    "stage_starts": "freezing",
+    "unfreezing_stages": "freezing",
+    "block_linears": "layers",
+    "discover_layers": "layers",
+    "build_model": "modeling",
+    "build_optimizer": "optim",
+    "format_groups": "optim",
+    "lr_trajectory": "optim",
+    "param_groups": "optim",
+    "plot_lr_schedule": "optim",
+    "evaluate": "training.loop",
+    "train": "training.loop",
+    "save_merged": "training.outputs",
+    "Run": "training.run",
+    "Schedule": "training.run",
+    "start_run": "training.run",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

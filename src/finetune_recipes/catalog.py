@@ -7,7 +7,10 @@ import importlib.resources
 import shutil
 from pathlib import Path
 
-from .config import UserError, listing
+from .errors import UserError, listing
+
+# The recipes that encode with their frozen encoder once and take --feature_cache_dir (CacheArguments).
+CACHED_RECIPES = frozenset({"feature_extraction", "frozen_base_pooler"})
 
 
 def recipes_dir() -> Path:

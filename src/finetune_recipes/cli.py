@@ -1,4 +1,5 @@
-"""The `finetune-recipes` command: list and copy the recipes, predict with a trained model, compare strategies."""
+"""The `finetune-recipes` command: list and copy the recipes, predict with a trained model, export it to ONNX,
+compare strategies."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 
 from .catalog import copy_recipe, list_recipes
-from .config import Parser, UserError, entrypoint
+from .errors import Parser, UserError, entrypoint
 
 
 def read_texts(file: str | None, texts: list[str]) -> list[str]:
@@ -44,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch_size", type=positive_int, default=32)
     predict.add_argument("--format", choices=["table", "jsonl"], default="table")
     predict.add_argument("texts", nargs="*")
+    export = commands.add_parser("export", help="a trained model as ONNX for ONNX Runtime (optionally int8)")
+    export.add_argument("--model", required=True, help="a recipe's output_dir")
+    export.add_argument("--onnx", action="store_true", required=True, help="export to ONNX (the one format)")
+    export.add_argument("--quantize", action="store_true", help="int8 weights (ONNX Runtime dynamic quantisation)")
+    export.add_argument("--output_dir", help="default: MODEL/onnx, or MODEL/onnx-int8 with --quantize")
     report = commands.add_parser("report", help="redraw a finished run's model card, report and pictures")
     report.add_argument("output_dir", help="a recipe's output_dir")
     commands.add_parser("compare", help="run several recipes on the same data and budget, one table", add_help=False)
@@ -71,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
         texts = read_texts(args.file, args.texts)
         results = predict(args.model, texts, args.batch_size)
         print(format_table(results) if args.format == "table" else format_jsonl(results))
+    elif args.command == "export":
+        from .export import export_onnx
+
+        print(f"exported {export_onnx(args.model, args.output_dir, args.quantize)}")
     elif args.command == "report":
         from .reporting import report
 

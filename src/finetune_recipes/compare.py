@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .catalog import list_recipes, recipes_dir
+from .catalog import CACHED_RECIPES, list_recipes, recipes_dir
 from .config import DataArguments, ModelArguments, Parser, TrainingArguments, UserError, listing, parse_config
 from .metrics import MULTI, REGRESSION, SINGLE, greater_is_better, task_metrics
 from .training.outputs import LOCK, MANIFEST, entries, lock_output_dir, write_text
@@ -124,7 +124,7 @@ def run_recipe(recipe: str, out: Path, flags: list[str], overwrite: bool) -> dic
     """One recipe in its own process (clean memory peak, failures isolated); its results plus wall time."""
     log = out / "logs" / f"{recipe}.log"
     with tempfile.TemporaryDirectory(dir=out, prefix=".feature_cache_") as cache:  # every encoding is paid for
-        extra = ["--feature_cache_dir", cache] if recipe == "feature_extraction" else []
+        extra = ["--feature_cache_dir", cache] if recipe in CACHED_RECIPES else []
         cmd = [sys.executable, str(recipes_dir() / f"{recipe}.py"), *flags, *extra, "--output_dir", str(out / recipe)]
         cmd += ["--overwrite_output_dir"] if overwrite else []
         start = time.perf_counter()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import functools
 import importlib.resources
 import math
 import os
@@ -19,24 +18,10 @@ import yaml
 from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 
+from .errors import OneLineErrors, Parser, UserError, entrypoint, first_line, listing  # noqa: F401  (re-exported)
 from .metrics import METRICS
 
 T = TypeVar("T")
-
-
-class UserError(ValueError):
-    """A problem the user can fix; entry points print it as one line and exit with code 2."""
-
-
-class OneLineErrors:
-    """argparse's errors (a bad value, a missing argument) as one line and exit code 2, not a usage block."""
-
-    def error(self, message: str):
-        raise UserError(f"{message}; run with --help")
-
-
-class Parser(OneLineErrors, argparse.ArgumentParser):
-    pass
 
 
 class DataclassParser(OneLineErrors, HfArgumentParser):
@@ -373,33 +358,7 @@ def config_to_dict(*configs: Any) -> dict[str, Any]:
     return {k: v for c in configs for k, v in dataclasses.asdict(c).items() if k not in (*RUN_CONTROL, *SECRETS)}
 
 
-def first_line(error: BaseException, width: int = 160) -> str:
-    """The first line of a library's error message, short enough to quote inside one of ours."""
-    text = str(error).strip()
-    return text.splitlines()[0][:width] if text else error.__class__.__name__
-
-
-def listing(items: list[Any], limit: int = 8) -> str:
-    """Items joined by commas, the first `limit` only, so a message stays one readable line."""
-    shown = ", ".join(t if len(t := str(i)) <= 32 else t[:31] + "…" for i in items[:limit])
-    return shown if len(items) <= limit else f"{shown}, … ({len(items)} in all)"
-
-
 def run_cli(main: Callable[..., T], *types: type, default_config: str | Path | None = None) -> T:
     """`python recipe.py FLAGS`: parses `types` (from `default_config`, --config and the flags) and calls
     `main(*parsed)`; a UserError anywhere becomes one line on stderr and exit code 2."""
     return entrypoint(lambda: main(*parse_config(*types, default_config=default_config)))()
-
-
-def entrypoint(main: Callable[..., T]) -> Callable[..., T]:
-    """Runs `main`, turning a UserError into one line on stderr and exit code 2."""
-
-    @functools.wraps(main)
-    def run(*args, **kwargs) -> T:
-        try:
-            return main(*args, **kwargs)
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    return run

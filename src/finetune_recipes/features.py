@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -16,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, DataCollatorWithPadding, PreTrainedModel
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 
 from .config import DataArguments, TrainingArguments, UserError
 from .data import EpochWeightedSampler, aggregate_windows, content_digest
@@ -26,6 +29,17 @@ logger = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean", "pooler")
 HEAD_FILE, HEAD_CONFIG = "feature_head.safetensors", "feature_head.json"
+
+
+@dataclass
+class CacheArguments:
+    """Flags of the recipes that encode with a frozen encoder once and cache what it computed."""
+
+    encode_batch_size: int = 64
+    feature_cache_dir: str = field(
+        default=str(Path(datasets.config.HF_DATASETS_CACHE) / "finetune_recipes" / "features"),
+        metadata={"help": "Where encoded features are kept between runs."},
+    )
 
 
 def pool(outputs, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -199,10 +213,10 @@ def document_features(features: torch.Tensor, ds: Dataset) -> tuple[torch.Tensor
 
 
 def feature_dataloader(
-    features: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False, sampler=None
+    columns: dict[str, torch.Tensor], batch_size: int, shuffle: bool = False, sampler=None
 ) -> torch.utils.data.DataLoader:
-    """Batches of {"features", "labels"}: the head's input and the criterion's target."""
-    dataset = torch.utils.data.StackDataset(features=features, labels=labels)
+    """Batches of `columns` (the model's input, "labels", and "document" for windows), row by row."""
+    dataset = torch.utils.data.StackDataset(**columns)
     generator = torch.Generator().manual_seed(0)  # see data.build_dataloader: keeps the global RNG untouched
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=generator
@@ -210,16 +224,87 @@ def feature_dataloader(
 
 
 def feature_loaders(
-    features: dict[str, torch.Tensor], splits: dict[str, Dataset], args: TrainingArguments, data_args: DataArguments
+    features: dict[str, torch.Tensor],
+    splits: dict[str, Dataset],
+    args: TrainingArguments,
+    data_args: DataArguments,
+    key: str = "features",
+    average_windows: bool = True,
 ) -> dict[str, torch.utils.data.DataLoader]:
-    """A loader per split over cached features, one row per document; the train split's is shuffled, or
-    class-weighted with --sampler weighted."""
+    """A loader per split over cached features, batched as {key, "labels"}; the train split's is shuffled, or
+    class-weighted with --sampler weighted.
+
+    A long document's windows are averaged to one row (what `FeatureClassifier` predicts on); with
+    `average_windows=False`, for a model that scores windows and averages their logits, training sees each
+    window as an example and evaluation batches carry each window's "document", as token batches do.
+    """
     loaders = {}
     for split, ds in splits.items():
-        rows, labels = document_features(features[split], ds)
-        if split == "train":
-            sampler = EpochWeightedSampler(labels.tolist(), args.seed) if data_args.sampler == "weighted" else None
-            loaders[split] = feature_dataloader(rows, labels, args.per_device_train_batch_size, True, sampler)
+        if average_windows or "document" not in ds.column_names:
+            columns = dict(zip((key, "labels"), document_features(features[split], ds), strict=True))
         else:
-            loaders[split] = feature_dataloader(rows, labels, args.per_device_eval_batch_size)
+            columns = {key: features[split], "labels": torch.tensor(ds["labels"])}
+            if split != "train":
+                columns["document"] = torch.tensor(ds["document"])
+        if split == "train":
+            weighted = data_args.sampler == "weighted"
+            sampler = EpochWeightedSampler(columns["labels"].tolist(), args.seed) if weighted else None
+            loaders[split] = feature_dataloader(columns, args.per_device_train_batch_size, True, sampler)
+        else:
+            loaders[split] = feature_dataloader(columns, args.per_device_eval_batch_size)
     return loaders
+
+
+class FirstTokenStates(nn.Module):
+    """Stands in for a frozen encoder whose first-token states were encoded once (`cached_features`, pooling
+    "cls"): returns a batch of them as the encoder's output, a one-token sequence, with the encoder's own
+    pooler applied.
+
+    What a sequence classifier runs after its encoder reads the first token alone (BERT's and ALBERT's
+    poolers, then dropout and classifier; the heads of RoBERTa, ELECTRA, DistilBERT and DeBERTa), so the
+    model's own forward on these gives the whole model's logits at the cost of its head. Written by hand:
+    no library caches an encoder's output below a Transformers head.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.pooler = getattr(base, "pooler", None)
+        # ALBERT's pooler is a bare Linear that AlbertModel applies to the first token, then a tanh.
+        self.activation = getattr(base, "pooler_activation", None) if isinstance(self.pooler, nn.Linear) else None
+
+    def forward(self, input_ids=None, inputs_embeds=None, **_) -> BaseModelOutputWithPooling:
+        hidden = inputs_embeds.unsqueeze(1)  # (batch, 1, hidden)
+        if self.pooler is None:
+            pooled = None
+        elif self.activation is not None:
+            pooled = self.activation(self.pooler(inputs_embeds))
+        else:
+            pooled = self.pooler(hidden)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+
+
+def on_cached_states(model: PreTrainedModel) -> PreTrainedModel:
+    """`model` with its encoder replaced by `FirstTokenStates`: call it as `top(inputs_embeds=states)`.
+
+    The pooler and head are `model`'s own modules, so what trains in `top` trains in `model`, which stays
+    a whole `AutoModelForSequenceClassification` to save. Refuses when something that trains in `model`
+    (set by `set_trainable`) would not be in `top`: a layer between the encoder and its first-token state;
+    or when the head pools more than the first token.
+    """
+    pooling = getattr(model.config, "classifier_pooling", "cls")  # ModernBERT's head may pool every token
+    if pooling != "cls":
+        raise UserError(
+            f"{type(model).__name__} pools every token for its head (classifier_pooling '{pooling}'), but only "
+            "the first token's state is encoded; run feature_extraction --pooling mean, or full_finetune"
+        )
+    top = copy.copy(model)
+    top._modules = dict(model._modules)  # its own module table; the modules in it are model's
+    top._modules[model.base_model_prefix] = FirstTokenStates(model.base_model)
+    kept = {id(p) for p in top.parameters()}
+    missed = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in kept]
+    if missed:
+        raise UserError(
+            f"{missed[0]} trains but runs before the first-token state, which is encoded once; "
+            "map only the pooler and the head as trainable (--layer_mapping)"
+        )
+    return top

@@ -1,37 +1,102 @@
-"""Inference on raw text from the output of any recipe: a full model, a LoRA adapter, or encoder + head."""
+"""Batch prediction on raw text: from the output of any recipe (a full model, a LoRA adapter, encoder + head)
+with torch, or from its ONNX export (`finetune-recipes export --onnx`) with ONNX Runtime and without torch.
+
+Both read texts as the model was trained to (max_length, windows of long documents), batch them sorted by
+length so each pads little, and give one prediction per text in input order.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
-import transformers
+import numpy as np
 import yaml
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from .config import UserError, listing
-from .data import aggregate_windows, encode_windows
-from .features import HEAD_CONFIG, FeatureClassifier
-from .modeling import load_adapter_classifier
+from .errors import UserError, listing
+
+MODEL_ONNX, HEAD_ONNX = "model.onnx", "head.onnx"  # what `export` writes
+# What features.FeatureClassifier saves beside its encoder; named here, not imported, since importing
+# features loads torch, which the ONNX path never needs.
+HEAD_CONFIG = "feature_head.json"
 
 
 def check_model_dir(path: Path) -> None:
     """Refuses, in one line, a path that holds no saved classifier and tokenizer."""
     if not path.is_dir():
         raise UserError(f"model directory {path} does not exist; pass --model a recipe's output_dir")
-    if not any((path / name).exists() for name in ("config.json", "adapter_config.json", HEAD_CONFIG)):
+    if not any((path / name).exists() for name in ("config.json", "adapter_config.json", HEAD_CONFIG, MODEL_ONNX)):
         raise UserError(f"{path} holds no saved model (no config.json); pass --model a recipe's output_dir")
     if not (path / "tokenizer_config.json").exists():
         raise UserError(f"{path} holds no tokenizer (no tokenizer_config.json); pass --model a recipe's output_dir")
 
 
-def load_classifier(path: str | Path) -> torch.nn.Module:
-    """The model a recipe saved in `path`, ready for inference, whichever strategy produced it.
+def recipe_settings(path: Path) -> dict:
+    """How the model read its texts in training (max_length, windows), from its recipe config when there."""
+    config = path / "recipe_config.yaml"
+    saved = yaml.safe_load(config.read_text()) if config.exists() else {}
+    tokenizer = json.loads((path / "tokenizer_config.json").read_text())
+    return {
+        "max_length": int(saved.get("max_length") or min(tokenizer.get("model_max_length") or 512, 512)),
+        "windows": saved.get("long_documents") == "windows",
+        "stride": int(saved.get("window_stride") or 0),
+        "aggregation": saved.get("window_aggregation") or "mean",
+    }
+
+
+def thresholds_of(path: Path, label_names: list[str]) -> list[float]:
+    """Multi-label decision thresholds tuned on validation (thresholds.json), else 0.5 for every label."""
+    file = path / "thresholds.json"
+    saved = json.loads(file.read_text()) if file.exists() else {}
+    return [float(saved.get(name, 0.5)) for name in label_names]
+
+
+def predict(path: str | Path, texts: list[str], batch_size: int = 64) -> list[dict[str, object]]:
+    """One prediction per text, in input order: label and score (single-label), every label over its
+    threshold with its score (multi-label), or the value (regression).
+
+    `path` is a recipe's output_dir (torch; bf16 where the CPU or GPU computes it natively) or an ONNX
+    export of one (ONNX Runtime). Long documents are read as windows when the model was trained so."""
+    path = Path(path)
+    check_model_dir(path)
+    settings = recipe_settings(path)
+    logits = (onnx_logits if (path / MODEL_ONNX).exists() else torch_logits)(path, texts, settings, batch_size)
+    config = json.loads((path / "config.json").read_text())
+    return [describe(text, row, config, path) for text, row in zip(texts, logits, strict=True)]
+
+
+def batches(lengths: list[int], batch_size: int):
+    """Row indices in batches of similar length, shortest first: each batch pads only to its own longest."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def aggregate(values: np.ndarray, documents: np.ndarray, how: str) -> np.ndarray:
+    """One row per document (numbered 0..n-1): the mean or max of its windows' rows."""
+    count = int(documents.max()) + 1 if len(documents) else 0
+    if how == "max":
+        out = np.full((count, values.shape[1]), -np.inf, dtype=values.dtype)
+        np.maximum.at(out, documents, values)
+        return out
+    out = np.zeros((count, values.shape[1]), dtype=values.dtype)
+    np.add.at(out, documents, values)
+    return out / np.bincount(documents, minlength=count)[:, None]
+
+
+def load_classifier(path: str | Path):
+    """The model a recipe saved in `path`, ready for inference with torch, whichever strategy produced it.
 
     Refuses a bare encoder: its classification head would be freshly initialised, and its confident
     labels random. A missing head is what tells (id2label cannot: a regression model keeps LABEL_0).
     """
+    # Imported here: the ONNX path needs none of it, and torch and transformers take seconds to import.
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    from .features import FeatureClassifier
+    from .modeling import load_adapter_classifier
+
     path = Path(path)
     check_model_dir(path)
     if (path / HEAD_CONFIG).exists():
@@ -54,66 +119,111 @@ def load_classifier(path: str | Path) -> torch.nn.Module:
     return model.eval()
 
 
-def recipe_settings(path: Path, tokenizer) -> dict:
-    """How the model read its texts in training (max_length, windows), from its recipe config when there."""
-    config = path / "recipe_config.yaml"
-    saved = yaml.safe_load(config.read_text()) if config.exists() else {}
-    return {
-        "max_length": int(saved.get("max_length") or min(tokenizer.model_max_length, 512)),
-        "windows": saved.get("long_documents") == "windows",
-        "stride": int(saved.get("window_stride") or 0),
-        "aggregation": saved.get("window_aggregation") or "mean",
-    }
+def torch_logits(path: Path, texts: list[str], settings: dict, batch_size: int) -> np.ndarray:
+    """Logits per text from the saved model, with torch."""
+    import torch  # here, as in load_classifier
+    from transformers import AutoTokenizer, DataCollatorWithPadding
 
+    from .data import encode_windows
+    from .features import FeatureClassifier
+    from .training.precision import bf16_supported
 
-def thresholds_of(path: Path, label_names: list[str]) -> list[float]:
-    """Multi-label decision thresholds tuned on validation (thresholds.json), else 0.5 for every label."""
-    file = path / "thresholds.json"
-    saved = json.loads(file.read_text()) if file.exists() else {}
-    return [float(saved.get(name, 0.5)) for name in label_names]
-
-
-@torch.inference_mode()
-def predict(path: str | Path, texts: list[str], batch_size: int = 32) -> list[dict[str, object]]:
-    """One prediction per text, in input order: label and score (single-label), every label over its
-    threshold with its score (multi-label), or the value (regression). Long documents are read as windows
-    when the model was trained so; batches are length-sorted to pad little."""
-    path = Path(path)
     model = load_classifier(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    settings = recipe_settings(path, tokenizer)
     if settings["windows"]:
         encoded = encode_windows(tokenizer, [texts], settings["max_length"], settings["stride"])
-        documents = torch.tensor(encoded.pop("overflow_to_sample_mapping"))
+        documents = np.asarray(encoded.pop("overflow_to_sample_mapping"))
     else:
         encoded = tokenizer(texts, truncation=True, max_length=settings["max_length"])
-        documents = torch.arange(len(texts))
+        documents = np.arange(len(texts))
     rows = [{k: encoded[k][i] for k in encoded} for i in range(len(documents))]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     collator = DataCollatorWithPadding(tokenizer)
     # A feature head was trained on a document's window features averaged, so it predicts from those too.
     features = isinstance(model, FeatureClassifier) and settings["windows"]
-    values = torch.empty(len(rows), model.config.hidden_size if features else model.config.num_labels)
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
-        batch = collator([rows[i] for i in indices])
-        values[indices] = (model.embed(**batch) if features else model(**batch).logits).float()
-    values, _ = aggregate_windows(values, documents, documents, "mean" if features else settings["aggregation"])
-    logits = model.head(values).logits if features else values
-    return [describe(text, row, model.config, path) for text, row in zip(texts, logits, strict=True)]
+    values = np.empty((len(rows), model.config.hidden_size if features else model.config.num_labels), np.float32)
+    device = next(model.parameters()).device
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16_supported(device)):
+        for indices in batches([len(r["input_ids"]) for r in rows], batch_size):
+            batch = collator([rows[i] for i in indices])
+            values[indices] = (model.embed(**batch) if features else model(**batch).logits).float().numpy()
+        if not features:
+            return aggregate(values, documents, settings["aggregation"])
+        return model.head(torch.from_numpy(aggregate(values, documents, "mean"))).logits.float().numpy()
 
 
-def describe(text: str, logits: torch.Tensor, config, path: Path) -> dict[str, object]:
+def onnx_logits(path: Path, texts: list[str], settings: dict, batch_size: int) -> np.ndarray:
+    """Logits per text from an ONNX export, with ONNX Runtime and the `tokenizers` library alone."""
+    try:  # an optional dependency (the export extra)
+        import onnxruntime
+    except ImportError:
+        raise UserError("onnxruntime is not installed; pip install 'finetune-recipes[export]'") from None
+    from tokenizers import Tokenizer
+
+    session = onnxruntime.InferenceSession(str(path / MODEL_ONNX), providers=["CPUExecutionProvider"])
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer.no_padding()  # padded below, per length-sorted batch
+    tokenizer.enable_truncation(settings["max_length"], stride=settings["stride"] if settings["windows"] else 0)
+    encodings, documents = [], []
+    for document, encoding in enumerate(tokenizer.encode_batch(texts)):
+        windows = [encoding, *encoding.overflowing] if settings["windows"] else [encoding]
+        encodings += windows
+        documents += [document] * len(windows)
+    pad_id = pad_token_id(path, tokenizer)
+    inputs = [i.name for i in session.get_inputs()]
+    # A feature head's export gives (logits, features): a long document's windows average the features.
+    by_features = len(session.get_outputs()) == 2 and settings["windows"]
+    values = [None] * len(encodings)
+    for indices in batches([len(e.ids) for e in encodings], batch_size):
+        batch = pad([encodings[i] for i in indices], pad_id)
+        out = session.run(None, {name: batch[name] for name in inputs})[1 if by_features else 0]
+        for i, row in zip(indices, out, strict=True):
+            values[i] = row
+    values, documents = np.stack(values), np.asarray(documents)
+    if not by_features:
+        return aggregate(values, documents, settings["aggregation"])
+    head = onnxruntime.InferenceSession(str(path / HEAD_ONNX), providers=["CPUExecutionProvider"])
+    return head.run(None, {"features": aggregate(values, documents, "mean").astype(np.float32)})[0]
+
+
+def pad(encodings: list, pad_id: int) -> dict[str, np.ndarray]:
+    """input_ids, attention_mask and token_type_ids of `encodings`, right-padded to the longest.
+
+    By hand: `tokenizers` pads only the batch it encodes, and these batches are formed after encoding."""
+    shape = (len(encodings), max(len(e.ids) for e in encodings))
+    batch = {
+        "input_ids": np.full(shape, pad_id, np.int64),
+        "attention_mask": np.zeros(shape, np.int64),
+        "token_type_ids": np.zeros(shape, np.int64),
+    }
+    for row, encoding in enumerate(encodings):
+        n = len(encoding.ids)
+        batch["input_ids"][row, :n] = encoding.ids
+        batch["attention_mask"][row, :n] = 1
+        batch["token_type_ids"][row, :n] = encoding.type_ids
+    return batch
+
+
+def pad_token_id(path: Path, tokenizer) -> int:
+    """The id of the tokenizer's padding token (tokenizer_config.json names it)."""
+    token = json.loads((path / "tokenizer_config.json").read_text()).get("pad_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    pad_id = tokenizer.token_to_id(token) if token else None
+    return 0 if pad_id is None else pad_id
+
+
+def describe(text: str, logits: np.ndarray, config: dict, path: Path) -> dict[str, object]:
     """One text's prediction as the model's problem type reads its logits."""
-    names = [config.id2label[i] for i in range(config.num_labels)]
-    if config.problem_type == "regression":
+    id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(len(logits))}
+    names = [id2label[str(i)] for i in range(len(logits))]
+    if config.get("problem_type") == "regression":
         return {"text": text, "value": round(float(logits[0]), 4)}
-    if config.problem_type == "multi_label_classification":
-        scores = logits.sigmoid().tolist()
+    if config.get("problem_type") == "multi_label_classification":
+        scores = (1 / (1 + np.exp(-logits))).tolist()
         over = [(n, s) for n, s, t in zip(names, scores, thresholds_of(path, names), strict=True) if s >= t]
         over.sort(key=lambda pair: -pair[1])
         return {"text": text, "labels": [n for n, _ in over], "scores": [round(s, 4) for _, s in over]}
-    probs = logits.softmax(-1)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
     return {"text": text, "label": names[int(probs.argmax())], "score": round(float(probs.max()), 4)}
 
 

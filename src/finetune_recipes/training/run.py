@@ -187,8 +187,11 @@ def wrap_blocks_not_embeddings(accelerator, model: torch.nn.Module) -> None:
     An explicit `fsdp_transformer_layer_cls_to_wrap` in the config is left as the user wrote it.
     """
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
-    if plugin is None or plugin.fsdp_version != 2 or plugin.transformer_cls_names_to_wrap or embeddings is None:
+    if plugin is None or plugin.fsdp_version != 2 or plugin.transformer_cls_names_to_wrap:
+        return
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a head over cached features, or a model without one
         return
     holders = {type(m).__name__ for m in model.modules() if any(c is embeddings for c in m.children())}
     plugin.transformer_cls_names_to_wrap = [

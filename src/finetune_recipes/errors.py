@@ -1,0 +1,56 @@
+"""Errors a user can fix, and the command lines that print them as one line with exit code 2.
+
+Light on purpose (the standard library only): `finetune-recipes predict` on an ONNX export and `ls` import
+this and nothing heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(ValueError):
+    """A problem the user can fix; entry points print it as one line and exit with code 2."""
+
+
+class OneLineErrors:
+    """argparse's errors (a bad value, a missing argument) as one line and exit code 2, not a usage block."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; run with --help")
+
+
+class Parser(OneLineErrors, argparse.ArgumentParser):
+    pass
+
+
+def first_line(error: BaseException, width: int = 160) -> str:
+    """The first line of a library's error message, short enough to quote inside one of ours."""
+    text = str(error).strip()
+    return text.splitlines()[0][:width] if text else error.__class__.__name__
+
+
+def listing(items: list[Any], limit: int = 8) -> str:
+    """Items joined by commas, the first `limit` only, so a message stays one readable line."""
+    shown = ", ".join(t if len(t := str(i)) <= 32 else t[:31] + "…" for i in items[:limit])
+    return shown if len(items) <= limit else f"{shown}, … ({len(items)} in all)"
+
+
+def entrypoint(main: Callable[..., T]) -> Callable[..., T]:
+    """Runs `main`, turning a UserError into one line on stderr and exit code 2."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> T:
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return run
