@@ -20,9 +20,9 @@ from pathlib import Path
 from transformers import AutoModel, DataCollatorWithPadding
 
 from finetune_recipes import (
-    CacheArguments,
     ClassificationHead,
     DataArguments,
+    EncodeArguments,
     FeatureClassifier,
     ModelArguments,
     TrainingArguments,
@@ -42,7 +42,7 @@ CONFIG = Path(__file__).parent / "configs" / "feature_extraction.yaml"
 
 
 @dataclass
-class FeatureArguments(CacheArguments):  # + --encode_batch_size, --feature_cache_dir
+class FeatureArguments(EncodeArguments):  # + --encode_batch_size, --feature_cache_dir
     pooling: str = field(default="mean", metadata={"help": "cls, mean (over real tokens) or pooler."})
     head_hidden_size: int = field(default=0, metadata={"help": "0: a linear head; else an MLP of this width."})
     head_dropout: float = 0.1

@@ -4,7 +4,7 @@ The frozen encoder runs once: each split's first-token states (all that the pool
 encoded in inference mode and cached like feature extraction's features; training then runs the pooler
 and head alone on them. The saved model is the whole classifier, which `pipeline()` loads.
 
-Flags of its own (CacheArguments): `--encode_batch_size`, `--feature_cache_dir`; `--help` lists the shared
+Flags of its own (EncodeArguments): `--encode_batch_size`, `--feature_cache_dir`; `--help` lists the shared
 model, data and training flags (`--layer_mapping` for an architecture layer discovery cannot map).
 Defaults: finetune_recipes.config, then configs/frozen_base_pooler.yaml beside this file, then the command
 line.
@@ -12,7 +12,7 @@ line.
     python recipes/frozen_base_pooler.py --learning_rate 1e-3
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/frozen_base_pooler.py
 
-From Python, `main(ModelArguments(...), DataArguments(...), TrainingArguments(...), CacheArguments(...))`
+From Python, `main(ModelArguments(...), DataArguments(...), TrainingArguments(...), EncodeArguments(...))`
 returns the results. Raises `UserError` (from the command line: one line, exit code 2) for a bad flag, data
 set, model or output_dir, or a model whose layers cannot be mapped, before training starts.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 from transformers import DataCollatorWithPadding
 
 from finetune_recipes import (
-    CacheArguments,
     DataArguments,
+    EncodeArguments,
     ModelArguments,
     TrainingArguments,
     build_model,
@@ -92,4 +92,4 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
 
 
 if __name__ == "__main__":
-    run_cli(main, ModelArguments, DataArguments, TrainingArguments, CacheArguments, default_config=CONFIG)
+    run_cli(main, ModelArguments, DataArguments, TrainingArguments, EncodeArguments, default_config=CONFIG)

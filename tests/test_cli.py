@@ -206,6 +206,13 @@ def test_compare_routes_a_recipe_flag_to_the_recipes_that_take_it(capsys):
         "full_finetune": ["--seed", "3", "--group_by_length"],
     }
     assert capsys.readouterr().err.strip() == "--layer_decay goes to llrd only: the others do not take it"
+    # A recipe's flags from a dataclass it imports (the pooler's feature cache) or extends go to it too.
+    routes = route_flags(["feature_extraction", "frozen_base_pooler", "lora"], ["--encode_batch_size", "8"])
+    assert routes == {
+        "feature_extraction": ["--encode_batch_size", "8"],
+        "frozen_base_pooler": ["--encode_batch_size", "8"],
+        "lora": [],
+    }
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ _EXPORTS = {
     "UserError": "errors",
     "Task": "data",
     "CacheArguments": "features",
+    "EncodeArguments": "features",
     "ClassificationHead": "features",
     "FeatureClassifier": "features",
     "cached_features": "features",

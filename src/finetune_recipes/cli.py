@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="labels and scores for raw texts")
     predict.add_argument("--model", required=True, help="a recipe's output_dir")
     predict.add_argument("--file", help="one text per line; '-' reads standard input")
-    predict.add_argument("--batch_size", type=positive_int, default=32)
+    predict.add_argument("--batch_size", type=positive_int, default=64)
     predict.add_argument("--format", choices=["table", "jsonl"], default="table")
     predict.add_argument("texts", nargs="*")
     export = commands.add_parser("export", help="a trained model as ONNX for ONNX Runtime (optionally int8)")

@@ -47,9 +47,16 @@ OUTPUTS = ("comparison.md", "comparison.csv", "comparison.png", "logs", MANIFEST
 
 @functools.cache
 def recipe_types(recipe: str) -> tuple[type, ...]:
-    """The argument dataclasses a recipe file defines itself (LLRD's layer_decay, ...), read without running it."""
+    """The argument dataclasses a recipe parses besides the shared ones (LLRD's layer_decay, the pooler's
+    feature cache, ...), read without running it: the `...Arguments` dataclasses its file defines or imports
+    (not peft's LoraConfig), less any that another of them extends (FeatureArguments extends CacheArguments)."""
     namespace = runpy.run_path(str(recipes_dir() / f"{recipe}.py"), run_name=f"finetune_recipes_{recipe}")
-    return tuple(v for v in namespace.values() if is_dataclass(v) and v.__module__ == f"finetune_recipes_{recipe}")
+    types = [
+        v
+        for name, v in namespace.items()
+        if name.endswith("Arguments") and isinstance(v, type) and is_dataclass(v) and v not in SHARED_TYPES
+    ]
+    return tuple(t for t in types if not any(o is not t and issubclass(o, t) for o in types))
 
 
 def flag_groups(argv: list[str]) -> list[tuple[str, list[str]]]:

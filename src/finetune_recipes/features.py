@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceCl
 
 from .config import DataArguments, TrainingArguments, UserError
 from .data import EpochWeightedSampler, aggregate_windows, content_digest
-from .training.precision import bf16_supported
+from .hardware import bf16_supported
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +33,19 @@ HEAD_FILE, HEAD_CONFIG = "feature_head.safetensors", "feature_head.json"
 
 @dataclass
 class CacheArguments:
-    """Flags of the recipes that encode with a frozen encoder once and cache what it computed."""
+    """The flag of the recipes that compute something once from frozen weights and keep it between runs."""
 
-    encode_batch_size: int = 64
     feature_cache_dir: str = field(
         default=str(Path(datasets.config.HF_DATASETS_CACHE) / "finetune_recipes" / "features"),
-        metadata={"help": "Where encoded features are kept between runs."},
+        metadata={"help": "Where encoded features (and reduced word-vector tables) are kept between runs."},
     )
+
+
+@dataclass
+class EncodeArguments(CacheArguments):
+    """The flags of the recipes that encode every split once with a frozen encoder."""
+
+    encode_batch_size: int = 64
 
 
 def pool(outputs, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -90,18 +90,20 @@ def load_classifier(path: str | Path):
     Refuses a bare encoder: its classification head would be freshly initialised, and its confident
     labels random. A missing head is what tells (id2label cannot: a regression model keeps LABEL_0).
     """
-    # Imported here: the ONNX path needs none of it, and torch and transformers take seconds to import.
+    # Imported here: the ONNX path needs none of it, and torch and transformers take seconds to import. Each
+    # kind of model's loader is imported only for that kind (they pull in datasets, accelerate, peft).
     import transformers
     from transformers import AutoModelForSequenceClassification
-
-    from .features import FeatureClassifier
-    from .modeling import load_adapter_classifier
 
     path = Path(path)
     check_model_dir(path)
     if (path / HEAD_CONFIG).exists():
+        from .features import FeatureClassifier
+
         model = FeatureClassifier.from_pretrained(path)
     elif (path / "adapter_config.json").exists():
+        from .modeling import load_adapter_classifier
+
         model = load_adapter_classifier(path)
     else:
         verbosity = transformers.logging.get_verbosity()
@@ -124,13 +126,13 @@ def torch_logits(path: Path, texts: list[str], settings: dict, batch_size: int) 
     import torch  # here, as in load_classifier
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from .data import encode_windows
-    from .features import FeatureClassifier
-    from .training.precision import bf16_supported
+    from .hardware import bf16_supported
 
     model = load_classifier(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if settings["windows"]:
+        from .data.windows import encode_windows
+
         encoded = encode_windows(tokenizer, [texts], settings["max_length"], settings["stride"])
         documents = np.asarray(encoded.pop("overflow_to_sample_mapping"))
     else:
@@ -139,7 +141,7 @@ def torch_logits(path: Path, texts: list[str], settings: dict, batch_size: int) 
     rows = [{k: encoded[k][i] for k in encoded} for i in range(len(documents))]
     collator = DataCollatorWithPadding(tokenizer)
     # A feature head was trained on a document's window features averaged, so it predicts from those too.
-    features = isinstance(model, FeatureClassifier) and settings["windows"]
+    features = (path / HEAD_CONFIG).exists() and settings["windows"]
     values = np.empty((len(rows), model.config.hidden_size if features else model.config.num_labels), np.float32)
     device = next(model.parameters()).device
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16_supported(device)):

@@ -12,17 +12,9 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import DistributedType, set_seed, str_to_bool
 
 from ..config import TrainingArguments, UserError
+from ..hardware import bf16_supported
 
 logger = logging.getLogger("finetune_recipes")
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """bf16 pays off on GPUs that have it and on CPUs with AVX-512 BF16 or AMX; elsewhere it is emulated."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
 
 
 def resolve_mixed_precision(requested: str | None) -> str | None:
