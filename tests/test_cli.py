@@ -16,7 +16,15 @@ from finetune_recipes.catalog import copy_recipe, list_recipes
 from finetune_recipes.cli import main
 from finetune_recipes.predict import predict
 
-RECIPES = {"feature_extraction", "frozen_base_pooler", "full_finetune", "llrd", "lora", "progressive_unfreezing"}
+RECIPES = {
+    "feature_extraction",
+    "frozen_base_pooler",
+    "full_finetune",
+    "llrd",
+    "lora",
+    "progressive_unfreezing",
+    "static_embeddings",
+}
 
 
 def test_ls_lists_every_recipe_with_its_docstring(capsys):

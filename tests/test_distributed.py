@@ -26,7 +26,15 @@ TWO_PROCESSES = [
     "--config_file",
     str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
 ]
-RECIPES = ["full_finetune", "llrd", "frozen_base_pooler", "progressive_unfreezing", "feature_extraction", "lora"]
+RECIPES = [
+    "full_finetune",
+    "llrd",
+    "frozen_base_pooler",
+    "progressive_unfreezing",
+    "feature_extraction",
+    "lora",
+    "static_embeddings",
+]
 
 
 @pytest.mark.slow

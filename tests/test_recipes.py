@@ -23,7 +23,15 @@ from finetune_recipes import UserError, discover_layers, freeze, on_cached_state
 from finetune_recipes.catalog import CACHED_RECIPES
 from finetune_recipes.predict import predict
 
-RECIPES = ["full_finetune", "llrd", "frozen_base_pooler", "progressive_unfreezing", "feature_extraction", "lora"]
+RECIPES = [
+    "full_finetune",
+    "llrd",
+    "frozen_base_pooler",
+    "progressive_unfreezing",
+    "feature_extraction",
+    "lora",
+    "static_embeddings",
+]
 LABELS = {"business", "sport", "tech"}
 
 

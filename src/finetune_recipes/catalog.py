@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .errors import UserError, listing
 
-# The recipes that encode with their frozen encoder once and take --feature_cache_dir (CacheArguments).
-CACHED_RECIPES = frozenset({"feature_extraction", "frozen_base_pooler"})
+# The recipes that compute something once from frozen weights and take --feature_cache_dir (CacheArguments).
+CACHED_RECIPES = frozenset({"feature_extraction", "frozen_base_pooler", "static_embeddings"})
 
 
 def recipes_dir() -> Path:

@@ -37,7 +37,15 @@ COLUMNS = [  # results key, title, format; the metric columns go after the strat
     ("peak_memory_mb", "peak memory (MB)", "{:,.0f}"),
     ("status", "status", "{}"),
 ]
-ORDER = ["feature_extraction", "frozen_base_pooler", "progressive_unfreezing", "full_finetune", "llrd", "lora"]
+ORDER = [
+    "static_embeddings",
+    "feature_extraction",
+    "frozen_base_pooler",
+    "progressive_unfreezing",
+    "full_finetune",
+    "llrd",
+    "lora",
+]
 
 
 SHARED_TYPES = (ModelArguments, DataArguments, TrainingArguments)

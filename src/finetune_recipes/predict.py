@@ -97,6 +97,9 @@ def load_classifier(path: str | Path):
 
     path = Path(path)
     check_model_dir(path)
+    config = path / "config.json"
+    if config.exists() and json.loads(config.read_text()).get("model_type") == "finetune_recipes_static":
+        from . import static  # noqa: F401  registers the static-vector classifier with the Auto classes
     if (path / HEAD_CONFIG).exists():
         from .features import FeatureClassifier
 

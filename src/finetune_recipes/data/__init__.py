@@ -25,7 +25,7 @@ from .loaders import (
 from .split import drop_duplicate_texts, split_validation, warn_overlap
 from .tasks import Task, encode_task, fit_task
 from .tokenize import build_tokenizer, content_digest, load_tokenizer, tokenize
-from .windows import aggregate_windows, encode_windows
+from .windows import aggregate_windows, check_windows, encode_windows
 
 
 @dataclass
@@ -43,9 +43,13 @@ class ClassificationData:
         return self.task.label_names
 
 
-def load_data(model_args: ModelArguments, data_args: DataArguments, seed: int, accelerator) -> tuple:
-    """(tokenizer, ClassificationData); the main process builds first, so the others read its cache."""
-    tokenizer = build_tokenizer(model_args, data_args)
+def load_data(model_args: ModelArguments, data_args: DataArguments, seed: int, accelerator, tokenizer=None) -> tuple:
+    """(tokenizer, ClassificationData); the main process builds first, so the others read its cache. A
+    `tokenizer` given (static word vectors bring their own) replaces the model's."""
+    if tokenizer is None:
+        tokenizer = build_tokenizer(model_args, data_args)
+    else:
+        check_windows(tokenizer, data_args)
     with accelerator.main_process_first():
         return tokenizer, build_datasets(data_args, tokenizer, seed)
 

@@ -10,6 +10,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..metrics import METRICS, MULTI, REGRESSION, SINGLE
 
 STRATEGIES = {
+    "static_embeddings": "Static word vectors: a bag of pretrained vectors (or a BiLSTM over them) and a head; no "
+    "transformer layer runs.",
     "feature_extraction": "Feature extraction: the pretrained encoder is frozen; only a classification head trained "
     "on its cached sentence features.",
     "frozen_base_pooler": "Frozen base + trainable pooler: the encoder's blocks are frozen; its pooler and the "
@@ -121,8 +123,13 @@ def usage(results: dict, files: set[str], path: str) -> str:
         "tuned on validation (`thresholds.json`).",
         REGRESSION: "\n\nThe score is the predicted value, in the target's own units.",
     }.get(problem_type, "")
+    register = (
+        "import finetune_recipes.static  # registers its model class\n"
+        if results.get("strategy") == "static_embeddings"
+        else ""
+    )
     return (
-        f'```python\nfrom transformers import pipeline\n\nclassifier = pipeline("text-classification", '
+        f'```python\n{register}from transformers import pipeline\n\nclassifier = pipeline("text-classification", '
         f'model="{path}"{extra})\nclassifier("Your text here")\n```{note}\n\nOr from the command line:\n\n'
         f"```bash\n{cli}\n```"
     )

@@ -205,17 +205,18 @@ def start_run(
     training_args: TrainingArguments,
     *recipe_args: Any,
     find_unused_parameters: bool = False,
+    tokenizer=None,
 ) -> Run:
     """The set-up every recipe shares: check output_dir, build the accelerator, load the data, batch it.
 
     `recipe_args` are the recipe's own dataclasses, saved with the rest of the config. Set
     `find_unused_parameters` when what trains changes mid-run: DDP must then tolerate parameters without
-    gradients.
+    gradients. A `tokenizer` replaces the model's (static word vectors bring their own).
     """
     check_output_dir(training_args)
     check_hub(training_args)  # offline or without credentials: now, not after the training
     accelerator = build_accelerator(training_args, find_unused_parameters)
-    tokenizer, data = load_data(model_args, data_args, training_args.seed, accelerator)
+    tokenizer, data = load_data(model_args, data_args, training_args.seed, accelerator, tokenizer)
     check_metric(training_args, data.task.problem_type)
     loaders = build_dataloaders(data, tokenizer, training_args, data_args, pad_multiple(accelerator))
     return Run(model_args, data_args, training_args, recipe_args, accelerator, tokenizer, data, loaders)
