@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -32,7 +33,7 @@ class Parser(OneLineErrors, argparse.ArgumentParser):
 
 def first_line(error: BaseException, width: int = 160) -> str:
     """The first line of a library's error message, short enough to quote inside one of ours."""
-    text = str(error).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # without a library's terminal colours
     return text.splitlines()[0][:width] if text else error.__class__.__name__
 
 
