@@ -51,7 +51,8 @@ def loss_step(model, batch, criterion):
     return criterion(model(**batch).logits, labels)
 
 
-def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, cache) -> dict:
+def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, cache=None) -> dict:
+    cache = cache or EncodeArguments()
     run = start_run(model_args, data_args, training_args, cache)
     model = build_model(model_args, run.task)
 
@@ -63,6 +64,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
         run.accelerator.print(f"{type(model).__name__} has no pooler: training its classification head only.")
     set_trainable(model, layers, ["pooler", "head"])
     run.accelerator.print(format_trainable(model, layers))
+
+    top = on_cached_states(model)  # the model's own pooler and head, over first-token states
 
     # The frozen encoder runs once, in eval mode (no dropout): every split's first-token states, or the cache.
     model.to(run.accelerator.device)
@@ -80,7 +83,6 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     )
     # A long document's windows stay examples of their own, scored and averaged as the saved model will.
     run.loaders = feature_loaders(states, splits, training_args, data_args, "inputs_embeds", average_windows=False)
-    top = on_cached_states(model)  # the model's pooler and head over the cached states
 
     groups = param_groups(top, training_args.learning_rate, training_args.weight_decay)
     optimizer = build_optimizer(groups, training_args.learning_rate)

@@ -49,7 +49,7 @@ def loss_step(model, batch, criterion):
 
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, static) -> dict:
     # The vectors bring their tokenizer (word pieces or words), so they come before the data.
-    vectors = load_vectors(model_args, data_args, training_args.seed, static)
+    vectors = load_vectors(model_args, data_args, training_args, static)
     run = start_run(model_args, data_args, training_args, static, tokenizer=vectors.tokenizer)
     if vectors.coverage:
         run.accelerator.print(vectors.coverage)

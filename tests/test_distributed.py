@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, run_recipe
 from safetensors.torch import load_file
+from test_recipes import RECIPES
 from transformers import AutoModelForSequenceClassification
 
 from finetune_recipes.catalog import CACHED_RECIPES
@@ -25,15 +26,6 @@ TWO_PROCESSES = [
     "launch",
     "--config_file",
     str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
-]
-RECIPES = [
-    "full_finetune",
-    "llrd",
-    "frozen_base_pooler",
-    "progressive_unfreezing",
-    "feature_extraction",
-    "lora",
-    "static_embeddings",
 ]
 
 

@@ -3,6 +3,7 @@ task shape, without torch; and bad input is one line, exit 2, nothing written.""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def assert_same_predictions(torch_dir: Path, onnx_dir: Path, texts: list[str], tolerance: float = 1e-4) -> None:
-    expected, served = predict.predict(torch_dir, texts), predict.predict(onnx_dir, texts)
+    expected, served = predict.predict(torch_dir, texts, bf16=False), predict.predict(onnx_dir, texts)
     for want, got in zip(expected, served, strict=True):
         assert want.keys() == got.keys()
         for key in ("label", "labels"):
@@ -62,6 +63,8 @@ def exported(trained) -> Path:
 
 
 def test_the_export_serves_the_models_predictions_without_torch(trained, exported):
+    # Inside the run's output_dir it is the run's: an --overwrite_output_dir run that retrains removes it.
+    assert "onnx" in json.loads((trained / ".finetune_recipes.json").read_text())["entries"]
     names = {p.name for p in exported.iterdir()}
     assert {"model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "recipe_config.yaml"} <= names
     assert_same_predictions(trained, exported, TEXTS)

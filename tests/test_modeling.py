@@ -129,7 +129,8 @@ def test_attention_kernel_and_dropout_follow_the_model_arguments(tiny_model):
     assert model.config._attn_implementation == "eager"
     assert model.config.attention_probs_dropout_prob == 0.0 and model.config.hidden_dropout_prob == 0.1
     default = build_model(str(tiny_model), ["a", "b"])
-    assert default.config.attention_probs_dropout_prob == 0.1  # a bare path keeps the model's own
+    assert default.config.attention_probs_dropout_prob == 0.0  # the default on a CPU: SDPA's fused kernel
+    assert default.config.hidden_dropout_prob == 0.1
 
 
 @pytest.mark.parametrize(

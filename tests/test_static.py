@@ -59,7 +59,8 @@ def test_reads_glove_and_vec_files_keeping_only_the_words_asked_for(tmp_path):
     vectors = planted_vectors()
     for header in (False, True):
         path = write_vectors(tmp_path / f"v{header}.vec", vectors, header)
-        found = static.read_vectors(path, {"goal", "market", "absent"}, lowercase=True)
+        found, dim = static.read_vectors(path, {"goal", "market", "absent"}, lowercase=True)
+        assert dim == DIM
         assert found.keys() == {"goal", "market"}
         assert found["goal"] == vectors["goal"]
 

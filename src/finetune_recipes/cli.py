@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--file", help="one text per line; '-' reads standard input")
     predict.add_argument("--batch_size", type=positive_int, default=64)
     predict.add_argument("--format", choices=["table", "jsonl"], default="table")
+    predict.add_argument("--fp32", action="store_true", help="fp32 even where the CPU or GPU has native bf16")
     predict.add_argument("texts", nargs="*")
     export = commands.add_parser("export", help="a trained model as ONNX for ONNX Runtime (optionally int8)")
     export.add_argument("--model", required=True, help="a recipe's output_dir")
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         from .predict import format_jsonl, format_table, predict
 
         texts = read_texts(args.file, args.texts)
-        results = predict(args.model, texts, args.batch_size)
+        results = predict(args.model, texts, args.batch_size, bf16=False if args.fp32 else None)
         print(format_table(results) if args.format == "table" else format_jsonl(results))
     elif args.command == "export":
         from .export import export_onnx

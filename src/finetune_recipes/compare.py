@@ -139,7 +139,8 @@ def run_recipe(recipe: str, out: Path, flags: list[str], overwrite: bool) -> dic
     """One recipe in its own process (clean memory peak, failures isolated); its results plus wall time."""
     log = out / "logs" / f"{recipe}.log"
     with tempfile.TemporaryDirectory(dir=out, prefix=".feature_cache_") as cache:  # every encoding is paid for
-        extra = ["--feature_cache_dir", cache] if recipe in CACHED_RECIPES else []
+        given = any(f.split("=")[0] == "--feature_cache_dir" for f in flags)  # the user's own cache is kept
+        extra = ["--feature_cache_dir", cache] if recipe in CACHED_RECIPES and not given else []
         cmd = [sys.executable, str(recipes_dir() / f"{recipe}.py"), *flags, *extra, "--output_dir", str(out / recipe)]
         cmd += ["--overwrite_output_dir"] if overwrite else []
         start = time.perf_counter()

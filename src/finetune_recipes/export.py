@@ -22,6 +22,7 @@ import torch
 from .errors import UserError, first_line
 from .features import FeatureClassifier
 from .predict import HEAD_ONNX, MODEL_ONNX, check_model_dir, load_classifier
+from .training.outputs import MANIFEST, lock_output_dir, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -102,15 +103,33 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path | None = None, qua
     if hasattr(model, "merge_and_unload"):  # a LoRA adapter: one plain model to trace
         model = model.merge_and_unload()
     features = isinstance(model, FeatureClassifier)
+    # Inside a run's output_dir, the export becomes the run's: an --overwrite_output_dir run that retrains
+    # removes it with the rest, so a stale export never sits beside a new model. No run may write meanwhile.
+    owned = (model_dir / MANIFEST).exists() and out.parent.resolve() == model_dir.resolve()
+    lock = lock_output_dir(model_dir) if owned else None
+    try:
+        write_export(model, tokenizer, model_dir, out, quantize, features)
+        if owned:
+            write_manifest(model_dir, [out.name], set())
+    finally:
+        if lock is not None:
+            os.close(lock)
+    return out
+
+
+def write_export(model, tokenizer, model_dir: Path, out: Path, quantize: bool, features: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         tmp = Path(tmp)
-        with quiet():
-            trace(Logits(model, features).eval(), tokenizer, tmp / MODEL_ONNX, features)
-            if features:  # features -> logits, for the average of a long document's windows
-                trace_head(model.head.eval(), model.config.hidden_size, tmp / HEAD_ONNX)
-        if quantize:
-            quantize_int8(tmp / MODEL_ONNX)
+        try:  # the exporter's and quantiser's errors are of many kinds: one line names the model and the cause
+            with quiet():
+                trace(Logits(model, features).eval(), tokenizer, tmp / MODEL_ONNX, features)
+                if features:  # features -> logits, for the average of a long document's windows
+                    trace_head(model.head.eval(), model.config.hidden_size, tmp / HEAD_ONNX)
+            if quantize:
+                quantize_int8(tmp / MODEL_ONNX)
+        except Exception as error:
+            raise UserError(f"ONNX export of {type(model).__name__} failed: {first_line(error)}") from None
         tokenizer.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
         for name in COPIED:
@@ -121,7 +140,6 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path | None = None, qua
             shutil.rmtree(out)
         os.replace(tmp, out)
         Path(tmp).mkdir()  # TemporaryDirectory removes what it made
-    return out
 
 
 @contextlib.contextmanager
@@ -147,20 +165,17 @@ def trace(module: torch.nn.Module, tokenizer, path: Path, features: bool) -> Non
     batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=1)
     shapes = {n: {0: batch, 1: length} for n in names}
     outputs = ["logits", "features"] if features else ["logits"]
-    try:
-        torch.onnx.export(
-            module,
-            tuple(sample[n] for n in names),
-            str(path),
-            input_names=names,
-            output_names=outputs,
-            dynamic_shapes=tuple(shapes[n] for n in names),
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
-    except Exception as error:  # the exporter's errors are many kinds; one line names the model and the cause
-        raise UserError(f"ONNX export of {type(module.model).__name__} failed: {first_line(error)}") from None
+    torch.onnx.export(
+        module,
+        tuple(sample[n] for n in names),
+        str(path),
+        input_names=names,
+        output_names=outputs,
+        dynamic_shapes=tuple(shapes[n] for n in names),
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
 
 
 @torch.no_grad()

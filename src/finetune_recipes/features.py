@@ -304,7 +304,9 @@ def on_cached_states(model: PreTrainedModel) -> PreTrainedModel:
             "the first token's state is encoded; run feature_extraction --pooling mean, or full_finetune"
         )
     top = copy.copy(model)
-    top._modules = dict(model._modules)  # its own module table; the modules in it are model's
+    for name, value in vars(model).items():  # its own tables (modules, parameters, hooks); their contents shared
+        if isinstance(value, dict | set):
+            setattr(top, name, copy.copy(value))
     top._modules[model.base_model_prefix] = FirstTokenStates(model.base_model)
     kept = {id(p) for p in top.parameters()}
     missed = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in kept]

@@ -65,8 +65,9 @@ def build_model(
 ) -> PreTrainedModel:
     """A sequence classifier (or, with `auto_class=AutoModel`, the bare encoder) whose config maps ids to
     the task's label names and names its problem type, so pipelines apply softmax, sigmoid or nothing and
-    predictions print the labels; with the attention kernel and attention dropout `model_args` asks for (a
-    bare path keeps the model's own). `task` is a data.Task, or a list of label names (single-label)."""
+    predictions print the labels; with the attention kernel and attention dropout `model_args` asks for
+    (by default none on a CPU: see ModelArguments.attention_dropout). `task` is a data.Task, or a list of
+    label names (single-label)."""
     if isinstance(model_args, str | Path):
         model_args = ModelArguments(model_name_or_path=str(model_args))
     label_names = task if isinstance(task, list) else task.label_names
@@ -74,15 +75,17 @@ def build_model(
     num_labels = 1 if problem_type == "regression" else len(label_names)
     name = model_args.model_name_or_path
     overrides = {}
+    base = load_config(name)
+    keys = [k for k in ATTENTION_DROPOUT_KEYS if hasattr(base, k)]
     if model_args.attention_dropout is not None:
-        base = load_config(name)
-        keys = [k for k in ATTENTION_DROPOUT_KEYS if hasattr(base, k)]
         if not keys:
             raise UserError(
                 f"the {base.model_type} config has no attention dropout to set ({', '.join(ATTENTION_DROPOUT_KEYS)}); "
                 "drop --attention_dropout"
             )
         overrides = {k: model_args.attention_dropout for k in keys}
+    elif not torch.accelerator.is_available():  # the default on CPUs (see ModelArguments.attention_dropout)
+        overrides = dict.fromkeys(keys, 0.0)
     config = load_config(
         name,
         num_labels=num_labels,

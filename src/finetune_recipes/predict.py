@@ -51,18 +51,28 @@ def thresholds_of(path: Path, label_names: list[str]) -> list[float]:
     return [float(saved.get(name, 0.5)) for name in label_names]
 
 
-def predict(path: str | Path, texts: list[str], batch_size: int = 64) -> list[dict[str, object]]:
+def predict(
+    path: str | Path, texts: list[str], batch_size: int = 64, bf16: bool | None = None
+) -> list[dict[str, object]]:
     """One prediction per text, in input order: label and score (single-label), every label over its
     threshold with its score (multi-label), or the value (regression).
 
-    `path` is a recipe's output_dir (torch; bf16 where the CPU or GPU computes it natively) or an ONNX
-    export of one (ONNX Runtime). Long documents are read as windows when the model was trained so."""
+    `path` is a recipe's output_dir (torch; in bf16 where the CPU or GPU computes it natively, unless `bf16`
+    says otherwise) or an ONNX export of one (ONNX Runtime, fp32 or int8). Long documents are read as
+    windows when the model was trained so."""
     path = Path(path)
     check_model_dir(path)
+    if not texts:
+        return []
     settings = recipe_settings(path)
-    logits = (onnx_logits if (path / MODEL_ONNX).exists() else torch_logits)(path, texts, settings, batch_size)
+    if (path / MODEL_ONNX).exists():
+        logits = onnx_logits(path, texts, settings, batch_size)
+    else:
+        logits = torch_logits(path, texts, settings, batch_size, bf16)
     config = json.loads((path / "config.json").read_text())
-    return [describe(text, row, config, path) for text, row in zip(texts, logits, strict=True)]
+    names = [config["id2label"][str(i)] for i in range(len(config["id2label"]))] if "id2label" in config else []
+    thresholds = thresholds_of(path, names)
+    return [describe(text, row, config, thresholds) for text, row in zip(texts, logits, strict=True)]
 
 
 def batches(lengths: list[int], batch_size: int):
@@ -124,8 +134,8 @@ def load_classifier(path: str | Path):
     return model.eval()
 
 
-def torch_logits(path: Path, texts: list[str], settings: dict, batch_size: int) -> np.ndarray:
-    """Logits per text from the saved model, with torch."""
+def torch_logits(path: Path, texts: list[str], settings: dict, batch_size: int, bf16: bool | None) -> np.ndarray:
+    """Logits per text from the saved model, with torch; in bf16 where native unless `bf16` is False."""
     import torch  # here, as in load_classifier
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
@@ -147,7 +157,8 @@ def torch_logits(path: Path, texts: list[str], settings: dict, batch_size: int) 
     features = (path / HEAD_CONFIG).exists() and settings["windows"]
     values = np.empty((len(rows), model.config.hidden_size if features else model.config.num_labels), np.float32)
     device = next(model.parameters()).device
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16_supported(device)):
+    bf16 = bf16_supported(device) if bf16 is None else bf16
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for indices in batches([len(r["input_ids"]) for r in rows], batch_size):
             batch = collator([rows[i] for i in indices])
             values[indices] = (model.embed(**batch) if features else model(**batch).logits).float().numpy()
@@ -216,15 +227,15 @@ def pad_token_id(path: Path, tokenizer) -> int:
     return 0 if pad_id is None else pad_id
 
 
-def describe(text: str, logits: np.ndarray, config: dict, path: Path) -> dict[str, object]:
-    """One text's prediction as the model's problem type reads its logits."""
+def describe(text: str, logits: np.ndarray, config: dict, thresholds: list[float]) -> dict[str, object]:
+    """One text's prediction as the model's problem type reads its logits (multi-label: over `thresholds`)."""
     id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(len(logits))}
     names = [id2label[str(i)] for i in range(len(logits))]
     if config.get("problem_type") == "regression":
         return {"text": text, "value": round(float(logits[0]), 4)}
     if config.get("problem_type") == "multi_label_classification":
         scores = (1 / (1 + np.exp(-logits))).tolist()
-        over = [(n, s) for n, s, t in zip(names, scores, thresholds_of(path, names), strict=True) if s >= t]
+        over = [(n, s) for n, s, t in zip(names, scores, thresholds, strict=True) if s >= t]
         over.sort(key=lambda pair: -pair[1])
         return {"text": text, "labels": [n for n, _ in over], "scores": [round(s, 4) for _, s in over]}
     probs = np.exp(logits - logits.max())

@@ -9,6 +9,7 @@ and `pipeline("text-classification")` load a saved one.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -154,18 +155,28 @@ class Vectors:
     coverage: str = ""
 
 
-def load_vectors(model_args, data_args, seed: int, args: StaticArguments) -> Vectors:
-    """The vectors and tokenizer `args` ask for: from --embeddings_file over the training texts' words, the
-    encoder's input table, or model2vec's distillation of the encoder."""
-    if args.embeddings_file:
-        from .data import raw_splits
+def load_vectors(model_args, data_args, training_args, args: StaticArguments) -> Vectors:
+    """The vectors and tokenizer `args` ask for: from --embeddings_file over the data's words, the encoder's
+    input table, or model2vec's distillation of the encoder.
 
-        raw, _ = raw_splits(data_args, seed)  # the training words decide the vocabulary
-        texts = raw["train"][data_args.text_column]
-        return file_vectors(args.embeddings_file, texts, args, data_args.max_length, seed)
-    if args.embeddings == "distill":
-        return distilled(model_args.model_name_or_path, args.feature_cache_dir)
-    return encoder_table(model_args.model_name_or_path)
+    output_dir is checked first (a bad one fails before minutes of reading), and the main process goes
+    first: it fills the cache the others then read."""
+    from accelerate import PartialState
+
+    from .training.outputs import check_output_dir
+
+    check_output_dir(training_args)
+    state = PartialState(cpu=not torch.accelerator.is_available())  # the Accelerator built later shares it
+    with state.main_process_first():
+        if args.embeddings_file:
+            from .data import raw_splits
+
+            raw, _ = raw_splits(data_args, training_args.seed)  # the data's words decide the vocabulary
+            texts = {split: ds[data_args.text_column] for split, ds in raw.items()}
+            return file_vectors(args.embeddings_file, texts, args, data_args.max_length, training_args.seed)
+        if args.embeddings == "distill":
+            return distilled(model_args.model_name_or_path, args.feature_cache_dir, str(state.device))
+        return encoder_table(model_args.model_name_or_path)
 
 
 def build_static_model(vectors: Vectors, task, args: StaticArguments) -> StaticEmbeddingsForSequenceClassification:
@@ -192,38 +203,49 @@ def build_static_model(vectors: Vectors, task, args: StaticArguments) -> StaticE
     return model
 
 
+def load_encoder(model_name_or_path: str) -> PreTrainedModel:
+    from .modeling import from_pretrained
+
+    return from_pretrained(AutoModel, model_name_or_path, "model", "--model_name_or_path")
+
+
 def encoder_table(model_name_or_path: str) -> Vectors:
     """The encoder's input embedding table (one vector per word piece) and its tokenizer."""
     from .data import load_tokenizer
-    from .modeling import resolve_model_path
 
-    encoder = AutoModel.from_pretrained(resolve_model_path(model_name_or_path))
+    encoder = load_encoder(model_name_or_path)
     matrix = encoder.get_input_embeddings().weight.detach().float().clone()
     return Vectors(load_tokenizer(model_name_or_path), matrix, "the encoder's own word pieces: all covered")
 
 
-def distilled(model_name_or_path: str, cache_dir: str | Path) -> Vectors:
+def distilled(model_name_or_path: str, cache_dir: str | Path, device: str) -> Vectors:
     """model2vec's distillation of the encoder: every token of its vocabulary through the encoder once, the
-    outputs reduced by PCA and weighted (SIF); cached by the encoder's weights."""
+    outputs reduced by PCA and weighted (SIF); cached by the encoder's weights and model2vec's version."""
     try:
+        import model2vec
         from model2vec.distill import distill_from_model
     except ImportError:
         raise UserError("--embeddings distill needs model2vec; pip install 'model2vec[distill]'") from None
     from .data import load_tokenizer
-    from .modeling import resolve_model_path
+    from .features import encoding_digest
 
-    encoder = AutoModel.from_pretrained(resolve_model_path(model_name_or_path))
-    digest = hashlib.sha256(b"model2vec-distill")
-    for tensor in encoder.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    encoder, source = load_encoder(model_name_or_path), load_tokenizer(model_name_or_path)
+    digest = encoding_digest(encoder, "model2vec-distill", 0, f"model2vec {model2vec.__version__}")
+    digest.update(json.dumps(source.get_vocab(), sort_keys=True).encode())
     folder = Path(cache_dir) / f"distilled-{digest.hexdigest()[:24]}"
     if not (folder / "vectors.safetensors").exists():
-        static = distill_from_model(encoder, load_tokenizer(model_name_or_path), quantize_to="float32")
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=static.tokenizer, pad_token=PAD, unk_token=UNK)
+        static = distill_from_model(encoder, source, device=device, quantize_to="float32")
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=static.tokenizer, pad_token=source.pad_token, unk_token=source.unk_token
+        )
+        if len(tokenizer) != static.embedding.shape[0]:  # a special token the distilled vocabulary lacks
+            raise UserError(
+                f"model2vec's vocabulary of {model_name_or_path} has no {source.pad_token} or {source.unk_token} "
+                "token; use --embeddings table"
+            )
         write_atomically(folder, tokenizer, torch.from_numpy(static.embedding).float())
-    return Vectors(
-        PreTrainedTokenizerFast.from_pretrained(folder), load_file(folder / "vectors.safetensors")["vectors"], ""
-    )
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    return Vectors(tokenizer, load_file(folder / "vectors.safetensors")["vectors"], "")
 
 
 def write_atomically(folder: Path, tokenizer: PreTrainedTokenizerFast, matrix: torch.Tensor) -> None:
@@ -258,13 +280,19 @@ def training_words(texts: list[str], lowercase: bool) -> Counter:
     return counts
 
 
-def file_vectors(path: str | Path, texts: list[str], args: StaticArguments, max_length: int, seed: int) -> Vectors:
-    """Vectors of the training texts' words from a text vectors file, read in one streaming pass that keeps
-    only those words; words the file lacks get a seeded random vector at the file's scale. The reduced table
-    is cached by the file's bytes, the words and the seed. Refuses a file that covers less than
+def file_vectors(
+    path: str | Path, texts: dict[str, list[str]], args: StaticArguments, max_length: int, seed: int
+) -> Vectors:
+    """Vectors of the data's words from a text vectors file, read in one streaming pass that keeps only
+    those words. The vocabulary is every training word (those the file lacks get a seeded random vector at
+    the file's scale, and train) and the words of the other splits the file has (unlabelled text, so no
+    label leaks; without them, a word seen only at prediction time would be [UNK]). The reduced table is
+    cached by the file's bytes, the words and the seed. Refuses a file that covers less than
     `min_coverage` of the training tokens."""
-    counts = training_words(texts, args.lowercase)
+    counts = training_words(texts["train"], args.lowercase)
+    others = training_words([t for split, part in texts.items() if split != "train" for t in part], args.lowercase)
     words = sorted(counts, key=lambda w: (-counts[w], w))  # most frequent first
+    words += sorted(set(others) - set(counts))
     digest = hashlib.sha256("\n".join([str(args.lowercase), str(seed), *words]).encode())
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -272,16 +300,16 @@ def file_vectors(path: str | Path, texts: list[str], args: StaticArguments, max_
     cached = Path(args.feature_cache_dir) / f"vectors-{digest.hexdigest()[:24]}.safetensors"
     if cached.exists():
         saved = load_file(cached)
-        matrix, found = saved["vectors"], saved["found"].bool()
+        table, found = saved["vectors"], saved["found"].bool()
     else:
-        matrix, found = reduced_table(path, words, args.lowercase, seed)
-    tokens = sum(counts.values())
-    token_share = sum(counts[w] for w, hit in zip(words, found.tolist(), strict=True) if hit) / max(tokens, 1)
+        table, found = reduced_table(path, words, args.lowercase, seed)
+    hits = dict(zip(words, found.tolist(), strict=True))
+    share = sum(n for w, n in counts.items() if hits[w]) / max(sum(counts.values()), 1)
     coverage = (
-        f"{Path(path).name} covers {token_share:.1%} of the training tokens and {found.float().mean():.1%} of "
-        f"their {len(words):,} distinct words"
+        f"{Path(path).name} covers {share:.1%} of the training tokens and "
+        f"{sum(hits[w] for w in counts) / len(counts):.1%} of their {len(counts):,} distinct words"
     )
-    if token_share < args.min_coverage:  # refused before anything is written
+    if share < args.min_coverage:  # refused before anything is written
         raise UserError(
             f"{coverage}, below --min_coverage {args.min_coverage}; pass vectors of this language (check "
             "--lowercase), or lower --min_coverage"
@@ -289,19 +317,21 @@ def file_vectors(path: str | Path, texts: list[str], args: StaticArguments, max_
     if not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        save_file({"vectors": matrix.contiguous(), "found": found.to(torch.uint8)}, tmp)
+        save_file({"vectors": table.contiguous(), "found": found.to(torch.uint8)}, tmp)
         os.replace(tmp, cached)  # a reader never sees half a file
-    return Vectors(
-        word_tokenizer(words, args.lowercase, max_length), matrix, coverage + "; the others get random vectors"
-    )
+    # Every training word stays (a missing one trains from its random vector); another split's word only
+    # when the file has it.
+    keep = [i for i, w in enumerate(words) if w in counts or hits[w]]
+    tokenizer = word_tokenizer([words[i] for i in keep], args.lowercase, max_length)
+    matrix = table[[0, 1, *(i + 2 for i in keep)]]
+    return Vectors(tokenizer, matrix, coverage + "; the others get random vectors")
 
 
 def reduced_table(path: str | Path, words: list[str], lowercase: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """([PAD], [UNK] and one vector per word; which words the file had): the file's vectors where it has the
     word, else a seeded random vector at the scale of the file's vectors; [PAD] is zero."""
-    vectors = read_vectors(path, set(words), lowercase)
+    vectors, dim = read_vectors(path, set(words), lowercase)
     found = torch.tensor([w in vectors for w in words], dtype=torch.bool)
-    dim = len(next(iter(vectors.values()))) if vectors else file_dimension(path)
     known = torch.tensor([vectors[w] for w in words if w in vectors]).reshape(-1, dim)
     scale = known.std().item() if known.numel() > 1 else 1.0
     matrix = torch.randn(len(words) + 2, dim, generator=torch.Generator().manual_seed(seed)) * scale
@@ -311,21 +341,12 @@ def reduced_table(path: str | Path, words: list[str], lowercase: bool, seed: int
     return matrix, found
 
 
-def file_dimension(path: str | Path) -> int:
-    """The vector dimension of a file none of whose words the data uses (its first vector row)."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            parts = line.rstrip().split(" ")
-            if line.strip() and not (number == 1 and len(parts) == 2 and all(p.isdigit() for p in parts)):
-                return len(parts) - 1
-    raise UserError(f"{path} holds no vectors; pass a GloVe or .vec file")
-
-
-def read_vectors(path: str | Path, vocabulary: set[str], lowercase: bool) -> dict[str, list[float]]:
-    """word → vector for the words of `vocabulary` in a GloVe (`word v1 ... vd`) or word2vec/fastText .vec
-    (the same, after a `count dim` header line) text file, in one pass. The first occurrence of a word wins
-    (with lowercasing, "The" and "the" are one word). Refuses, in one line naming the line, a file that is
-    empty, not UTF-8, or has rows of another dimension or values that are not numbers."""
+def read_vectors(path: str | Path, vocabulary: set[str], lowercase: bool) -> tuple[dict[str, list[float]], int]:
+    """(word → vector for the words of `vocabulary`, the dimension) from a GloVe (`word v1 ... vd`) or
+    word2vec/fastText .vec (the same, after a `count dim` header line) text file, in one pass. The first
+    occurrence of a word wins (with lowercasing, "The" and "the" are one word). Refuses, in one line naming
+    the line, a file that is empty, not UTF-8, or has rows of another dimension or values that are not
+    numbers (values are parsed for the words kept)."""
     found: dict[str, list[float]] = {}
     dim = None
     with open(path, "rb") as f:
@@ -356,4 +377,4 @@ def read_vectors(path: str | Path, vocabulary: set[str], lowercase: bool) -> dic
                     raise UserError(f"{path} line {number} has a value that is not a number; fix that row") from None
     if dim is None:
         raise UserError(f"{path} holds no vectors; pass a GloVe or .vec file")
-    return found
+    return found, dim

@@ -209,7 +209,7 @@ def save_outputs(run: Run, model, results: dict[str, Any], extra_files: dict[str
     counts and peak memory added.
     """
     accelerator, out = run.accelerator, Path(run.training_args.output_dir)
-    state_dict = accelerator.get_state_dict(model)  # every process takes part, also for a sharded model
+    state_dict = gathered_state(accelerator, model, run.model)  # every process takes part
     unwrapped = accelerator.unwrap_model(model)
     trainable, total = count_parameters(unwrapped)
     memory = round(peak_memory_mb(accelerator.device), 1)
@@ -244,6 +244,25 @@ def save_outputs(run: Run, model, results: dict[str, Any], extra_files: dict[str
     summary = {k: results[k] for k in (f"eval_{primary}", f"test_{primary}", f"test_{primary}_tuned") if k in results}
     logger.info("Saved to %s: %s", out, ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     return results
+
+
+def gathered_state(accelerator: Accelerator, model, trained) -> dict[str, Any]:
+    """`model`'s state dict, whole even when an engine shards what trained.
+
+    `model` is the prepared `trained` itself, or a model built around its modules (feature extraction's
+    encoder + head; the pooler's whole classifier around what trained on cached states): then the trained
+    parameters, which `model` shares by identity, come gathered from the engine (ZeRO-3 and FSDP2 leave
+    only shards in the modules), and the frozen rest from `model` itself.
+    """
+    if model is trained:
+        return accelerator.get_state_dict(model)
+    gathered = accelerator.get_state_dict(trained)
+    names = {id(p): n for n, p in accelerator.unwrap_model(trained).named_parameters()}
+    state = model.state_dict()
+    for name, param in model.named_parameters():
+        if id(param) in names and gathered is not None and names[id(param)] in gathered:
+            state[name] = gathered[names[id(param)]]
+    return state
 
 
 def publish(run: Run, write: Callable[[Path], None]) -> None:
