@@ -15,7 +15,7 @@ from conftest import run_recipe
 from test_cli import snapshot
 from test_recipes import RECIPES
 from test_task_shapes import SHAPE_FLAGS, shape_args, shapes  # noqa: F401  (shapes: a fixture)
-from tiny import topic_rows
+from tiny import blocked, topic_rows
 
 from finetune_recipes import features, predict
 from finetune_recipes.catalog import CACHED_RECIPES
@@ -116,10 +116,7 @@ def test_the_feature_head_file_name_is_the_one_features_saves():
 
 
 def blocked_module(tmp_path: Path, name: str) -> dict[str, str]:
-    """An environment in which `import name` fails, as on a machine without it."""
-    (tmp_path / "blocked" / name).mkdir(parents=True)
-    (tmp_path / "blocked" / name / "__init__.py").write_text(f"raise ImportError('no {name} here')\n")
-    return {"PYTHONPATH": str(tmp_path / "blocked")}
+    return {"PYTHONPATH": str(blocked(tmp_path / "blocked", name))}
 
 
 def test_bad_export_input_is_one_line_exit_2_nothing_written(trained, tmp_path):

@@ -4,6 +4,7 @@ recipe end to end on planted vectors (frozen and fine-tuned), through predict an
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from conftest import ROOT, run_recipe
 from safetensors.torch import load_file
 from test_cli import snapshot
-from tiny import FILLER, TOPICS
+from tiny import FILLER, TOPICS, blocked
 from transformers import AutoModelForSequenceClassification, pipeline
 
 import finetune_recipes.static as static
@@ -147,22 +148,34 @@ def bad_vectors(tmp: Path) -> dict[str, tuple[list, str]]:
         "not numbers": (["--embeddings_file", files["words"]], "line 1 has a value that is not a number"),
         "low coverage": (["--embeddings_file", files["sparse"]], "below --min_coverage 0.5"),
         "bad encoder": (["--encoder", "gru"], "encoder 'gru' is not one of bag, lstm"),
+        "distill without model2vec": (["--embeddings", "distill"], "--embeddings distill needs model2vec"),
     }
 
 
-BAD = ["missing file", "empty file", "not UTF-8", "ragged rows", "not numbers", "low coverage", "bad encoder"]
+BAD = [
+    "missing file",
+    "empty file",
+    "not UTF-8",
+    "ragged rows",
+    "not numbers",
+    "low coverage",
+    "bad encoder",
+    "distill without model2vec",
+]
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_vectors_input_is_one_line_exit_2_nothing_written(case, tiny_args, tmp_path):
     flags, message = bad_vectors(tmp_path)[case]
+    blocked(tmp_path / "blocked", "model2vec")
     before = snapshot(tmp_path)
     cmd = [
         sys.executable,
         str(ROOT / "recipes" / "static_embeddings.py"),
         *map(str, static_args(tiny_args, tmp_path, *flags)),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": str(blocked(tmp_path / "blocked", "model2vec"))}  # as where it is missing
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0] and proc.stderr.strip().endswith(errors[0]), proc.stderr[-2000:]

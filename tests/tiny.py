@@ -150,3 +150,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def blocked(folder: Path, name: str) -> Path:
+    """A folder that, first on PYTHONPATH, makes `import name` fail, as on a machine without it."""
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    (folder / name / "__init__.py").write_text(f"raise ImportError('no {name} here')\n")
+    return folder
