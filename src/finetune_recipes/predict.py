@@ -91,7 +91,7 @@ def aggregate(values: np.ndarray, documents: np.ndarray, how: str) -> np.ndarray
         return out
     out = np.zeros((count, values.shape[1]), dtype=values.dtype)
     np.add.at(out, documents, values)
-    return out / np.bincount(documents, minlength=count)[:, None]
+    return out / np.bincount(documents, minlength=count)[:, None].astype(values.dtype)  # float32 stays float32
 
 
 def load_classifier(path: str | Path):
@@ -198,7 +198,7 @@ def onnx_logits(path: Path, texts: list[str], settings: dict, batch_size: int) -
     if not by_features:
         return aggregate(values, documents, settings["aggregation"])
     head = onnxruntime.InferenceSession(str(path / HEAD_ONNX), providers=["CPUExecutionProvider"])
-    return head.run(None, {"features": aggregate(values, documents, "mean").astype(np.float32)})[0]
+    return head.run(None, {"features": aggregate(values, documents, "mean")})[0]
 
 
 def pad(encodings: list, pad_id: int) -> dict[str, np.ndarray]:
