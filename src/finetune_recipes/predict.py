@@ -70,9 +70,10 @@ def predict(
     else:
         logits = torch_logits(path, texts, settings, batch_size, bf16)
     config = json.loads((path / "config.json").read_text())
-    names = [config["id2label"][str(i)] for i in range(len(config["id2label"]))] if "id2label" in config else []
-    thresholds = thresholds_of(path, names)
-    return [describe(text, row, config, thresholds) for text, row in zip(texts, logits, strict=True)]
+    id2label = config.get("id2label") or {}
+    names = [id2label.get(str(i), f"LABEL_{i}") for i in range(logits.shape[1])]
+    kind, thresholds = config.get("problem_type"), thresholds_of(path, names)
+    return [describe(text, row, names, kind, thresholds) for text, row in zip(texts, logits, strict=True)]
 
 
 def batches(lengths: list[int], batch_size: int):
@@ -227,13 +228,13 @@ def pad_token_id(path: Path, tokenizer) -> int:
     return 0 if pad_id is None else pad_id
 
 
-def describe(text: str, logits: np.ndarray, config: dict, thresholds: list[float]) -> dict[str, object]:
+def describe(
+    text: str, logits: np.ndarray, names: list[str], problem_type: str | None, thresholds: list[float]
+) -> dict[str, object]:
     """One text's prediction as the model's problem type reads its logits (multi-label: over `thresholds`)."""
-    id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(len(logits))}
-    names = [id2label[str(i)] for i in range(len(logits))]
-    if config.get("problem_type") == "regression":
+    if problem_type == "regression":
         return {"text": text, "value": round(float(logits[0]), 4)}
-    if config.get("problem_type") == "multi_label_classification":
+    if problem_type == "multi_label_classification":
         scores = (1 / (1 + np.exp(-logits))).tolist()
         over = [(n, s) for n, s, t in zip(names, scores, thresholds, strict=True) if s >= t]
         over.sort(key=lambda pair: -pair[1])
