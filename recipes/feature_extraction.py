@@ -39,6 +39,12 @@ from finetune_recipes import (
 )
 
 CONFIG = Path(__file__).parent / "configs" / "feature_extraction.yaml"
+# What `finetune-recipes tune feature_extraction` searches: the head's rate and width (the cached features are
+# computed once for the whole study).
+SEARCH_SPACE = {
+    "learning_rate": {"low": 1e-4, "high": 3e-2, "log": True},
+    "head_hidden_size": {"choices": [0, 256]},
+}
 
 
 @dataclass

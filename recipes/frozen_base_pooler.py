@@ -41,6 +41,12 @@ from finetune_recipes import (
 )
 
 CONFIG = Path(__file__).parent / "configs" / "frozen_base_pooler.yaml"
+# What `finetune-recipes tune frozen_base_pooler` searches: the rate and length of training of the pooler and head
+# (their width is the encoder's; the first-token states are encoded once for the whole study).
+SEARCH_SPACE = {
+    "learning_rate": {"low": 2e-4, "high": 1e-2, "log": True},
+    "num_train_epochs": {"low": 1, "high": 4},
+}
 
 
 def loss_step(model, batch, criterion):

@@ -26,6 +26,12 @@ from finetune_recipes import (
 )
 
 CONFIG = Path(__file__).parent / "configs" / "full_finetune.yaml"
+# What `finetune-recipes tune full_finetune` searches (flag: range, log-scale for rates; or choices). Yours to edit.
+SEARCH_SPACE = {
+    "learning_rate": {"low": 1e-5, "high": 2e-4, "log": True},
+    "num_train_epochs": {"low": 1, "high": 4},
+    "warmup_ratio": {"low": 0.0, "high": 0.2},
+}
 
 
 def loss_step(model, batch, criterion):

@@ -33,6 +33,12 @@ from finetune_recipes import (
 )
 
 CONFIG = Path(__file__).parent / "configs" / "llrd.yaml"
+# What `finetune-recipes tune llrd` searches: the top rate (usually above plain fine-tuning's), the decay, the head's.
+SEARCH_SPACE = {
+    "learning_rate": {"low": 2e-5, "high": 5e-4, "log": True},
+    "layer_decay": {"low": 0.7, "high": 0.95},
+    "head_lr": {"low": 1e-4, "high": 1e-2, "log": True},
+}
 
 
 @dataclass

@@ -36,6 +36,12 @@ from finetune_recipes import (
 )
 
 CONFIG = Path(__file__).parent / "configs" / "lora.yaml"
+# What `finetune-recipes tune lora` searches: the adapter's rank and scale, and the rate.
+SEARCH_SPACE = {
+    "lora_r": {"choices": [4, 8, 16]},
+    "lora_alpha": {"choices": [8, 16, 32]},
+    "learning_rate": {"low": 2e-4, "high": 5e-3, "log": True},
+}
 
 
 @dataclass

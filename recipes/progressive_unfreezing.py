@@ -37,6 +37,12 @@ from finetune_recipes import (
 )
 
 CONFIG = Path(__file__).parent / "configs" / "progressive_unfreezing.yaml"
+# What `finetune-recipes tune progressive_unfreezing` searches: how fast blocks thaw, and the two rates.
+SEARCH_SPACE = {
+    "unfreeze_every": {"low": 5, "high": 60},
+    "head_lr": {"low": 1e-4, "high": 1e-2, "log": True},
+    "learning_rate": {"low": 2e-5, "high": 5e-4, "log": True},
+}
 
 
 @dataclass

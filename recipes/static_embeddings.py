@@ -37,6 +37,11 @@ from finetune_recipes import (
 )
 
 CONFIG = Path(__file__).parent / "configs" / "static_embeddings.yaml"
+# What `finetune-recipes tune static_embeddings` searches: the rate and the head's width.
+SEARCH_SPACE = {
+    "learning_rate": {"low": 1e-3, "high": 5e-2, "log": True},
+    "head_hidden_size": {"choices": [0, 256]},
+}
 
 
 def loss_step(model, batch, criterion):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,10 +41,28 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
 def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, check: bool = True, **kw):
     """Runs recipes/<recipe>.py in a subprocess, as a user would, and returns the finished process."""
     cmd = [*(launcher or [sys.executable]), str(ROOT / "recipes" / f"{recipe}.py"), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, **kw)
+    proc = run_or_dump(cmd, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def run_or_dump(cmd: list[str], timeout: float = 600, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run with captured text output; past `timeout`, every Python process of the command (a launcher
+    and its workers) prints its threads' stacks (faulthandler, on SIGABRT) before the test fails, so a hang in
+    CI says where it hung."""
+    env = {**(env or os.environ), "PYTHONFAULTHANDLER": "1"}
+    process = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=kw.pop("cwd", ROOT), env=env,
+        start_new_session=True, **kw,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)
+        stdout, stderr = process.communicate(timeout=30)
+        raise AssertionError(f"{' '.join(cmd)} hung for {timeout} s; the stacks:\n{stderr[-12000:]}") from None
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
 @pytest.fixture

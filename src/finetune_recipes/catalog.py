@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.resources
+import runpy
 import shutil
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError, listing
 
@@ -25,6 +28,57 @@ def list_recipes() -> dict[str, str]:
         for path in sorted(recipes_dir().glob("*.py"))
         if not path.name.startswith("_")
     }
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    """An installed recipe's file by name (`llrd`), or a recipe file of the user's own (`my/llrd.py`)."""
+    path = Path(recipe)
+    if path.suffix == ".py" and path.is_file():
+        return path.resolve()
+    if str(recipe) not in list_recipes():
+        raise UserError(f"no recipe '{recipe}'; recipes: {listing(list(list_recipes()))}, or a path to a recipe file")
+    return recipes_dir() / f"{recipe}.py"
+
+
+def recipe_config(recipe: Path) -> Path:
+    """The default config of a recipe file: configs/<name>.yaml beside it (parse_config falls back to the
+    installed one for a recipe copied alone)."""
+    return recipe.parent / "configs" / f"{recipe.stem}.yaml"
+
+
+@functools.cache
+def recipe_namespace(recipe: Path) -> dict[str, Any]:
+    """What a recipe file defines (its argument dataclasses, SEARCH_SPACE), read without running its main."""
+    return runpy.run_path(str(recipe), run_name=f"finetune_recipes_{recipe.stem}")
+
+
+@functools.cache
+def recipe_types(recipe: str | Path) -> tuple[type, ...]:
+    """The argument dataclasses a recipe (a name or a file) parses besides the shared ones (LLRD's layer_decay,
+    the pooler's feature cache, ...): those its `run_cli(main, ...)` call names, found without running it."""
+    from .config import SHARED_TYPES  # here, not at the top: `ls` and `cp` stay light
+
+    path = resolve_recipe(recipe)
+    namespace = recipe_namespace(path)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_cli":
+            names = [a.id for a in node.args[1:] if isinstance(a, ast.Name)]
+            return tuple(namespace[n] for n in names if namespace.get(n) not in SHARED_TYPES)
+    raise UserError(f"{path} has no run_cli(main, ...) call, so its flags are unknown; end it as the recipes do")
+
+
+def flag_groups(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """`--name value...` (or `--name=value`) groups of a command line, each with its field name."""
+    groups: list[tuple[str, list[str]]] = []
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            groups.append((name, [token]))
+        elif groups:
+            groups[-1][1].append(token)
+        else:
+            raise UserError(f"'{token}' is not a flag; pass --flag value pairs, run with --help")
+    return groups
 
 
 def copy_recipe(name: str, dest: str | Path, with_config: bool = False) -> list[Path]:

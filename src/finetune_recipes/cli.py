@@ -1,5 +1,5 @@
 """The `finetune-recipes` command: list and copy the recipes, predict with a trained model, export it to ONNX,
-compare strategies."""
+compare strategies, tune a recipe."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="redraw a finished run's model card, report and pictures")
     report.add_argument("output_dir", help="a recipe's output_dir")
     commands.add_parser("compare", help="run several recipes on the same data and budget, one table", add_help=False)
+    commands.add_parser("tune", help="an Optuna study over a recipe's SEARCH_SPACE; writes best.yaml", add_help=False)
     return parser
 
 
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
         from .compare import main as compare_main
 
         return compare_main(argv[1:])
+    if argv[:1] == ["tune"]:  # likewise
+        from .tune import main as tune_main
+
+        return tune_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "ls":
         recipes = list_recipes()

@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-import functools
 import io
 import json
 import math
 import os
 import platform
-import runpy
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields, is_dataclass
+from dataclasses import fields
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .catalog import CACHED_RECIPES, list_recipes, recipes_dir
-from .config import DataArguments, ModelArguments, Parser, TrainingArguments, UserError, listing, parse_config
+from .catalog import CACHED_RECIPES, flag_groups, list_recipes, recipe_types, recipes_dir
+from .config import SHARED_TYPES, Parser, UserError, listing, parse_config
 from .metrics import MULTI, REGRESSION, SINGLE, greater_is_better, task_metrics
 from .training.outputs import LOCK, MANIFEST, entries, lock_output_dir, write_text
 
@@ -48,37 +46,8 @@ ORDER = [
 ]
 
 
-SHARED_TYPES = (ModelArguments, DataArguments, TrainingArguments)
 SHARED_FLAGS = {f.name for t in SHARED_TYPES for f in fields(t)} | {"config"}
-OUTPUTS = ("comparison.md", "comparison.csv", "comparison.png", "logs", MANIFEST, LOCK)  # + one folder a recipe
-
-
-@functools.cache
-def recipe_types(recipe: str) -> tuple[type, ...]:
-    """The argument dataclasses a recipe parses besides the shared ones (LLRD's layer_decay, the pooler's
-    feature cache, ...), read without running it: the `...Arguments` dataclasses its file defines or imports
-    (not peft's LoraConfig), less any that another of them extends (FeatureArguments extends CacheArguments)."""
-    namespace = runpy.run_path(str(recipes_dir() / f"{recipe}.py"), run_name=f"finetune_recipes_{recipe}")
-    types = [
-        v
-        for name, v in namespace.items()
-        if name.endswith("Arguments") and isinstance(v, type) and is_dataclass(v) and v not in SHARED_TYPES
-    ]
-    return tuple(t for t in types if not any(o is not t and issubclass(o, t) for o in types))
-
-
-def flag_groups(argv: list[str]) -> list[tuple[str, list[str]]]:
-    """`--name value...` (or `--name=value`) groups of a command line, each with its field name."""
-    groups: list[tuple[str, list[str]]] = []
-    for token in argv:
-        if token.startswith("--"):
-            name = token[2:].split("=", 1)[0].replace("-", "_")
-            groups.append((name, [token]))
-        elif groups:
-            groups[-1][1].append(token)
-        else:
-            raise UserError(f"'{token}' is not a flag; compare takes --flag value pairs, run with --help")
-    return groups
+OUTPUTS = ("comparison.md", "comparison.csv", "comparison.png", "logs", "studies", MANIFEST, LOCK)  # + a folder per run
 
 
 def route_flags(recipes: list[str], argv: list[str]) -> dict[str, list[str]]:

@@ -76,6 +76,13 @@ class DataArguments:
     validation_split_percentage: float = field(
         default=10.0, metadata={"help": "Held out, stratified, when the data has no validation split."}
     )
+    test_split_percentage: float = field(
+        default=0.0,
+        metadata={
+            "help": "Held out, stratified, from train before anything else sees it, when the data has no test split "
+            "(tune and compare hold out 10%); drawn with a fixed seed, so every seed and trial is tested on it."
+        },
+    )
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     group_by_length: bool = field(default=False, metadata={"help": "Batch texts of similar length together."})
@@ -129,6 +136,7 @@ class DataArguments:
             max_eval_samples=(1, None),
             window_stride=(0, None),
             max_windows_per_document=(1, None),
+            test_split_percentage=(0, 50),
         )
         choices = {
             "problem_type": (None, "single_label", "multi_label", "regression"),
@@ -190,7 +198,10 @@ class TrainingArguments:
         default="epoch", metadata={"help": "epoch, or steps (every eval_steps); also at the end."}
     )
     eval_steps: int | None = field(default=None, metadata={"help": "Optimizer steps between evaluations."})
-    report_to: str | None = field(default=None, metadata={"help": "Accelerate tracker: tensorboard, wandb, ..."})
+    report_to: str | None = field(
+        default=None,
+        metadata={"help": "Accelerate trackers: tensorboard, wandb, ..., jsonl (metrics.jsonl); comma-separated."},
+    )
     checkpointing_steps: str | None = field(default=None, metadata={"help": "An integer, or 'epoch'."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint path, or 'latest'."})
     allow_config_change_on_resume: bool = field(
@@ -236,9 +247,12 @@ class TrainingArguments:
             warmup_ratio=(0, 1),
             seed=(0, 2**32 - 1),
         )
-        trackers = [t.value for t in LoggerType]
-        if self.report_to is not None and self.report_to not in trackers:
-            raise UserError(f"report_to '{self.report_to}' is not one of {', '.join(trackers)}")
+        trackers = [t.value for t in LoggerType] + ["jsonl"]
+        for tracker in self.report_to.split(",") if self.report_to is not None else []:
+            if tracker.strip() not in trackers:
+                raise UserError(
+                    f"report_to '{tracker}' is not one of {', '.join(trackers)} (or several, comma-separated)"
+                )
         if self.mixed_precision not in (None, "no", "bf16", "fp16", "auto"):
             raise UserError(f"mixed_precision '{self.mixed_precision}' is not one of no, bf16, fp16, auto")
         if self.eval_strategy not in ("epoch", "steps"):
@@ -257,6 +271,9 @@ class TrainingArguments:
             raise UserError("early_stopping_patience needs --metric_for_best_model (e.g. accuracy, f1_micro, mse)")
 
 
+SHARED_TYPES = (ModelArguments, DataArguments, TrainingArguments)  # the flags every recipe takes
+
+
 def check_ranges(config: Any, **limits: tuple[float | None, float | None]) -> None:
     """Every float field of `config` finite; each field named in `limits` (when set) within [low, high]."""
     for f in dataclasses.fields(config):
@@ -271,7 +288,7 @@ def check_ranges(config: Any, **limits: tuple[float | None, float | None]) -> No
 
 
 def parse_config(
-    *types: type, args: list[str] | None = None, default_config: str | Path | None = None
+    *types: type, args: list[str] | None = None, default_config: str | Path | None = None, announce: bool = True
 ) -> tuple[Any, ...]:
     """Parses `types` from `--config FILE` (or `default_config` when it exists) with CLI flags on top.
 
@@ -286,7 +303,7 @@ def parse_config(
     parser = DataclassParser(types, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of defaults for every flag below.")
     config_file = known.config or _default_config(default_config)
-    if config_file and not known.config and os.environ.get("RANK", "0") == "0":
+    if announce and config_file and not known.config and os.environ.get("RANK", "0") == "0":
         print(f"config: {config_file} (the recipe's defaults; --config FILE reads another)", file=sys.stderr)
     if config_file:
         parser.set_defaults(**_read_yaml(Path(config_file), parser))

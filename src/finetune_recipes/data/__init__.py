@@ -7,6 +7,7 @@ split per task shape · tokenize / windows: token ids · loaders: samplers and d
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from datasets import Dataset, DatasetDict
@@ -22,7 +23,7 @@ from .loaders import (
     labelled,
     train_sampler,
 )
-from .split import drop_duplicate_texts, split_validation, warn_overlap
+from .split import TEST_SPLIT_SEED, drop_duplicate_texts, split_validation, warn_overlap
 from .tasks import Task, encode_task, fit_task
 from .tokenize import build_tokenizer, content_digest, load_tokenizer, tokenize
 from .windows import aggregate_windows, check_windows, encode_windows
@@ -41,6 +42,9 @@ class ClassificationData:
     @property
     def label_names(self) -> list[str]:
         return self.task.label_names
+
+
+logger = logging.getLogger(__name__)
 
 
 def load_data(model_args: ModelArguments, data_args: DataArguments, seed: int, accelerator, tokenizer=None) -> tuple:
@@ -71,6 +75,15 @@ def raw_splits(args: DataArguments, seed: int) -> tuple[DatasetDict, Task]:
     check_columns(raw, args)
     text_columns = [c for c in (args.text_column, args.text_pair_column) if c]
     raw, task = encode_task(raw, args)
+    if "test" not in raw and args.test_split_percentage:
+        raw["train"], raw["test"] = split_validation(
+            raw["train"], text_columns, args, TEST_SPLIT_SEED, task.problem_type, split="test"
+        )
+        task.held_out_test = args.test_split_percentage
+        logger.info(
+            "The data has no test split: held out %g%% of train (%d texts, stratified, seed %d) as test",
+            args.test_split_percentage, len(raw["test"]), TEST_SPLIT_SEED,
+        )  # fmt: skip
     if "validation" not in raw:
         raw["train"], raw["validation"] = split_validation(raw["train"], text_columns, args, seed, task.problem_type)
     else:

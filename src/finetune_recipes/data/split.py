@@ -50,16 +50,26 @@ def warn_overlap(train: Dataset, validation: Dataset, columns: list[str]) -> Non
         )  # fmt: skip
 
 
+# The test split tune and compare hold out is drawn with this seed, not the run's: every seed of a comparison
+# and every trial of a study is then tested on the same texts, and none of them ever trained or chose on them.
+TEST_SPLIT_SEED = 0
+
+
 def split_validation(
-    train: Dataset, text_columns: list[str], args: DataArguments, seed: int, problem_type: str
+    train: Dataset,
+    text_columns: list[str],
+    args: DataArguments,
+    seed: int,
+    problem_type: str,
+    split: str = "validation",
 ) -> tuple[Dataset, Dataset]:
-    """Holds out a seeded validation set from the deduplicated train split, so no text is in both:
-    stratified by class (single-label), keeping every label on both sides (multi-label), or stratified by
-    quantile bins of the target (regression)."""
+    """Holds out a seeded `split` (validation, or test by --test_split_percentage) from the deduplicated train
+    split, so no text is in both: stratified by class (single-label), keeping every label on both sides
+    (multi-label), or stratified by quantile bins of the target (regression)."""
     pool = drop_duplicate_texts(train, text_columns)
-    percentage = args.validation_split_percentage
+    percentage = getattr(args, f"{split}_split_percentage")
     if problem_type == MULTI:
-        return multi_label_split(pool, percentage / 100, seed)
+        return multi_label_split(pool, percentage / 100, seed, split)
     column = "labels"
     if problem_type == REGRESSION:
         pool, column = with_quantile_bins(pool, percentage / 100), "_target_bin"
@@ -72,7 +82,7 @@ def split_validation(
         reason = first_line(error)
         raise UserError(
             f"cannot hold out {percentage}% of {len(pool)} unique training examples stratified by label ({reason}); "
-            "pass --validation_file or another --validation_split_percentage"
+            f"pass --{split}_file or another --{split}_split_percentage"
         ) from None
     train_part, validation = split["train"], split["test"]
     if column == "_target_bin":
@@ -91,7 +101,7 @@ def with_quantile_bins(pool: Dataset, fraction: float, most: int = 10) -> Datase
     return pool.add_column("_target_bin", binned).cast_column("_target_bin", ClassLabel(num_classes=bins))
 
 
-def multi_label_split(pool: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+def multi_label_split(pool: Dataset, fraction: float, seed: int, split: str = "validation") -> tuple[Dataset, Dataset]:
     """A seeded split that puts one example of every label with two or more examples into validation first
     (rarest label first), then fills validation in seeded random order; no example leaves train if that
     would take a label's last training example. Simpler than iterative stratification, and enough to score
@@ -102,7 +112,7 @@ def multi_label_split(pool: Dataset, fraction: float, seed: int) -> tuple[Datase
     if not 0 < wanted < n:
         raise UserError(
             f"cannot hold out {fraction:.0%} of {n} unique training examples; "
-            "pass --validation_file or another --validation_split_percentage"
+            f"pass --{split}_file or another --{split}_split_percentage"
         )
     order = np.random.default_rng(seed).permutation(n)
     left_in_train = rows.sum(0)
@@ -125,7 +135,7 @@ def multi_label_split(pool: Dataset, fraction: float, seed: int) -> tuple[Datase
             break
         take(i)
     if len(chosen) > wanted:
-        logger.info("Validation holds %d examples, not %d, so that every label occurs in it", len(chosen), wanted)
+        logger.info("%s holds %d examples, not %d, so that every label occurs in it", split, len(chosen), wanted)
     absent = int(((rows[chosen].sum(0) == 0) & (rows.sum(0) > 0)).sum())
     if absent:
         logger.warning("%d label(s) have a single training example and no validation example", absent)

@@ -38,6 +38,7 @@ class Task:
     target_mean: float = 0.0
     target_std: float = 1.0
     thresholds: list[float] | None = None  # multi-label: tuned on validation at the end of training
+    held_out_test: float | None = None  # the percentage of train held out as test, when the data had no test split
     _weights: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -90,6 +91,8 @@ class Task:
             out[kind] = {n: round(w, 4) for n, w in zip(self.label_names, self.class_weights, strict=True)}
         if self.problem_type == REGRESSION:
             out["target_mean"], out["target_std"] = self.target_mean, self.target_std
+        if self.held_out_test:
+            out["held_out_test"] = self.held_out_test
         if self.thresholds is not None:
             out["thresholds"] = dict(zip(self.label_names, self.thresholds, strict=True))
         return out

@@ -27,6 +27,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .outputs import claim_output_dir, record_outputs
+from .tracking import TRACKER_PROJECT
 
 if TYPE_CHECKING:
     from .run import Run
@@ -110,9 +111,9 @@ def begin(run: Run) -> TrainState:
         logger.info("Resumed at step %d from %s", run.state.completed_steps, path)
     if args.report_to:
         settings = {k: v for k, v in run.resolved_config.items() if v is not None and not isinstance(v, dict | list)}
-        accelerator.init_trackers("finetune_recipes", settings)  # the resolved config: no token in it
-        if accelerator.is_main_process and (Path(args.output_dir) / "finetune_recipes").exists():
-            record_outputs(run, "finetune_recipes")  # the tracker's logs are the run's: an overwrite removes them
+        accelerator.init_trackers(TRACKER_PROJECT, settings)  # the resolved config: no token in it
+        if accelerator.is_main_process and (Path(args.output_dir) / TRACKER_PROJECT).exists():
+            record_outputs(run, TRACKER_PROJECT)  # the tracker's logs are the run's: an overwrite removes them
     logger.info(
         "%d optimizer steps on %d process(es) (%s), %s precision, %d examples per step",
         run.schedule.total_steps,

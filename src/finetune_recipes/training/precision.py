@@ -13,6 +13,7 @@ from accelerate.utils import DistributedType, set_seed, str_to_bool
 
 from ..config import TrainingArguments, UserError
 from ..hardware import bf16_supported
+from .tracking import TRACKER_PROJECT, trackers
 
 logger = logging.getLogger("finetune_recipes")
 
@@ -68,7 +69,7 @@ def build_accelerator(args: TrainingArguments, find_unused_parameters: bool = Fa
         cpu=not torch.accelerator.is_available(),  # also makes torchrun's processes join one gloo group
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=resolve_mixed_precision(args.mixed_precision),
-        log_with=args.report_to,
+        log_with=trackers(args.report_to, args.output_dir, TRACKER_PROJECT),
         project_dir=args.output_dir,
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),

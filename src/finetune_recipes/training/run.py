@@ -94,6 +94,11 @@ class Run:
             len(self.loaders["train"]), self.accelerator, args.gradient_accumulation_steps
         )
         steps = total_train_steps(args, per_epoch)
+        if args.eval_strategy == "steps" and args.eval_steps > steps:  # it would only evaluate at the end
+            raise UserError(
+                f"eval_steps {args.eval_steps} is more than the run's {steps} optimizer steps; pass a smaller "
+                "--eval_steps, or --eval_strategy epoch"
+            )
         scheduler = build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps)
         return Schedule(scheduler, steps, per_epoch)
 

@@ -1,0 +1,454 @@
+"""`finetune-recipes tune RECIPE`: an Optuna study over the search space the recipe file declares.
+
+Each trial runs the recipe in a process of its own, as `compare` does: memory is freed between trials, a
+crash fails one trial and not the study, a copied and edited recipe is tuned as it is, and a hopeless trial
+can be stopped from outside while the recipe knows nothing of Optuna. A trial reports each evaluation with
+`--report_to jsonl` (Accelerate's tracker interface, `metrics.jsonl`); this process reads those lines as they
+come and hands them to Optuna's pruner. The study lives in `study.db` (SQLite), so the same command resumes
+an interrupted study and Optuna's own tools can read it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from .catalog import CACHED_RECIPES, flag_groups, recipe_config, recipe_namespace, recipe_types, resolve_recipe
+from .config import SHARED_TYPES, Parser, UserError, parse_config
+from .metrics import greater_is_better
+from .training.outputs import LOCK, MANIFEST, entries, lock_output_dir, write_text
+
+STUDY = "study.db"
+OUTPUTS = {STUDY, "best.yaml", "trials.csv", "trials.md", "tune.png", "logs", "feature_cache", MANIFEST, LOCK}
+# A held-out test split when the data has none, so the numbers a study reports were never used to choose.
+TEST_SPLIT_PERCENTAGE = 10.0
+POLL_S = 0.5
+
+
+def search_space(recipe: Path, file: str | None = None) -> dict[str, dict]:
+    """The recipe's SEARCH_SPACE (flag → {low, high[, log]} or {choices}), or the one in a YAML `file`."""
+    if file is None:
+        space = recipe_namespace(recipe).get("SEARCH_SPACE")
+        if not space:
+            raise UserError(f"{recipe.name} declares no SEARCH_SPACE; add one to the recipe or pass --search_space")
+        return space
+    try:
+        space = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise UserError(f"cannot read search space {file} ({error.__class__.__name__}); pass a YAML file") from None
+    if not isinstance(space, dict) or not space:
+        raise UserError(f"{file} holds no search space; write flag: {{low: L, high: H}} or flag: {{choices: [...]}}")
+    return space
+
+
+def check_space(space: dict[str, Any], types: tuple[type, ...], given: set[str], recipe: str) -> None:
+    """Every entry names a flag of the recipe, not one given on the command line, with a non-empty range whose
+    ends (or choices) the recipe's own parser accepts. Checked before the first trial."""
+    flags = {f.name for t in types for f in fields(t)}
+    for name, spec in space.items():
+        if name not in flags:
+            raise UserError(f"the search space names --{name}, which {recipe} does not take; remove it")
+        if name in given:
+            raise UserError(f"--{name} is in the search space; drop it from the command line or from the space")
+        if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
+            raise UserError(f"search space entry {name} needs low and high, or choices")
+        if "choices" in spec:
+            values = spec["choices"]
+            if not isinstance(values, list) or not values:
+                raise UserError(f"search space entry {name} has no choices; list at least one")
+        else:
+            low, high = spec["low"], spec["high"]
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)):
+                raise UserError(f"search space entry {name} needs numbers for low and high, not {low!r}, {high!r}")
+            if not low < high:
+                kind = "empty" if low == high else "inverted"
+                raise UserError(f"search space entry {name} is {kind} (low {low}, high {high}); make low < high")
+            if spec.get("log") and low <= 0:
+                raise UserError(f"search space entry {name} is on a log scale, so low must be above 0, not {low}")
+            values = [low, high]
+        for value in values:  # the recipe's own types and range checks, on each end or choice
+            parse_config(*types, args=[f"--{name}", flag_value(value)])
+
+
+def flag_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def suggest(trial, space: dict[str, dict]) -> dict[str, Any]:
+    """One value per entry: categorical for choices, integer when both ends are integers, else float."""
+    values = {}
+    for name, spec in space.items():
+        if "choices" in spec:
+            values[name] = trial.suggest_categorical(name, spec["choices"])
+        elif isinstance(spec["low"], int) and isinstance(spec["high"], int):
+            values[name] = trial.suggest_int(name, spec["low"], spec["high"], log=bool(spec.get("log")))
+        else:
+            values[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+    return values
+
+
+def as_flags(params: dict[str, Any]) -> list[str]:
+    return [token for name, value in params.items() for token in (f"--{name}", flag_value(value))]
+
+
+def import_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("tune needs Optuna: pip install 'finetune-recipes[tune]' (or pip install optuna)") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+class Study:
+    """One recipe's Optuna study in `directory`: claimed, locked, resumed, run trial by trial, written out."""
+
+    def __init__(self, recipe: Path, flags: list, space: dict, directory: Path, metric: str, options: dict):
+        self.optuna = optuna = import_optuna()
+        self.recipe, self.flags, self.space, self.dir, self.metric = recipe, flags, space, directory, metric
+        self.types = (*SHARED_TYPES, *recipe_types(recipe))
+        self.lock = claim_study_dir(directory)
+        storage = f"sqlite:///{(directory / STUDY).resolve()}"
+        pruners = {
+            "median": optuna.pruners.MedianPruner(n_startup_trials=2),  # trials are dear: judge from the third
+            "halving": optuna.pruners.SuccessiveHalvingPruner(),
+            "none": optuna.pruners.NopPruner(),
+        }
+        # TPE samples at random for its first trials: Optuna's 10 would leave a study of 8 a random search.
+        startup = min(10, max(3, options["n_trials"] // 2))
+        self.study = optuna.create_study(
+            storage=storage,
+            study_name=recipe.stem,
+            direction="maximize" if greater_is_better(self.metric) else "minimize",
+            sampler=optuna.samplers.TPESampler(seed=options["seed"], n_startup_trials=startup),
+            pruner=pruners[options["pruner"]],
+            load_if_exists=True,
+        )
+        self.check_resumable()
+
+    def check_resumable(self) -> None:
+        """A study resumes only with the recipe, flags and space it began with; trials an interrupted session
+        left running are marked failed, and their half-written folders removed."""
+        attrs = self.study.user_attrs
+        mine = {"recipe": self.recipe.stem, "flags": self.flags, "space": self.space, "metric": self.metric}
+        if not attrs:
+            for key, value in mine.items():
+                self.study.set_user_attr(key, value)
+            return
+        if attrs.get("recipe") != self.recipe.stem:
+            raise UserError(f"{self.dir} holds a study of {attrs.get('recipe')}; pass another --study_dir")
+        changed = [k for k in ("flags", "space", "metric") if attrs.get(k) != mine[k]]
+        if changed:
+            raise UserError(
+                f"{self.dir} holds a study begun with other {' and '.join(changed)} ({attrs.get(changed[0])}); "
+                "resume it with the same ones, or pass another --study_dir"
+            )
+        for trial in self.study.get_trials(states=(self.optuna.trial.TrialState.RUNNING,)):
+            self.study.tell(trial.number, state=self.optuna.trial.TrialState.FAIL)  # its folder: claim_study_dir
+
+    def done(self) -> int:
+        TrialState = self.optuna.trial.TrialState
+        return len(self.study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+
+    def optimize(self, n_trials: int, timeout: float | None) -> None:
+        """Trials until the study holds `n_trials` finished ones (a resumed study counts its earlier trials) or
+        `timeout` seconds have passed (the running trial finishes)."""
+        start, done = time.monotonic(), self.done()
+        if done >= n_trials:
+            tqdm.write(f"{self.dir} already holds {done} finished trials (--n_trials {n_trials}): nothing to run")
+        progress = tqdm(total=n_trials, initial=min(done, n_trials), desc=f"tune {self.recipe.stem}", unit="trial")
+        while self.done() < n_trials and (timeout is None or time.monotonic() - start < timeout):
+            trial = self.study.ask()
+            params = suggest(trial, self.space)
+            state, value, line = self.run_trial(trial, params)
+            self.study.tell(
+                trial, value if state == "COMPLETE" else None, state=getattr(self.optuna.trial.TrialState, state)
+            )
+            progress.update()
+            best = self.best()
+            progress.set_postfix_str(f"best {self.metric} {best.value:.4f}" if best else "no trial finished")
+            tqdm.write(f"trial {trial.number}: {line}")
+        progress.close()
+
+    def run_trial(self, trial, params: dict) -> tuple[str, float | None, str]:
+        """(state, value, a line for the log): the recipe on `params` in its own process, its evaluations
+        reported to the pruner as they come; its folder removed whatever the outcome."""
+        out, log = trial_dir(self.dir, trial.number), self.dir / "logs" / f"trial_{trial.number}.log"
+        given = any(f.split("=")[0] == "--feature_cache_dir" for f in self.flags)
+        cache = ["--feature_cache_dir", str(self.dir / "feature_cache")] if self.recipe.stem in CACHED_RECIPES else []
+        cmd = [sys.executable, str(self.recipe), *self.flags, *as_flags(params), *([] if given else cache)]
+        cmd += ["--output_dir", str(out), "--report_to", "jsonl"]
+        shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
+        trial.set_user_attr("log", str(log))
+        start = time.perf_counter()
+        try:
+            with log.open("w") as f:
+                process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+                pruned_at = self.follow(process, trial, out / "finetune_recipes" / "metrics.jsonl")
+            wall = round(time.perf_counter() - start, 1)
+            trial.set_user_attr("wall_time_s", wall)
+            if pruned_at is not None:
+                return "PRUNED", None, f"pruned at step {pruned_at} ({shown}), {wall} s"
+            if process.returncode != 0:
+                return "FAIL", None, f"failed ({process.returncode}; see {log}) ({shown})"
+            results = json.loads((out / "results.json").read_text())
+            for key in ("train_runtime_s", "trainable_params", *(k for k in results if k.startswith("test_"))):
+                if isinstance(results.get(key), int | float):
+                    trial.set_user_attr(key, results[key])
+            value = results[f"eval_{self.metric}"]
+            return "COMPLETE", value, f"{self.metric} {value:.4f} ({shown}), {wall} s"
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    def follow(self, process: subprocess.Popen, trial, metrics: Path) -> int | None:
+        """Waits for `process`, reporting each evaluation of the metric to Optuna; stops the process (its whole
+        group: a launcher's workers too) and returns the step when the pruner says so."""
+        read = 0
+        while True:
+            finished = process.poll() is not None
+            if metrics.exists():
+                text = metrics.read_text()
+                complete = text[read : text.rfind("\n") + 1]  # whole lines only: the writer may be mid-line
+                read += len(complete)
+                for line in complete.splitlines():
+                    record = json.loads(line)
+                    value = record.get(f"eval/{self.metric}")
+                    if value is None or not math.isfinite(value):
+                        continue
+                    trial.report(value, record["step"])
+                    if not finished and trial.should_prune():
+                        os.killpg(process.pid, signal.SIGTERM)
+                        process.wait()
+                        return record["step"]
+            if finished:
+                return None
+            time.sleep(POLL_S)
+
+    def best(self):
+        try:
+            return self.study.best_trial
+        except ValueError:  # no complete trial yet
+            return None
+
+    def write(self, command: str) -> list[str]:
+        """best.yaml (read back with --config), trials.csv, trials.md and tune.png; returns what was written."""
+        written = [*write_trials(self.study, self.metric, self.dir, command)]
+        best = self.best()
+        if best is not None:
+            write_best_config(self, best)
+            written.insert(0, "best.yaml")
+        if plot_study(self.study, self.metric, self.dir / "tune.png", self.optuna):
+            written.append("tune.png")
+        return written
+
+
+def trial_dir(directory: Path, number: int) -> Path:
+    return directory / f".trial_{number}"
+
+
+def claim_study_dir(directory: Path) -> int:
+    """Refuses a study_dir holding what tune did not write; locks it; removes a killed session's trial folders."""
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"study_dir {directory} is a file; pass --study_dir a directory")
+    present = entries(directory)
+    leftovers = [n for n in present if n.startswith(".trial_") or n.endswith(".tmp")]
+    foreign = sorted(n for n in present if n not in OUTPUTS and n not in leftovers)
+    if foreign:
+        raise UserError(
+            f"study_dir {directory} holds '{foreign[0]}', which tune did not write; pass another --study_dir"
+        )
+    (directory / "logs").mkdir(parents=True, exist_ok=True)
+    lock = lock_output_dir(directory)
+    for name in leftovers:
+        shutil.rmtree(directory / name) if (directory / name).is_dir() else (directory / name).unlink()
+    return lock
+
+
+def write_best_config(study: Study, best) -> None:
+    """The recipe's own config with the command line's flags and the best trial's values on top: all that
+    `python recipe.py --config best.yaml` needs to train the best trial's model again."""
+    flags = [*study.flags, *as_flags(best.params)]
+    parsed = parse_config(*study.types, args=flags, default_config=recipe_config(study.recipe), announce=False)
+    values = {k: v for config in parsed for k, v in vars(config).items()}
+    default = recipe_config(study.recipe)
+    keys = list(yaml.safe_load(default.read_text()) or {}) if default else []
+    keys += [name.removeprefix("no_") for name, _ in flag_groups(study.flags) if name != "config"]
+    keys += list(best.params)
+    chosen = {k: values[k] for k in dict.fromkeys(keys) if k in values and k not in ("feature_cache_dir", "report_to")}
+    header = (
+        f"# finetune-recipes tune {study.recipe.stem}: trial {best.number} of {len(study.study.trials)}, "
+        f"validation {study.metric} {best.value:.4f}\n# python {study.recipe} --config {study.dir / 'best.yaml'}\n"
+    )
+    write_text(study.dir / "best.yaml", header + yaml.safe_dump(chosen, sort_keys=False))
+
+
+def trial_rows(study, metric: str) -> list[dict]:
+    rows = []
+    for t in study.trials:
+        row = {"trial": t.number, "state": t.state.name.lower(), f"validation {metric}": t.value}
+        row |= {f"test {metric}": t.user_attrs.get(f"test_{metric}"), **t.params}
+        row |= {"pruned at step": max(t.intermediate_values) if t.state.name == "PRUNED" else None}
+        row |= {"wall time (s)": t.user_attrs.get("wall_time_s")}
+        rows.append(row)
+    return rows
+
+
+def write_trials(study, metric: str, directory: Path, command: str) -> list[str]:
+    rows = trial_rows(study, metric)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(directory / "trials.csv", table.getvalue())
+
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    write_text(directory / "trials.md", "\n".join([*lines, "", f"Command: `{command}`", ""]))
+    return ["trials.csv", "trials.md"]
+
+
+def plot_study(study, metric: str, path: Path, optuna) -> bool:
+    """The optimisation history (each complete trial and the best so far) and, with two or more complete
+    trials, Optuna's parameter importances, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if not complete:
+        return False
+    fig, (history, importance) = plt.subplots(1, 2, figsize=(11, 4))
+    numbers, values = [t.number for t in complete], [t.value for t in complete]
+    better = max if greater_is_better(metric) else min
+    history.plot(numbers, values, "o", color="#4c72b0", label="trial")
+    history.step(
+        numbers, [better(values[: i + 1]) for i in range(len(values))], where="post", color="#dd8452", label="best"
+    )
+    history.set(xlabel="trial", ylabel=f"validation {metric}", title="Optimisation history")
+    history.xaxis.set_major_locator(MaxNLocator(integer=True))
+    history.legend()
+    importances = {}
+    if len(complete) >= 2:
+        try:
+            with warnings.catch_warnings():  # "importances will be equal" when every trial scored the same
+                warnings.simplefilter("ignore")
+                importances = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError):  # too few distinct trials to attribute anything
+            importances = {}
+    if importances:
+        names = list(importances)[::-1]
+        importance.barh(names, [importances[n] for n in names], color="#55a868")
+        importance.set(xlabel="share of the metric's variation (Optuna's importance)", title="Parameter importances")
+    else:
+        importance.axis("off")
+        importance.text(0.5, 0.5, "importances need two complete trials\nwith different values", ha="center")
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
+    plt.close(fig)
+    write_text(path, image.getvalue())
+    return True
+
+
+def objective_metric(types: tuple[type, ...], flags: list[str], recipe: Path) -> str:
+    """--metric_for_best_model, else the task's primary metric (accuracy, micro-F1 or MSE), read from the data,
+    which is checked here, before the first trial, with the flags every trial gets."""
+    from .data import raw_splits
+
+    _, data_args, args, *_ = parse_config(*types, args=flags, default_config=recipe_config(recipe))
+    splits, task = raw_splits(data_args, args.seed)
+    if task.held_out_test:
+        print(
+            f"The data has no test split: {task.held_out_test:g}% of train ({len(splits['test'])} texts) is held out "
+            "as test, stratified; no trial trains or chooses on it",
+            file=sys.stderr,
+        )
+    return args.metric_for_best_model or task.primary_metric
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = Parser(
+        prog="finetune-recipes tune",
+        description="Searches a recipe's declared SEARCH_SPACE with Optuna (TPE, pruning on each evaluation). Any "
+        "other flag goes to the recipe and stays fixed. With no test split in the data, 10%% of train is held out "
+        "as test (--test_split_percentage), so what the study reports was never used to choose.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("recipe", help="a recipe name (finetune-recipes ls) or the path of a recipe file")
+    parser.add_argument("--n_trials", type=int, default=8, help="finished trials the study should hold")
+    parser.add_argument("--timeout", type=float, help="seconds; no trial starts after them")
+    parser.add_argument("--study_dir", help="default outputs/tune/RECIPE; an existing study there resumes")
+    parser.add_argument("--pruner", choices=["median", "halving", "none"], default="median")
+    parser.add_argument("--search_space", help="YAML file replacing the recipe's SEARCH_SPACE")
+    parser.add_argument("--study_seed", type=int, default=0, help="the TPE sampler's seed")
+    known, rest = parser.parse_known_args(argv)
+    best = run_study(
+        known.recipe, rest, known.n_trials, known.timeout, known.study_dir, known.pruner, known.search_space,
+        known.study_seed, command="finetune-recipes tune " + " ".join(argv or []),
+    )  # fmt: skip
+    if best is None:
+        raise UserError("no trial finished; read the trial logs in the study's logs/ folder")
+
+
+def run_study(
+    recipe_name: str,
+    flags: list[str],
+    n_trials: int = 8,
+    timeout: float | None = None,
+    study_dir: str | None = None,
+    pruner: str = "median",
+    space_file: str | None = None,
+    study_seed: int = 0,
+    command: str = "",
+) -> dict | None:
+    """Runs (or resumes) a study; writes its outputs; returns the best trial's params, or None."""
+    if n_trials < 1:
+        raise UserError(f"--n_trials must be at least 1, not {n_trials}")
+    if timeout is not None and not timeout > 0:
+        raise UserError(f"--timeout must be a positive number of seconds, not {timeout}")
+    recipe = resolve_recipe(recipe_name)
+    if not any(f.split("=")[0] == "--test_split_percentage" for f in flags):
+        flags = [*flags, "--test_split_percentage", str(TEST_SPLIT_PERCENTAGE)]
+    types = (*SHARED_TYPES, *recipe_types(recipe))
+    given = {name.removeprefix("no_") for name, _ in flag_groups(flags)}
+    if "output_dir" in given or "report_to" in given:
+        raise UserError("tune sets each trial's --output_dir and --report_to; pass --study_dir instead")
+    space = search_space(recipe, space_file)
+    check_space(space, types, given, recipe.stem)
+    metric = objective_metric(types, flags, recipe)
+    directory = Path(study_dir or Path("outputs") / "tune" / recipe.stem)
+    options = {"pruner": pruner, "seed": study_seed, "n_trials": n_trials}
+    study = Study(recipe, flags, space, directory, metric, options)
+    try:
+        study.optimize(n_trials, timeout)
+        written = study.write(command.strip())
+    finally:
+        os.close(study.lock)
+    best = study.best()
+    if best is not None:
+        print(f"best: trial {best.number}, validation {study.metric} {best.value:.4f}: {best.params}")
+    print(f"wrote {', '.join(written)} in {directory}")
+    return None if best is None else best.params
