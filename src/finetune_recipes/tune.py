@@ -29,7 +29,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .catalog import CACHED_RECIPES, flag_groups, recipe_config, recipe_namespace, recipe_types, resolve_recipe
-from .config import SHARED_TYPES, Parser, UserError, parse_config
+from .config import SHARED_TYPES, Parser, UserError, listing, parse_config
 from .metrics import greater_is_better
 from .training.outputs import LOCK, MANIFEST, entries, lock_output_dir, write_text
 
@@ -82,7 +82,10 @@ def check_space(space: dict[str, Any], types: tuple[type, ...], given: set[str],
                 raise UserError(f"search space entry {name} is on a log scale, so low must be above 0, not {low}")
             values = [low, high]
         for value in values:  # the recipe's own types and range checks, on each end or choice
-            parse_config(*types, args=[f"--{name}", flag_value(value)])
+            try:
+                parse_config(*types, args=[f"--{name}", flag_value(value)])
+            except UserError as error:
+                raise UserError(f"search space entry {name}: {error}") from None
 
 
 def flag_value(value: Any) -> str:
@@ -122,8 +125,12 @@ class Study:
         self.optuna = optuna = import_optuna()
         self.recipe, self.flags, self.space, self.dir, self.metric = recipe, flags, space, directory, metric
         self.types = (*SHARED_TYPES, *recipe_types(recipe))
-        self.lock = claim_study_dir(directory)
         storage = f"sqlite:///{(directory / STUDY).resolve()}"
+        if (directory / STUDY).is_file():  # checked before anything is written there
+            names = optuna.get_all_study_names(storage)
+            if recipe.stem not in names:
+                raise UserError(f"{directory} holds a study of {listing(names)}; pass another --study_dir")
+        self.lock = claim_study_dir(directory)
         pruners = {
             "median": optuna.pruners.MedianPruner(n_startup_trials=2),  # trials are dear: judge from the third
             "halving": optuna.pruners.SuccessiveHalvingPruner(),
@@ -158,12 +165,19 @@ class Study:
                 f"{self.dir} holds a study begun with other {' and '.join(changed)} ({attrs.get(changed[0])}); "
                 "resume it with the same ones, or pass another --study_dir"
             )
-        for trial in self.study.get_trials(states=(self.optuna.trial.TrialState.RUNNING,)):
+        interrupted = self.study.get_trials(states=(self.optuna.trial.TrialState.RUNNING,))
+        for trial in interrupted:
             self.study.tell(trial.number, state=self.optuna.trial.TrialState.FAIL)  # its folder: claim_study_dir
+        if interrupted:  # failed, but not by the recipe: they do not count towards --n_trials
+            earlier = self.study.user_attrs.get("interrupted", [])
+            self.study.set_user_attr("interrupted", [*earlier, *(t.number for t in interrupted)])
 
     def done(self) -> int:
+        """Finished trials: complete, pruned, or failed in the recipe (not those a stopped session cut short)."""
         TrialState = self.optuna.trial.TrialState
-        return len(self.study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+        interrupted = set(self.study.user_attrs.get("interrupted", []))
+        finished = self.study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+        return sum(t.number not in interrupted for t in finished)
 
     def optimize(self, n_trials: int, timeout: float | None) -> None:
         """Trials until the study holds `n_trials` finished ones (a resumed study counts its earlier trials) or

@@ -1,0 +1,223 @@
+"""`finetune-recipes tune` and the evidence `compare` gives: studies, pruning, resume, seeds, held-out test."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import ROOT, run_recipe
+from test_cli import replace_flag, snapshot
+from test_distributed import TWO_PROCESSES
+
+from finetune_recipes.catalog import list_recipes, recipe_namespace, recipe_types, resolve_recipe
+from finetune_recipes.cli import main
+from finetune_recipes.config import SHARED_TYPES
+from finetune_recipes.tune import check_space, search_space
+
+CLI = str(Path(sys.executable).parent / "finetune-recipes")
+
+
+def learning(tiny_args: list) -> list[str]:
+    """The tiny model learns this task in 8 epochs at a rate near 3e-3 (see test_recipes), not in 3."""
+    return replace_flag(data_flags(tiny_args), "--num_train_epochs", "8")
+
+
+def data_flags(tiny_args: list, drop: tuple[str, ...] = ("--output_dir", "--learning_rate")) -> list[str]:
+    """The tiny run's flags without --output_dir (tune and compare set it) and --learning_rate (tuned)."""
+    args = [str(a) for a in tiny_args]
+    for flag in drop:
+        i = args.index(flag)
+        args = args[:i] + args[i + 2 :]
+    return args
+
+
+@pytest.mark.parametrize("recipe", sorted(list_recipes()))
+def test_every_recipe_declares_a_search_space_its_parser_accepts(recipe):
+    path = resolve_recipe(recipe)
+    space = search_space(path)
+    assert space and recipe_namespace(path)["SEARCH_SPACE"] is space
+    check_space(space, (*SHARED_TYPES, *recipe_types(recipe)), set(), recipe)  # raises on a bad entry
+
+
+@pytest.mark.parametrize(
+    "space, argv, message",
+    [
+        (None, ["tune", "no_such_recipe"], "no recipe 'no_such_recipe'"),
+        (None, ["tune", "full_finetune", "--n_trials", "0"], "--n_trials must be at least 1, not 0"),
+        ({"lora_r": {"low": 2, "high": 8}}, [], "names --lora_r, which full_finetune does not take"),
+        ({"learning_rate": {"low": 1e-3, "high": 1e-3}}, [], "learning_rate is empty (low 0.001, high 0.001)"),
+        ({"learning_rate": {"low": 1e-2, "high": 1e-4}}, [], "learning_rate is inverted (low 0.01, high 0.0001)"),
+        ({"learning_rate": {"low": 0, "high": 1e-2, "log": True}}, [], "log scale, so low must be above 0"),
+        (
+            {"warmup_ratio": {"low": 0.0, "high": 2.0}},
+            [],
+            "entry warmup_ratio: warmup_ratio is 2.0; pass a value between 0 and 1",
+        ),
+        ({"num_train_epochs": {"choices": []}}, [], "num_train_epochs has no choices"),
+        ({"learning_rate": {"low": 1e-5, "high": 1e-3}}, ["--learning_rate", "1e-4"], "--learning_rate is in the"),
+        (None, ["compare", "--seeds", "0"], "--seeds must be at least 1, not 0"),
+        (None, ["compare", "--trials", "-1"], "--trials must be 0 (no tuning) or more, not -1"),
+    ],
+)
+def test_bad_tune_and_compare_input_is_one_line_and_writes_nothing(space, argv, message, tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("mine")
+    if space is not None:
+        (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+        argv = ["tune", "full_finetune", "--search_space", str(tmp_path / "space.yaml"), *argv]
+    argv = [*argv, "--study_dir" if argv[0] == "tune" else "--output_dir", str(tmp_path / "out")]
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_study_of_another_recipe_or_a_users_folder_is_refused(tiny_args, tmp_path, capsys):
+    (tmp_path / "study").mkdir()
+    llrd = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}", study_name="llrd")
+    llrd.set_user_attr("recipe", "llrd")
+    (tmp_path / "yours").mkdir()
+    (tmp_path / "yours" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    for folder, message in (("study", "holds a study of llrd"), ("yours", "holds 'notes.txt', which tune did not")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["tune", "feature_extraction", "--study_dir", str(tmp_path / folder), *data_flags(tiny_args)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and message in err[-1], err
+    assert snapshot(tmp_path) == before
+
+
+def test_eval_steps_beyond_the_run_is_refused_before_anything_is_written(tiny_args, tmp_path):
+    proc = run_recipe(
+        "full_finetune", *tiny_args, "--eval_strategy", "steps", "--eval_steps", "1000", check=False
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: eval_steps 1000 is more than the run's 36")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_study_finds_where_the_tiny_model_learns_and_its_best_yaml_reproduces_it(tiny_args, tmp_path):
+    """Learning rates from 1e-5 (learns nothing in 8 epochs) to 3e-2: the tiny model learns above 1e-3."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"learning_rate": {"low": 1e-5, "high": 3e-2, "log": True}}))
+    study = tmp_path / "study"
+    argv = ["tune", "full_finetune", "--n_trials", "4", "--study_dir", str(study), "--pruner", "none"]
+    proc = subprocess.run(
+        [CLI, *argv, "--search_space", str(tmp_path / "space.yaml"), *learning(tiny_args)],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in study.iterdir()) == [
+        ".finetune_recipes.lock",
+        "best.yaml",
+        "logs",
+        "study.db",
+        "trials.csv",
+        "trials.md",
+        "tune.png",
+    ]  # fmt: skip: no trial's folder left behind
+    trials = list(csv.DictReader((study / "trials.csv").open()))
+    assert [t["state"] for t in trials] == ["complete"] * 4
+    best = max(trials, key=lambda t: float(t["validation accuracy"]))
+    assert float(best["validation accuracy"]) > 0.5 and float(best["learning_rate"]) > 1e-3  # chance is 1/3
+    assert best["test accuracy"]  # the test file's metrics, never used to choose
+    # The best YAML, read back with --config, trains the best trial's model again: the same score.
+    config = yaml.safe_load((study / "best.yaml").read_text())
+    assert config["learning_rate"] == pytest.approx(float(best["learning_rate"]))
+    run_recipe("full_finetune", "--config", study / "best.yaml", "--output_dir", tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["eval_accuracy"] == pytest.approx(float(best["validation accuracy"]), abs=1e-9)
+    assert (study / "tune.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_pruning_stops_a_hopeless_trial_at_its_first_evaluation(tiny_args, tmp_path):
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    study = optuna.create_study(
+        storage=f"sqlite:///{study_dir / 'study.db'}", study_name="full_finetune", direction="maximize"
+    )
+    for lr in (3e-3, 3e-3, 1e-7):  # two that learn, then one that cannot move in eight epochs
+        study.enqueue_trial({"learning_rate": lr})
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"learning_rate": {"low": 1e-7, "high": 1e-2, "log": True}}))
+    argv = ["tune", "full_finetune", "--n_trials", "3", "--study_dir", str(study_dir), "--pruner", "median"]
+    proc = subprocess.run(
+        [CLI, *argv, "--search_space", str(tmp_path / "space.yaml"), *learning(tiny_args)],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = list(csv.DictReader((study_dir / "trials.csv").open()))
+    assert [t["state"] for t in trials] == ["complete", "complete", "pruned"]
+    assert 12 <= int(trials[2]["pruned at step"]) < 96  # at an epoch's end, before its eighth (96 steps)
+    assert not any(p.name.startswith(".trial_") for p in study_dir.iterdir())
+
+
+@pytest.mark.slow
+def test_an_interrupted_study_resumes_with_the_same_command(tiny_args, tmp_path):
+    study = tmp_path / "study"
+    cmd = [CLI, "tune", "static_embeddings", "--n_trials", "2", "--study_dir", str(study), *data_flags(tiny_args)]
+    process = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 600
+    while not (study / "logs" / "trial_1.log").exists() and time.monotonic() < deadline:  # trial 0 is done
+        time.sleep(0.5)
+    time.sleep(2)
+    os.killpg(process.pid, signal.SIGKILL)  # the session stops in the middle of trial 1
+    process.wait()
+    assert any(p.name.startswith(".trial_") for p in study.iterdir())
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = list(csv.DictReader((study / "trials.csv").open()))
+    # Trial 1 was cut short (failed, not counted); trial 2 replaced it.
+    assert [t["state"] for t in trials] == ["complete", "fail", "complete"]
+    assert not any(p.name.startswith(".trial_") for p in study.iterdir())
+    # Running it again has nothing left to do.
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0 and "already holds 2 finished trials" in proc.stderr
+
+
+@pytest.mark.slow
+def test_compare_with_seeds_reports_mean_std_on_a_held_out_test_split(tiny_args, tmp_path):
+    flags = data_flags(tiny_args, drop=("--output_dir", "--test_file"))  # no test split: compare holds one out
+    out = tmp_path / "cmp"
+    main(["compare", "--recipes", "feature_extraction", "--seeds", "2", "--output_dir", str(out), *flags])
+    assert {"feature_extraction_seed42", "feature_extraction_seed43"} <= {p.name for p in out.iterdir()}
+    table = (out / "comparison.md").read_text()
+    assert "| strategy | test accuracy (mean ± std) | test f1_macro (mean ± std) | 95% CI of accuracy |" in table
+    assert "| feature_extraction | 0." in table and " ± 0." in table.split("| feature_extraction |")[1]
+    assert "10% of train held out before training" in table and "Within the noise" in table or "beyond" in table
+    runs = list(csv.DictReader((out / "comparison.csv").open()))
+    assert [(r["strategy"], r["seed"]) for r in runs] == [
+        ("tfidf_logreg", ""), ("feature_extraction", "42"), ("feature_extraction", "43"),
+    ]  # fmt: skip
+    assert all(r["eval_accuracy"] and r["test_accuracy"] for r in runs)
+    # 96 training texts, 10 of them held out as test (stratified): each run is tested on the same 10.
+    results = [json.loads((out / f"feature_extraction_seed{s}" / "results.json").read_text()) for s in (42, 43)]
+    assert [r["test_samples"] for r in results] == [10, 10]
+    assert results[0]["task"]["held_out_test"] == 10.0
+
+
+@pytest.mark.slow
+def test_eval_steps_on_two_processes_counts_every_example_once_and_streams_metrics(tiny_args, tmp_path):
+    run_recipe(
+        "full_finetune", *tiny_args, "--eval_strategy", "steps", "--eval_steps", "5", "--report_to", "jsonl",
+        launcher=TWO_PROCESSES,
+    )  # fmt: skip
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    steps = results["steps"]
+    assert [h["step"] for h in results["history"]] == [*range(5, steps + 1, 5), *([steps] if steps % 5 else [])]
+    assert all(h["samples"] == 30 for h in results["history"])  # 30 validation texts, none twice
+    lines = (tmp_path / "out" / "finetune_recipes" / "metrics.jsonl").read_text().splitlines()
+    evaluations = [json.loads(line) for line in lines if "eval/accuracy" in line]
+    assert [e["step"] for e in evaluations] == [h["step"] for h in results["history"]]
