@@ -108,7 +108,7 @@ def test_eval_steps_beyond_the_run_is_refused_before_anything_is_written(tiny_ar
 
 @pytest.mark.slow
 def test_a_study_finds_where_the_tiny_model_learns_and_its_best_yaml_reproduces_it(tiny_args, tmp_path):
-    """Learning rates from 1e-5 (learns nothing in 8 epochs) to 3e-2: the tiny model learns above 1e-3."""
+    """Learning rates from 1e-5 (learns nothing in 8 epochs) to 3e-2: the tiny model learns above about 5e-4."""
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"learning_rate": {"low": 1e-5, "high": 3e-2, "log": True}}))
     study = tmp_path / "study"
     argv = ["tune", "full_finetune", "--n_trials", "4", "--study_dir", str(study), "--pruner", "none"]
@@ -129,7 +129,7 @@ def test_a_study_finds_where_the_tiny_model_learns_and_its_best_yaml_reproduces_
     trials = list(csv.DictReader((study / "trials.csv").open()))
     assert [t["state"] for t in trials] == ["complete"] * 4
     best = max(trials, key=lambda t: float(t["validation accuracy"]))
-    assert float(best["validation accuracy"]) > 0.5 and float(best["learning_rate"]) > 1e-3  # chance is 1/3
+    assert float(best["validation accuracy"]) > 0.5 and float(best["learning_rate"]) > 3e-4  # chance is 1/3
     assert best["test accuracy"]  # the test file's metrics, never used to choose
     # The best YAML, read back with --config, trains the best trial's model again: the same score.
     config = yaml.safe_load((study / "best.yaml").read_text())
@@ -170,9 +170,8 @@ def test_an_interrupted_study_resumes_with_the_same_command(tiny_args, tmp_path)
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.monotonic() + 600
-    while not (study / "logs" / "trial_1.log").exists() and time.monotonic() < deadline:  # trial 0 is done
-        time.sleep(0.5)
-    time.sleep(2)
+    while not (study / ".trial_1").exists() and time.monotonic() < deadline:  # trial 1 has begun writing
+        time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)  # the session stops in the middle of trial 1
     process.wait()
     assert any(p.name.startswith(".trial_") for p in study.iterdir())
@@ -184,7 +183,7 @@ def test_an_interrupted_study_resumes_with_the_same_command(tiny_args, tmp_path)
     assert not any(p.name.startswith(".trial_") for p in study.iterdir())
     # Running it again has nothing left to do.
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0 and "already holds 2 finished trials" in proc.stderr
+    assert proc.returncode == 0 and "already holds 2 finished trials" in proc.stdout
 
 
 @pytest.mark.slow
