@@ -5,8 +5,8 @@
 
 Data, built offline from the BBC News corpus the package ships (duplicates dropped):
 - bbc: the recipes' default data set, 400 training articles (`--max_train_samples 400`, a seeded sample of
-  train), max_length 64 (the first 50 words or so); compare and tune hold out 10% of the articles as test (stratified, seed 0) and 10%
-  of the rest as validation.
+  train), max_length 64 (the first 50 words or so); compare and tune hold out 10% of the articles as test
+  (stratified, seed 0) and 10% of the rest as validation.
 - headlines: few-shot headlines: each article's first line (about 10 words), 64 training headlines per class
   (320), validation and test pools of about 330 each (the 70/15/15 split of benchmarks/task_shapes.py),
   max_length 32. Harder: TF-IDF drops from 0.97 to about 0.6 here.
@@ -28,15 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from task_shapes import ROOT, articles, pools, write_jsonl  # noqa: E402
 
-RECIPES = [
-    "static_embeddings",
-    "feature_extraction",
-    "frozen_base_pooler",
-    "progressive_unfreezing",
-    "full_finetune",
-    "llrd",
-    "lora",
-]
+from finetune_recipes.compare import ORDER  # noqa: E402
+
 CLI = str(Path(sys.executable).parent / "finetune-recipes")
 
 
@@ -63,7 +56,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--phase", choices=["studies", "compare", "all"], default="all")
-    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--recipes", default=",".join(ORDER))
     args = parser.parse_args()
     out = Path(args.out)
     sets = {

@@ -393,8 +393,8 @@ def test_bad_task_input_is_one_line_exit_2_nothing_written(case, shapes, tiny_ar
 @pytest.mark.parametrize(
     ("shape", "baseline", "columns"),
     [
-        ("multi", "tfidf_ovr_logreg", "| strategy | f1_micro | f1_macro |"),
-        ("regression", "tfidf_ridge", "| strategy | mse | r2 |"),
+        ("multi", "tfidf_ovr_logreg", "| strategy | test f1_micro | test f1_macro |"),
+        ("regression", "tfidf_ridge", "| strategy | test mse | test r2 |"),
     ],
 )
 def test_compare_reports_each_shape_with_its_baseline_and_metrics(

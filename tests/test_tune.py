@@ -106,17 +106,20 @@ def test_eval_steps_beyond_the_run_is_refused_before_anything_is_written(tiny_ar
     assert not (tmp_path / "out").exists()
 
 
+def tune_learning_rate(low: float, high: float, study: Path, tiny_args: list, *argv: str) -> None:
+    """`finetune-recipes tune full_finetune` over the learning rate alone (log scale), on the tiny task."""
+    space = study.parent / "space.yaml"
+    space.write_text(yaml.safe_dump({"learning_rate": {"low": low, "high": high, "log": True}}))
+    cmd = [CLI, "tune", "full_finetune", "--study_dir", str(study), "--search_space", str(space), *argv]
+    proc = subprocess.run([*cmd, *learning(tiny_args)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_a_study_finds_where_the_tiny_model_learns_and_its_best_yaml_reproduces_it(tiny_args, tmp_path):
     """Learning rates from 1e-5 (learns nothing in 8 epochs) to 3e-2: the tiny model learns above about 5e-4."""
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"learning_rate": {"low": 1e-5, "high": 3e-2, "log": True}}))
     study = tmp_path / "study"
-    argv = ["tune", "full_finetune", "--n_trials", "4", "--study_dir", str(study), "--pruner", "none"]
-    proc = subprocess.run(
-        [CLI, *argv, "--search_space", str(tmp_path / "space.yaml"), *learning(tiny_args)],
-        capture_output=True, text=True, cwd=ROOT, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    tune_learning_rate(1e-5, 3e-2, study, tiny_args, "--n_trials", "4", "--pruner", "none")
     assert sorted(p.name for p in study.iterdir()) == [
         ".finetune_recipes.lock",
         "best.yaml",
@@ -149,13 +152,7 @@ def test_pruning_stops_a_hopeless_trial_at_its_first_evaluation(tiny_args, tmp_p
     )
     for lr in (3e-3, 3e-3, 1e-7):  # two that learn, then one that cannot move in eight epochs
         study.enqueue_trial({"learning_rate": lr})
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"learning_rate": {"low": 1e-7, "high": 1e-2, "log": True}}))
-    argv = ["tune", "full_finetune", "--n_trials", "3", "--study_dir", str(study_dir), "--pruner", "median"]
-    proc = subprocess.run(
-        [CLI, *argv, "--search_space", str(tmp_path / "space.yaml"), *learning(tiny_args)],
-        capture_output=True, text=True, cwd=ROOT, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    tune_learning_rate(1e-7, 1e-2, study_dir, tiny_args, "--n_trials", "3", "--pruner", "median")
     trials = list(csv.DictReader((study_dir / "trials.csv").open()))
     assert [t["state"] for t in trials] == ["complete", "complete", "pruned"]
     assert 12 <= int(trials[2]["pruned at step"]) < 96  # at an epoch's end, before its eighth (96 steps)
