@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -131,11 +132,7 @@ class Study:
             if recipe.stem not in names:
                 raise UserError(f"{directory} holds a study of {listing(names)}; pass another --study_dir")
         self.lock = claim_study_dir(directory)
-        pruners = {
-            "median": optuna.pruners.MedianPruner(n_startup_trials=2),  # trials are dear: judge from the third
-            "halving": optuna.pruners.SuccessiveHalvingPruner(),
-            "none": optuna.pruners.NopPruner(),
-        }
+        self.pruner_name = options["pruner"]
         # TPE samples at random for its first trials: Optuna's 10 would leave a study of 8 a random search.
         startup = min(10, max(3, options["n_trials"] // 2))
         self.study = optuna.create_study(
@@ -143,7 +140,6 @@ class Study:
             study_name=recipe.stem,
             direction="maximize" if greater_is_better(self.metric) else "minimize",
             sampler=optuna.samplers.TPESampler(seed=options["seed"], n_startup_trials=startup),
-            pruner=pruners[options["pruner"]],
             load_if_exists=True,
         )
         self.check_resumable()
@@ -187,6 +183,7 @@ class Study:
             tqdm.write(f"{self.dir} already holds {done} finished trials (--n_trials {n_trials}): nothing to run")
         progress = tqdm(total=n_trials, initial=min(done, n_trials), desc=f"tune {self.recipe.stem}", unit="trial")
         while self.done() < n_trials and (timeout is None or time.monotonic() - start < timeout):
+            self.study.pruner = self.pruner()
             trial = self.study.ask()
             params = suggest(trial, self.space)
             state, value, line = self.run_trial(trial, params)
@@ -198,6 +195,23 @@ class Study:
             progress.set_postfix_str(f"best {self.metric} {best.value:.4f}" if best else "no trial finished")
             tqdm.write(f"trial {trial.number}: {line}")
         progress.close()
+
+    def pruner(self):
+        """Optuna's median pruner, judging from the third trial on and only in the second half of a run (half the
+        median length of the complete trials so far): warm-up and low rates start slowly and catch up, so a
+        first evaluation says little. Or successive halving, or none (--pruner)."""
+        pruners = self.optuna.pruners
+        if self.pruner_name == "halving":
+            return pruners.SuccessiveHalvingPruner()
+        if self.pruner_name == "none":
+            return pruners.NopPruner()
+        lengths = [
+            max(t.intermediate_values)
+            for t in self.study.trials
+            if t.state.name == "COMPLETE" and t.intermediate_values
+        ]
+        warmup = int(statistics.median(lengths) // 2) if lengths else 0
+        return pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup)
 
     def run_trial(self, trial, params: dict) -> tuple[str, float | None, str]:
         """(state, value, a line for the log): the recipe on `params` in its own process, its evaluations
