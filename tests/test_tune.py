@@ -217,3 +217,30 @@ def test_eval_steps_on_two_processes_counts_every_example_once_and_streams_metri
     lines = (tmp_path / "out" / "finetune_recipes" / "metrics.jsonl").read_text().splitlines()
     evaluations = [json.loads(line) for line in lines if "eval/accuracy" in line]
     assert [e["step"] for e in evaluations] == [h["step"] for h in results["history"]]
+
+
+def test_the_verdict_names_the_best_those_within_its_noise_the_cheapest_and_the_baseline():
+    from finetune_recipes.compare import summarise, verdict
+
+    task = {"problem_type": "single_label_classification"}
+    runs = [{"strategy": "tfidf_logreg", "test_accuracy": 0.8, "wall_time_s": 1.0, "status": "ok", "task": task}]
+    for name, values, wall in (
+        ("a", [0.90, 0.91, 0.92], 50.0),
+        ("b", [0.905, 0.915, 0.925], 90.0),
+        ("c", [0.5, 0.51, 0.52], 5.0),
+    ):
+        runs += [
+            {"strategy": name, "test_accuracy": v, "wall_time_s": wall, "status": "ok", "task": task} for v in values
+        ]
+    rows = summarise(runs, "test", ("accuracy",))
+    b = next(r for r in rows if r["strategy"] == "b")
+    assert b["test_accuracy"] == pytest.approx(0.915) and b["std_accuracy"] == pytest.approx(0.01)
+    assert b["ci95_accuracy"] == pytest.approx(4.302653 * 0.01 / 3**0.5, rel=1e-5)  # t(0.975, 2 df)
+    text = verdict(rows, "test", "accuracy", seeds=3)
+    assert text.startswith("Best on test accuracy: b (0.9150 ± 0.0100).")
+    assert "Within the noise of it at 3 seeds (Welch's t-test, p ≥ 0.05): a." in text  # not c
+    assert "The cheapest of these: a, 50 s a run (the best took 90 s)." in text
+    assert text.endswith("The TF-IDF baseline scores 0.8000: 2 of 3 strategies do better.")
+    assert "One seed gives no estimate of the noise" in verdict(
+        summarise(runs[:5:3], "test", ("accuracy",)), "test", "accuracy", 1
+    )
