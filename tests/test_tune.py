@@ -63,6 +63,7 @@ def test_every_recipe_declares_a_search_space_its_parser_accepts(recipe):
             "entry warmup_ratio: warmup_ratio is 2.0; pass a value between 0 and 1",
         ),
         ({"num_train_epochs": {"choices": []}}, [], "num_train_epochs has no choices"),
+        ({"learning_rate": {"low": "1e-5", "high": 1e-3}}, [], "not '1e-5', 0.001 (YAML reads 1e-5 as text"),
         ({"learning_rate": {"low": 1e-5, "high": 1e-3}}, ["--learning_rate", "1e-4"], "--learning_rate is in the"),
         (None, ["compare", "--seeds", "0"], "--seeds must be at least 1, not 0"),
         (None, ["compare", "--trials", "-1"], "--trials must be 0 (no tuning) or more, not -1"),

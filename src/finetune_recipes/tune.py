@@ -75,7 +75,10 @@ def check_space(space: dict[str, Any], types: tuple[type, ...], given: set[str],
         else:
             low, high = spec["low"], spec["high"]
             if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)):
-                raise UserError(f"search space entry {name} needs numbers for low and high, not {low!r}, {high!r}")
+                hint = " (YAML reads 1e-5 as text: write 1.0e-5)" if str in (type(low), type(high)) else ""
+                raise UserError(
+                    f"search space entry {name} needs numbers for low and high, not {low!r}, {high!r}{hint}"
+                )
             if not low < high:
                 kind = "empty" if low == high else "inverted"
                 raise UserError(f"search space entry {name} is {kind} (low {low}, high {high}); make low < high")
