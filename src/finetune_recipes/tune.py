@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -229,8 +228,14 @@ class Study:
         start = time.perf_counter()
         try:
             with log.open("w") as f:
-                process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-                pruned_at = self.follow(process, trial, out / "finetune_recipes" / "metrics.jsonl")
+                # In tune's process group: Ctrl-C, or a kill of the group, stops the trial too.
+                process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+                try:
+                    pruned_at = self.follow(process, trial, out / "finetune_recipes" / "metrics.jsonl")
+                except BaseException:  # KeyboardInterrupt, or a failure here: no trial left training alone
+                    process.terminate()
+                    process.wait()
+                    raise
             wall = round(time.perf_counter() - start, 1)
             trial.set_user_attr("wall_time_s", wall)
             if pruned_at is not None:
@@ -247,8 +252,8 @@ class Study:
             shutil.rmtree(out, ignore_errors=True)
 
     def follow(self, process: subprocess.Popen, trial, metrics: Path) -> int | None:
-        """Waits for `process`, reporting each evaluation of the metric to Optuna; stops the process (its whole
-        group: a launcher's workers too) and returns the step when the pruner says so."""
+        """Waits for `process`, reporting each evaluation of the metric to Optuna; stops the process and returns
+        the step when the pruner says so."""
         read = 0
         while True:
             finished = process.poll() is not None
@@ -263,7 +268,7 @@ class Study:
                         continue
                     trial.report(value, record["step"])
                     if not finished and trial.should_prune():
-                        os.killpg(process.pid, signal.SIGTERM)
+                        process.terminate()
                         process.wait()
                         return record["step"]
             if finished:
