@@ -19,6 +19,7 @@ from tiny import blocked, topic_rows
 
 from finetune_recipes import features, predict
 from finetune_recipes.catalog import CACHED_RECIPES
+from finetune_recipes.errors import UserError
 from finetune_recipes.export import export_onnx
 
 CLI = str(Path(sys.executable).parent / "finetune-recipes")
@@ -85,10 +86,13 @@ def test_int8_quantises_the_matrix_multiplies_and_mostly_agrees(trained, exporte
     labels = [p["label"] for p in predict.predict(out, TEXTS)]
     reference = [p["label"] for p in predict.predict(trained, TEXTS)]
     assert sum(a == b for a, b in zip(labels, reference, strict=True)) >= 0.9 * len(TEXTS)
-    # An export again into the same folder replaces the earlier one whole.
-    (out / "stale.txt").write_text("from the first export")
-    export_onnx(trained, out, quantize=True)
-    assert not (out / "stale.txt").exists()
+    # An export again into the same folder replaces the earlier one whole; a file of the user's there stops it.
+    first = (out / "model.onnx").stat().st_ino
+    assert export_onnx(trained, out, quantize=True) == out and (out / "model.onnx").stat().st_ino != first
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds 'notes.txt', which no export wrote"):
+        export_onnx(trained, out, quantize=True)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.slow
@@ -122,11 +126,18 @@ def blocked_module(tmp_path: Path, name: str) -> dict[str, str]:
 def test_bad_export_input_is_one_line_exit_2_nothing_written(trained, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.txt").write_text("a user's file")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "model.onnx").write_text("a user's own export")
     cases = {
         "not a model": (["--model", tmp_path / "taken", "--onnx"], {}, "holds no saved model (no config.json)"),
         "no format": (["--model", trained], {}, "the following arguments are required: --onnx"),
         "output_dir taken": (
             ["--model", trained, "--onnx", "--output_dir", tmp_path / "taken"],
+            {},
+            "exists and holds no earlier export; pass another --output_dir",
+        ),
+        "a user's model.onnx": (
+            ["--model", trained, "--onnx", "--output_dir", tmp_path / "mine"],
             {},
             "exists and holds no earlier export; pass another --output_dir",
         ),

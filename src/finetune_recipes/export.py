@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -22,10 +23,11 @@ import torch
 from .errors import UserError, first_line
 from .features import FeatureClassifier
 from .predict import HEAD_ONNX, MODEL_ONNX, check_model_dir, load_classifier
-from .training.outputs import MANIFEST, lock_output_dir, write_manifest
+from .training.outputs import MANIFEST, entries, lock_output_dir, write_manifest
 
 logger = logging.getLogger(__name__)
 
+EXPORTED = "export.json"  # the files an export wrote: all that a later export may replace
 COPIED = ("recipe_config.yaml", "thresholds.json")  # how texts were read; multi-label decision thresholds
 
 
@@ -88,8 +90,7 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path | None = None, qua
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
     out = Path(output_dir) if output_dir else default_export_dir(model_dir, quantize)
-    if out.exists() and not (out / MODEL_ONNX).exists():
-        raise UserError(f"{out} exists and holds no earlier export; pass another --output_dir or remove it")
+    check_earlier_export(out)
     check_onnx_tools(quantize)
     from transformers import AutoTokenizer
 
@@ -117,6 +118,20 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path | None = None, qua
     return out
 
 
+def check_earlier_export(out: Path) -> None:
+    """An existing `out` may be replaced only when it is an earlier export: its EXPORTED record lists every
+    entry in it. A folder of the user's, even one holding a model.onnx of their own, is refused."""
+    if not out.exists():
+        return
+    try:
+        written = set(json.loads((out / EXPORTED).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{out} exists and holds no earlier export; pass another --output_dir or remove it") from None
+    foreign = sorted(entries(out) - written - {EXPORTED})
+    if foreign:
+        raise UserError(f"{out} holds '{foreign[0]}', which no export wrote; pass another --output_dir")
+
+
 def write_export(model, tokenizer, model_dir: Path, out: Path, quantize: bool, features: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
@@ -135,6 +150,8 @@ def write_export(model, tokenizer, model_dir: Path, out: Path, quantize: bool, f
         for name in COPIED:
             if (model_dir / name).exists():
                 shutil.copyfile(model_dir / name, tmp / name)
+        record = {"written_by": "finetune-recipes export", "files": sorted(p.name for p in tmp.iterdir())}
+        (tmp / EXPORTED).write_text(json.dumps(record, indent=1) + "\n")  # what a later export may replace
         tmp.chmod(0o777 & ~current_umask())  # as a plain mkdir would leave it, not TemporaryDirectory's 0700
         if out.exists():  # an earlier export, checked above: replaced whole
             shutil.rmtree(out)
