@@ -212,7 +212,7 @@ class Study:
             for t in self.study.trials
             if t.state.name == "COMPLETE" and t.intermediate_values
         ]
-        warmup = int(statistics.median(lengths) // 2) if lengths else 0
+        warmup = int(statistics.median(lengths) // 2) + 1 if lengths else 0  # Optuna judges from this step on
         return pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup)
 
     def run_trial(self, trial, params: dict) -> tuple[str, float | None, str]:
