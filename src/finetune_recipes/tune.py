@@ -254,9 +254,11 @@ class Study:
     def follow(self, process: subprocess.Popen, trial, metrics: Path) -> int | None:
         """Waits for `process`, reporting each evaluation of the metric to Optuna; stops the process and returns
         the step when the pruner says so."""
-        read = 0
+        read, total = 0, None
         while True:
             finished = process.poll() is not None
+            if total is None and (metrics.parent / "config.json").exists():
+                total = json.loads((metrics.parent / "config.json").read_text()).get("total_steps")
             if metrics.exists():
                 text = metrics.read_text()
                 complete = text[read : text.rfind("\n") + 1]  # whole lines only: the writer may be mid-line
@@ -267,7 +269,8 @@ class Study:
                     if value is None or not math.isfinite(value):
                         continue
                     trial.report(value, record["step"])
-                    if not finished and trial.should_prune():
+                    last = total is not None and record["step"] >= total  # its result is in: nothing to save
+                    if not finished and not last and trial.should_prune():
                         process.terminate()
                         process.wait()
                         return record["step"]

@@ -111,6 +111,7 @@ def begin(run: Run) -> TrainState:
         logger.info("Resumed at step %d from %s", run.state.completed_steps, path)
     if args.report_to:
         settings = {k: v for k, v in run.resolved_config.items() if v is not None and not isinstance(v, dict | list)}
+        settings["total_steps"] = run.schedule.total_steps  # what a reader of the logs needs to place a step
         accelerator.init_trackers(TRACKER_PROJECT, settings)  # the resolved config: no token in it
         if accelerator.is_main_process and (Path(args.output_dir) / TRACKER_PROJECT).exists():
             record_outputs(run, TRACKER_PROJECT)  # the tracker's logs are the run's: an overwrite removes them

@@ -37,7 +37,10 @@ class JSONLinesTracker(GeneralTracker):
     @on_main_process
     def store_init_configuration(self, values: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.json").write_text(json.dumps(values, indent=1, default=str) + "\n")
+        config = self.dir / "config.json"
+        partial = config.with_name(".config.json.tmp")  # renamed whole: a reader never sees half of it
+        partial.write_text(json.dumps(values, indent=1, default=str) + "\n")
+        os.replace(partial, config)
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
