@@ -43,7 +43,7 @@ SEARCH_SPACE = {
 
 @dataclass
 class LLRDArguments:
-    layer_decay: float = field(default=0.9, metadata={"help": "lr_i = learning_rate × layer_decay^(top − i)."})
+    layer_decay: float = field(default=0.85, metadata={"help": "lr_i = learning_rate × layer_decay^(top − i)."})
     head_lr: float | None = field(default=None, metadata={"help": "The head's rate; default learning_rate."})
     plot_lr: bool = field(default=False, metadata={"help": "Write lr_schedule.png to output_dir."})
 

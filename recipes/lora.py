@@ -47,7 +47,7 @@ SEARCH_SPACE = {
 @dataclass
 class LoraArguments:
     lora_r: int = 8
-    lora_alpha: int = 16
+    lora_alpha: int = 32  # tuned with the rate in configs/lora.yaml (benchmarks/README.md)
     lora_dropout: float = 0.1
     lora_feed_forward: bool = field(default=False, metadata={"help": "Adapt the feed-forward projections too."})
     merge_adapter: bool = field(default=False, metadata={"help": "Also save a merged plain model in merged/."})

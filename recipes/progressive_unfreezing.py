@@ -54,7 +54,7 @@ class UnfreezeArguments:
     unfreeze_unit: str = field(default="epoch", metadata={"help": "epoch or step."})
     unfreeze_schedule: str | None = field(default=None, metadata={"help": "Steps where stages 1, 2, ... begin."})
     layer_decay: float = field(default=1.0, metadata={"help": "Compose with LLRD (ULMFiT's discriminative rates)."})
-    head_lr: float | None = field(default=2e-3, metadata={"help": "The new head's rate; the rest learning_rate."})
+    head_lr: float | None = field(default=5e-3, metadata={"help": "The new head's rate; the rest learning_rate."})
 
 
 def loss_step(model, batch, criterion):

@@ -80,8 +80,9 @@ def test_a_text_gives_the_same_logits_alone_and_padded_in_a_batch(encoder):
 
 def test_the_recipe_learns_planted_vectors_frozen_and_serves_them(glove, tiny_args, tmp_path):
     args = static_args(
-        tiny_args, tmp_path, "--embeddings_file", glove, "--num_train_epochs", "10", "--learning_rate", "1e-2"
-    )
+        tiny_args, tmp_path, "--embeddings_file", glove, "--num_train_epochs", "10", "--learning_rate", "1e-2",
+        "--head_hidden_size", "0",
+    )  # fmt: skip
     proc = run_recipe("static_embeddings", *args)
     # 40 words in the data (30 topic words, 10 fillers), all in the file: every token is covered.
     assert "planted.txt covers 100.0% of the training tokens and 100.0% of their 40 distinct words" in proc.stdout

@@ -63,7 +63,7 @@ class StaticArguments(CacheArguments):  # + --feature_cache_dir: the reduced vec
     freeze_embeddings: bool = field(default=True, metadata={"help": "Keep the vectors fixed; train the rest."})
     encoder: str = field(default="bag", metadata={"help": "bag (mean of vectors) or lstm (a bidirectional LSTM)."})
     lstm_hidden_size: int = 128
-    head_hidden_size: int = field(default=0, metadata={"help": "0: a linear head; else an MLP of this width."})
+    head_hidden_size: int = field(default=256, metadata={"help": "0: a linear head; else an MLP of this width."})
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
