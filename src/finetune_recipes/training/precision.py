@@ -11,7 +11,7 @@ import transformers
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, set_seed, str_to_bool
 
-from ..config import TrainingArguments, UserError
+from ..config import DISTRIBUTED, TrainingArguments, UserError
 from ..hardware import bf16_supported
 from .tracking import TRACKER_PROJECT, trackers
 
@@ -76,6 +76,8 @@ def build_accelerator(args: TrainingArguments, find_unused_parameters: bool = Fa
         kwargs_handlers=handlers,
     )
     check_launch(accelerator)
+    if accelerator.num_processes > 1:
+        DISTRIBUTED.append(accelerator)  # its process group outlives the run: see config.run_cli
     if find_unused_parameters and accelerator.distributed_type == DistributedType.FSDP:
         # Measured on an H200 (torch 2.11, accelerate 1.15): a block thawed after FSDP2 has sharded the model
         # fails in backward ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype
