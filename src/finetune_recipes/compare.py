@@ -369,9 +369,9 @@ def plot(rows: list[dict], path: Path) -> None:
     wall.barh(names, [r["wall_time_s"] for r in done], color="#dd8452")
     wall.set(xlabel="wall time per run (s)")
     wall.set_yticklabels([])
-    for ax, key, fmt in ((acc, f"{prefix}_{metric}", "{:.3f}"), (wall, "wall_time_s", "{:.0f}")):
-        for i, r in enumerate(done):
-            ax.text(r[key], i, " " + fmt.format(r[key]), va="center", fontsize=8)
+    for ax, key, fmt, past in ((acc, f"{prefix}_{metric}", "{:.3f}", errors), (wall, "wall_time_s", "{:.0f}", None)):
+        for i, r in enumerate(done):  # the label after the error bar, not on it
+            ax.text(r[key] + (past[i] if past else 0), i, " " + fmt.format(r[key]), va="center", fontsize=8)
     seeds = max(r.get("runs", 1) for r in done)
     fig.suptitle(
         "Transfer-learning strategies on the same data and budget" + (f", {seeds} seeds (± std)" if seeds > 1 else "")
