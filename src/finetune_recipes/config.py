@@ -378,7 +378,9 @@ def config_to_dict(*configs: Any) -> dict[str, Any]:
     return {k: v for c in configs for k, v in dataclasses.asdict(c).items() if k not in (*RUN_CONTROL, *SECRETS)}
 
 
-# Accelerators of this process's multi-process runs, kept alive until run_cli ends the process (see there).
+# The accelerators and prepared (DDP) models of this process's multi-process runs, kept alive until run_cli
+# ends the process (see there). The accelerator alone is not enough: on CPUs (MULTI_CPU) Accelerate 1.15 does
+# not keep the DDP wrapper it returns, whose Reducer holds the process group.
 DISTRIBUTED: list[Any] = []
 
 

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from ..config import DataArguments, ModelArguments, TrainingArguments, UserError, config_to_dict
+from ..config import DISTRIBUTED, DataArguments, ModelArguments, TrainingArguments, UserError, config_to_dict
 from ..data import ClassificationData, Task, build_dataloaders, load_data
 from ..metrics import MULTI, REGRESSION, per_class_report, task_metrics, tune_thresholds
 from ..modeling import fold_target_scale
@@ -110,6 +110,8 @@ class Run:
             model, optimizer, schedule.scheduler, *self.loaders.values()
         )
         self.model, self.optimizer, self.loaders = model, optimizer, dict(zip(names, loaders, strict=True))
+        if self.accelerator.num_processes > 1:  # DDP's Reducer holds the process group: see config.run_cli
+            DISTRIBUTED.append(model)
         self.schedule = Schedule(scheduler, schedule.total_steps, schedule.steps_per_epoch)
 
     def finish(self, results: dict[str, Any], model=None, extra_files: dict[str, str | bytes] | None = None) -> dict:
