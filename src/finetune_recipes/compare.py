@@ -187,7 +187,7 @@ def tfidf_baseline(shared: list[str]) -> dict:
 
 def table_metrics(rows: list[dict]) -> tuple[str, ...]:
     """The metrics to show: those of the problem type the rows report (single-label when none ran)."""
-    problem_type = next((r["task"]["problem_type"] for r in rows if "task" in r), SINGLE)
+    problem_type = next((r["task"]["problem_type"] for r in rows if r.get("task")), SINGLE)
     return TABLE_METRICS[problem_type]
 
 
