@@ -1,7 +1,7 @@
 """Every strategy tuned with the same budget, then run with several seeds, on BBC News and on a harder set.
 
     .venv/bin/python benchmarks/tuning.py [--out benchmarks/results/tuning] [--only headlines,bbc]
-                                          [--trials 8] [--seeds 3] [--phase studies|compare|all]
+                                          [--trials 8] [--seeds 3] [--phase studies|compare|defaults|all]
 
 Data, built offline from the BBC News corpus the package ships (duplicates dropped):
 - bbc: the recipes' default data set, 400 training articles (`--max_train_samples 400`, a seeded sample of
@@ -14,7 +14,9 @@ Data, built offline from the BBC News corpus the package ships (duplicates dropp
 Phase `studies` runs `finetune-recipes tune` for each recipe (an SQLite study per recipe and data set, so an
 interrupted run resumes where it stopped); phase `compare` runs `finetune-recipes compare --trials N --seeds
 K`, which finds those studies finished, trains each strategy's best configuration with K seeds, and writes
-the table with mean ± std on test and the verdict.
+the table with mean ± std on test and the verdict. Phase `defaults` (not part of `all`) runs `compare --seeds
+K` with each recipe's own defaults, untuned, into `defaults/` beside them: the check that a default holds, for
+example LLRD's against full fine-tuning's (`--recipes full_finetune,llrd`).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def main() -> None:
     parser.add_argument("--only", default="headlines,bbc")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--phase", choices=["studies", "compare", "all"], default="all")
+    parser.add_argument("--phase", choices=["studies", "compare", "defaults", "all"], default="all")
     parser.add_argument("--recipes", default=",".join(ORDER))
     args = parser.parse_args()
     out = Path(args.out)
@@ -74,6 +76,10 @@ def main() -> None:
         if args.phase in ("compare", "all"):
             cmd = [CLI, "compare", "--recipes", args.recipes, "--output_dir", str(where), "--overwrite_output_dir"]
             cmd += ["--trials", str(args.trials), "--seeds", str(args.seeds), *flags]
+            subprocess.run(cmd, check=True)
+        if args.phase == "defaults":
+            cmd = [CLI, "compare", "--recipes", args.recipes, "--output_dir", str(where / "defaults")]
+            cmd += ["--overwrite_output_dir", "--seeds", str(args.seeds), *flags]
             subprocess.run(cmd, check=True)
 
 
