@@ -128,12 +128,12 @@ def fail_with(errno_code: int):
 # faults are injected as the OSError the write would raise.
 def test_a_full_disk_at_the_final_save_leaves_no_half_written_model(tiny_args, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    write_text = outputs.write_text
+    atomic_write = outputs.atomic_write
 
     def full_disk(path, content):  # at results.json, the last file of the final save
-        return fail_with(errno.ENOSPC)() if path.name == "results.json" else write_text(path, content)
+        return fail_with(errno.ENOSPC)() if path.name == "results.json" else atomic_write(path, content)
 
-    monkeypatch.setattr(outputs, "write_text", full_disk)
+    monkeypatch.setattr(outputs, "atomic_write", full_disk)
     code, err = run_in_process("full_finetune", short(tiny_args), monkeypatch, capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and last == f"error: cannot save the outputs to {out} (No space left on device); none was " \

@@ -221,7 +221,7 @@ def test_eval_steps_on_two_processes_counts_every_example_once_and_streams_metri
 
 
 def test_the_verdict_names_the_best_those_within_its_noise_the_cheapest_and_the_baseline():
-    from finetune_recipes.compare import summarise, verdict
+    from finetune_recipes.reporting.comparison import summarise, verdict
 
     task = {"problem_type": "single_label_classification"}
     runs = [{"strategy": "tfidf_logreg", "test_accuracy": 0.8, "wall_time_s": 1.0, "status": "ok", "task": task}]

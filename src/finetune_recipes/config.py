@@ -6,11 +6,9 @@ import argparse
 import dataclasses
 import difflib
 import importlib.resources
-import logging
 import math
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ import yaml
 from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 
-from .errors import OneLineErrors, Parser, UserError, entrypoint, first_line, listing  # noqa: F401  (re-exported)
+from .errors import OneLineErrors, Parser, UserError, entrypoint, first_line, listing, run_to_end  # noqa: F401  (re-exported)
 from .metrics import METRICS
 
 T = TypeVar("T")
@@ -378,37 +376,8 @@ def config_to_dict(*configs: Any) -> dict[str, Any]:
     return {k: v for c in configs for k, v in dataclasses.asdict(c).items() if k not in (*RUN_CONTROL, *SECRETS)}
 
 
-# The accelerators and prepared (DDP) models of this process's multi-process runs, kept alive until run_cli
-# ends the process (see there). The accelerator alone is not enough: on CPUs (MULTI_CPU) Accelerate 1.15 does
-# not keep the DDP wrapper it returns, whose Reducer holds the process group.
-DISTRIBUTED: list[Any] = []
-
-
 def run_cli(main: Callable[..., T], *types: type, default_config: str | Path | None = None) -> T:
     """`python recipe.py FLAGS`: parses `types` (from `default_config`, --config and the flags) and calls
-    `main(*parsed)`; a UserError anywhere becomes one line on stderr and exit code 2.
-
-    A process of a multi-process (gloo/NCCL) run ends here with os._exit, once its outputs are written and
-    its output flushed. Its process group is never destructed: measured with torch 2.13 on a loaded 2-core
-    machine, ~ProcessGroupGloo (run when DDP's Reducer is freed as `main` returns) joins gloo's worker thread
-    while holding the GIL, and that thread, freeing the last barrier's tensors, waits for the GIL: the
-    process hung forever after its run was done (a CI timeout; stacks in the 2026-11-30 notes).
-    """
-    try:
-        result = entrypoint(lambda: main(*parse_config(*types, default_config=default_config)))()
-        code = 0
-    except SystemExit as exit_info:  # a UserError's exit code 2
-        if not DISTRIBUTED:
-            raise
-        code = exit_info.code if isinstance(exit_info.code, int) else 1
-    except BaseException:
-        if not DISTRIBUTED:
-            raise
-        traceback.print_exc()
-        code = 1
-    if not DISTRIBUTED:
-        return result
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
+    `main(*parsed)`; a UserError anywhere becomes one line on stderr and exit code 2, and a process of a
+    multi-process run ends as errors.run_to_end says."""
+    return run_to_end(lambda: main(*parse_config(*types, default_config=default_config)))

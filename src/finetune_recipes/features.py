@@ -6,7 +6,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, DataCollatorWithPadding, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 
+from .atomic import atomic_path
 from .config import DataArguments, TrainingArguments, UserError
 from .data import EpochWeightedSampler, aggregate_windows, content_digest
 from .hardware import bf16_supported
@@ -139,9 +139,8 @@ def cached_features(
         features[split] = encode(encoder, ds, collator, accelerator, pooling, batch_size, use_bf16, f"encode {split}")
         if accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file({"features": features[split].contiguous()}, tmp)
-            os.replace(tmp, path)  # a reader never sees half a file
+            with atomic_path(path, per_process=True) as tmp:
+                save_file({"features": features[split].contiguous()}, tmp)
         accelerator.wait_for_everyone()
     return features
 

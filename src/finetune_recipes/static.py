@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from .atomic import atomic_path
 from .errors import UserError
 from .features import CacheArguments, ClassificationHead
 
@@ -243,20 +242,17 @@ def distilled(model_name_or_path: str, cache_dir: str | Path, device: str) -> Ve
                 f"model2vec's vocabulary of {model_name_or_path} has no {source.pad_token} or {source.unk_token} "
                 "token; use --embeddings table"
             )
-        write_atomically(folder, tokenizer, torch.from_numpy(static.embedding).float())
+        write_vectors(folder, tokenizer, torch.from_numpy(static.embedding).float())
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     return Vectors(tokenizer, load_file(folder / "vectors.safetensors")["vectors"], "")
 
 
-def write_atomically(folder: Path, tokenizer: PreTrainedTokenizerFast, matrix: torch.Tensor) -> None:
-    """The tokenizer and the vectors in a folder that appears whole or not at all (a killed run leaves none)."""
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    tokenizer.save_pretrained(tmp)
-    save_file({"vectors": matrix.contiguous()}, tmp / "vectors.safetensors")
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process got there first: its copy is the same
-        shutil.rmtree(tmp, ignore_errors=True)
+def write_vectors(folder: Path, tokenizer: PreTrainedTokenizerFast, matrix: torch.Tensor) -> None:
+    """The tokenizer and the vectors in a folder that appears whole or not at all (a killed run leaves none;
+    when another process got there first, its copy is the same and stays)."""
+    with atomic_path(folder, per_process=True) as tmp:
+        tokenizer.save_pretrained(tmp)
+        save_file({"vectors": matrix.contiguous()}, tmp / "vectors.safetensors")
 
 
 def word_tokenizer(words: list[str], lowercase: bool, max_length: int) -> PreTrainedTokenizerFast:
@@ -316,9 +312,8 @@ def file_vectors(
         )
     if not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        save_file({"vectors": table.contiguous(), "found": found.to(torch.uint8)}, tmp)
-        os.replace(tmp, cached)  # a reader never sees half a file
+        with atomic_path(cached, per_process=True) as tmp:
+            save_file({"vectors": table.contiguous(), "found": found.to(torch.uint8)}, tmp)
     # Every training word stays (a missing one trains from its random vector); another split's word only
     # when the file has it.
     keep = [i for i, w in enumerate(words) if w in counts or hits[w]]

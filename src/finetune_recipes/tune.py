@@ -10,8 +10,6 @@ an interrupted study and Optuna's own tools can read it.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -20,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -28,10 +25,12 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write, is_temporary
 from .catalog import CACHED_RECIPES, flag_groups, recipe_config, recipe_namespace, recipe_types, resolve_recipe
 from .config import SHARED_TYPES, Parser, UserError, listing, parse_config
 from .metrics import greater_is_better
-from .training.outputs import LOCK, MANIFEST, entries, lock_output_dir, write_text
+from .reporting.study import plot_study, write_trials
+from .training.outputs import LOCK, MANIFEST, claim_tool_dir
 
 STUDY = "study.db"
 OUTPUTS = {STUDY, "best.yaml", "trials.csv", "trials.md", "tune.png", "logs", "feature_cache", MANIFEST, LOCK}
@@ -260,10 +259,12 @@ class Study:
             if total is None and (metrics.parent / "config.json").exists():
                 total = json.loads((metrics.parent / "config.json").read_text()).get("total_steps")
             if metrics.exists():
-                text = metrics.read_text()
-                complete = text[read : text.rfind("\n") + 1]  # whole lines only: the writer may be mid-line
+                with metrics.open("rb") as f:  # only what came since the last look
+                    f.seek(read)
+                    new = f.read()
+                complete = new[: new.rfind(b"\n") + 1]  # whole lines only: the writer may be mid-line
                 read += len(complete)
-                for line in complete.splitlines():
+                for line in complete.decode().splitlines():
                     record = json.loads(line)
                     value = record.get(f"eval/{self.metric}")
                     if value is None or not math.isfinite(value):
@@ -302,20 +303,9 @@ def trial_dir(directory: Path, number: int) -> Path:
 
 def claim_study_dir(directory: Path) -> int:
     """Refuses a study_dir holding what tune did not write; locks it; removes a killed session's trial folders."""
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"study_dir {directory} is a file; pass --study_dir a directory")
-    present = entries(directory)
-    leftovers = [n for n in present if n.startswith(".trial_") or n.endswith(".tmp")]
-    foreign = sorted(n for n in present if n not in OUTPUTS and n not in leftovers)
-    if foreign:
-        raise UserError(
-            f"study_dir {directory} holds '{foreign[0]}', which tune did not write; pass another --study_dir"
-        )
-    (directory / "logs").mkdir(parents=True, exist_ok=True)
-    lock = lock_output_dir(directory)
-    for name in leftovers:
-        shutil.rmtree(directory / name) if (directory / name).is_dir() else (directory / name).unlink()
-    return lock
+    return claim_tool_dir(
+        directory, "tune", "study_dir", OUTPUTS.__contains__, lambda n: n.startswith(".trial_") or is_temporary(n)
+    )
 
 
 def write_best_config(study: Study, best) -> None:
@@ -333,83 +323,7 @@ def write_best_config(study: Study, best) -> None:
         f"# finetune-recipes tune {study.recipe.stem}: trial {best.number} of {len(study.study.trials)}, "
         f"validation {study.metric} {best.value:.4f}\n# python {study.recipe} --config {study.dir / 'best.yaml'}\n"
     )
-    write_text(study.dir / "best.yaml", header + yaml.safe_dump(chosen, sort_keys=False))
-
-
-def trial_rows(study, metric: str) -> list[dict]:
-    rows = []
-    for t in study.trials:
-        row = {"trial": t.number, "state": t.state.name.lower(), f"validation {metric}": t.value}
-        row |= {f"test {metric}": t.user_attrs.get(f"test_{metric}"), **t.params}
-        row |= {"pruned at step": max(t.intermediate_values) if t.state.name == "PRUNED" else None}
-        row |= {"wall time (s)": t.user_attrs.get("wall_time_s")}
-        rows.append(row)
-    return rows
-
-
-def write_trials(study, metric: str, directory: Path, command: str) -> list[str]:
-    rows = trial_rows(study, metric)
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(directory / "trials.csv", table.getvalue())
-
-    def cell(value) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "–"
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    write_text(directory / "trials.md", "\n".join([*lines, "", f"Command: `{command}`", ""]))
-    return ["trials.csv", "trials.md"]
-
-
-def plot_study(study, metric: str, path: Path, optuna) -> bool:
-    """The optimisation history (each complete trial and the best so far) and, with two or more complete
-    trials, Optuna's parameter importances, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    if not complete:
-        return False
-    fig, (history, importance) = plt.subplots(1, 2, figsize=(11, 4))
-    numbers, values = [t.number for t in complete], [t.value for t in complete]
-    better = max if greater_is_better(metric) else min
-    history.plot(numbers, values, "o", color="#4c72b0", label="trial")
-    history.step(
-        numbers, [better(values[: i + 1]) for i in range(len(values))], where="post", color="#dd8452", label="best"
-    )
-    history.set(xlabel="trial", ylabel=f"validation {metric}", title="Optimisation history")
-    history.xaxis.set_major_locator(MaxNLocator(integer=True))
-    history.legend()
-    importances = {}
-    if len(complete) >= 2:
-        try:
-            with warnings.catch_warnings():  # "importances will be equal" when every trial scored the same
-                warnings.simplefilter("ignore")
-                importances = optuna.importance.get_param_importances(study)
-        except (RuntimeError, ValueError):  # too few distinct trials to attribute anything
-            importances = {}
-    if importances:
-        names = list(importances)[::-1]
-        importance.barh(names, [importances[n] for n in names], color="#55a868")
-        importance.set(xlabel="share of the metric's variation (Optuna's importance)", title="Parameter importances")
-    else:
-        importance.axis("off")
-        importance.text(0.5, 0.5, "importances need two complete trials\nwith different values", ha="center")
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    plt.close(fig)
-    write_text(path, image.getvalue())
-    return True
+    atomic_write(study.dir / "best.yaml", header + yaml.safe_dump(chosen, sort_keys=False))
 
 
 def objective_metric(types: tuple[type, ...], flags: list[str], recipe: Path) -> str:

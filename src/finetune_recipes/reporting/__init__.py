@@ -43,7 +43,8 @@ def render(
 
 def report(path: str | Path) -> list[str]:
     """Redraws the card, report and pictures of a finished run in `path`; returns the names written."""
-    from ..training.outputs import lock_output_dir, owned_entries, write_manifest, write_text
+    from ..atomic import atomic_write
+    from ..training.outputs import lock_output_dir, owned_entries, write_manifest
 
     out = Path(path)
     needed = ("results.json", "recipe_config.yaml", "config.json")
@@ -69,7 +70,7 @@ def report(path: str | Path) -> list[str]:
             raise UserError(f"{out / theirs[0]} is not a run's output; move it away, then run `report` again")
         write_manifest(out, rendered, set())
         for name, content in rendered.items():
-            write_text(out / name, content)
+            atomic_write(out / name, content)
     finally:
         os.close(lock)
     return list(rendered)

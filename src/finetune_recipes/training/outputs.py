@@ -19,6 +19,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from ..atomic import atomic_write, remove
 from ..config import TrainingArguments, UserError
 from ..freezing import count_parameters
 from ..modeling import load_adapter_classifier
@@ -154,7 +155,34 @@ def record_outputs(run: Run, *written: str) -> None:
 def write_manifest(out: Path, written, kept: set[str]) -> None:
     """The manifest: what it listed and is still there, plus `written`, never a kept (user's) entry."""
     ours = sorted((((owned_entries(out) or set()) & entries(out)) | {MANIFEST, *written}) - kept - {LOCK})
-    write_text(out / MANIFEST, json.dumps({"written_by": "finetune-recipes", "entries": ours}, indent=1) + "\n")
+    atomic_write(out / MANIFEST, json.dumps({"written_by": "finetune-recipes", "entries": ours}, indent=1) + "\n")
+
+
+def claim_tool_dir(
+    directory: Path,
+    tool: str,
+    flag: str,
+    owned: Callable[[str], bool],
+    leftover: Callable[[str], bool],
+    earlier: str = "",
+) -> int:
+    """A directory that `tool` (tune, compare) fills with many runs: refused when it is a file or holds an entry
+    that is not `owned` (what the tool writes), and, when `earlier` (the message) is given, when it holds
+    anything; then locked, and cleared of a killed session's `leftover` entries. Returns the lock."""
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{flag} {directory} is a file; pass --{flag} a directory")
+    present = sorted(entries(directory) - {MANIFEST, LOCK})
+    leftovers = [n for n in present if leftover(n)]
+    foreign = [n for n in present if not owned(n) and n not in leftovers]
+    if foreign:
+        raise UserError(f"{flag} {directory} holds '{foreign[0]}', which {tool} did not write; pass another --{flag}")
+    if present and earlier:
+        raise UserError(earlier)
+    (directory / "logs").mkdir(parents=True, exist_ok=True)
+    lock = lock_output_dir(directory)
+    for name in leftovers:
+        remove(directory / name)
+    return lock
 
 
 def lock_output_dir(out: Path) -> int:
@@ -194,13 +222,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_text(path: Path, content: str | bytes) -> None:
-    """Written under a temporary name and renamed, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(content if isinstance(content, bytes) else content.encode())
-    os.replace(tmp, path)
-
-
 def save_outputs(run: Run, model, results: dict[str, Any], extra_files: dict[str, str | bytes] | None = None) -> dict:
     """Model and tokenizer (safetensors) so `pipeline()` loads them, results.json, and the resolved config.
 
@@ -226,7 +247,7 @@ def save_outputs(run: Run, model, results: dict[str, Any], extra_files: dict[str
         if hasattr(unwrapped, "get_base_model"):  # a peft adapter: keep the label names beside it
             unwrapped.get_base_model().config.save_pretrained(staging)
         for name, content in files.items():
-            write_text(staging / name, content)
+            atomic_write(staging / name, content)
         predictions = {k: v for k, v in files.items() if k.startswith("predictions_")}
         names = {p.name for p in staging.iterdir()}
         rendered = render(results, run.resolved_config, run.task.label_names, names, out, predictions)
@@ -236,7 +257,7 @@ def save_outputs(run: Run, model, results: dict[str, Any], extra_files: dict[str
             )
             rendered.pop("README.md")
         for name, content in rendered.items():
-            write_text(staging / name, content)
+            atomic_write(staging / name, content)
 
     failure = f"cannot save the outputs to {out} ({{reason}}); none was written: free space or fix permissions"
     on_main(accelerator, lambda: publish(run, write), failure + ", then run again")

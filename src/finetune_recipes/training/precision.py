@@ -11,7 +11,8 @@ import transformers
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, set_seed, str_to_bool
 
-from ..config import DISTRIBUTED, TrainingArguments, UserError
+from ..config import TrainingArguments, UserError
+from ..errors import DISTRIBUTED
 from ..hardware import bf16_supported
 from .tracking import TRACKER_PROJECT, trackers
 
@@ -77,7 +78,7 @@ def build_accelerator(args: TrainingArguments, find_unused_parameters: bool = Fa
     )
     check_launch(accelerator)
     if accelerator.num_processes > 1:
-        DISTRIBUTED.append(accelerator)  # its process group outlives the run: see config.run_cli
+        DISTRIBUTED.append(accelerator)  # its process group outlives the run: see errors.run_to_end
     if find_unused_parameters and accelerator.distributed_type == DistributedType.FSDP:
         # Measured on an H200 (torch 2.11, accelerate 1.15): a block thawed after FSDP2 has sharded the model
         # fails in backward ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype

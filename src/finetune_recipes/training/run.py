@@ -15,8 +15,9 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from ..config import DISTRIBUTED, DataArguments, ModelArguments, TrainingArguments, UserError, config_to_dict
+from ..config import DataArguments, ModelArguments, TrainingArguments, UserError, config_to_dict
 from ..data import ClassificationData, Task, build_dataloaders, load_data
+from ..errors import DISTRIBUTED
 from ..metrics import MULTI, REGRESSION, per_class_report, task_metrics, tune_thresholds
 from ..modeling import fold_target_scale
 from ..optim import build_scheduler
@@ -110,7 +111,7 @@ class Run:
             model, optimizer, schedule.scheduler, *self.loaders.values()
         )
         self.model, self.optimizer, self.loaders = model, optimizer, dict(zip(names, loaders, strict=True))
-        if self.accelerator.num_processes > 1:  # DDP's Reducer holds the process group: see config.run_cli
+        if self.accelerator.num_processes > 1:  # DDP's Reducer holds the process group: see errors.run_to_end
             DISTRIBUTED.append(model)
         self.schedule = Schedule(scheduler, schedule.total_steps, schedule.steps_per_epoch)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, on_main_process
 
+from ..atomic import atomic_write
+
 JSONL = "jsonl"
 TRACKER_PROJECT = "finetune_recipes"  # init_trackers' project name: the folder in output_dir
 METRICS_FILE = "metrics.jsonl"
@@ -37,10 +39,7 @@ class JSONLinesTracker(GeneralTracker):
     @on_main_process
     def store_init_configuration(self, values: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        config = self.dir / "config.json"
-        partial = config.with_name(".config.json.tmp")  # renamed whole: a reader never sees half of it
-        partial.write_text(json.dumps(values, indent=1, default=str) + "\n")
-        os.replace(partial, config)
+        atomic_write(self.dir / "config.json", json.dumps(values, indent=1, default=str) + "\n")
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
