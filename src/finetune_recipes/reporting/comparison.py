@@ -16,11 +16,7 @@ from ..metrics import MULTI, REGRESSION, SINGLE, greater_is_better
 
 # The two metrics a table shows per problem type, the first the primary one (the plot's, and what a row says).
 TABLE_METRICS = {SINGLE: ("accuracy", "f1_macro"), MULTI: ("f1_micro", "f1_macro"), REGRESSION: ("mse", "r2")}
-
-
 BOUNDED = {"accuracy", "f1_macro", "f1_micro", "f1_samples", "subset_accuracy"}  # shares, in [0, 1]
-
-
 COLUMNS = [  # results key, title, format; the metric columns go after the strategy
     ("strategy", "strategy", "{}"),
     ("trainable_params", "trainable params", "{:,}"),
