@@ -235,7 +235,8 @@ def test_compare_refuses_an_earlier_comparison_or_a_users_file(holding, message,
 
 
 def test_compare_takes_its_own_leftovers_as_its_own(tmp_path, capsys, monkeypatch):
-    """The feature_cache of older versions and a killed comparison's temporary files are not a user's."""
+    """A killed comparison's feature caches and temporary files are its own, removed; the feature_cache an older
+    version wrote is taken as compare's but kept (it may be the user's --feature_cache_dir)."""
     from finetune_recipes import compare
 
     (tmp_path / "feature_cache").mkdir()
@@ -245,5 +246,5 @@ def test_compare_takes_its_own_leftovers_as_its_own(tmp_path, capsys, monkeypatc
         main(["compare", "--output_dir", str(tmp_path), "--recipes", "full_finetune"])
     assert "holds an earlier comparison" in capsys.readouterr().err  # not "which compare did not write"
     lock = compare.claim_compare_dir(tmp_path, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".finetune_recipes.lock", "logs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".finetune_recipes.lock", "feature_cache", "logs"]
     os.close(lock)

@@ -100,13 +100,6 @@ def test_hub_style_lists_of_class_ids_are_read_as_names():
     assert task.label_names == ["anger", "fear", "joy"] and raw["train"]["labels"] == [[0, 1, 1], [1, 0, 0]]
 
 
-def test_compare_table_never_shows_a_hub_token():
-    from finetune_recipes.compare import redact
-
-    shown = redact(["--hub_token", "hf_x", "--hub_token=hf_y", "--seed", "1"])
-    assert shown == ["--hub_token", "***", "--hub_token=***", "--seed", "1"]
-
-
 def test_regression_targets_are_standardised_and_read_back_in_their_units():
     rows = {"text": ["a", "b", "c", "d"], "label": [1.5, 2.5, 3.5, 4.5]}
     raw, task = encode_task(DatasetDict({"train": Dataset.from_dict(rows)}), DataArguments())

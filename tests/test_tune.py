@@ -67,6 +67,8 @@ def test_every_recipe_declares_a_search_space_its_parser_accepts(recipe):
         ({"learning_rate": {"low": 1e-5, "high": 1e-3}}, ["--learning_rate", "1e-4"], "--learning_rate is in the"),
         (None, ["compare", "--seeds", "0"], "--seeds must be at least 1, not 0"),
         (None, ["compare", "--trials", "-1"], "--trials must be 0 (no tuning) or more, not -1"),
+        (None, ["tune", "llrd", "--push_to_hub", "--hub_model_id", "me/x"], "--hub_model_id is not taken here: tune"),
+        (None, ["compare", "--hub_token", "hf_secret"], "--hub_token is not taken here: compare does not push"),
     ],
 )
 def test_bad_tune_and_compare_input_is_one_line_and_writes_nothing(space, argv, message, tmp_path, capsys):
@@ -242,6 +244,31 @@ def test_the_verdict_names_the_best_those_within_its_noise_the_cheapest_and_the_
     assert "Within the noise of it at 3 seeds (Welch's t-test, p ≥ 0.05): a." in text  # not c
     assert "The cheapest of these: a, 50 s a run (the best took 90 s)." in text
     assert text.endswith("The TF-IDF baseline scores 0.8000: 2 of 3 strategies do better.")
+    lone = [*runs[:4], runs[6]]  # the best, b, with one finished run of three: nothing is tested against it
+    text = verdict(summarise(lone, "test", ("accuracy",)), "test", "accuracy", seeds=3)
+    assert "b (0.9250)" in text and "fewer than 2 finished runs, so nothing can be told apart" in text
+    text = verdict(summarise([*runs[:7], runs[7]], "test", ("accuracy",)), "test", "accuracy", seeds=3)
+    assert "Not tested, with fewer than 2 finished runs: c." in text and "beyond the noise" not in text
     assert "One seed gives no estimate of the noise" in verdict(
         summarise(runs[:5:3], "test", ("accuracy",)), "test", "accuracy", 1
     )
+
+
+def test_best_yaml_keeps_what_the_users_config_file_set(tiny_args, tmp_path):
+    """--config replaces the recipe's YAML, so best.yaml must carry that file's settings, not only the flags."""
+    from types import SimpleNamespace
+
+    from finetune_recipes.tune import write_best_config
+
+    args = data_flags(tiny_args)
+    mine = {args[i][2:]: args[i + 1] for i in range(0, len(args), 2)}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(mine))
+    recipe = resolve_recipe("full_finetune")
+    study = SimpleNamespace(
+        recipe=recipe, flags=["--config", str(tmp_path / "mine.yaml"), "--seed", "7"], dir=tmp_path,
+        types=(*SHARED_TYPES, *recipe_types(recipe)), metric="accuracy", study=SimpleNamespace(trials=[0, 1]),
+    )  # fmt: skip
+    write_best_config(study, SimpleNamespace(params={"learning_rate": 2e-3}, number=1, value=0.75))
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert all(str(best[k]) == v or float(best[k]) == float(v) for k, v in mine.items()), best
+    assert best["seed"] == 7 and best["learning_rate"] == 2e-3

@@ -21,7 +21,7 @@ from .config import SHARED_TYPES, Parser, UserError, listing, parse_config
 from .metrics import MULTI, REGRESSION, SINGLE, task_metrics
 from .reporting.comparison import cell, plot, reported_split, summarise, table_metrics, write_table
 from .training.outputs import LOCK, MANIFEST, claim_tool_dir, entries
-from .tune import TEST_SPLIT_PERCENTAGE, as_flags, check_space, import_optuna, run_study, search_space
+from .tune import TEST_SPLIT_PERCENTAGE, as_flags, check_space, import_optuna, refuse_hub_flags, run_study, search_space
 
 ORDER = [
     "static_embeddings",
@@ -74,10 +74,11 @@ def claim_compare_dir(out: Path, overwrite: bool) -> int:
         f"output_dir {out} holds an earlier comparison; pass --overwrite_output_dir to replace it "
         "(a recipe's folder loses only what its run wrote; tuning studies resume) or another --output_dir"
     )
-    # compare's own leftovers: the feature_cache of older versions, and a killed run's temporary files.
+    # compare's own leftovers: a killed run's feature caches and temporary files (an older version's
+    # feature_cache stays: it may be the user's --feature_cache_dir).
     return claim_tool_dir(
-        out, "compare", "output_dir", lambda n: n in OUTPUTS or n in runs,
-        lambda n: fnmatch.fnmatch(n, ".feature_cache_*") or n == "feature_cache" or is_temporary(n),
+        out, "compare", "output_dir", lambda n: n in OUTPUTS or n in runs or n == "feature_cache",
+        lambda n: fnmatch.fnmatch(n, ".feature_cache_*") or is_temporary(n),
         "" if overwrite else earlier,
     )  # fmt: skip
 
@@ -157,15 +158,6 @@ def tfidf_baseline(shared: list[str]) -> dict:
     }
 
 
-def redact(argv: list[str]) -> list[str]:
-    """The command line as written into comparison.md, without a --hub_token's value."""
-    shown = []
-    for i, token in enumerate(argv):
-        hidden = token.startswith("--hub_token=") or (i and argv[i - 1] == "--hub_token")
-        shown.append(("--hub_token=***" if "=" in token else "***") if hidden else token)
-    return shown
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = Parser(
         prog="finetune-recipes compare",
@@ -190,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [r for r in recipes if r not in list_recipes()]
     if unknown or not recipes:
         raise UserError(f"no recipe '{(unknown or [''])[0]}'; recipes: {', '.join(list_recipes())}")
+    given = {name.removeprefix("no_") for name, _ in flag_groups(rest)}
+    refuse_hub_flags(given, "compare does not push its runs; push the one you keep with its recipe's")
     if not any(f.split("=")[0] == "--test_split_percentage" for f in rest):
         rest = [*rest, "--test_split_percentage", str(TEST_SPLIT_PERCENTAGE)]
     routes = route_flags(recipes, rest)
@@ -231,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             tqdm.write(f"{recipe} (seed {seed}): {row['status']}, {metric} {shown}, {row['wall_time_s']} s")
     progress.close()
     rows = summarise(runs, reported_split(runs), table_metrics(runs))
-    command = "finetune-recipes compare " + " ".join(redact(argv or []))
+    command = "finetune-recipes compare " + " ".join(argv or [])
     print(write_table(rows, runs, out, command.strip(), len(seeds)))
     plot(rows, out / "comparison.png")
     os.close(lock)

@@ -82,7 +82,7 @@ def run_to_end(call: Callable[[], T]) -> T:
     except SystemExit as exit_info:  # a UserError's exit code 2
         if not DISTRIBUTED:
             raise
-        code = exit_info.code if isinstance(exit_info.code, int) else 1
+        code = exit_info.code if isinstance(exit_info.code, int) else 0 if exit_info.code is None else 1
     except BaseException:
         if not DISTRIBUTED:
             raise
@@ -90,7 +90,9 @@ def run_to_end(call: Callable[[], T]) -> T:
         code = 1
     if not DISTRIBUTED:
         return result
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+    finally:  # a closed pipe must not bring the hang back
+        os._exit(code)

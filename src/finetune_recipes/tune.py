@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -111,6 +110,13 @@ def as_flags(params: dict[str, Any]) -> list[str]:
     return [token for name, value in params.items() for token in (f"--{name}", flag_value(value))]
 
 
+def refuse_hub_flags(given: set[str], instead: str) -> None:
+    """Tools that run a recipe many times neither push each run to the Hub nor write a token into their files."""
+    hub = sorted(given & {"push_to_hub", "hub_token", "hub_model_id", "hub_private_repo"})
+    if hub:
+        raise UserError(f"--{hub[0]} is not taken here: {instead} --push_to_hub")
+
+
 def import_optuna():
     try:
         import optuna
@@ -134,16 +140,18 @@ class Study:
                 raise UserError(f"{directory} holds a study of {listing(names)}; pass another --study_dir")
         self.lock = claim_study_dir(directory)
         self.pruner_name = options["pruner"]
-        # TPE samples at random for its first trials: Optuna's 10 would leave a study of 8 a random search.
-        startup = min(10, max(3, options["n_trials"] // 2))
         self.study = optuna.create_study(
             storage=storage,
             study_name=recipe.stem,
             direction="maximize" if greater_is_better(self.metric) else "minimize",
-            sampler=optuna.samplers.TPESampler(seed=options["seed"], n_startup_trials=startup),
             load_if_exists=True,
         )
         self.check_resumable()
+        # TPE samples at random for its first trials: Optuna's 10 would leave a study of 8 a random search. Its
+        # seed moves on with the trials so far, or a resumed study would draw its first trials' values again.
+        self.study.sampler = optuna.samplers.TPESampler(
+            seed=options["seed"] + len(self.study.trials), n_startup_trials=min(10, max(3, options["n_trials"] // 2))
+        )
 
     def check_resumable(self) -> None:
         """A study resumes only with the recipe, flags and space it began with; trials an interrupted session
@@ -198,21 +206,14 @@ class Study:
         progress.close()
 
     def pruner(self):
-        """Optuna's median pruner, judging from the third trial on and only in the second half of a run (half the
-        median length of the complete trials so far): warm-up and low rates start slowly and catch up, so a
-        first evaluation says little. Or successive halving, or none (--pruner)."""
+        """Optuna's median pruner, judging from the third trial on; or successive halving, or none (--pruner).
+        `follow` asks it only in the second half of a trial's own run."""
         pruners = self.optuna.pruners
         if self.pruner_name == "halving":
             return pruners.SuccessiveHalvingPruner()
         if self.pruner_name == "none":
             return pruners.NopPruner()
-        lengths = [
-            max(t.intermediate_values)
-            for t in self.study.trials
-            if t.state.name == "COMPLETE" and t.intermediate_values
-        ]
-        warmup = int(statistics.median(lengths) // 2) + 1 if lengths else 0  # Optuna judges from this step on
-        return pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup)
+        return pruners.MedianPruner(n_startup_trials=2)
 
     def run_trial(self, trial, params: dict) -> tuple[str, float | None, str]:
         """(state, value, a line for the log): the recipe on `params` in its own process, its evaluations
@@ -240,12 +241,17 @@ class Study:
             if pruned_at is not None:
                 return "PRUNED", None, f"pruned at step {pruned_at} ({shown}), {wall} s"
             if process.returncode != 0:
-                return "FAIL", None, f"failed ({process.returncode}; see {log}) ({shown})"
-            results = json.loads((out / "results.json").read_text())
+                return "FAIL", None, f"failed ({process.returncode}: {error_line(log)}) ({shown})"
+            try:
+                results = json.loads((out / "results.json").read_text())
+                value = float(results[f"eval_{self.metric}"])
+            except (OSError, ValueError, KeyError, TypeError) as error:  # a recipe copy that saves otherwise
+                return "FAIL", None, f"no eval_{self.metric} in its results.json ({error.__class__.__name__}) ({shown})"
+            if not math.isfinite(value):  # diverged: Optuna refuses a NaN for a complete trial
+                return "FAIL", None, f"{self.metric} {value} ({shown}), {wall} s"
             for key in ("train_runtime_s", "trainable_params", *(k for k in results if k.startswith("test_"))):
                 if isinstance(results.get(key), int | float):
                     trial.set_user_attr(key, results[key])
-            value = results[f"eval_{self.metric}"]
             return "COMPLETE", value, f"{self.metric} {value:.4f} ({shown}), {wall} s"
         finally:
             shutil.rmtree(out, ignore_errors=True)
@@ -270,8 +276,11 @@ class Study:
                     if value is None or not math.isfinite(value):
                         continue
                     trial.report(value, record["step"])
-                    last = total is not None and record["step"] >= total  # its result is in: nothing to save
-                    if not finished and not last and trial.should_prune():
+                    # Judged only in the second half of its own run (warm-up and low rates start slowly and catch
+                    # up, and a trial of more epochs is not held to a shorter one's final score), and never at its
+                    # last evaluation: its result is in, nothing is saved by stopping it.
+                    judged = total is not None and total / 2 < record["step"] < total
+                    if not finished and judged and trial.should_prune():
                         process.terminate()
                         process.wait()
                         return record["step"]
@@ -297,6 +306,12 @@ class Study:
         return written
 
 
+def error_line(log: Path) -> str:
+    """The trial's own one-line error (a recipe's `error: ...`), else where to read what went wrong."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    return next((line for line in reversed(lines) if line.startswith("error: ")), f"see {log}")
+
+
 def trial_dir(directory: Path, number: int) -> Path:
     return directory / f".trial_{number}"
 
@@ -308,14 +323,20 @@ def claim_study_dir(directory: Path) -> int:
     )
 
 
+def given_config(flags: list[str]) -> str | None:
+    """The --config file among `flags`, if any."""
+    found = [tokens for name, tokens in flag_groups(flags) if name == "config"]
+    return (found[-1][1] if len(found[-1]) > 1 else found[-1][0].split("=", 1)[1]) if found else None
+
+
 def write_best_config(study: Study, best) -> None:
     """The recipe's own config with the command line's flags and the best trial's values on top: all that
     `python recipe.py --config best.yaml` needs to train the best trial's model again."""
     flags = [*study.flags, *as_flags(best.params)]
     parsed = parse_config(*study.types, args=flags, default_config=recipe_config(study.recipe), announce=False)
     values = {k: v for config in parsed for k, v in vars(config).items()}
-    default = recipe_config(study.recipe)
-    keys = list(yaml.safe_load(default.read_text()) or {}) if default else []
+    used = given_config(study.flags) or recipe_config(study.recipe)  # --config replaces the recipe's YAML
+    keys = list(yaml.safe_load(Path(used).read_text()) or {}) if used else []
     keys += [name.removeprefix("no_") for name, _ in flag_groups(study.flags) if name != "config"]
     keys += list(best.params)
     chosen = {k: values[k] for k in dict.fromkeys(keys) if k in values and k not in ("feature_cache_dir", "report_to")}
@@ -389,6 +410,7 @@ def run_study(
     given = {name.removeprefix("no_") for name, _ in flag_groups(flags)}
     if "output_dir" in given or "report_to" in given:
         raise UserError("tune sets each trial's --output_dir and --report_to; pass --study_dir instead")
+    refuse_hub_flags(given, f"tune's trials do not push; push the best with python {recipe.name} --config best.yaml")
     space = search_space(recipe, space_file)
     check_space(space, types, given, recipe.stem)
     metric = objective_metric(types, flags, recipe)

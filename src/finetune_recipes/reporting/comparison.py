@@ -96,20 +96,30 @@ def verdict(rows: list[dict], prefix: str, metric: str, seeds: int) -> str:
             "run with --seeds 3 to tell the strategies apart."
         )
         tied = [best]
+    elif len(best[f"values_{metric}"]) < 2:  # a test needs two runs a side: no claim about the noise
+        lines.append("It has fewer than 2 finished runs, so nothing can be told apart from it; see the status column.")
+        tied = [best]
     else:
 
         def same(row: dict) -> bool:
             a, b = best[f"values_{metric}"], row[f"values_{metric}"]
-            if len(b) < 2 or statistics.pvariance(a) + statistics.pvariance(b) == 0:
-                return a == b
+            if statistics.pvariance(a) + statistics.pvariance(b) == 0:  # no spread on either side
+                return a[0] == b[0]
             return bool(stats.ttest_ind(a, b, equal_var=False).pvalue >= 0.05)
 
-        tied = [best, *(r for r in ranked[1:] if same(r))]
+        tested = [r for r in ranked[1:] if len(r[f"values_{metric}"]) >= 2]
+        untested = [r["strategy"] for r in ranked[1:] if len(r[f"values_{metric}"]) < 2]
+        tied = [best, *(r for r in tested if same(r))]
         others = [r["strategy"] for r in tied[1:]]
         if others:
             lines.append(f"Within the noise of it at {seeds} seeds (Welch's t-test, p ≥ 0.05): {', '.join(others)}.")
-        else:
-            lines.append(f"Every other strategy is below it beyond the noise of {seeds} seeds (Welch's t-test).")
+        elif tested:
+            lines.append(
+                f"Every other strategy{' tested' if untested else ''} is below it beyond the noise of {seeds} seeds "
+                "(Welch's t-test)."
+            )
+        if untested:
+            lines.append(f"Not tested, with fewer than 2 finished runs: {', '.join(untested)}.")
     if len(tied) > 1 and all("wall_time_s" in r for r in tied):
         cheapest = min(tied, key=lambda r: r["wall_time_s"])
         lines.append(
