@@ -15,7 +15,8 @@ Phase `studies` runs `finetune-recipes tune` for each recipe (an SQLite study pe
 interrupted run resumes where it stopped); phase `compare` runs `finetune-recipes compare --trials N --seeds
 K`, which finds those studies finished, trains each strategy's best configuration with K seeds, and writes
 the table with mean ± std on test and the verdict. Phase `defaults` (not part of `all`) runs `compare --seeds
-K` with each recipe's own defaults, untuned, into `defaults/` beside them: the check that a default holds, for
+K` with each recipe's own defaults, untuned, into `defaults/SET` (not inside the tuned comparison's folder,
+which compare keeps to what it wrote): the check that a default holds, for
 example LLRD's against full fine-tuning's (`--recipes full_finetune,llrd`).
 """
 
@@ -78,7 +79,7 @@ def main() -> None:
             cmd += ["--trials", str(args.trials), "--seeds", str(args.seeds), *flags]
             subprocess.run(cmd, check=True)
         if args.phase == "defaults":
-            cmd = [CLI, "compare", "--recipes", args.recipes, "--output_dir", str(where / "defaults")]
+            cmd = [CLI, "compare", "--recipes", args.recipes, "--output_dir", str(out / "defaults" / key)]
             cmd += ["--overwrite_output_dir", "--seeds", str(args.seeds), *flags]
             subprocess.run(cmd, check=True)
 
