@@ -81,6 +81,11 @@ def flag_groups(argv: list[str]) -> list[tuple[str, list[str]]]:
     return groups
 
 
+def given_names(argv: list[str]) -> set[str]:
+    """The field names a command line sets (`--no_x` sets `x`)."""
+    return {name.removeprefix("no_") for name, _ in flag_groups(argv)}
+
+
 def copy_recipe(name: str, dest: str | Path, with_config: bool = False) -> list[Path]:
     """Copies recipe `name` (and its YAML under configs/ beside it) to `dest`; never overwrites."""
     recipes = list_recipes()

@@ -16,12 +16,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .atomic import is_temporary
-from .catalog import CACHED_RECIPES, flag_groups, list_recipes, recipe_types, recipes_dir, resolve_recipe
+from .catalog import CACHED_RECIPES, flag_groups, given_names, list_recipes, recipe_types, recipes_dir, resolve_recipe
 from .config import SHARED_TYPES, Parser, UserError, listing, parse_config
 from .metrics import MULTI, REGRESSION, SINGLE, task_metrics
 from .reporting.comparison import cell, plot, reported_split, summarise, table_metrics, write_table
 from .training.outputs import LOCK, MANIFEST, claim_tool_dir, entries
-from .tune import TEST_SPLIT_PERCENTAGE, as_flags, check_space, import_optuna, refuse_hub_flags, run_study, search_space
+from .tune import as_flags, check_space, import_optuna, refuse_hub_flags, run_study, search_space, with_test_split
 
 ORDER = [
     "static_embeddings",
@@ -92,7 +92,7 @@ def run_recipe(recipe: str, out: Path, folder: str, flags: list[str], overwrite:
     """One recipe in its own process (clean memory peak, failures isolated); its results plus wall time."""
     log = out / "logs" / f"{folder}.log"
     with tempfile.TemporaryDirectory(dir=out, prefix=".feature_cache_") as cache:  # every encoding is paid for
-        given = any(f.split("=")[0] == "--feature_cache_dir" for f in flags)  # the user's own cache is kept
+        given = "feature_cache_dir" in given_names(flags)  # the user's own cache is kept
         extra = ["--feature_cache_dir", cache] if recipe in CACHED_RECIPES and not given else []
         cmd = [sys.executable, str(recipes_dir() / f"{recipe}.py"), *flags, *extra, "--output_dir", str(out / folder)]
         cmd += ["--overwrite_output_dir"] if overwrite else []
@@ -182,16 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [r for r in recipes if r not in list_recipes()]
     if unknown or not recipes:
         raise UserError(f"no recipe '{(unknown or [''])[0]}'; recipes: {', '.join(list_recipes())}")
-    given = {name.removeprefix("no_") for name, _ in flag_groups(rest)}
-    refuse_hub_flags(given, "compare does not push its runs; push the one you keep with its recipe's")
-    if not any(f.split("=")[0] == "--test_split_percentage" for f in rest):
-        rest = [*rest, "--test_split_percentage", str(TEST_SPLIT_PERCENTAGE)]
+    refuse_hub_flags(given_names(rest), "compare does not push its runs; push the one you keep with its recipe's")
+    rest = with_test_split(rest)
     routes = route_flags(recipes, rest)
     if known.trials:
         import_optuna()  # before anything runs
         for recipe in recipes:
             check_space(search_space(resolve_recipe(recipe)), (*SHARED_TYPES, *recipe_types(recipe)),
-                        {n.removeprefix("no_") for n, _ in flag_groups(routes[recipe])}, recipe)  # fmt: skip
+                        given_names(routes[recipe]), recipe)  # fmt: skip
     # The baseline's share: the flags every recipe takes, so it reads the same data and split.
     shared = [t for name, tokens in flag_groups(rest) if name.removeprefix("no_") in SHARED_FLAGS for t in tokens]
     first_seed = parse_config(*SHARED_TYPES, args=shared, default_config=DEFAULT_CONFIG, announce=False)[2].seed

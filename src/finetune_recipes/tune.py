@@ -25,7 +25,15 @@ import yaml
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write, is_temporary
-from .catalog import CACHED_RECIPES, flag_groups, recipe_config, recipe_namespace, recipe_types, resolve_recipe
+from .catalog import (
+    CACHED_RECIPES,
+    flag_groups,
+    given_names,
+    recipe_config,
+    recipe_namespace,
+    recipe_types,
+    resolve_recipe,
+)
 from .config import SHARED_TYPES, Parser, UserError, listing, parse_config
 from .metrics import greater_is_better
 from .reporting.study import plot_study, write_trials
@@ -219,7 +227,7 @@ class Study:
         """(state, value, a line for the log): the recipe on `params` in its own process, its evaluations
         reported to the pruner as they come; its folder removed whatever the outcome."""
         out, log = trial_dir(self.dir, trial.number), self.dir / "logs" / f"trial_{trial.number}.log"
-        given = any(f.split("=")[0] == "--feature_cache_dir" for f in self.flags)
+        given = "feature_cache_dir" in given_names(self.flags)
         cache = ["--feature_cache_dir", str(self.dir / "feature_cache")] if self.recipe.stem in CACHED_RECIPES else []
         cmd = [sys.executable, str(self.recipe), *self.flags, *as_flags(params), *([] if given else cache)]
         cmd += ["--output_dir", str(out), "--report_to", "jsonl"]
@@ -304,6 +312,13 @@ class Study:
         if plot_study(self.study, self.metric, self.dir / "tune.png", self.optuna):
             written.append("tune.png")
         return written
+
+
+def with_test_split(flags: list[str]) -> list[str]:
+    """`flags`, holding out TEST_SPLIT_PERCENTAGE of train as test unless they say otherwise."""
+    if "test_split_percentage" in given_names(flags):
+        return flags
+    return [*flags, "--test_split_percentage", str(TEST_SPLIT_PERCENTAGE)]
 
 
 def error_line(log: Path) -> str:
@@ -404,10 +419,9 @@ def run_study(
     if timeout is not None and not timeout > 0:
         raise UserError(f"--timeout must be a positive number of seconds, not {timeout}")
     recipe = resolve_recipe(recipe_name)
-    if not any(f.split("=")[0] == "--test_split_percentage" for f in flags):
-        flags = [*flags, "--test_split_percentage", str(TEST_SPLIT_PERCENTAGE)]
+    flags = with_test_split(flags)
     types = (*SHARED_TYPES, *recipe_types(recipe))
-    given = {name.removeprefix("no_") for name, _ in flag_groups(flags)}
+    given = given_names(flags)
     if "output_dir" in given or "report_to" in given:
         raise UserError("tune sets each trial's --output_dir and --report_to; pass --study_dir instead")
     refuse_hub_flags(given, f"tune's trials do not push; push the best with python {recipe.name} --config best.yaml")
