@@ -86,6 +86,14 @@ def given_names(argv: list[str]) -> set[str]:
     return {name.removeprefix("no_") for name, _ in flag_groups(argv)}
 
 
+def flag_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def as_flags(params: dict[str, Any]) -> list[str]:
+    return [token for name, value in params.items() for token in (f"--{name}", flag_value(value))]
+
+
 def copy_recipe(name: str, dest: str | Path, with_config: bool = False) -> list[Path]:
     """Copies recipe `name` (and its YAML under configs/ beside it) to `dest`; never overwrites."""
     recipes = list_recipes()

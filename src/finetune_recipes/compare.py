@@ -16,12 +16,21 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .atomic import is_temporary
-from .catalog import CACHED_RECIPES, flag_groups, given_names, list_recipes, recipe_types, recipes_dir, resolve_recipe
+from .catalog import (
+    CACHED_RECIPES,
+    as_flags,
+    flag_groups,
+    given_names,
+    list_recipes,
+    recipe_types,
+    recipes_dir,
+    resolve_recipe,
+)
 from .config import SHARED_TYPES, Parser, UserError, listing, parse_config
 from .metrics import MULTI, REGRESSION, SINGLE, task_metrics
 from .reporting.comparison import cell, plot, reported_split, summarise, table_metrics, write_table
 from .training.outputs import LOCK, MANIFEST, claim_tool_dir, entries
-from .tune import as_flags, check_space, import_optuna, refuse_hub_flags, run_study, search_space, with_test_split
+from .tune import check_space, import_optuna, refuse_hub_flags, run_study, search_space, with_test_split
 
 ORDER = [
     "static_embeddings",

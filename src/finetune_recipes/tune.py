@@ -24,10 +24,11 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write, is_temporary
+from .atomic import is_temporary
 from .catalog import (
     CACHED_RECIPES,
-    flag_groups,
+    as_flags,
+    flag_value,
     given_names,
     recipe_config,
     recipe_namespace,
@@ -36,7 +37,7 @@ from .catalog import (
 )
 from .config import SHARED_TYPES, Parser, UserError, listing, parse_config
 from .metrics import greater_is_better
-from .reporting.study import plot_study, write_trials
+from .reporting.study import plot_study, write_best_config, write_trials
 from .training.outputs import LOCK, MANIFEST, claim_tool_dir
 
 STUDY = "study.db"
@@ -97,10 +98,6 @@ def check_space(space: dict[str, Any], types: tuple[type, ...], given: set[str],
                 raise UserError(f"search space entry {name}: {error}") from None
 
 
-def flag_value(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def suggest(trial, space: dict[str, dict]) -> dict[str, Any]:
     """One value per entry: categorical for choices, integer when both ends are integers, else float."""
     values = {}
@@ -112,10 +109,6 @@ def suggest(trial, space: dict[str, dict]) -> dict[str, Any]:
         else:
             values[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
     return values
-
-
-def as_flags(params: dict[str, Any]) -> list[str]:
-    return [token for name, value in params.items() for token in (f"--{name}", flag_value(value))]
 
 
 def refuse_hub_flags(given: set[str], instead: str) -> None:
@@ -336,30 +329,6 @@ def claim_study_dir(directory: Path) -> int:
     return claim_tool_dir(
         directory, "tune", "study_dir", OUTPUTS.__contains__, lambda n: n.startswith(".trial_") or is_temporary(n)
     )
-
-
-def given_config(flags: list[str]) -> str | None:
-    """The --config file among `flags`, if any."""
-    found = [tokens for name, tokens in flag_groups(flags) if name == "config"]
-    return (found[-1][1] if len(found[-1]) > 1 else found[-1][0].split("=", 1)[1]) if found else None
-
-
-def write_best_config(study: Study, best) -> None:
-    """The recipe's own config with the command line's flags and the best trial's values on top: all that
-    `python recipe.py --config best.yaml` needs to train the best trial's model again."""
-    flags = [*study.flags, *as_flags(best.params)]
-    parsed = parse_config(*study.types, args=flags, default_config=recipe_config(study.recipe), announce=False)
-    values = {k: v for config in parsed for k, v in vars(config).items()}
-    used = given_config(study.flags) or recipe_config(study.recipe)  # --config replaces the recipe's YAML
-    keys = list(yaml.safe_load(Path(used).read_text()) or {}) if used else []
-    keys += [name.removeprefix("no_") for name, _ in flag_groups(study.flags) if name != "config"]
-    keys += list(best.params)
-    chosen = {k: values[k] for k in dict.fromkeys(keys) if k in values and k not in ("feature_cache_dir", "report_to")}
-    header = (
-        f"# finetune-recipes tune {study.recipe.stem}: trial {best.number} of {len(study.study.trials)}, "
-        f"validation {study.metric} {best.value:.4f}\n# python {study.recipe} --config {study.dir / 'best.yaml'}\n"
-    )
-    atomic_write(study.dir / "best.yaml", header + yaml.safe_dump(chosen, sort_keys=False))
 
 
 def objective_metric(types: tuple[type, ...], flags: list[str], recipe: Path) -> str:

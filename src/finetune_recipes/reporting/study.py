@@ -1,5 +1,5 @@
-"""What `finetune-recipes tune` hands on besides best.yaml: the trials table (CSV and Markdown) and the picture
-of the study (its optimisation history and Optuna's parameter importances)."""
+"""What `finetune-recipes tune` hands on: best.yaml, the trials table (CSV and Markdown) and the picture of the
+study (its optimisation history and Optuna's parameter importances)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import math
 import warnings
 from pathlib import Path
 
+import yaml
+
 from ..atomic import atomic_write
+from ..catalog import as_flags, flag_groups, recipe_config
+from ..config import parse_config
 from ..metrics import greater_is_better
 
 
@@ -87,3 +91,27 @@ def plot_study(study, metric: str, path: Path, optuna) -> bool:
     plt.close(fig)
     atomic_write(path, image.getvalue())
     return True
+
+
+def given_config(flags: list[str]) -> str | None:
+    """The --config file among `flags`, if any."""
+    found = [tokens for name, tokens in flag_groups(flags) if name == "config"]
+    return (found[-1][1] if len(found[-1]) > 1 else found[-1][0].split("=", 1)[1]) if found else None
+
+
+def write_best_config(study, best) -> None:
+    """The recipe's own config with the command line's flags and the best trial's values on top: all that
+    `python recipe.py --config best.yaml` needs to train the best trial's model again."""
+    flags = [*study.flags, *as_flags(best.params)]
+    parsed = parse_config(*study.types, args=flags, default_config=recipe_config(study.recipe), announce=False)
+    values = {k: v for config in parsed for k, v in vars(config).items()}
+    used = given_config(study.flags) or recipe_config(study.recipe)  # --config replaces the recipe's YAML
+    keys = list(yaml.safe_load(Path(used).read_text()) or {}) if used else []
+    keys += [name.removeprefix("no_") for name, _ in flag_groups(study.flags) if name != "config"]
+    keys += list(best.params)
+    chosen = {k: values[k] for k in dict.fromkeys(keys) if k in values and k not in ("feature_cache_dir", "report_to")}
+    header = (
+        f"# finetune-recipes tune {study.recipe.stem}: trial {best.number} of {len(study.study.trials)}, "
+        f"validation {study.metric} {best.value:.4f}\n# python {study.recipe} --config {study.dir / 'best.yaml'}\n"
+    )
+    atomic_write(study.dir / "best.yaml", header + yaml.safe_dump(chosen, sort_keys=False))
