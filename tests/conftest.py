@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -16,11 +20,40 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Nor write to the user's caches: the datasets cache and the recipes' default feature cache live under it.
 CACHE = tempfile.TemporaryDirectory(prefix="finetune-recipes-tests-")  # removed when the session ends
 os.environ.setdefault("HF_DATASETS_CACHE", CACHE.name)
+# One torch thread per test process, set before torch is imported so every subprocess inherits it: a tiny
+# model's step is 5-30x slower on two threads than on one, and pytest-xdist already keeps both cores busy.
+for threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(threads, "1")
 
 import pytest  # noqa: E402
 from tiny import topic_rows, write_csv, write_tiny_bert  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state, fixed by the first Accelerator (its precision, its device): each
+    test's in-process runs start from none, as a new process would, whatever ran before them."""
+    yield
+    reset_accelerate_state()
+
+
+def reset_accelerate_state() -> None:
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fp32(request, monkeypatch):
+    """Tiny runs compute in fp32 on every CPU, so that their tolerances hold with and without bf16 hardware: the
+    hardware check says no bf16 here (in-process), and the tiny runs' flags say --mixed_precision no (for
+    subprocesses). A test marked `bf16` keeps the machine's own answer."""
+    if "bf16" not in request.keywords:
+        monkeypatch.setattr("finetune_recipes.hardware.bf16_supported", lambda device: False)
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +71,43 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+FP32 = ["--mixed_precision", "no"]  # the recipes' YAML says auto: bf16 on CPUs with AVX-512 BF16 or AMX
+
+
 def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, check: bool = True, **kw):
     """Runs recipes/<recipe>.py in a subprocess, as a user would, and returns the finished process."""
     cmd = [*(launcher or [sys.executable]), str(ROOT / "recipes" / f"{recipe}.py"), *map(str, args)]
     proc = run_or_dump(cmd, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_inline(recipe: str | Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs a recipe in this process as `python recipes/<recipe>.py ARGS` would run (`recipe` a name or a copied
+    file's path), and returns what the process would: its exit code, stdout and stderr (log lines included).
+    10 s faster than run_recipe, which stays for what only a real process shows: kills, launches, imports."""
+    path = Path(recipe) if str(recipe).endswith(".py") else ROOT / "recipes" / f"{recipe}.py"
+    out, err = io.StringIO(), io.StringIO()
+    log = logging.StreamHandler(err)
+    logger = logging.getLogger("finetune_recipes")
+    argv, level = sys.argv, logger.level
+    sys.argv = [str(path), *map(str, args)]
+    logger.addHandler(log)
+    reset_accelerate_state()  # as in a new process
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(path), run_name="__main__")
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code if isinstance(exit_info.code, int) else 0 if exit_info.code is None else 1
+    finally:
+        sys.argv = argv
+        logger.removeHandler(log)
+        logger.setLevel(level)
+    proc = subprocess.CompletedProcess([str(path), *map(str, args)], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{path.name} {' '.join(proc.args[1:])} failed ({code}):\n{proc.stderr[-4000:]}")
     return proc
 
 
@@ -91,4 +155,5 @@ def tiny_args(tiny_model, tiny_data, tmp_path) -> list[str]:
         tmp_path / "out",
         "--logging_steps",
         "5",
+        *FP32,
     ]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run_recipe
+from conftest import FP32, ROOT, run_recipe
 
 from finetune_recipes.catalog import copy_recipe, list_recipes
 from finetune_recipes.cli import main
@@ -68,7 +68,7 @@ def trained(tiny_model, tiny_data, tmp_path_factory) -> Path:
     run_recipe(
         "full_finetune", "--model_name_or_path", tiny_model, "--train_file", tiny_data["train"],
         "--validation_file", tiny_data["validation"], "--max_length", "32", "--num_train_epochs", "6",
-        "--learning_rate", "3e-3", "--per_device_train_batch_size", "8", "--output_dir", out,
+        "--learning_rate", "3e-3", "--per_device_train_batch_size", "8", "--output_dir", out, *FP32,
     )  # fmt: skip
     return out
 

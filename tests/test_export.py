@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import run_recipe
+from conftest import FP32, run_recipe
 from test_cli import snapshot
 from test_recipes import RECIPES
 from test_task_shapes import SHAPE_FLAGS, shape_args, shapes  # noqa: F401  (shapes: a fixture)
@@ -47,7 +47,7 @@ def trained(tmp_path_factory, tiny_model, tiny_data) -> Path:
     out = tmp_path_factory.mktemp("export") / "out"
     args = [
         "--model_name_or_path", tiny_model, "--max_length", "32", "--num_train_epochs", "6",
-        "--learning_rate", "3e-3", "--output_dir", out,
+        "--learning_rate", "3e-3", "--output_dir", out, *FP32,
         *[f for split, path in tiny_data.items() for f in (f"--{split}_file", path)],
     ]  # fmt: skip
     run_recipe("full_finetune", *args)

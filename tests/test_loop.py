@@ -141,10 +141,11 @@ def test_a_recipe_that_thaws_mid_run_refuses_fsdp_before_training(monkeypatch):
 def test_mixed_precision_auto_by_device(device, bf16, expected, monkeypatch):
     import torch
 
+    from finetune_recipes import hardware
     from finetune_recipes.training import precision
 
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device(device))
-    monkeypatch.setattr(precision, "bf16_supported", lambda d: bf16)
+    monkeypatch.setattr(hardware, "bf16_supported", lambda d: bf16)
     assert precision.resolve_mixed_precision("auto") == expected
     assert precision.resolve_mixed_precision("fp16") == "fp16"  # what the user asked for stands
 
@@ -159,16 +160,20 @@ def test_mixed_precision_auto_by_device(device, bf16, expected, monkeypatch):
     ],
 )
 def test_a_lone_process_of_a_multi_process_launch_refuses(env, refused, monkeypatch):
-    from finetune_recipes.config import TrainingArguments, UserError
+    from accelerate.utils import DistributedType
+
+    from finetune_recipes.config import UserError
     from finetune_recipes.training import precision
 
     for key in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(precision.Accelerator, "num_processes", 1)
+    # The accelerator as such a launch leaves it, one process: a real one would join the process group WORLD_SIZE
+    # asks for and wait there for a second process.
+    alone = SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO)
     if refused:
         with pytest.raises(UserError, match="this process runs alone"):
-            precision.build_accelerator(TrainingArguments(output_dir="unused"))
+            precision.check_launch(alone)
     else:
-        precision.build_accelerator(TrainingArguments(output_dir="unused"))
+        precision.check_launch(alone)

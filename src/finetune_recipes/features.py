@@ -23,7 +23,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceCl
 from .atomic import atomic_path
 from .config import DataArguments, TrainingArguments, UserError
 from .data import EpochWeightedSampler, aggregate_windows, content_digest
-from .hardware import bf16_supported
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ def cached_features(
     batch_size: int = 64,
 ) -> dict[str, torch.Tensor]:
     """Features per split from `cache_dir` when this exact encoding was done before, else encoded and cached."""
-    use_bf16 = bf16_supported(accelerator.device)
+    use_bf16 = accelerator.mixed_precision == "bf16"  # the run's precision: auto picks bf16 where it is native
     encoding = encoding_digest(encoder, pooling, max_length, "bf16" if use_bf16 else "fp32")
     features = {}
     for split, ds in splits.items():

@@ -140,7 +140,7 @@ def torch_logits(path: Path, texts: list[str], settings: dict, batch_size: int, 
     import torch  # here, as in load_classifier
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from .hardware import bf16_supported
+    from . import hardware
 
     model = load_classifier(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -158,7 +158,7 @@ def torch_logits(path: Path, texts: list[str], settings: dict, batch_size: int, 
     features = (path / HEAD_CONFIG).exists() and settings["windows"]
     values = np.empty((len(rows), model.config.hidden_size if features else model.config.num_labels), np.float32)
     device = next(model.parameters()).device
-    bf16 = bf16_supported(device) if bf16 is None else bf16
+    bf16 = hardware.bf16_supported(device) if bf16 is None else bf16
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for indices in batches([len(r["input_ids"]) for r in rows], batch_size):
             batch = collator([rows[i] for i in indices])

@@ -11,9 +11,9 @@ import transformers
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, set_seed, str_to_bool
 
+from .. import hardware
 from ..config import TrainingArguments, UserError
 from ..errors import DISTRIBUTED
-from ..hardware import bf16_supported
 from .tracking import TRACKER_PROJECT, trackers
 
 logger = logging.getLogger("finetune_recipes")
@@ -25,7 +25,7 @@ def resolve_mixed_precision(requested: str | None) -> str | None:
     if requested != "auto":
         return requested
     device = torch.accelerator.current_accelerator() or torch.device("cpu")
-    if bf16_supported(device):
+    if hardware.bf16_supported(device):
         return "bf16"
     return "fp16" if device.type == "cuda" else "no"
 
