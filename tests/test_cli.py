@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FP32, ROOT, run_recipe
+from conftest import FP32, run_inline
 
 from finetune_recipes.catalog import copy_recipe, list_recipes
 from finetune_recipes.cli import main
@@ -65,7 +65,7 @@ def test_cp_refuses_to_overwrite_and_unknown_recipes(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trained(tiny_model, tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained") / "out"
-    run_recipe(
+    run_inline(
         "full_finetune", "--model_name_or_path", tiny_model, "--train_file", tiny_data["train"],
         "--validation_file", tiny_data["validation"], "--max_length", "32", "--num_train_epochs", "6",
         "--learning_rate", "3e-3", "--per_device_train_batch_size", "8", "--output_dir", out, *FP32,
@@ -109,14 +109,6 @@ def test_cp_into_a_new_directory_creates_it(tmp_path):
     assert [p.relative_to(tmp_path) for p in copied] == [Path("new/dir/lora.py"), Path("new/dir/configs/lora.yaml")]
 
 
-def run_copy(path: Path, args: list, cwd: Path) -> dict:
-    proc = subprocess.run(
-        [sys.executable, str(path), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def test_a_copy_owns_its_loss_a_class_weighted_one_changes_the_result(tiny_args, tmp_path):
     # The user's edit, in the copied file only: cross-entropy where only the first label (business) counts.
     copy = copy_recipe("full_finetune", tmp_path / "mine")[0]
@@ -131,9 +123,8 @@ def test_a_copy_owns_its_loss_a_class_weighted_one_changes_the_result(tiny_args,
     assert source.count(theirs) == 1
     copy.write_text(source.replace(theirs, own_loss))
     args = replace_flag(replace_flag(tiny_args, "--num_train_epochs", "6"), "--learning_rate", "3e-3")
-    plain = run_copy(ROOT / "recipes" / "full_finetune.py", [*args, "--output_dir", tmp_path / "plain"], tmp_path)
-    weighted = run_copy(copy, [*args, "--output_dir", tmp_path / "weighted"], tmp_path)
-    assert plain.returncode == weighted.returncode == 0
+    run_inline("full_finetune", *args, "--output_dir", tmp_path / "plain")
+    run_inline(copy, *args, "--output_dir", tmp_path / "weighted")
     texts = [
         line.split(",")[0] for line in Path(args[args.index("--validation_file") + 1]).read_text().splitlines()[1:]
     ]
@@ -143,7 +134,7 @@ def test_a_copy_owns_its_loss_a_class_weighted_one_changes_the_result(tiny_args,
     assert labels["plain"].count("business") <= 0.6 * len(texts), labels["plain"]  # a third are business
 
 
-def test_a_copy_owns_its_defaults_an_edit_takes_effect(tiny_args, tmp_path, capfd):
+def test_a_copy_owns_its_defaults_an_edit_takes_effect(tiny_args, tmp_path):
     copy = copy_recipe("llrd", tmp_path / "mine")[0]
     source = copy.read_text()
     assert source.count("layer_decay: float = field(default=0.85,") == 1
@@ -151,7 +142,7 @@ def test_a_copy_owns_its_defaults_an_edit_takes_effect(tiny_args, tmp_path, capf
         source.replace("layer_decay: float = field(default=0.85,", "layer_decay: float = field(default=0.5,")
     )
     args = replace_flag(tiny_args, "--num_train_epochs", "1")
-    proc = run_copy(copy, args, tmp_path)
+    proc = run_inline(copy, *args)
     saved = yaml.safe_load((tmp_path / "out" / "recipe_config.yaml").read_text())
     assert saved["layer_decay"] == 0.5
     # The copy came without its YAML: it reads the packaged one, and says so in one line.

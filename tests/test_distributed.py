@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_recipe
+from conftest import ROOT, run_inline, run_recipe
 from safetensors.torch import load_file
 from test_recipes import RECIPES
 from transformers import AutoModelForSequenceClassification
@@ -77,7 +77,7 @@ def assert_each_stage_trains_its_groups(out: Path, tiny_model: Path) -> None:
 
 
 def test_progressive_unfreezing_stages_train_exactly_their_groups(tiny_args, tiny_model, tmp_path):
-    run_recipe("progressive_unfreezing", *stage_args(tiny_args))
+    run_inline("progressive_unfreezing", *stage_args(tiny_args))
     assert_each_stage_trains_its_groups(tmp_path / "out", tiny_model)
 
 
@@ -118,11 +118,11 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(recipe, extra, tiny_
     # 12 optimizer steps per epoch; checkpoints every 5 land mid-epoch.
     common = [*tiny_args, "--num_train_epochs", "8", "--checkpointing_steps", "5", *extra]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_recipe(recipe, *common, "--output_dir", straight)
+    run_inline(recipe, *common, "--output_dir", straight)
     cmd = [sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), *map(str, common), "--output_dir", str(resumed)]
     kill_after_checkpoint(cmd, resumed / "checkpoints" / "step_10")
     assert not (resumed / "results.json").exists()
-    run_recipe(recipe, *common, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
+    run_inline(recipe, *common, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
 
     expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == actual.keys()

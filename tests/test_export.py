@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import FP32, run_recipe
+from conftest import FP32, run_inline
 from test_cli import snapshot
 from test_recipes import RECIPES
 from test_task_shapes import SHAPE_FLAGS, shape_args, shapes  # noqa: F401  (shapes: a fixture)
@@ -19,6 +19,7 @@ from tiny import blocked, topic_rows
 
 from finetune_recipes import features, predict
 from finetune_recipes.catalog import CACHED_RECIPES
+from finetune_recipes.cli import main as cli_main
 from finetune_recipes.errors import UserError
 from finetune_recipes.export import export_onnx
 
@@ -50,7 +51,7 @@ def trained(tmp_path_factory, tiny_model, tiny_data) -> Path:
         "--learning_rate", "3e-3", "--output_dir", out, *FP32,
         *[f for split, path in tiny_data.items() for f in (f"--{split}_file", path)],
     ]  # fmt: skip
-    run_recipe("full_finetune", *args)
+    run_inline("full_finetune", *args)
     return out
 
 
@@ -98,7 +99,7 @@ def test_int8_quantises_the_matrix_multiplies_and_mostly_agrees(trained, exporte
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_exports(recipe, tiny_args, tmp_path):
-    run_recipe(recipe, *tiny_args, *(["--feature_cache_dir", tmp_path / "cache"] if recipe in CACHED_RECIPES else []))
+    run_inline(recipe, *tiny_args, *(["--feature_cache_dir", tmp_path / "cache"] if recipe in CACHED_RECIPES else []))
     out = tmp_path / "out"
     assert_same_predictions(out, export_onnx(out), TEXTS)
 
@@ -109,7 +110,7 @@ def test_every_recipe_exports(recipe, tiny_args, tmp_path):
 def test_every_task_shape_exports(recipe, shape, shapes, tiny_args, tmp_path):  # noqa: F811
     extra = ["--feature_cache_dir", tmp_path / "cache"] if recipe == "feature_extraction" else []
     args = shape_args(tiny_args, shapes[shape], *SHAPE_FLAGS[shape], "--max_train_steps", "6", *map(str, extra))
-    run_recipe(recipe, *args)
+    run_inline(recipe, *args)
     out = tmp_path / "out"
     long_texts = [" ".join([t] * 6) for t in TEXTS[:12]]  # several windows each
     assert_same_predictions(out, export_onnx(out), long_texts if shape == "long" else TEXTS)
@@ -123,36 +124,37 @@ def blocked_module(tmp_path: Path, name: str) -> dict[str, str]:
     return {"PYTHONPATH": str(blocked(tmp_path / "blocked", name))}
 
 
-def test_bad_export_input_is_one_line_exit_2_nothing_written(trained, tmp_path):
+def test_bad_export_input_is_one_line_exit_2_nothing_written(trained, tmp_path, monkeypatch, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.txt").write_text("a user's file")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "model.onnx").write_text("a user's own export")
     cases = {
-        "not a model": (["--model", tmp_path / "taken", "--onnx"], {}, "holds no saved model (no config.json)"),
-        "no format": (["--model", trained], {}, "the following arguments are required: --onnx"),
+        "not a model": (["--model", tmp_path / "taken", "--onnx"], "holds no saved model (no config.json)"),
+        "no format": (["--model", trained], "the following arguments are required: --onnx"),
         "output_dir taken": (
             ["--model", trained, "--onnx", "--output_dir", tmp_path / "taken"],
-            {},
             "exists and holds no earlier export; pass another --output_dir",
         ),
         "a user's model.onnx": (
             ["--model", trained, "--onnx", "--output_dir", tmp_path / "mine"],
-            {},
             "exists and holds no earlier export; pass another --output_dir",
         ),
         "no onnxruntime": (
             ["--model", trained, "--onnx", "--quantize", "--output_dir", tmp_path / "q"],
-            blocked_module(tmp_path, "onnxruntime"),
             "onnxruntime not installed; pip install 'finetune-recipes[export]'",
         ),
     }
-    for case, (args, env, message) in cases.items():
+    for case, (args, message) in cases.items():
         before = snapshot(tmp_path), snapshot(trained)
-        proc = cli("export", *args, env=env)
-        assert proc.returncode == 2, (case, proc.stderr)
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (case, proc.stderr)
+        with monkeypatch.context() as patch:
+            if case == "no onnxruntime":  # as where it is missing: `import onnxruntime` fails
+                patch.setitem(sys.modules, "onnxruntime", None)
+            with pytest.raises(SystemExit) as exit_info:
+                cli_main(["export", *map(str, args)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2, (case, lines)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (case, lines)
         assert (snapshot(tmp_path), snapshot(trained)) == before, case
 
 

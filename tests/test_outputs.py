@@ -6,14 +6,13 @@ import errno
 import fcntl
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_recipe
+from conftest import ROOT, run_inline
 
 from finetune_recipes.training import loop, outputs
 from finetune_recipes.training.outputs import LOCK, MANIFEST
@@ -27,7 +26,7 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
 def refused(recipe: str, args: list, expected: str, root: Path) -> None:
     """The run exits 2 with one line saying `expected`, and nothing under `root` changes, byte for byte."""
     before = snapshot(root)
-    proc = run_recipe(recipe, *args, check=False)
+    proc = run_inline(recipe, *args, check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert last.startswith("error: ") and expected in last, last
@@ -40,12 +39,12 @@ def short(args: list) -> list:
 
 def test_overwrite_removes_what_runs_wrote_and_keeps_the_users_files(tiny_args, tmp_path):
     out = tmp_path / "out"
-    run_recipe("full_finetune", *short(tiny_args), "--checkpointing_steps", "1")
+    run_inline("full_finetune", *short(tiny_args), "--checkpointing_steps", "1")
     assert "checkpoints" in json.loads((out / MANIFEST).read_text())["entries"]
     (out / "notes.txt").write_text("mine")
     (out / ".git").mkdir()
     (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
-    run_recipe("full_finetune", *short(tiny_args), "--overwrite_output_dir")
+    run_inline("full_finetune", *short(tiny_args), "--overwrite_output_dir")
     assert (out / "notes.txt").read_text() == "mine" and (out / ".git" / "HEAD").exists()
     assert not (out / "checkpoints").exists()  # the first run's, removed
     entries = json.loads((out / MANIFEST).read_text())["entries"]
@@ -62,7 +61,7 @@ def test_overwrite_refuses_a_directory_no_run_wrote_and_never_removes_the_runs_d
 
 def test_overwrite_refuses_to_remove_an_input_of_the_run(tiny_args, tmp_path):
     out = tmp_path / "out"
-    run_recipe("full_finetune", *short(tiny_args))
+    run_inline("full_finetune", *short(tiny_args))
     # The model trained there is this run's input: overwriting would delete it under the run.
     args = [*short(tiny_args), "--model_name_or_path", out, "--overwrite_output_dir"]
     refused("full_finetune", args, "an input of this run", tmp_path)
@@ -70,8 +69,8 @@ def test_overwrite_refuses_to_remove_an_input_of_the_run(tiny_args, tmp_path):
 
 def test_resuming_another_runs_checkpoint_into_a_finished_run_is_refused(tiny_args, tmp_path):
     other = tmp_path / "other"
-    run_recipe("full_finetune", *short(tiny_args), "--output_dir", other, "--checkpointing_steps", "1")
-    run_recipe("full_finetune", *short(tiny_args))
+    run_inline("full_finetune", *short(tiny_args), "--output_dir", other, "--checkpointing_steps", "1")
+    run_inline("full_finetune", *short(tiny_args))
     args = [*short(tiny_args), "--resume_from_checkpoint", other / "checkpoints" / "step_1"]
     refused("full_finetune", args, "holds another run's outputs, which resuming from", tmp_path)
 
@@ -86,7 +85,7 @@ def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_holder(tiny_
         refused("full_finetune", short(tiny_args), "is in use by the run of pid 4242 on somehost", tmp_path)
     finally:
         os.close(fd)
-    run_recipe("full_finetune", *short(tiny_args))  # released with its holder: a dead run leaves no stale lock
+    run_inline("full_finetune", *short(tiny_args))  # released with its holder: a dead run leaves no stale lock
     assert (out / "results.json").exists()
 
 
@@ -106,17 +105,6 @@ def test_compare_keeps_a_users_file_in_a_recipes_directory(tiny_args, tmp_path):
     assert "which no run wrote" in (out / "logs" / "full_finetune.log").read_text()
 
 
-def run_in_process(recipe: str, args: list, monkeypatch, capsys) -> tuple[int, str]:
-    """`python recipes/<recipe>.py ARGS` in this process, so a test can inject a fault; (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", [recipe, *map(str, args)])
-    try:
-        runpy.run_path(str(ROOT / "recipes" / f"{recipe}.py"), run_name="__main__")
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
-
-
 def fail_with(errno_code: int):
     def fail(*args, **kwargs):
         raise OSError(errno_code, os.strerror(errno_code))
@@ -126,7 +114,7 @@ def fail_with(errno_code: int):
 
 # Tests run as root, where chmod cannot make a directory unwritable and a full disk cannot be had: the
 # faults are injected as the OSError the write would raise.
-def test_a_full_disk_at_the_final_save_leaves_no_half_written_model(tiny_args, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_at_the_final_save_leaves_no_half_written_model(tiny_args, tmp_path, monkeypatch):
     out = tmp_path / "out"
     atomic_write = outputs.atomic_write
 
@@ -134,7 +122,8 @@ def test_a_full_disk_at_the_final_save_leaves_no_half_written_model(tiny_args, t
         return fail_with(errno.ENOSPC)() if path.name == "results.json" else atomic_write(path, content)
 
     monkeypatch.setattr(outputs, "atomic_write", full_disk)
-    code, err = run_in_process("full_finetune", short(tiny_args), monkeypatch, capsys)
+    proc = run_inline("full_finetune", *short(tiny_args), check=False)
+    code, err = proc.returncode, proc.stderr
     last = err.strip().splitlines()[-1]
     assert code == 2 and last == f"error: cannot save the outputs to {out} (No space left on device); none was " \
         "written: free space or fix permissions, then run again"  # fmt: skip
@@ -142,19 +131,21 @@ def test_a_full_disk_at_the_final_save_leaves_no_half_written_model(tiny_args, t
 
 
 @pytest.mark.parametrize("errno_code", [errno.EROFS, errno.EACCES])
-def test_an_unwritable_output_dir_stops_before_training(errno_code, tiny_args, tmp_path, monkeypatch, capsys):
+def test_an_unwritable_output_dir_stops_before_training(errno_code, tiny_args, tmp_path, monkeypatch):
     monkeypatch.setattr(outputs, "lock_output_dir", fail_with(errno_code))  # the run's first write
     monkeypatch.setattr(loop, "epoch_batches", fail_with(errno.EIO))  # training must not start
-    code, err = run_in_process("full_finetune", short(tiny_args), monkeypatch, capsys)
+    proc = run_inline("full_finetune", *short(tiny_args), check=False)
+    code, err = proc.returncode, proc.stderr
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith(f"error: cannot write to output_dir {tmp_path / 'out'} ")
     assert f"({os.strerror(errno_code)}); pass a writable --output_dir" in last
 
 
-def test_too_little_disk_for_the_model_stops_before_training(tiny_args, tmp_path, monkeypatch, capsys):
+def test_too_little_disk_for_the_model_stops_before_training(tiny_args, tmp_path, monkeypatch):
     monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
     monkeypatch.setattr(loop, "epoch_batches", fail_with(errno.EIO))
-    code, err = run_in_process("full_finetune", short(tiny_args), monkeypatch, capsys)
+    proc = run_inline("full_finetune", *short(tiny_args), check=False)
+    code, err = proc.returncode, proc.stderr
     last = err.strip().splitlines()[-1]
     assert code == 2 and "has 0 MB free and the model alone needs" in last, last
 
@@ -162,7 +153,7 @@ def test_too_little_disk_for_the_model_stops_before_training(tiny_args, tmp_path
 def checkpointed(tiny_args: list, out: Path) -> list:
     """Four optimizer steps, a checkpoint after each of the first... every 2: step_2 and step_4."""
     args = [*map(str, tiny_args), "--max_train_steps", "4", "--checkpointing_steps", "2", "--save_total_limit", "5"]
-    run_recipe("full_finetune", *args)
+    run_inline("full_finetune", *args)
     return args
 
 
@@ -176,7 +167,7 @@ def test_resume_passes_over_an_incomplete_checkpoint_and_refuses_one_named(tiny_
         "step_4 is incomplete (random_states_0.pkl is missing)",
         tmp_path,
     )
-    proc = run_recipe("full_finetune", *args, "--resume_from_checkpoint", "latest")
+    proc = run_inline("full_finetune", *args, "--resume_from_checkpoint", "latest")
     assert "step_4 is incomplete (random_states_0.pkl is missing): passed over" in proc.stderr
     assert "Resumed at step 2" in proc.stderr
 
@@ -197,15 +188,15 @@ def test_resume_refuses_other_settings_or_data_unless_told(tiny_args, tiny_data,
     other = tmp_path / "other.csv"
     other.write_text(tiny_data["train"].read_text().replace("market", "stock"))
     refused("full_finetune", [*resume, "--train_file", other], "train_data", tmp_path)
-    proc = run_recipe("full_finetune", *resume, "--learning_rate", "2e-3", "--allow_config_change_on_resume")
+    proc = run_inline("full_finetune", *resume, "--learning_rate", "2e-3", "--allow_config_change_on_resume")
     assert "Resumed at step 4" in proc.stderr
 
 
 def test_the_final_save_never_replaces_a_users_file_of_the_same_name(tiny_args, tmp_path):
     out = tmp_path / "out"
-    run_recipe("full_finetune", *short(tiny_args))
+    run_inline("full_finetune", *short(tiny_args))
     (out / "param_groups.md").write_text("my notes")  # the user's, not in the manifest
-    proc = run_recipe("llrd", *short(tiny_args), "--overwrite_output_dir", check=False)
+    proc = run_inline("llrd", *short(tiny_args), "--overwrite_output_dir", check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "param_groups.md is not a run's output" in last, last
     assert (out / "param_groups.md").read_text() == "my notes"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import runpy
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run_recipe
+from conftest import ROOT, run_inline
 from safetensors.torch import load_file
 from tiny import build_tiny, tiny_configs
 from transformers import AutoModelForSequenceClassification, pipeline
@@ -47,7 +45,7 @@ def saved_weights(out: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_trains_saves_and_predicts(recipe, tiny_args, tmp_path):
     extra = ["--feature_cache_dir", tmp_path / "cache"] if recipe in CACHED_RECIPES else []
-    run_recipe(recipe, *tiny_args, *extra)
+    run_inline(recipe, *tiny_args, *extra)
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     assert results["eval_samples"] == 30 and results["test_samples"] == 30
@@ -61,7 +59,7 @@ def test_recipe_trains_saves_and_predicts(recipe, tiny_args, tmp_path):
 
 
 def test_full_finetune_learns_and_pipeline_reads_the_labels(tiny_args, tmp_path):
-    run_recipe("full_finetune", *tiny_args, "--num_train_epochs", "8", "--learning_rate", "3e-3")
+    run_inline("full_finetune", *tiny_args, "--num_train_epochs", "8", "--learning_rate", "3e-3")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["eval_accuracy"] > 0.5  # chance is 1/3
     classify = pipeline("text-classification", model=str(tmp_path / "out"))
@@ -69,7 +67,7 @@ def test_full_finetune_learns_and_pipeline_reads_the_labels(tiny_args, tmp_path)
 
 
 def test_frozen_base_pooler_trains_only_pooler_and_head(tiny_args, tiny_model, tmp_path):
-    run_recipe("frozen_base_pooler", *tiny_args)
+    run_inline("frozen_base_pooler", *tiny_args)
     before, after = base_weights(tiny_model), saved_weights(tmp_path / "out")
     for name, tensor in before.items():
         if name.startswith("pooler."):
@@ -104,9 +102,9 @@ def test_on_cached_states_refuses_a_trainable_layer_below_the_first_token_state(
 
 def test_frozen_base_pooler_encodes_once_then_reads_the_cache(tiny_args, tmp_path):
     cache = ["--feature_cache_dir", tmp_path / "cache"]
-    first = run_recipe("frozen_base_pooler", *tiny_args, *cache)
+    first = run_inline("frozen_base_pooler", *tiny_args, *cache)
     assert "encode train" in first.stderr and len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
-    second = run_recipe("frozen_base_pooler", *tiny_args, *cache, "--overwrite_output_dir")
+    second = run_inline("frozen_base_pooler", *tiny_args, *cache, "--overwrite_output_dir")
     assert "encode train" not in second.stderr and "from cache" in second.stderr
     saved = load_file(tmp_path / "out" / "model.safetensors")
     assert any(k.startswith("bert.encoder.") for k in saved) and "classifier.weight" in saved
@@ -116,21 +114,21 @@ def test_frozen_base_pooler_encodes_once_then_reads_the_cache(tiny_args, tmp_pat
 
 def test_feature_extraction_encoder_frozen_and_cache_skips_encoding(tiny_args, tiny_model, tmp_path):
     cache = tmp_path / "cache"
-    first = run_recipe("feature_extraction", *tiny_args, "--feature_cache_dir", cache)
+    first = run_inline("feature_extraction", *tiny_args, "--feature_cache_dir", cache)
     assert "encode train" in first.stderr and len(list(cache.glob("*.safetensors"))) == 3
-    second = run_recipe("feature_extraction", *tiny_args, "--feature_cache_dir", cache, "--overwrite_output_dir")
+    second = run_inline("feature_extraction", *tiny_args, "--feature_cache_dir", cache, "--overwrite_output_dir")
     assert "encode train" not in second.stderr and "from cache" in second.stderr
     before, after = base_weights(tiny_model), saved_weights(tmp_path / "out")
     assert all(torch.equal(t, after[n]) for n, t in before.items())
     # A different pooling is a different encoding: the cache must not be reused.
-    third = run_recipe(
+    third = run_inline(
         "feature_extraction", *tiny_args, "--feature_cache_dir", cache, "--overwrite_output_dir", "--pooling", "cls"
     )
     assert "encode train" in third.stderr
 
 
 def test_lora_trains_adapters_and_head_only_and_merges(tiny_args, tiny_model, tmp_path):
-    run_recipe("lora", *tiny_args, "--merge_adapter")
+    run_inline("lora", *tiny_args, "--merge_adapter")
     out = tmp_path / "out"
     adapter = load_file(out / "adapter_model.safetensors")
     assert any("lora_A" in k for k in adapter) and any("classifier" in k for k in adapter)
@@ -144,17 +142,6 @@ def test_lora_trains_adapters_and_head_only_and_merges(tiny_args, tiny_model, tm
     for a, m in zip(adapter_preds, merged_preds, strict=True):
         assert a["score"] == pytest.approx(m["score"], abs=1e-3)
     assert {p["label"] for p in pipeline("text-classification", model=str(out / "merged"))(texts)} <= LABELS
-
-
-def run_main(recipe: str, args: list, monkeypatch, capsys, expect_exit: bool = True) -> tuple[int, str]:
-    """Runs a recipe in this process, as `python recipes/<recipe>.py ARGS`; returns (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", [recipe, *map(str, args)])
-    if not expect_exit:
-        runpy.run_path(str(ROOT / "recipes" / f"{recipe}.py"), run_name="__main__")
-        return 0, ""
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(ROOT / "recipes" / f"{recipe}.py"), run_name="__main__")
-    return exit_info.value.code, capsys.readouterr().err
 
 
 def replace(args: list, flag: str, value) -> list:
@@ -289,13 +276,14 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
         "label column is the text",
     ],
 )
-def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_args, tiny_data, tmp_path, monkeypatch, capsys):
+def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_args, tiny_data, tmp_path):
     recipe, change, expected = bad_inputs(tmp_path, tiny_data)[case]
     args = list(tiny_args)
     for item in change:
         args = replace(args, *item) if isinstance(item, tuple) else args
     args += [c for c in change if not isinstance(c, tuple)]
-    code, err = run_main(recipe, args, monkeypatch, capsys)
+    proc = run_inline(recipe, *args, check=False)
+    code, err = proc.returncode, proc.stderr
     assert code == 2
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
@@ -304,18 +292,19 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_args, tiny_data
     assert not (tmp_path / "out").exists()
 
 
-def test_non_empty_output_dir_is_not_overwritten(tiny_args, tmp_path, monkeypatch, capsys):
+def test_non_empty_output_dir_is_not_overwritten(tiny_args, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    code, err = run_main("full_finetune", tiny_args, monkeypatch, capsys)
+    proc = run_inline("full_finetune", *tiny_args, check=False)
+    code, err = proc.returncode, proc.stderr
     assert code == 2 and "--overwrite_output_dir" in err.strip().splitlines()[-1]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 def test_schedule_counts_optimizer_steps_under_accumulation_and_overwrite_starts_clean(tiny_args, tmp_path):
     out = tmp_path / "out"
-    run_recipe(
+    run_inline(
         "full_finetune", *tiny_args, "--gradient_accumulation_steps", "2", "--max_train_steps", "6",
         "--checkpointing_steps", "3", "--warmup_ratio", "0",
     )  # fmt: skip
@@ -323,7 +312,7 @@ def test_schedule_counts_optimizer_steps_under_accumulation_and_overwrite_starts
     assert scheduler["last_epoch"] == 3  # three optimizer steps of two micro-batches each, not six
     assert scheduler["_last_lr"][0] == pytest.approx(1e-3 * (6 - 3) / 6)
     (out / "feature_head.json").write_text("{}")  # a file no run wrote (not in the manifest): the user's
-    run_recipe("full_finetune", *tiny_args, "--max_train_steps", "2", "--overwrite_output_dir")
+    run_inline("full_finetune", *tiny_args, "--max_train_steps", "2", "--overwrite_output_dir")
     assert not (out / "checkpoints").exists() and (out / "feature_head.json").read_text() == "{}"
     saved = (out / "recipe_config.yaml").read_text()
     assert "overwrite_output_dir" not in saved and "output_dir" in saved
@@ -338,8 +327,7 @@ def test_lora_with_a_manual_layer_mapping_on_an_architecture_discovery_cannot_ma
     monkeypatch.setattr(layers, "_find_blocks", unmappable)  # as for an architecture discovery does not know
     mapping = "embeddings=bert.embeddings,blocks=bert.encoder.layer,pooler=bert.pooler"
     args = [*map(str, tiny_args), "--num_train_epochs", "1", "--layer_mapping", mapping]
-    code, err = run_main("lora", args, monkeypatch, None, expect_exit=False)
-    assert code == 0, err
+    run_inline("lora", *args)
     adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert any("encoder.layer.1.attention" in k and "lora_A" in k for k in adapter)
 
@@ -357,14 +345,14 @@ def test_recipe_yaml_holds_only_overrides_and_starts_with_its_launch_command(rec
 
 
 def test_eval_strategy_steps_evaluates_every_eval_steps_and_at_the_end(tiny_args, tmp_path):
-    run_recipe("full_finetune", *tiny_args, "--max_train_steps", "10", "--eval_strategy", "steps", "--eval_steps", "4")
+    run_inline("full_finetune", *tiny_args, "--max_train_steps", "10", "--eval_strategy", "steps", "--eval_steps", "4")
     history = json.loads((tmp_path / "out" / "results.json").read_text())["history"]
     assert [h["step"] for h in history] == [4, 8, 10]
 
 
 def test_best_model_is_restored_from_disk_and_leaves_no_scratch(tiny_args, tiny_data, tmp_path):
     args = [*tiny_args, "--eval_strategy", "steps", "--eval_steps", "3", "--metric_for_best_model", "accuracy"]
-    run_recipe("full_finetune", *args)
+    run_inline("full_finetune", *args)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     best = max(h["accuracy"] for h in results["history"])
     assert results["eval_accuracy"] == best
@@ -373,3 +361,24 @@ def test_best_model_is_restored_from_disk_and_leaves_no_scratch(tiny_args, tiny_
     rows = list(csv.DictReader(tiny_data["validation"].open()))
     labels = [p["label"] for p in predict(tmp_path / "out", [r["text"] for r in rows])]
     assert sum(p == r["label"] for p, r in zip(labels, rows, strict=True)) / len(rows) == pytest.approx(best)
+
+
+@pytest.mark.bf16
+def test_bf16_asked_for_trains_encodes_and_predicts_in_bf16(tiny_args, tmp_path):
+    """The one tiny run in bf16 (every other test pins fp32, for its tolerances): it computes in bf16 on any CPU,
+    natively where the CPU has AVX-512 BF16 or AMX, emulated elsewhere."""
+    bf16 = replace(tiny_args, "--mixed_precision", "bf16")
+    proc = run_inline("full_finetune", *bf16, "--num_train_epochs", "8", "--learning_rate", "3e-3")
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert "bf16 precision" in proc.stderr and results["hardware"]["precision"] == "bf16"
+    assert results["eval_accuracy"] > 0.5  # it learns (chance is 1/3)
+    texts = ["market bank profit share price", "goal match team win cup", "phone chip data code"]
+    half, full = predict(out, texts, bf16=True), predict(out, texts, bf16=False)
+    assert [p["label"] for p in half] == [p["label"] for p in full]
+    assert [p["score"] for p in half] == pytest.approx([p["score"] for p in full], abs=0.05)
+    # Features are encoded in the run's precision: a bf16 encoding is not an fp32 one, cached apart.
+    cache = ["--feature_cache_dir", tmp_path / "cache", "--overwrite_output_dir"]
+    assert "encode train" in run_inline("feature_extraction", *tiny_args, *cache).stderr
+    assert "encode train" in run_inline("feature_extraction", *bf16, *cache).stderr
+    assert "encode train" not in run_inline("feature_extraction", *bf16, *cache).stderr

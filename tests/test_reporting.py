@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_recipe
+from conftest import run_inline
 from huggingface_hub import ModelCard
 from test_cli import snapshot
-from test_recipes import LABELS, RECIPES, run_main
+from test_recipes import LABELS, RECIPES
 
 from finetune_recipes.cli import main as cli
 
@@ -34,9 +34,8 @@ def assert_png(path: Path) -> None:
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_every_recipe_writes_card_pictures_and_predictions(recipe, tiny_args, tiny_data, tmp_path, monkeypatch):
-    code, err = run_main(recipe, [*map(str, tiny_args), "--max_train_steps", "6"], monkeypatch, None, False)
-    assert code == 0, err
+def test_every_recipe_writes_card_pictures_and_predictions(recipe, tiny_args, tiny_data, tmp_path):
+    run_inline(recipe, *tiny_args, "--max_train_steps", "6")
     out = tmp_path / "out"
     assert_card_matches_results(out)
     for picture in ("confusion_matrix.png", "training_curves.png"):
@@ -93,8 +92,7 @@ def test_push_uploads_the_run_but_not_its_checkpoints_and_never_writes_the_token
 ):
     flags = ["--push_to_hub", "--hub_model_id", "me/tiny", "--hub_private_repo", "--hub_token", SECRET]
     flags += ["--max_train_steps", "4", "--checkpointing_steps", "2", "--report_to", "tensorboard"]
-    code, err = run_main("full_finetune", [*map(str, tiny_args), *flags], monkeypatch, None, False)
-    assert code == 0, err
+    proc = run_inline("full_finetune", *tiny_args, *flags)
     calls = dict(fake_hub)
     assert calls["whoami"] == {"token": SECRET}
     assert calls["create_repo"]["repo_id"] == "me/tiny" and calls["create_repo"]["private"] is True
@@ -104,10 +102,10 @@ def test_push_uploads_the_run_but_not_its_checkpoints_and_never_writes_the_token
     assert not [f for f in upload["files"] if f.startswith(("checkpoints/", ".finetune_recipes", "finetune_recipes/"))]
     out = tmp_path / "out"
     leaked = [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
-    assert not leaked and SECRET not in err
+    assert not leaked and SECRET not in proc.stderr
 
 
-def test_nothing_is_pushed_when_the_run_fails(tiny_args, tmp_path, monkeypatch, capsys, fake_hub):
+def test_nothing_is_pushed_when_the_run_fails(tiny_args, tmp_path, monkeypatch, fake_hub):
     import finetune_recipes.training.run as run_module
     from finetune_recipes import UserError
 
@@ -116,8 +114,8 @@ def test_nothing_is_pushed_when_the_run_fails(tiny_args, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(run_module, "save_outputs", disk_full)
     flags = ["--push_to_hub", "--hub_model_id", "me/tiny", "--hub_token", SECRET, "--max_train_steps", "2"]
-    code, _ = run_main("full_finetune", [*map(str, tiny_args), *flags], monkeypatch, capsys)
-    assert code == 2 and [name for name, _ in fake_hub] == ["whoami"]
+    proc = run_inline("full_finetune", *tiny_args, *flags, check=False)
+    assert proc.returncode == 2 and [name for name, _ in fake_hub] == ["whoami"]
 
 
 @pytest.mark.parametrize(
@@ -141,7 +139,8 @@ def test_push_problems_stop_before_training(case, flags, message, tiny_args, tmp
                 raise ConnectionError(f"Max retries exceeded (token {token})")
 
         monkeypatch.setattr(hub, "HfApi", Offline)
-    code, err = run_main("full_finetune", [*map(str, tiny_args), *flags], monkeypatch, capsys)
+    proc = run_inline("full_finetune", *tiny_args, *flags, check=False)
+    code, err = proc.returncode, proc.stderr
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error: ") and message in last and "Traceback" not in err
     assert SECRET not in err and not (tmp_path / "out").exists()
@@ -150,7 +149,7 @@ def test_push_problems_stop_before_training(case, flags, message, tiny_args, tmp
 def test_tensorboard_event_files_hold_the_loss_and_eval_metric(tiny_args, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_recipe("full_finetune", *tiny_args, "--report_to", "tensorboard", "--logging_steps", "2")
+    run_inline("full_finetune", *tiny_args, "--report_to", "tensorboard", "--logging_steps", "2")
     logs = tmp_path / "out" / "finetune_recipes"
     (events,) = [p for p in logs.glob("events.out.tfevents.*")]
     accumulator = EventAccumulator(str(events))
@@ -165,7 +164,7 @@ def test_tensorboard_event_files_hold_the_loss_and_eval_metric(tiny_args, tmp_pa
 
 
 def test_report_redraws_a_finished_run_and_refuses_what_is_not_one(tiny_args, tmp_path, monkeypatch, capsys):
-    run_recipe("full_finetune", *tiny_args, "--max_train_steps", "4")
+    run_inline("full_finetune", *tiny_args, "--max_train_steps", "4")
     out = tmp_path / "out"
     card = (out / "README.md").read_text()
     for name in ("README.md", "eval_report.md", "confusion_matrix.png", "training_curves.png"):

@@ -4,17 +4,15 @@ recipe end to end on planted vectors (frozen and fine-tuned), through predict an
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_recipe
+from conftest import run_inline
 from safetensors.torch import load_file
 from test_cli import snapshot
-from tiny import FILLER, TOPICS, blocked
+from tiny import FILLER, TOPICS
 from transformers import AutoModelForSequenceClassification, pipeline
 
 import finetune_recipes.static as static
@@ -83,7 +81,7 @@ def test_the_recipe_learns_planted_vectors_frozen_and_serves_them(glove, tiny_ar
         tiny_args, tmp_path, "--embeddings_file", glove, "--num_train_epochs", "10", "--learning_rate", "1e-2",
         "--head_hidden_size", "0",
     )  # fmt: skip
-    proc = run_recipe("static_embeddings", *args)
+    proc = run_inline("static_embeddings", *args)
     # 40 words in the data (30 topic words, 10 fillers), all in the file: every token is covered.
     assert "planted.txt covers 100.0% of the training tokens and 100.0% of their 40 distinct words" in proc.stdout
     out = tmp_path / "out"
@@ -107,7 +105,7 @@ def test_fine_tuning_changes_the_vectors_freezing_does_not(glove, tiny_args, tmp
     args = static_args(
         tiny_args, tmp_path, "--embeddings_file", glove, "--encoder", "lstm", "--freeze_embeddings", "false"
     )
-    run_recipe("static_embeddings", *args)
+    run_inline("static_embeddings", *args)
     out = tmp_path / "out"
     saved = load_file(out / "model.safetensors")["embeddings.weight"]
     vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
@@ -119,7 +117,7 @@ def test_fine_tuning_changes_the_vectors_freezing_does_not(glove, tiny_args, tmp
 def test_missing_words_get_random_vectors_and_the_coverage_line_counts_them(tiny_args, tmp_path):
     missing = frozenset(TOPICS["tech"].split()[:5])  # 5 of the 40 words
     path = write_vectors(tmp_path / "partial.vec", planted_vectors(missing), header=True)
-    proc = run_recipe("static_embeddings", *static_args(tiny_args, tmp_path, "--embeddings_file", path))
+    proc = run_inline("static_embeddings", *static_args(tiny_args, tmp_path, "--embeddings_file", path))
     line = next(line for line in proc.stdout.splitlines() if "covers" in line)
     assert "of their 40 distinct words; the others get random vectors" in line
     assert "87.5% of their" in line  # 35 of 40
@@ -166,17 +164,11 @@ BAD = [
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_vectors_input_is_one_line_exit_2_nothing_written(case, tiny_args, tmp_path):
+def test_bad_vectors_input_is_one_line_exit_2_nothing_written(case, tiny_args, tmp_path, monkeypatch):
     flags, message = bad_vectors(tmp_path)[case]
-    blocked(tmp_path / "blocked", "model2vec")
+    monkeypatch.setitem(sys.modules, "model2vec", None)  # `import model2vec` fails, as where it is missing
     before = snapshot(tmp_path)
-    cmd = [
-        sys.executable,
-        str(ROOT / "recipes" / "static_embeddings.py"),
-        *map(str, static_args(tiny_args, tmp_path, *flags)),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(blocked(tmp_path / "blocked", "model2vec"))}  # as where it is missing
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    proc = run_inline("static_embeddings", *static_args(tiny_args, tmp_path, *flags), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0] and proc.stderr.strip().endswith(errors[0]), proc.stderr[-2000:]

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_recipe
+from conftest import run_inline, run_recipe
 from datasets import Dataset, DatasetDict
 from sklearn.metrics import f1_score
-from test_recipes import RECIPES, replace, run_main, same_file
+from test_distributed import TWO_PROCESSES
+from test_recipes import RECIPES, replace, same_file
 from test_reporting import assert_card_matches_results
 from tiny import long_document_rows, multi_label_rows, regression_rows, write_csv, write_jsonl
 from transformers import AutoTokenizer, pipeline
@@ -224,10 +225,9 @@ def test_fold_target_scale_puts_predictions_in_target_units():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("shape", ["multi", "regression", "long"])
-def test_every_recipe_runs_every_shape(recipe, shape, shapes, tiny_args, tmp_path, monkeypatch):
+def test_every_recipe_runs_every_shape(recipe, shape, shapes, tiny_args, tmp_path):
     args = shape_args(tiny_args, shapes[shape], *SHAPE_FLAGS[shape], "--max_train_steps", "3")
-    code, err = run_main(recipe, args, monkeypatch, None, expect_exit=False)
-    assert code == 0, err
+    run_inline(recipe, *args)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     kind = {"multi": MULTI, "regression": REGRESSION, "long": SINGLE}[shape]
     assert results["task"]["problem_type"] == kind
@@ -253,7 +253,7 @@ def test_every_recipe_runs_every_shape(recipe, shape, shapes, tiny_args, tmp_pat
 
 def test_multi_label_learns_its_labels_and_predicts_with_tuned_thresholds(shapes, tiny_args, tmp_path):
     args = shape_args(tiny_args, shapes["multi"], "--label_column", "labels", "--learning_rate", "3e-3")
-    run_recipe("full_finetune", *replace(args, "--num_train_epochs", "15"))
+    run_inline("full_finetune", *replace(args, "--num_train_epochs", "15"))
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     assert results["eval_f1_micro"] > 0.9 and results["test_f1_micro_tuned"] > 0.9
@@ -272,7 +272,7 @@ def test_multi_label_learns_its_labels_and_predicts_with_tuned_thresholds(shapes
 
 def test_regression_learns_a_function_of_the_text_in_its_units(shapes, tiny_args, tmp_path):
     args = shape_args(tiny_args, shapes["regression"], "--label_column", "score", "--learning_rate", "3e-3")
-    run_recipe("full_finetune", *replace(args, "--num_train_epochs", "8"))
+    run_inline("full_finetune", *replace(args, "--num_train_epochs", "8"))
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     assert results["eval_pearson"] > 0.9 and results["test_r2"] > 0.7
@@ -286,8 +286,8 @@ def test_regression_learns_a_function_of_the_text_in_its_units(shapes, tiny_args
 def test_windows_find_a_word_truncation_never_reads(shapes, tiny_args, tmp_path):
     args = shape_args(tiny_args, shapes["long"], "--learning_rate", "3e-3", "--num_train_epochs", "15")
     windows = ["--long_documents", "windows", "--window_stride", "8", "--window_aggregation", "max"]
-    run_recipe("full_finetune", *replace(args, "--output_dir", str(tmp_path / "cut")))
-    run_recipe("full_finetune", *replace(args, "--output_dir", str(tmp_path / "win")), *windows)
+    run_inline("full_finetune", *replace(args, "--output_dir", str(tmp_path / "cut")))
+    run_inline("full_finetune", *replace(args, "--output_dir", str(tmp_path / "win")), *windows)
     cut = json.loads((tmp_path / "cut" / "results.json").read_text())
     win = json.loads((tmp_path / "win" / "results.json").read_text())
     assert cut["test_accuracy"] < 0.5 < 0.8 < win["test_accuracy"]
@@ -295,10 +295,9 @@ def test_windows_find_a_word_truncation_never_reads(shapes, tiny_args, tmp_path)
     assert predict(tmp_path / "win", [document["text"]])[0]["label"] == document["label"]
 
 
-def test_class_weights_and_weighted_sampler_are_reported(tiny_args, tmp_path, monkeypatch):
+def test_class_weights_and_weighted_sampler_are_reported(tiny_args, tmp_path):
     args = [*map(str, tiny_args), "--class_weights", "balanced", "--sampler", "weighted", "--max_train_steps", "3"]
-    code, err = run_main("full_finetune", args, monkeypatch, None, expect_exit=False)
-    assert code == 0, err
+    run_inline("full_finetune", *args)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["task"]["class_weights"] == pytest.approx({"business": 1.0, "sport": 1.0, "tech": 1.0})
     assert len(results["report"]["validation"]["confusion_matrix"]) == 3
@@ -307,9 +306,7 @@ def test_class_weights_and_weighted_sampler_are_reported(tiny_args, tmp_path, mo
 @pytest.mark.slow
 def test_two_processes_score_each_document_once(shapes, tiny_args, tmp_path):
     args = shape_args(tiny_args, shapes["long"], *SHAPE_FLAGS["long"], "--max_train_steps", "2")
-    launcher = [str(ROOT / ".venv" / "bin" / "accelerate"), "launch", "--config_file"]
-    launcher += [str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")]
-    run_recipe("full_finetune", *args, launcher=launcher)
+    run_recipe("full_finetune", *args, launcher=TWO_PROCESSES)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["eval_samples"] == results["test_samples"] == 40  # 240 windows over 2 processes
 
@@ -369,13 +366,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_task_input_is_one_line_exit_2_nothing_written(case, shapes, tiny_args, tmp_path, monkeypatch, capsys):
+def test_bad_task_input_is_one_line_exit_2_nothing_written(case, shapes, tiny_args, tmp_path):
     change, expected = bad_shapes(tmp_path, shapes)[case]
     args = [str(a) for a in tiny_args]
     for item in change:
         args = replace(args, item[0], str(item[1])) if isinstance(item, tuple) else args
     args += [str(c) for c in change if not isinstance(c, tuple)]
-    code, err = run_main("full_finetune", args, monkeypatch, capsys)
+    proc = run_inline("full_finetune", *args, check=False)
+    code, err = proc.returncode, proc.stderr
     last = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err
     assert last.startswith("error: ") and expected in last, err

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import ROOT, run_recipe
+from conftest import ROOT, run_inline, run_recipe
 from test_cli import replace_flag, snapshot
 from test_distributed import TWO_PROCESSES
 
@@ -101,9 +101,7 @@ def test_a_study_of_another_recipe_or_a_users_folder_is_refused(tiny_args, tmp_p
 
 
 def test_eval_steps_beyond_the_run_is_refused_before_anything_is_written(tiny_args, tmp_path):
-    proc = run_recipe(
-        "full_finetune", *tiny_args, "--eval_strategy", "steps", "--eval_steps", "1000", check=False
-    )  # fmt: skip
+    proc = run_inline("full_finetune", *tiny_args, "--eval_strategy", "steps", "--eval_steps", "1000", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: eval_steps 1000 is more than the run's 36")
     assert not (tmp_path / "out").exists()
@@ -140,7 +138,7 @@ def test_a_study_finds_where_the_tiny_model_learns_and_its_best_yaml_reproduces_
     # The best YAML, read back with --config, trains the best trial's model again: the same score.
     config = yaml.safe_load((study / "best.yaml").read_text())
     assert config["learning_rate"] == pytest.approx(float(best["learning_rate"]))
-    run_recipe("full_finetune", "--config", study / "best.yaml", "--output_dir", tmp_path / "again")
+    run_inline("full_finetune", "--config", study / "best.yaml", "--output_dir", tmp_path / "again")
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["eval_accuracy"] == pytest.approx(float(best["validation accuracy"]), abs=1e-9)
     assert (study / "tune.png").read_bytes().startswith(b"\x89PNG")

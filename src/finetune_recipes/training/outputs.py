@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import socket
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,7 +118,9 @@ def claim_output_dir(run: Run) -> None:
     def claim() -> None:
         check_output_dir(args, run_inputs(run))
         out.mkdir(parents=True, exist_ok=True)
-        run.lock = lock_output_dir(out)
+        # Released when the run finishes (Run.finish) or is dropped, so that a run called from Python (a notebook,
+        # a test) does not keep the directory from the next run in the same process.
+        run.lock = weakref.finalize(run, os.close, lock_output_dir(out))
         check_free_space(run, out)
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
             for name in removable(out):
@@ -186,7 +189,7 @@ def claim_tool_dir(
 
 
 def lock_output_dir(out: Path) -> int:
-    """An exclusive lock on output_dir for this process's lifetime.
+    """An exclusive lock on output_dir until its file descriptor is closed: by the run, or by the process's end.
 
     flock is released by the kernel however the process ends (SIGKILL included), so a dead run never
     leaves a stale lock; the file names the holder for the message a second run prints.

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ class Run:
     schedule: Schedule | None = None
     state: TrainState = field(default_factory=TrainState)
     kept: set[str] = field(default_factory=set)  # entries of output_dir that are not the run's: never removed
-    lock: int | None = None  # the file descriptor holding output_dir's lock until the process ends
+    lock: weakref.finalize | None = None  # closes the file descriptor holding output_dir's lock
 
     @property
     def task(self) -> Task:
@@ -142,6 +143,8 @@ class Run:
             on_main(self.accelerator, upload, "{reason}")
         self.accelerator.wait_for_everyone()  # no process may tear the group down while another still uses it
         self.accelerator.end_training()
+        if self.lock is not None:
+            self.lock()
         return results
 
     def describe(self) -> dict[str, Any]:
