@@ -1,0 +1,115 @@
+"""Golden numbers, as torchtune's test_loss pins them: every recipe's training loss at each of its first 8
+optimizer steps and its validation metrics after the tiny runs' 3 epochs, on the tiny BERT, CPU, fp32, seed 42,
+recorded from the code of 2026-12-01. A refactor that changes what a recipe computes fails here; a change meant
+to alter the numbers updates GOLDEN (the failure message prints the values observed) and says why in its commit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_inline
+from test_task_shapes import shape_args, shapes  # noqa: F401  (shapes: a fixture)
+
+from finetune_recipes.catalog import CACHED_RECIPES
+
+# Losses are logged rounded to 6 decimals. Two runs on one CPU gave the same digits; another CPU (AVX2 kernels
+# rather than AVX-512) may differ in the last bits of an fp32 matrix product, which training can carry further.
+TOLERANCE = 1e-5
+SHAPES = {
+    "single": [],
+    "multi": ["--label_column", "labels"],
+    "regression": ["--label_column", "score"],
+    "windows": ["--long_documents", "windows", "--window_stride", "8"],
+}
+FILES = {"multi": "multi", "regression": "regression", "windows": "long"}
+
+GOLDEN: dict[str, dict] = {
+    "full_finetune/single": {
+        "losses": [1.095955, 1.093954, 1.099442, 1.099771, 1.087423, 1.082981, 1.116106, 1.093182],
+        "eval": {"eval_accuracy": 0.666667, "eval_f1_macro": 0.555556},
+    },
+    "llrd/single": {
+        "losses": [1.095955, 1.093954, 1.09947, 1.099602, 1.087956, 1.083104, 1.115881, 1.093358],
+        "eval": {"eval_accuracy": 0.666667, "eval_f1_macro": 0.555556},
+    },
+    "frozen_base_pooler/single": {
+        "losses": [1.099901, 1.093987, 1.098973, 1.103188, 1.089349, 1.085512, 1.109147, 1.09562],
+        "eval": {"eval_accuracy": 0.333333, "eval_f1_macro": 0.21345},
+    },
+    "progressive_unfreezing/single": {
+        "losses": [1.099901, 1.093987, 1.098844, 1.102634, 1.089211, 1.084959, 1.111917, 1.09739],
+        "eval": {"eval_accuracy": 0.666667, "eval_f1_macro": 0.555556},
+    },
+    "feature_extraction/single": {
+        "losses": [1.069133, 1.238405, 1.093943, 1.071852, 1.107568, 1.19238, 1.108357, 1.102444],
+        "eval": {"eval_accuracy": 0.6, "eval_f1_macro": 0.6},
+    },
+    "lora/single": {
+        "losses": [1.099682, 1.094936, 1.101279, 1.098884, 1.095472, 1.089815, 1.10847, 1.092344],
+        "eval": {"eval_accuracy": 0.566667, "eval_f1_macro": 0.506173},
+    },
+    "static_embeddings/single": {
+        "losses": [1.103973, 1.084902, 1.100348, 1.107269, 1.078797, 1.079869, 1.11136, 1.092501],
+        "eval": {"eval_accuracy": 0.333333, "eval_f1_macro": 0.166667},
+    },
+    "full_finetune/multi": {
+        "losses": [0.692474, 0.690426, 0.689015, 0.698905, 0.70009, 0.683119, 0.681759, 0.683463],
+        "eval": {
+            "eval_f1_macro": 0.80117,
+            "eval_f1_micro": 0.806723,
+            "eval_f1_samples": 0.808333,
+            "eval_subset_accuracy": 0.425,
+        },
+    },
+    "full_finetune/regression": {
+        "losses": [0.778735, 0.697512, 1.230467, 1.216132, 0.650148, 0.937508, 1.810015, 0.788747],
+        "eval": {
+            "eval_mae": 1.346166,
+            "eval_mse": 2.433933,
+            "eval_pearson": 0.813576,
+            "eval_r2": 0.653759,
+            "eval_spearman": 0.963924,
+        },
+    },
+    "full_finetune/windows": {
+        "losses": [1.10075, 1.100156, 1.092759, 1.102364, 1.105185, 1.098825, 1.087252, 1.102819],
+        "eval": {"eval_accuracy": 0.65, "eval_f1_macro": 0.542222},
+    },
+}
+
+
+def observed(recipe: str, shape: str, tiny_args: list, shapes: dict, tmp_path) -> dict:  # noqa: F811
+    args = shape_args(tiny_args, shapes[FILES[shape]]) if shape in FILES else [str(a) for a in tiny_args]
+    cache = ["--feature_cache_dir", str(tmp_path / "cache")] if recipe in CACHED_RECIPES else []
+    run_inline(recipe, *args, *SHAPES[shape], *cache, "--learning_rate", "3e-3", "--logging_steps", "1")
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    metrics = {k: v for k, v in results.items() if k.startswith("eval_") and isinstance(v, float)}
+    return {
+        "losses": [h["loss"] for h in results["loss_history"][:8]],
+        "eval": {k: round(v, 6) for k, v in sorted(metrics.items()) if not k.endswith(("runtime", "per_second"))},
+    }
+
+
+@pytest.mark.parametrize(
+    "recipe, shape",
+    [
+        ("full_finetune", "single"),
+        ("llrd", "single"),
+        ("frozen_base_pooler", "single"),
+        ("progressive_unfreezing", "single"),
+        ("feature_extraction", "single"),
+        ("lora", "single"),
+        ("static_embeddings", "single"),
+        ("full_finetune", "multi"),
+        ("full_finetune", "regression"),
+        ("full_finetune", "windows"),
+    ],
+)
+def test_the_first_8_losses_and_the_final_metrics_are_the_recorded_ones(recipe, shape, tiny_args, shapes, tmp_path):  # noqa: F811
+    got = observed(recipe, shape, tiny_args, shapes, tmp_path)
+    want = GOLDEN.get(f"{recipe}/{shape}")
+    assert want is not None, f"no golden values for {recipe}/{shape}; observed: {got!r}"
+    assert len(got["losses"]) == 8 and got["eval"].keys() == want["eval"].keys(), got
+    assert got["losses"] == pytest.approx(want["losses"], abs=TOLERANCE), got
+    assert got["eval"] == pytest.approx(want["eval"], abs=TOLERANCE), got
