@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune_recipes import (
+    ON_RESUME,
     DataArguments,
     ModelArguments,
     TrainingArguments,
@@ -45,7 +46,7 @@ SEARCH_SPACE = {
 class LLRDArguments:
     layer_decay: float = field(default=0.85, metadata={"help": "lr_i = learning_rate × layer_decay^(top − i)."})
     head_lr: float | None = field(default=None, metadata={"help": "The head's rate; default learning_rate."})
-    plot_lr: bool = field(default=False, metadata={"help": "Write lr_schedule.png to output_dir."})
+    plot_lr: bool = field(default=False, metadata={ON_RESUME: True, "help": "Write lr_schedule.png to output_dir."})
 
 
 def loss_step(model, batch, criterion):

@@ -19,6 +19,7 @@ from pathlib import Path
 from peft import LoraConfig, TaskType, get_peft_model
 
 from finetune_recipes import (
+    ON_RESUME,
     DataArguments,
     ModelArguments,
     TrainingArguments,
@@ -50,7 +51,9 @@ class LoraArguments:
     lora_alpha: int = 32  # tuned with the rate in configs/lora.yaml (benchmarks/README.md)
     lora_dropout: float = 0.1
     lora_feed_forward: bool = field(default=False, metadata={"help": "Adapt the feed-forward projections too."})
-    merge_adapter: bool = field(default=False, metadata={"help": "Also save a merged plain model in merged/."})
+    merge_adapter: bool = field(
+        default=False, metadata={ON_RESUME: True, "help": "Also save a merged plain model in merged/."}
+    )
 
     def __post_init__(self) -> None:
         check_ranges(self, lora_r=(1, None), lora_alpha=(1, None), lora_dropout=(0, 0.99))

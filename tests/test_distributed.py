@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from test_recipes import RECIPES
 from transformers import AutoModelForSequenceClassification
 
-from finetune_recipes.catalog import CACHED_RECIPES
+from finetune_recipes.catalog import caches_features
 from finetune_recipes.freezing import unfreezing_stages
 from finetune_recipes.layers import discover_layers
 
@@ -32,7 +32,7 @@ TWO_PROCESSES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_runs_on_two_processes_and_counts_each_example_once(recipe, tiny_args, tmp_path):
-    extra = ["--feature_cache_dir", tmp_path / "cache"] if recipe in CACHED_RECIPES else []
+    extra = ["--feature_cache_dir", tmp_path / "cache"] if caches_features(recipe) else []
     proc = run_recipe(recipe, *tiny_args, *extra, "--num_train_epochs", "2", launcher=TWO_PROCESSES)
     assert "on 2 process(es) (MULTI_CPU)" in proc.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())

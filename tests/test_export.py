@@ -18,7 +18,7 @@ from test_task_shapes import SHAPE_FLAGS, shape_args, shapes  # noqa: F401  (sha
 from tiny import blocked, topic_rows
 
 from finetune_recipes import features, predict
-from finetune_recipes.catalog import CACHED_RECIPES
+from finetune_recipes.catalog import caches_features
 from finetune_recipes.cli import main as cli_main
 from finetune_recipes.errors import UserError
 from finetune_recipes.export import export_onnx
@@ -99,7 +99,7 @@ def test_int8_quantises_the_matrix_multiplies_and_mostly_agrees(trained, exporte
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_exports(recipe, tiny_args, tmp_path):
-    run_inline(recipe, *tiny_args, *(["--feature_cache_dir", tmp_path / "cache"] if recipe in CACHED_RECIPES else []))
+    run_inline(recipe, *tiny_args, *(["--feature_cache_dir", tmp_path / "cache"] if caches_features(recipe) else []))
     out = tmp_path / "out"
     assert_same_predictions(out, export_onnx(out), TEXTS)
 
@@ -108,7 +108,7 @@ def test_every_recipe_exports(recipe, tiny_args, tmp_path):
 @pytest.mark.parametrize("recipe, shape", [("full_finetune", "multi"), ("full_finetune", "regression"),
                                            ("full_finetune", "long"), ("feature_extraction", "long")])  # fmt: skip
 def test_every_task_shape_exports(recipe, shape, shapes, tiny_args, tmp_path):  # noqa: F811
-    extra = ["--feature_cache_dir", tmp_path / "cache"] if recipe == "feature_extraction" else []
+    extra = ["--feature_cache_dir", tmp_path / "cache"] if caches_features(recipe) else []
     args = shape_args(tiny_args, shapes[shape], *SHAPE_FLAGS[shape], "--max_train_steps", "6", *map(str, extra))
     run_inline(recipe, *args)
     out = tmp_path / "out"

@@ -11,7 +11,7 @@ import pytest
 from conftest import run_inline
 from test_task_shapes import shape_args, shapes  # noqa: F401  (shapes: a fixture)
 
-from finetune_recipes.catalog import CACHED_RECIPES
+from finetune_recipes.catalog import caches_features
 
 # Losses are logged rounded to 6 decimals. Two runs on one CPU gave the same digits; another CPU (AVX2 kernels
 # rather than AVX-512) may differ in the last bits of an fp32 matrix product, which training can carry further.
@@ -81,7 +81,7 @@ GOLDEN: dict[str, dict] = {
 
 def observed(recipe: str, shape: str, tiny_args: list, shapes: dict, tmp_path) -> dict:  # noqa: F811
     args = shape_args(tiny_args, shapes[FILES[shape]]) if shape in FILES else [str(a) for a in tiny_args]
-    cache = ["--feature_cache_dir", str(tmp_path / "cache")] if recipe in CACHED_RECIPES else []
+    cache = ["--feature_cache_dir", str(tmp_path / "cache")] if caches_features(recipe) else []
     run_inline(recipe, *args, *SHAPES[shape], *cache, "--learning_rate", "3e-3", "--logging_steps", "1")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     metrics = {k: v for k, v in results.items() if k.startswith("eval_") and isinstance(v, float)}

@@ -177,3 +177,19 @@ def test_a_lone_process_of_a_multi_process_launch_refuses(env, refused, monkeypa
             precision.check_launch(alone)
     else:
         precision.check_launch(alone)
+
+
+def test_the_flags_a_resume_may_change_are_marked_on_their_fields():
+    """Read from each field's metadata (ON_RESUME), the recipes' own flags included: the list once kept by hand."""
+    from finetune_recipes.catalog import list_recipes, recipe_types
+    from finetune_recipes.config import SHARED_TYPES, resume_may_change
+
+    recipe_args = {t for recipe in list_recipes() for t in recipe_types(recipe)}
+    configs = [t() for t in (*SHARED_TYPES, *recipe_args)]
+    assert resume_may_change(*configs) == {
+        "output_dir", "logging_steps", "report_to", "per_device_eval_batch_size", "checkpointing_steps",
+        "save_total_limit", "eval_strategy", "eval_steps", "metric_for_best_model", "early_stopping_patience",
+        "feature_cache_dir", "encode_batch_size", "merge_adapter", "plot_lr", "allow_config_change_on_resume",
+        "push_to_hub", "hub_model_id", "hub_private_repo",
+        "dataset_name", "dataset_config_name", "train_file", "validation_file", "test_file",
+    }  # fmt: skip

@@ -18,18 +18,10 @@ from tiny import build_tiny, tiny_configs
 from transformers import AutoModelForSequenceClassification, pipeline
 
 from finetune_recipes import UserError, discover_layers, freeze, on_cached_states, set_trainable
-from finetune_recipes.catalog import CACHED_RECIPES
+from finetune_recipes.catalog import caches_features, list_recipes
 from finetune_recipes.predict import predict
 
-RECIPES = [
-    "full_finetune",
-    "llrd",
-    "frozen_base_pooler",
-    "progressive_unfreezing",
-    "feature_extraction",
-    "lora",
-    "static_embeddings",
-]
+RECIPES = list(list_recipes())  # every installed recipe: a new one is tested by every test that takes this
 LABELS = {"business", "sport", "tech"}
 
 
@@ -44,7 +36,7 @@ def saved_weights(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_trains_saves_and_predicts(recipe, tiny_args, tmp_path):
-    extra = ["--feature_cache_dir", tmp_path / "cache"] if recipe in CACHED_RECIPES else []
+    extra = ["--feature_cache_dir", tmp_path / "cache"] if caches_features(recipe) else []
     run_inline(recipe, *tiny_args, *extra)
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
@@ -382,3 +374,14 @@ def test_bf16_asked_for_trains_encodes_and_predicts_in_bf16(tiny_args, tmp_path)
     assert "encode train" in run_inline("feature_extraction", *tiny_args, *cache).stderr
     assert "encode train" in run_inline("feature_extraction", *bf16, *cache).stderr
     assert "encode train" not in run_inline("feature_extraction", *bf16, *cache).stderr
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_help_lists_every_flag_the_recipe_takes(recipe):
+    from finetune_recipes.catalog import recipe_types
+    from finetune_recipes.config import SHARED_TYPES
+
+    proc = run_inline(recipe, "--help", check=False)
+    assert proc.returncode == 0, proc.stderr
+    for flag in (f.name for t in (*SHARED_TYPES, *recipe_types(recipe)) for f in fields(t) if f.init):
+        assert f"--{flag}" in proc.stdout, flag

@@ -12,6 +12,7 @@ import importlib
 # name -> the module that defines it
 _EXPORTS = {
     "DataArguments": "config",
+    "ON_RESUME": "config",
     "ModelArguments": "config",
     "TrainingArguments": "config",
     "check_ranges": "config",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import importlib.resources
 import runpy
@@ -11,9 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError, listing
-
-# The recipes that compute something once from frozen weights and take --feature_cache_dir (CacheArguments).
-CACHED_RECIPES = frozenset({"feature_extraction", "frozen_base_pooler", "static_embeddings"})
 
 
 def recipes_dir() -> Path:
@@ -65,6 +63,12 @@ def recipe_types(recipe: str | Path) -> tuple[type, ...]:
             names = [a.id for a in node.args[1:] if isinstance(a, ast.Name)]
             return tuple(namespace[n] for n in names if namespace.get(n) not in SHARED_TYPES)
     raise UserError(f"{path} has no run_cli(main, ...) call, so its flags are unknown; end it as the recipes do")
+
+
+def caches_features(recipe: str | Path) -> bool:
+    """Whether a recipe (a name or a file, a copy included) computes something once from frozen weights and keeps
+    it under --feature_cache_dir: whether its dataclasses take that flag (CacheArguments)."""
+    return any(f.name == "feature_cache_dir" for t in recipe_types(recipe) for f in dataclasses.fields(t))
 
 
 def flag_groups(argv: list[str]) -> list[tuple[str, list[str]]]:

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from .atomic import is_temporary
 from .catalog import (
-    CACHED_RECIPES,
     as_flags,
+    caches_features,
     flag_groups,
     given_names,
     list_recipes,
@@ -102,7 +102,7 @@ def run_recipe(recipe: str, out: Path, folder: str, flags: list[str], overwrite:
     log = out / "logs" / f"{folder}.log"
     with tempfile.TemporaryDirectory(dir=out, prefix=".feature_cache_") as cache:  # every encoding is paid for
         given = "feature_cache_dir" in given_names(flags)  # the user's own cache is kept
-        extra = ["--feature_cache_dir", cache] if recipe in CACHED_RECIPES and not given else []
+        extra = ["--feature_cache_dir", cache] if caches_features(recipe) and not given else []
         cmd = [sys.executable, str(recipes_dir() / f"{recipe}.py"), *flags, *extra, "--output_dir", str(out / folder)]
         cmd += ["--overwrite_output_dir"] if overwrite else []
         start = time.perf_counter()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import importlib.resources
 import math
 import os
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +24,19 @@ from .errors import OneLineErrors, Parser, UserError, entrypoint, first_line, li
 from .metrics import METRICS
 
 T = TypeVar("T")
+# Field metadata of a flag a resumed run may change: where the run writes, how often it logs, evaluates or saves,
+# where its data comes from (the data itself is compared by content); none alters what the run computes.
+ON_RESUME = "may_change_on_resume"
 
 
 class DataclassParser(OneLineErrors, HfArgumentParser):
-    pass
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+        # HfArgumentParser hands a field's metadata to add_argument as keywords; ON_RESUME is ours, not argparse's.
+        if ON_RESUME in field.metadata:
+            field = copy.copy(field)
+            field.metadata = types.MappingProxyType({k: v for k, v in field.metadata.items() if k != ON_RESUME})
+        HfArgumentParser._parse_dataclass_field(parser, field)
 
 
 @dataclass
@@ -63,12 +74,15 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset_name: str | None = field(
-        default="bbc_news", metadata={"help": "Hub data set, or 'bbc_news' for the bundled BBC News corpus."}
+        default="bbc_news",
+        metadata={ON_RESUME: True, "help": "Hub data set, or 'bbc_news' for the bundled BBC News corpus."},
     )
-    dataset_config_name: str | None = None
-    train_file: str | None = field(default=None, metadata={"help": "CSV, JSON, JSON Lines or Parquet file."})
-    validation_file: str | None = None
-    test_file: str | None = None
+    dataset_config_name: str | None = field(default=None, metadata={ON_RESUME: True})
+    train_file: str | None = field(
+        default=None, metadata={ON_RESUME: True, "help": "CSV, JSON, JSON Lines or Parquet file."}
+    )
+    validation_file: str | None = field(default=None, metadata={ON_RESUME: True})
+    test_file: str | None = field(default=None, metadata={ON_RESUME: True})
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
@@ -80,7 +94,7 @@ class DataArguments:
         default=0.0,
         metadata={
             "help": "Held out, stratified, from train before anything else sees it, when the data has no test split "
-            "(tune and compare hold out 10%); drawn with a fixed seed, so every seed and trial is tested on it."
+            "(tune and compare hold out a tenth); drawn with a fixed seed, so every seed and trial is tested on it."
         },
     )
     max_train_samples: int | None = None
@@ -175,10 +189,10 @@ class DataArguments:
 
 @dataclass
 class TrainingArguments:
-    output_dir: str = "outputs/run"
+    output_dir: str = field(default="outputs/run", metadata={ON_RESUME: True})
     overwrite_output_dir: bool = False
     per_device_train_batch_size: int = 32
-    per_device_eval_batch_size: int = 64
+    per_device_eval_batch_size: int = field(default=64, metadata={ON_RESUME: True})
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -193,37 +207,49 @@ class TrainingArguments:
         default=None,
         metadata={"help": "no, bf16, fp16, or auto (bf16 where the hardware has it); default: accelerate launch's."},
     )
-    logging_steps: int = 20
+    logging_steps: int = field(default=20, metadata={ON_RESUME: True})
     eval_strategy: str = field(
-        default="epoch", metadata={"help": "epoch, or steps (every eval_steps); also at the end."}
+        default="epoch", metadata={ON_RESUME: True, "help": "epoch, or steps (every eval_steps); also at the end."}
     )
-    eval_steps: int | None = field(default=None, metadata={"help": "Optimizer steps between evaluations."})
+    eval_steps: int | None = field(
+        default=None, metadata={ON_RESUME: True, "help": "Optimizer steps between evaluations."}
+    )
     report_to: str | None = field(
         default=None,
-        metadata={"help": "Accelerate trackers: tensorboard, wandb, ..., jsonl (metrics.jsonl); comma-separated."},
+        metadata={
+            ON_RESUME: True,
+            "help": "Accelerate trackers: tensorboard, wandb, ..., jsonl (metrics.jsonl); comma-separated.",
+        },
     )
-    checkpointing_steps: str | None = field(default=None, metadata={"help": "An integer, or 'epoch'."})
+    checkpointing_steps: str | None = field(default=None, metadata={ON_RESUME: True, "help": "An integer, or 'epoch'."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint path, or 'latest'."})
     allow_config_change_on_resume: bool = field(
-        default=False, metadata={"help": "Resume although settings or data differ from the checkpoint's."}
+        default=False,
+        metadata={ON_RESUME: True, "help": "Resume although settings or data differ from the checkpoint's."},
     )
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept in output_dir."})
+    save_total_limit: int | None = field(
+        default=2, metadata={ON_RESUME: True, "help": "Checkpoints kept in output_dir."}
+    )
     metric_for_best_model: str | None = field(
         default=None,
         metadata={
+            ON_RESUME: True,
             "help": "Keep the weights of the best evaluation by this metric: accuracy or f1_macro (single-label), "
             "f1_micro, f1_macro, f1_samples or subset_accuracy (multi-label), mse, mae, pearson, spearman or r2 "
-            "(regression); lower is better for mse and mae."
+            "(regression); lower is better for mse and mae.",
         },
     )
     early_stopping_patience: int | None = field(
-        default=None, metadata={"help": "Stop after this many evaluations without improvement."}
+        default=None, metadata={ON_RESUME: True, "help": "Stop after this many evaluations without improvement."}
     )
     push_to_hub: bool = field(
-        default=False, metadata={"help": "Upload output_dir (card included, checkpoints not) to the Hub at the end."}
+        default=False,
+        metadata={ON_RESUME: True, "help": "Upload output_dir (card included, checkpoints not) to the Hub at the end."},
     )
-    hub_model_id: str | None = field(default=None, metadata={"help": "The Hub repo to push to: 'user/name'."})
-    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
+    hub_model_id: str | None = field(
+        default=None, metadata={ON_RESUME: True, "help": "The Hub repo to push to: 'user/name'."}
+    )
+    hub_private_repo: bool = field(default=False, metadata={ON_RESUME: True, "help": "Create the Hub repo private."})
     hub_token: str | None = field(
         default=None, metadata={"help": "Hub token; default: the cached login. Never written to any file."}
     )
@@ -374,6 +400,11 @@ def config_to_dict(*configs: Any) -> dict[str, Any]:
     overwrite or resume that run unless asked again on the command line.
     """
     return {k: v for c in configs for k, v in dataclasses.asdict(c).items() if k not in (*RUN_CONTROL, *SECRETS)}
+
+
+def resume_may_change(*configs: Any) -> set[str]:
+    """The flags of `configs` (dataclass instances) marked ON_RESUME: a resumed run may change them."""
+    return {f.name for c in configs for f in dataclasses.fields(c) if f.metadata.get(ON_RESUME)}
 
 
 def run_cli(main: Callable[..., T], *types: type, default_config: str | Path | None = None) -> T:

@@ -21,7 +21,7 @@ from transformers import AutoModel, DataCollatorWithPadding, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 
 from .atomic import atomic_path
-from .config import DataArguments, TrainingArguments, UserError
+from .config import ON_RESUME, DataArguments, TrainingArguments, UserError
 from .data import EpochWeightedSampler, aggregate_windows, content_digest
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,10 @@ class CacheArguments:
 
     feature_cache_dir: str = field(
         default=str(Path(datasets.config.HF_DATASETS_CACHE) / "finetune_recipes" / "features"),
-        metadata={"help": "Where encoded features (and reduced word-vector tables) are kept between runs."},
+        metadata={
+            ON_RESUME: True,
+            "help": "Where encoded features (and reduced word-vector tables) are kept between runs.",
+        },
     )
 
 
@@ -44,7 +47,7 @@ class CacheArguments:
 class EncodeArguments(CacheArguments):
     """The flags of the recipes that encode every split once with a frozen encoder."""
 
-    encode_batch_size: int = 64
+    encode_batch_size: int = field(default=64, metadata={ON_RESUME: True})
 
 
 def pool(outputs, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

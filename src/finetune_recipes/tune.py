@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from .atomic import is_temporary
 from .catalog import (
-    CACHED_RECIPES,
     as_flags,
+    caches_features,
     flag_value,
     given_names,
     recipe_config,
@@ -221,7 +221,7 @@ class Study:
         reported to the pruner as they come; its folder removed whatever the outcome."""
         out, log = trial_dir(self.dir, trial.number), self.dir / "logs" / f"trial_{trial.number}.log"
         given = "feature_cache_dir" in given_names(self.flags)
-        cache = ["--feature_cache_dir", str(self.dir / "feature_cache")] if self.recipe.stem in CACHED_RECIPES else []
+        cache = ["--feature_cache_dir", str(self.dir / "feature_cache")] if caches_features(self.recipe) else []
         cmd = [sys.executable, str(self.recipe), *self.flags, *as_flags(params), *([] if given else cache)]
         cmd += ["--output_dir", str(out), "--report_to", "jsonl"]
         shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())

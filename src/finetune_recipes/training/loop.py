@@ -13,7 +13,7 @@ import torch
 from accelerate import skip_first_batches
 from tqdm.auto import tqdm
 
-from ..config import UserError
+from ..config import UserError, resume_may_change
 from ..data import aggregate_windows, content_digest
 from ..metrics import METRICS, greater_is_better, task_metrics
 from .checkpoints import (
@@ -126,19 +126,10 @@ def begin(run: Run) -> TrainState:
     return run.state
 
 
-# Settings a resumed run may change: they do not alter what it computes. Data is compared by content.
-RESUME_MAY_CHANGE = {
-    "output_dir", "logging_steps", "report_to", "per_device_eval_batch_size", "checkpointing_steps",
-    "save_total_limit", "eval_strategy", "eval_steps", "metric_for_best_model", "early_stopping_patience",
-    "feature_cache_dir", "encode_batch_size", "merge_adapter", "plot_lr", "allow_config_change_on_resume",
-    "push_to_hub", "hub_model_id", "hub_private_repo",
-    "dataset_name", "dataset_config_name", "train_file", "validation_file", "test_file",
-}  # fmt: skip
-
-
 def fingerprint(run: Run) -> dict[str, object]:
     """What determines a run's trajectory: its settings, the recipe, the process count and the data's content."""
-    settings = {k: v for k, v in run.resolved_config.items() if k not in RESUME_MAY_CHANGE}
+    may_change = resume_may_change(run.model_args, run.data_args, run.training_args, *run.recipe_args)
+    settings = {k: v for k, v in run.resolved_config.items() if k not in may_change}
     data = {f"{split}_data": content_digest(getattr(run.data, split)) for split in ("train", "validation")}
     recipe = Path(sys.argv[0]).stem
     return {**settings, **data, "recipe": recipe, "processes": run.accelerator.num_processes}
