@@ -91,8 +91,9 @@ def run_inline(recipe: str | Path, *args: str, check: bool = True) -> subprocess
     out, err = io.StringIO(), io.StringIO()
     log = logging.StreamHandler(err)
     logger = logging.getLogger("finetune_recipes")
-    argv, level = sys.argv, logger.level
+    argv, level, search = sys.argv, logger.level, list(sys.path)
     sys.argv = [str(path), *map(str, args)]
+    sys.path.insert(0, str(path.parent))  # as `python path` puts the script's folder first
     logger.addHandler(log)
     reset_accelerate_state()  # as in a new process
     try:
@@ -102,7 +103,7 @@ def run_inline(recipe: str | Path, *args: str, check: bool = True) -> subprocess
     except SystemExit as exit_info:
         code = exit_info.code if isinstance(exit_info.code, int) else 0 if exit_info.code is None else 1
     finally:
-        sys.argv = argv
+        sys.argv, sys.path[:] = argv, search
         logger.removeHandler(log)
         logger.setLevel(level)
     proc = subprocess.CompletedProcess([str(path), *map(str, args)], code, out.getvalue(), err.getvalue())

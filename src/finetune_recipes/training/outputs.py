@@ -118,8 +118,8 @@ def claim_output_dir(run: Run) -> None:
     def claim() -> None:
         check_output_dir(args, run_inputs(run))
         out.mkdir(parents=True, exist_ok=True)
-        # Released when the run finishes (Run.finish) or is dropped, so that a run called from Python (a notebook,
-        # a test) does not keep the directory from the next run in the same process.
+        # Released when the Run is dropped (its main returned or failed; a process's end releases it too), so that a
+        # run called from Python (a notebook, a test) does not keep the directory from the next run in that process.
         run.lock = weakref.finalize(run, os.close, lock_output_dir(out))
         check_free_space(run, out)
         if args.overwrite_output_dir and not args.resume_from_checkpoint:

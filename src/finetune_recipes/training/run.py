@@ -78,7 +78,7 @@ class Run:
     schedule: Schedule | None = None
     state: TrainState = field(default_factory=TrainState)
     kept: set[str] = field(default_factory=set)  # entries of output_dir that are not the run's: never removed
-    lock: weakref.finalize | None = None  # closes the file descriptor holding output_dir's lock
+    lock: weakref.finalize | None = None  # closes the file descriptor holding output_dir's lock, once dropped
 
     @property
     def task(self) -> Task:
@@ -143,8 +143,6 @@ class Run:
             on_main(self.accelerator, upload, "{reason}")
         self.accelerator.wait_for_everyone()  # no process may tear the group down while another still uses it
         self.accelerator.end_training()
-        if self.lock is not None:
-            self.lock()
         return results
 
     def describe(self) -> dict[str, Any]:
