@@ -32,10 +32,14 @@ ON_RESUME = "may_change_on_resume"
 class DataclassParser(OneLineErrors, HfArgumentParser):
     @staticmethod
     def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
-        # HfArgumentParser hands a field's metadata to add_argument as keywords; ON_RESUME is ours, not argparse's.
-        if ON_RESUME in field.metadata:
+        # HfArgumentParser hands a field's metadata to add_argument as keywords: ON_RESUME is ours, not argparse's,
+        # and argparse formats a help text with %, so a plain "10%" would break --help.
+        metadata = {k: v for k, v in field.metadata.items() if k != ON_RESUME}
+        if "help" in metadata:
+            metadata["help"] = metadata["help"].replace("%", "%%")
+        if metadata != dict(field.metadata):
             field = copy.copy(field)
-            field.metadata = types.MappingProxyType({k: v for k, v in field.metadata.items() if k != ON_RESUME})
+            field.metadata = types.MappingProxyType(metadata)
         HfArgumentParser._parse_dataclass_field(parser, field)
 
 
@@ -94,7 +98,7 @@ class DataArguments:
         default=0.0,
         metadata={
             "help": "Held out, stratified, from train before anything else sees it, when the data has no test split "
-            "(tune and compare hold out a tenth); drawn with a fixed seed, so every seed and trial is tested on it."
+            "(tune and compare hold out 10%); drawn with a fixed seed, so every seed and trial is tested on it."
         },
     )
     max_train_samples: int | None = None
