@@ -31,7 +31,8 @@ from finetune_recipes.metrics import (
     regression_metrics,
     tune_thresholds,
 )
-from finetune_recipes.modeling import fold_target_scale
+from finetune_recipes.modeling import target_head
+from finetune_recipes.training.save import fold_into
 from finetune_recipes.predict import predict
 
 
@@ -211,13 +212,17 @@ def test_multi_label_and_regression_metrics_and_thresholds():
     assert report["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
 
 
-def test_fold_target_scale_puts_predictions_in_target_units():
+def test_the_target_scale_is_folded_into_the_saved_copy_not_the_trained_model():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
     x = torch.randn(5, 4)
     before = model(x)
-    fold_target_scale(model, mean=10.0, std=2.0)
-    assert torch.allclose(model(x), before * 2 + 10, atol=1e-5)
+    state = model.state_dict()
+    fold_into(state, target_head(model), mean=10.0, std=2.0)
+    assert torch.equal(model(x), before)  # the live model is as it trained
+    saved = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    saved.load_state_dict(state)
+    assert torch.allclose(saved(x), before * 2 + 10, atol=1e-5)
 
 
 # Recipes --------------------------------------------------------------------------------------------------

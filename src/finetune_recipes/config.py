@@ -21,7 +21,7 @@ from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 
 from .errors import OneLineErrors, Parser, UserError, entrypoint, first_line, listing, run_to_end  # noqa: F401  (re-exported)
-from .metrics import METRICS
+from .problem_types import METRICS
 
 T = TypeVar("T")
 # Field metadata of a flag a resumed run may change: where the run writes, how often it logs, evaluates or saves,
@@ -409,6 +409,35 @@ def config_to_dict(*configs: Any) -> dict[str, Any]:
 def resume_may_change(*configs: Any) -> set[str]:
     """The flags of `configs` (dataclass instances) marked ON_RESUME: a resumed run may change them."""
     return {f.name for c in configs for f in dataclasses.fields(c) if f.metadata.get(ON_RESUME)}
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    """What a run was asked to do: the recipe (named after its file, wherever it is called from: a shell, a
+    notebook, a test) and its argument dataclasses, shared and its own. recipe_config.yaml records them; a
+    resume compares them."""
+
+    recipe: str
+    configs: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, recipe_file: str | Path, *configs: Any) -> RunArgs:
+        return cls(Path(recipe_file).stem, configs)
+
+    def get(self, kind: type[T]) -> T:
+        return next(c for c in self.configs if isinstance(c, kind))
+
+    def resolved(self) -> dict[str, Any]:
+        """The resolved configuration, as `--config` reads it back."""
+        return config_to_dict(*self.configs)
+
+    def inputs(self) -> list[str]:
+        """Paths the run reads: data files, a local model or tokenizer, the checkpoint, a recipe's *_dir/_file."""
+        named = [value for c in self.configs for key, value in vars(c).items() if key.endswith(("_dir", "_file"))]
+        model, training = self.get(ModelArguments), self.get(TrainingArguments)
+        named += [model.model_name_or_path, model.tokenizer_name, training.resume_from_checkpoint]
+        named = [p for p in named if p != training.output_dir]
+        return [p for p in named if isinstance(p, str) and p != "latest" and Path(p).exists()]
 
 
 def run_cli(main: Callable[..., T], *types: type, default_config: str | Path | None = None) -> T:

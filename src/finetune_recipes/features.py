@@ -237,9 +237,9 @@ def feature_loaders(
     data_args: DataArguments,
     key: str = "features",
     average_windows: bool = True,
-) -> dict[str, torch.utils.data.DataLoader]:
-    """A loader per split over cached features, batched as {key, "labels"}; the train split's is shuffled, or
-    class-weighted with --sampler weighted.
+) -> tuple:
+    """(train, validation, test) loaders over cached features (test None unless `splits` has it), batched as
+    {key, "labels"}; the train split's is shuffled, or class-weighted with --sampler weighted.
 
     A long document's windows are averaged to one row (what `FeatureClassifier` predicts on); with
     `average_windows=False`, for a model that scores windows and averages their logits, training sees each
@@ -259,7 +259,7 @@ def feature_loaders(
             loaders[split] = feature_dataloader(columns, args.per_device_train_batch_size, True, sampler)
         else:
             loaders[split] = feature_dataloader(columns, args.per_device_eval_batch_size)
-    return loaders
+    return loaders["train"], loaders["validation"], loaders.get("test")
 
 
 class FirstTokenStates(nn.Module):

@@ -15,19 +15,7 @@ from sklearn.metrics import (
     r2_score,
 )
 
-SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
-
-# The metrics of each problem type, the first one its primary metric (compare's column, tune's objective).
-METRICS = {
-    SINGLE: ("accuracy", "f1_macro"),
-    MULTI: ("f1_micro", "f1_macro", "f1_samples", "subset_accuracy"),
-    REGRESSION: ("mse", "mae", "pearson", "spearman", "r2"),
-}
-LOWER_IS_BETTER = {"mse", "mae"}
-
-
-def greater_is_better(metric: str) -> bool:
-    return metric not in LOWER_IS_BETTER
+from .problem_types import LOWER_IS_BETTER, METRICS, MULTI, REGRESSION, SINGLE, greater_is_better  # noqa: F401
 
 
 def _array(values, what: str, ndim: int) -> np.ndarray:

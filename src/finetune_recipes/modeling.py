@@ -124,20 +124,12 @@ def load_adapter_classifier(path: str | Path) -> PreTrainedModel:
     return PeftModel.from_pretrained(base, path)
 
 
-@torch.no_grad()
-def fold_target_scale(model: torch.nn.Module, mean: float, std: float) -> None:
-    """Folds a regression target's standardisation into the model's output layer (w·std, b·std + mean), so
-    the saved model, `pipeline()` and `predict` give values in the target's own units.
-
-    The output layer is the last trainable linear layer with one output (a peft adapter keeps a frozen copy
-    of the original head beside the trained one; the trained one is the one to fold)."""
-    if mean == 0.0 and std == 1.0:
-        return
-    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
-    trained = [m for m in heads if m.weight.requires_grad] or heads
+def target_head(model: torch.nn.Module) -> str:
+    """The name of a regression model's output layer: the last trainable linear layer with one output (a peft
+    adapter keeps a frozen copy of the original head beside the trained one; the trained one is the one)."""
+    heads = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+    trained = [(n, m) for n, m in heads if m.weight.requires_grad] or heads
     if not trained:
         raise ValueError(f"{type(model).__name__} has no linear layer with one output to fold the target scale into")
-    head = trained[-1]
-    head.weight.mul_(std)
-    if head.bias is not None:
-        head.bias.mul_(std).add_(mean)
+    return trained[-1][0]
+

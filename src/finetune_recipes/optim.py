@@ -6,13 +6,14 @@ import io
 import math
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers import get_scheduler
 
-from .config import UserError
+from .errors import UserError
 
 if TYPE_CHECKING:
     from .layers import LayerMap
@@ -117,6 +118,35 @@ def build_scheduler(
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # e.g. reduce_lr_on_plateau
         raise UserError(f"lr_scheduler_type '{name}' steps on a metric the training loop does not pass; use linear")
     return scheduler
+
+
+@dataclass
+class Schedule:
+    """The lr scheduler and the optimizer steps it spans, counted once, before the loaders are sharded."""
+
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    steps_per_epoch: int
+
+    @property
+    def num_epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, train_loader, args, processes: int) -> Schedule:
+    """`lr_scheduler_type` over max_train_steps, else over the epochs' worth of optimizer steps of the
+    not-yet-prepared `train_loader` once `processes` share its batches (`args`: the TrainingArguments)."""
+    per_epoch = math.ceil(math.ceil(len(train_loader) / processes) / args.gradient_accumulation_steps)
+    steps = args.max_train_steps or math.ceil(args.num_train_epochs * per_epoch)
+    if steps <= 0:
+        raise UserError("no training steps: raise --num_train_epochs or --max_train_steps")
+    if args.eval_strategy == "steps" and args.eval_steps > steps:  # it would only evaluate at the end
+        raise UserError(
+            f"eval_steps {args.eval_steps} is more than the run's {steps} optimizer steps; pass a smaller "
+            "--eval_steps, or --eval_strategy epoch"
+        )
+    scheduler = build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps)
+    return Schedule(scheduler, steps, per_epoch)
 
 
 def format_groups(groups: list[dict[str, Any]]) -> str:

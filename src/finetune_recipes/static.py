@@ -158,13 +158,9 @@ def load_vectors(model_args, data_args, training_args, args: StaticArguments) ->
     """The vectors and tokenizer `args` ask for: from --embeddings_file over the data's words, the encoder's
     input table, or model2vec's distillation of the encoder.
 
-    output_dir is checked first (a bad one fails before minutes of reading), and the main process goes
-    first: it fills the cache the others then read."""
+    The main process goes first: it fills the cache the others then read."""
     from accelerate import PartialState
 
-    from .training.outputs import check_output_dir
-
-    check_output_dir(training_args)
     state = PartialState(cpu=not torch.accelerator.is_available())  # the Accelerator built later shares it
     with state.main_process_first():
         if args.embeddings_file:

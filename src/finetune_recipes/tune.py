@@ -36,7 +36,7 @@ from .catalog import (
     resolve_recipe,
 )
 from .config import SHARED_TYPES, Parser, UserError, listing, parse_config
-from .metrics import greater_is_better
+from .problem_types import greater_is_better
 from .reporting.study import plot_study, write_best_config, write_trials
 from .training.outputs import LOCK, MANIFEST, claim_tool_dir
 

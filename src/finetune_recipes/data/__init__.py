@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
-from ..config import DataArguments, ModelArguments, UserError
+from ..config import DataArguments, ModelArguments
+from ..errors import UserError
+from ..problem_types import METRICS
 from .files import BBC_NEWS, check_columns, drop_absent_test_labels, load_bbc_news, load_raw_datasets
 from .loaders import (
     EpochLengthGroupedSampler,
@@ -47,15 +49,26 @@ class ClassificationData:
 logger = logging.getLogger(__name__)
 
 
-def load_data(model_args: ModelArguments, data_args: DataArguments, seed: int, accelerator, tokenizer=None) -> tuple:
+def load_data(model_args: ModelArguments, data_args: DataArguments, training_args, accelerator, tokenizer=None) -> tuple:
     """(tokenizer, ClassificationData); the main process builds first, so the others read its cache. A
-    `tokenizer` given (static word vectors bring their own) replaces the model's."""
+    `tokenizer` given (static word vectors bring their own) replaces the model's. Checks that the task computes
+    --metric_for_best_model: now, not at the first evaluation."""
     if tokenizer is None:
         tokenizer = build_tokenizer(model_args, data_args)
     else:
         check_windows(tokenizer, data_args)
     with accelerator.main_process_first():
-        return tokenizer, build_datasets(data_args, tokenizer, seed)
+        data = build_datasets(data_args, tokenizer, training_args.seed)
+    check_metric(training_args.metric_for_best_model, data.task.problem_type)
+    return tokenizer, data
+
+
+def check_metric(name: str | None, problem_type: str) -> None:
+    """metric_for_best_model must be one the task computes."""
+    if name and name not in METRICS[problem_type]:
+        kind = problem_type.replace("_classification", "").replace("_", "-")
+        known = ", ".join(METRICS[problem_type])
+        raise UserError(f"metric_for_best_model '{name}' is not computed for a {kind} task; pass one of {known}")
 
 
 def build_datasets(args: DataArguments, tokenizer: PreTrainedTokenizerBase, seed: int) -> ClassificationData:

@@ -9,7 +9,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset
 
 from ..config import DataArguments, UserError, first_line
-from ..metrics import MULTI, REGRESSION
+from ..problem_types import MULTI, REGRESSION
 
 logger = logging.getLogger(__name__)
 

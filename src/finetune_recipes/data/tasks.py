@@ -15,7 +15,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Sequence
 from torch.nn import functional as F
 
 from ..config import DataArguments, UserError, listing
-from ..metrics import METRICS, MULTI, REGRESSION, SINGLE
+from ..problem_types import METRICS, MULTI, REGRESSION, SINGLE
 from .files import check_no_missing, check_type, split_name
 
 logger = logging.getLogger(__name__)

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from ..config import UserError
-from ..metrics import REGRESSION, SINGLE
+from ..atomic import atomic_write
+from ..errors import UserError
+from ..ownership import lock_output_dir, owned_entries, write_manifest
+from ..problem_types import REGRESSION
 from .card import render_card, render_report
 from .plots import evaluation_pictures
 from .predictions import prediction_rows, read_csv, regression_pairs, to_csv
@@ -41,12 +43,9 @@ def render(
     }
 
 
-def report(path: str | Path) -> list[str]:
-    """Redraws the card, report and pictures of a finished run in `path`; returns the names written."""
-    from ..atomic import atomic_write
-    from ..training.outputs import lock_output_dir, owned_entries, write_manifest
-
-    out = Path(path)
+def render_saved(out: Path) -> dict[str, str | bytes]:
+    """The card, report and pictures of the run saved in `out`, drawn from its files alone (results.json,
+    recipe_config.yaml, config.json, the predictions files), so `finetune-recipes report` redraws them the same."""
     needed = ("results.json", "recipe_config.yaml", "config.json")
     missing = [n for n in needed if not (out / n).is_file()]
     if not out.is_dir() or missing:
@@ -55,16 +54,19 @@ def report(path: str | Path) -> list[str]:
     results = json.loads((out / "results.json").read_text())
     config = yaml.safe_load((out / "recipe_config.yaml").read_text())
     model_config = json.loads((out / "config.json").read_text())
-    # A run from before task shapes: single-label, no per-class report (the card and curves still come).
-    results.setdefault("task", {"problem_type": model_config.get("problem_type") or SINGLE})
-    results.setdefault("strategy", config.get("recipe", ""))
     label_names = [model_config["id2label"][str(i)] for i in range(len(model_config["id2label"]))]
     predictions = {p.name: p.read_text() for p in out.glob("predictions_*.csv")}
     files = {p.name for p in out.iterdir()}
-    rendered = render(results, config, label_names, files, out, predictions)
+    return render(results, config, label_names, files, out, predictions)
+
+
+def report(path: str | Path) -> list[str]:
+    """Redraws the card, report and pictures of a finished run in `path`; returns the names written."""
+    out = Path(path)
+    rendered = render_saved(out)
     lock = lock_output_dir(out)  # no run may be writing there meanwhile
     try:
-        owned = owned_entries(out) or set()
+        owned = owned_entries(out)
         theirs = sorted(n for n in rendered if (out / n).exists() and n not in owned)
         if theirs:  # a run only ever replaces what a run wrote
             raise UserError(f"{out / theirs[0]} is not a run's output; move it away, then run `report` again")
@@ -76,4 +78,4 @@ def report(path: str | Path) -> list[str]:
     return list(rendered)
 
 
-__all__ = ["PICTURES", "REPORT_FILES", "prediction_rows", "render", "report", "to_csv"]
+__all__ = ["PICTURES", "REPORT_FILES", "prediction_rows", "render", "render_saved", "report", "to_csv"]

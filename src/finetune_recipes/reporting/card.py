@@ -7,7 +7,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..metrics import METRICS, MULTI, REGRESSION, SINGLE
+from ..problem_types import METRICS, MULTI, REGRESSION, SINGLE
 
 STRATEGIES = {
     "static_embeddings": "Static word vectors: a bag of pretrained vectors (or a BiLSTM over them) and a head; no "

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 
 from ..atomic import atomic_write
-from ..metrics import MULTI, REGRESSION, SINGLE, greater_is_better
+from ..problem_types import MULTI, REGRESSION, SINGLE, greater_is_better
 
 # The two metrics a table shows per problem type, the first the primary one (the plot's, and what a row says).
 TABLE_METRICS = {SINGLE: ("accuracy", "f1_macro"), MULTI: ("f1_micro", "f1_macro"), REGRESSION: ("mse", "r2")}

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
-from ..metrics import MULTI, SINGLE, greater_is_better  # noqa: E402
+from ..problem_types import MULTI, SINGLE, greater_is_better  # noqa: E402
 
 
 def png(fig) -> bytes:

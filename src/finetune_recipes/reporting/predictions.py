@@ -8,7 +8,7 @@ import io
 
 import numpy as np
 
-from ..metrics import MULTI, SINGLE
+from ..problem_types import MULTI, SINGLE
 
 
 def prediction_rows(

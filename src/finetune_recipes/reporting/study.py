@@ -14,7 +14,7 @@ import yaml
 from ..atomic import atomic_write
 from ..catalog import as_flags, flag_groups, recipe_config
 from ..config import parse_config
-from ..metrics import greater_is_better
+from ..problem_types import greater_is_better
 
 
 def trial_rows(study, metric: str) -> list[dict]:

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import load_checkpoint_in_model
 from safetensors import SafetensorError
 
-from ..config import UserError, first_line
+from ..errors import UserError, first_line
 
 logger = logging.getLogger("finetune_recipes")
 
@@ -48,6 +48,11 @@ class TrainState:
     @classmethod
     def load(cls, directory: Path) -> TrainState:
         return cls(**json.loads((directory / STATE_FILE).read_text()))
+
+
+def checkpoint_due(checkpointing_steps: str | None, step: int) -> bool:
+    """--checkpointing_steps N: after every N-th optimizer step ("epoch": at the ends of epochs instead)."""
+    return checkpointing_steps not in (None, "epoch") and step % int(checkpointing_steps) == 0
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:

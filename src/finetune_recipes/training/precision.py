@@ -12,7 +12,8 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import DistributedType, set_seed, str_to_bool
 
 from .. import hardware
-from ..config import TrainingArguments, UserError
+from ..config import TrainingArguments
+from ..errors import UserError
 from ..errors import DISTRIBUTED
 from .tracking import TRACKER_PROJECT, trackers
 
@@ -28,11 +29,6 @@ def resolve_mixed_precision(requested: str | None) -> str | None:
     if hardware.bf16_supported(device):
         return "bf16"
     return "fp16" if device.type == "cuda" else "no"
-
-
-def pad_multiple(accelerator: Accelerator) -> int | None:
-    """Tensor cores and AMX tiles want sequence lengths in multiples of 8 under mixed precision."""
-    return 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
 
 
 def check_launch(accelerator: Accelerator) -> None:
@@ -94,3 +90,25 @@ def build_accelerator(args: TrainingArguments, find_unused_parameters: bool = Fa
         transformers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
     return accelerator
+
+
+def wrap_blocks_not_embeddings(accelerator, model: torch.nn.Module) -> None:
+    """Under FSDP2 with transformer-based wrapping, shard the model's blocks, but not the module that holds
+    its input embedding.
+
+    accelerate (1.15) wraps every class of `model._no_split_modules` (BERT's lists BertEmbeddings) and then
+    shards the input embedding once more on its own, which fails inside `fully_shard` ("Invariant
+    encountered: value was None") when its parent is already sharded. Measured on an H200 with torch 2.11.
+    An explicit `fsdp_transformer_layer_cls_to_wrap` in the config is left as the user wrote it.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or plugin.fsdp_version != 2 or plugin.transformer_cls_names_to_wrap:
+        return
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a head over cached features, or a model without one
+        return
+    holders = {type(m).__name__ for m in model.modules() if any(c is embeddings for c in m.children())}
+    plugin.transformer_cls_names_to_wrap = [
+        n for n in getattr(model, "_no_split_modules", None) or [] if n not in holders
+    ]

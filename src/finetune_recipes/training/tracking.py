@@ -1,4 +1,5 @@
-"""`--report_to jsonl`: every logged value as one JSON line per step, readable while the run goes on.
+"""What a run logs: the training loss (LossMeter), and `--report_to jsonl`: every logged value as one JSON line
+per step, readable while the run goes on.
 
 Accelerate's trackers (TensorBoard, W&B, ...) all need a package or a service; this one needs nothing, and a
 program can follow it with a plain read: `finetune-recipes tune` reads each trial's evaluations from it to
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
+import torch
 from accelerate.tracking import GeneralTracker, on_main_process
 
 from ..atomic import atomic_write
@@ -54,3 +57,32 @@ def trackers(report_to: str | None, project_dir: str, run_name: str) -> list | N
         return None
     names = [n.strip() for n in report_to.split(",") if n.strip()]
     return [JSONLinesTracker(run_name, project_dir) if n == JSONL else n for n in names]
+
+
+class LossMeter:
+    """The mean training loss since the last log line, kept on the device (no host sync per step), and the
+    run's throughput."""
+
+    def __init__(self, accelerator):
+        self.accelerator, self.total, self.batches = accelerator, torch.zeros((), device=accelerator.device), 0
+        self.samples, self.start = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.total += loss.detach()
+        self.batches += 1
+        self.samples += samples
+
+    def log(self, state, scheduler, progress) -> None:
+        """The mean since the last call, to the progress bar, the TrainState's loss history and the trackers."""
+        mean = self.accelerator.reduce(self.total, reduction="mean").item() / self.batches
+        lr = scheduler.get_last_lr()[-1]
+        self.total.zero_()
+        self.batches = 0
+        progress.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+        state.loss_history.append({"step": state.completed_steps, "loss": round(mean, 6), "lr": lr})
+        self.accelerator.log({"train/loss": mean, "train/lr": lr}, step=state.completed_steps)
+
+    def throughput(self) -> dict[str, float]:
+        runtime = time.perf_counter() - self.start
+        samples = self.samples * self.accelerator.num_processes
+        return {"train_runtime_s": round(runtime, 2), "train_samples_per_second": round(samples / runtime, 2)}

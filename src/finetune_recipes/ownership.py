@@ -1,0 +1,179 @@
+"""Who owns what in an output directory: the manifest of what runs wrote there (all that a run or a tool may
+ever remove) and the lock held by the one process writing there. The standard library only.
+
+A run claims its output_dir (`claim_output_dir`), a tool the folder it fills with many runs (`claim_tool_dir`);
+both refuse a folder holding something they did not write, unless asked to keep it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from .atomic import atomic_write, remove
+from .errors import UserError
+
+MANIFEST = ".finetune_recipes.json"  # the entries of output_dir that runs wrote: all that a run may remove
+LOCK = ".finetune_recipes.lock"  # held (flock) by the run writing into output_dir, for its whole lifetime
+BOOKKEEPING = {MANIFEST, LOCK}
+
+
+def entries(out: Path) -> set[str]:
+    return {p.name for p in out.iterdir()} if out.is_dir() else set()
+
+
+def owned_entries(out: Path) -> set[str]:
+    """What runs wrote in `out`, by its manifest (nothing when it has none)."""
+    try:
+        return set(json.loads((out / MANIFEST).read_text())["entries"]) | BOOKKEEPING
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{out / MANIFEST} is damaged; remove it and the outputs of the run it described") from None
+
+
+def write_manifest(out: Path, written: Iterable[str], kept: set[str]) -> None:
+    """The manifest: what it listed and is still there, plus `written`, never a kept (user's) entry.
+
+    Only names a run itself reports are added, so a file someone drops into output_dir while the run writes
+    there never becomes the run's, and a later overwrite leaves it alone."""
+    ours = sorted(((owned_entries(out) & entries(out)) | {MANIFEST, *written}) - kept - {LOCK})
+    atomic_write(out / MANIFEST, json.dumps({"written_by": "finetune-recipes", "entries": ours}, indent=1) + "\n")
+
+
+def lock_output_dir(out: Path) -> int:
+    """An exclusive lock on `out` until its file descriptor is closed: by the run, or by the process's end.
+
+    flock is released by the kernel however the process ends (SIGKILL included), so a dead run never
+    leaves a stale lock; the file names the holder for the message a second run prints.
+    """
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another run"
+        os.close(fd)
+        raise UserError(
+            f"output_dir {out} is in use by {holder}; wait for it to end or pass another --output_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"the run of pid {os.getpid()} on {socket.gethostname()}".encode())
+    return fd
+
+
+def inside(path: Path, directory: Path) -> bool:
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
+
+
+def check_output_dir(args, inputs: Iterable[str] = ()) -> None:
+    """Refuses an output_dir (`args`: output_dir, overwrite_output_dir, resume_from_checkpoint) whose contents
+    the run would replace or remove without being told to.
+
+    A non-empty output_dir needs --overwrite_output_dir, which removes only what runs wrote there (its
+    manifest says which) and never one of this run's `inputs`, or --resume_from_checkpoint with a checkpoint
+    of that same directory.
+    """
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file; pass --output_dir a directory")
+    if not entries(out) - BOOKKEEPING:
+        return
+    resume = args.resume_from_checkpoint
+    if resume and not args.overwrite_output_dir:
+        if resume != "latest" and not inside(Path(resume), out / "checkpoints"):
+            raise UserError(
+                f"output_dir {out} holds another run's outputs, which resuming from {resume} would replace; "
+                "pass an empty --output_dir, or --overwrite_output_dir"
+            )
+        return
+    if not args.overwrite_output_dir:
+        raise UserError(f"output_dir {out} is not empty; pass --overwrite_output_dir or another --output_dir")
+    if not (out / MANIFEST).is_file():
+        found = sorted(entries(out) - BOOKKEEPING)[0]
+        raise UserError(
+            f"output_dir {out} holds '{found}', which no run wrote (there is no {MANIFEST}), and "
+            "--overwrite_output_dir only removes what a run wrote; pass another --output_dir"
+        )
+    doomed = [out / name for name in (owned_entries(out) & entries(out)) - BOOKKEEPING]
+    for path in inputs:
+        if any(inside(Path(path), d) or inside(d, Path(path)) for d in doomed):
+            raise UserError(
+                f"--overwrite_output_dir would remove {path}, an input of this run; move it out of {out} "
+                "or pass another --output_dir"
+            )
+
+
+class OutputDir:
+    """A run's claim on its output_dir: the lock, held until this object is dropped (the run's `main` returned
+    or failed; a process's end releases it too, so a run called from Python does not keep the directory from
+    the next one), and the entries that are not the run's (`kept`), which it never replaces or removes."""
+
+    def __init__(self, path: Path, kept: set[str], lock: int):
+        self.path, self.kept = path, kept
+        self._release = weakref.finalize(self, os.close, lock)
+
+    def record(self, *written: str) -> None:
+        """Adds `written` (entries this run wrote or is about to write) to the manifest."""
+        write_manifest(self.path, written, self.kept)
+
+
+def claim_output_dir(args, inputs: Iterable[str], needed_mb: float, ahead: Iterable[str] = ()) -> OutputDir:
+    """Locks output_dir for this run and records what runs wrote there; on overwrite, removes only that.
+
+    Checked again here, just before the first write, because the directory may have changed since the start;
+    refused when the disk has not `needed_mb` free. The entries `ahead` are claimed before they exist, so a
+    run that dies after writing them still owns them."""
+    check_output_dir(args, inputs)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = lock_output_dir(out)
+    try:
+        free_mb = shutil.disk_usage(out).free / 2**20
+        if free_mb < needed_mb:
+            raise UserError(
+                f"output_dir {out} has {free_mb:,.0f} MB free and the model alone needs {needed_mb:,.0f} MB; "
+                "free space or pass another --output_dir"
+            )
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+            for name in (owned_entries(out) & entries(out)) - BOOKKEEPING:
+                remove(out / name)
+    except BaseException:
+        os.close(lock)
+        raise
+    claim = OutputDir(out, entries(out) - owned_entries(out), lock)
+    claim.record(*(entries(out) - claim.kept - BOOKKEEPING), *ahead)
+    return claim
+
+
+def claim_tool_dir(
+    directory: Path,
+    tool: str,
+    flag: str,
+    owned: Callable[[str], bool],
+    leftover: Callable[[str], bool],
+    earlier: str = "",
+) -> int:
+    """A directory that `tool` (tune, compare) fills with many runs: refused when it is a file or holds an entry
+    that is not `owned` (what the tool writes), and, when `earlier` (the message) is given, when it holds
+    anything; then locked, and cleared of a killed session's `leftover` entries. Returns the lock."""
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{flag} {directory} is a file; pass --{flag} a directory")
+    present = sorted(entries(directory) - BOOKKEEPING)
+    leftovers = [n for n in present if leftover(n)]
+    foreign = [n for n in present if not owned(n) and n not in leftovers]
+    if foreign:
+        raise UserError(f"{flag} {directory} holds '{foreign[0]}', which {tool} did not write; pass another --{flag}")
+    if present and earlier:
+        raise UserError(earlier)
+    (directory / "logs").mkdir(parents=True, exist_ok=True)
+    lock = lock_output_dir(directory)
+    for name in leftovers:
+        remove(directory / name)
+    return lock

@@ -1,0 +1,96 @@
+"""Starting a run's loop: a resume checked and loaded before anything is written, output_dir claimed, the
+trackers started, the plan logged; and each epoch's batches, those a resumed run already trained on skipped."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, skip_first_batches
+
+from ..config import RunArgs, TrainingArguments, resume_may_change
+from ..data import ClassificationData, content_digest
+from ..errors import DISTRIBUTED
+from ..optim import Schedule
+from ..ownership import OutputDir, claim_output_dir
+from .checkpoints import TrainState, adopt_best, resolve_checkpoint, resume
+from .save import on_main
+from .tracking import TRACKER_PROJECT
+
+logger = logging.getLogger("finetune_recipes")
+
+
+def start_training(
+    accelerator: Accelerator, model: torch.nn.Module, data: ClassificationData, schedule: Schedule, args: RunArgs
+) -> tuple[TrainState, OutputDir | None]:
+    """Where the loop starts (a new TrainState, or a checkpoint's with --resume_from_checkpoint) and the run's
+    claim on output_dir (on the main process; None on the others).
+
+    A resume is checked against the run's settings and data, and loaded, before anything is written: a
+    refused resume leaves output_dir as it was. Then output_dir is locked and claimed (an overwrite removes
+    only what runs wrote), the trackers start with the resolved config, and the plan is logged.
+    """
+    training = args.get(TrainingArguments)
+    state = TrainState()
+    if training.checkpointing_steps or training.resume_from_checkpoint:  # only checkpoints carry it
+        state.fingerprint = fingerprint(args, data, accelerator.num_processes)
+    path = None
+    if training.resume_from_checkpoint:
+        path = resolve_checkpoint(training.output_dir, training.resume_from_checkpoint)
+        state = resume(accelerator, path, state.fingerprint, training.allow_config_change_on_resume)
+    if accelerator.num_processes > 1:
+        DISTRIBUTED.append(model)  # DDP's Reducer holds the process group: see errors.run_to_end
+    out = claim(accelerator, model, args)
+    if path:
+        adopt_best(accelerator, path, training.output_dir, state)
+        logger.info("Resumed at step %d from %s", state.completed_steps, path)
+    if training.report_to:
+        settings = {k: v for k, v in args.resolved().items() if v is not None and not isinstance(v, dict | list)}
+        settings["total_steps"] = schedule.total_steps  # what a reader of the logs needs to place a step
+        accelerator.init_trackers(TRACKER_PROJECT, settings)  # the resolved config: no token in it
+    logger.info(
+        "%d optimizer steps on %d process(es) (%s), %s precision, %d examples per step",
+        schedule.total_steps,
+        accelerator.num_processes,
+        accelerator.distributed_type.value,
+        accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32",
+        training.per_device_train_batch_size * training.gradient_accumulation_steps * accelerator.num_processes,
+    )
+    return state, out
+
+
+def fingerprint(args: RunArgs, data: ClassificationData, processes: int) -> dict[str, object]:
+    """What determines a run's trajectory: its settings, the recipe, the process count and the data's content."""
+    may_change = resume_may_change(*args.configs)
+    settings = {k: v for k, v in args.resolved().items() if k not in may_change}
+    digests = {f"{split}_data": content_digest(getattr(data, split)) for split in ("train", "validation")}
+    return {**settings, **digests, "recipe": args.recipe, "processes": processes}
+
+
+def claim(accelerator: Accelerator, model: torch.nn.Module, args: RunArgs) -> OutputDir | None:
+    """output_dir locked and claimed on the main process (checked again: it may have changed since the start);
+    refused when the disk has no room for the model, a warning when checkpoints may not fit."""
+    training = args.get(TrainingArguments)
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+    def work() -> OutputDir:
+        out = claim_output_dir(training, args.inputs(), model_mb, ahead=("checkpoints", TRACKER_PROJECT))
+        kept = training.save_total_limit or 1
+        free_mb = shutil.disk_usage(out.path).free / 2**20
+        if training.checkpointing_steps and free_mb < model_mb * (1 + 3 * kept):
+            logger.warning("%s has %.0f MB free; %d checkpoints may need %.0f MB", out.path, free_mb, kept, 3 * kept * model_mb)
+        return out
+
+    failure = f"cannot write to output_dir {training.output_dir} ({{reason}}); pass a writable --output_dir"
+    return on_main(accelerator, work, failure)
+
+
+def epoch_batches(loader, epoch: int, state: TrainState):
+    """The epoch's batches in their seeded order (the same in every process and on every resume); a run resumed
+    mid-epoch skips those it had already trained on."""
+    loader.set_epoch(epoch)
+    skip = state.batches_in_epoch
+    return skip_first_batches(loader, skip) if skip else loader
+
