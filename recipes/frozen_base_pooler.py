@@ -19,25 +19,38 @@ set, model or output_dir, or a model whose layers cannot be mapped, before train
 
 from pathlib import Path
 
+from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding
 
 from finetune_recipes import (
     DataArguments,
     EncodeArguments,
+    LossMeter,
     ModelArguments,
+    RunArgs,
     TrainingArguments,
+    Validation,
+    build_accelerator,
     build_model,
     build_optimizer,
+    build_schedule,
     cached_features,
+    check_outputs,
+    checkpoint_due,
     discover_layers,
+    epoch_batches,
+    evaluate,
     feature_loaders,
     format_trainable,
+    load_data,
     on_cached_states,
     param_groups,
+    push_to_hub,
     run_cli,
+    save_checkpoint,
+    save_run,
     set_trainable,
-    start_run,
-    train,
+    start_training,
 )
 
 CONFIG = Path(__file__).parent / "configs" / "frozen_base_pooler.yaml"
@@ -49,54 +62,120 @@ SEARCH_SPACE = {
 }
 
 
-def loss_step(model, batch, criterion):
-    """The loss the loop backpropagates: the task's criterion on the model's logits (cross-entropy; per-label BCE
-    for multi-label; MSE for regression; class-weighted with --class_weights). Yours to change (label
-    smoothing, a penalty): return any scalar tensor computed from `model` and `batch`."""
-    labels = batch.pop("labels")
-    return criterion(model(**batch).logits, labels)
-
-
-def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, cache=None) -> dict:
+def main(model_args, data_args, training_args: TrainingArguments, cache: EncodeArguments | None = None) -> dict:
     cache = cache or EncodeArguments()
-    run = start_run(model_args, data_args, training_args, cache)
-    model = build_model(model_args, run.task)
+    args = RunArgs.of(__file__, model_args, data_args, training_args, cache)  # saved in recipe_config.yaml
+    check_outputs(training_args)  # output_dir and the Hub: refused now, not after the training
+    accelerator = build_accelerator(training_args)
 
-    # What trains: the pooler (pretrained, one dense layer over the first token) and the new head.
-    # Models without a pooler (RoBERTa, DistilBERT, ELECTRA, DeBERTa) keep their dense pre-classifier
-    # layer in the head, so for them "pooler + head" is the whole head, and we say so.
-    layers = discover_layers(model, model_args.layer_mapping)
+    # Tokenizer and data: labels fixed from train, a stratified validation split when none is given.
+    tokenizer, data = load_data(model_args, data_args, training_args, accelerator)
+
+    # Model: the pretrained encoder with a new head sized to the labels.
+    classifier = build_model(model_args, data.task)
+
+    # Strategy: what trains is the pooler (pretrained, one dense layer over the first token) and the new head.
+    # Models without a pooler (RoBERTa, DistilBERT, ELECTRA, DeBERTa) keep their dense pre-classifier layer in
+    # the head, so for them "pooler + head" is the whole head, and we say so.
+    layers = discover_layers(classifier, model_args.layer_mapping)
     if not layers.pooler:
-        run.accelerator.print(f"{type(model).__name__} has no pooler: training its classification head only.")
-    set_trainable(model, layers, ["pooler", "head"])
-    run.accelerator.print(format_trainable(model, layers))
+        accelerator.print(f"{type(classifier).__name__} has no pooler: training its classification head only.")
+    set_trainable(classifier, layers, ["pooler", "head"])
+    accelerator.print(format_trainable(classifier, layers))
+    model = on_cached_states(classifier)  # the classifier's own pooler and head, over first-token states
 
-    top = on_cached_states(model)  # the model's own pooler and head, over first-token states
-
-    # The frozen encoder runs once, in eval mode (no dropout): every split's first-token states, or the cache.
-    model.to(run.accelerator.device)
-    splits = {split: getattr(run.data, split) for split in run.loaders}  # train, validation, labelled test
-    collator = DataCollatorWithPadding(run.tokenizer)
+    # Strategy: the frozen encoder runs once, in eval mode (no dropout): every split's first-token states, or
+    # the cache. A long document's windows stay examples of their own, scored and averaged as the saved model will.
+    classifier.to(accelerator.device)
+    splits = data.labelled_splits()
     states = cached_features(
-        model.base_model,
+        classifier.base_model,
         splits,
-        collator,
-        run.accelerator,
+        DataCollatorWithPadding(tokenizer),
+        accelerator,
         "cls",
         data_args.max_length,
         cache.feature_cache_dir,
         cache.encode_batch_size,
     )
-    # A long document's windows stay examples of their own, scored and averaged as the saved model will.
-    run.loaders = feature_loaders(states, splits, training_args, data_args, "inputs_embeds", average_windows=False)
+    loaders = feature_loaders(states, splits, training_args, data_args, "inputs_embeds", average_windows=False)
+    train_loader, eval_loader, test_loader = loaders
 
-    groups = param_groups(top, training_args.learning_rate, training_args.weight_decay)
+    groups = param_groups(model, training_args.learning_rate, training_args.weight_decay)
     optimizer = build_optimizer(groups, training_args.learning_rate)
-    schedule = run.build_schedule(optimizer)
+    schedule = build_schedule(optimizer, train_loader, training_args, accelerator.num_processes)
 
-    run.prepare(top, optimizer, schedule)
-    results = train(run, loss_step)
-    return run.finish(results, model=model)  # the whole classifier, with the trained pooler and head
+    model, optimizer, scheduler, train_loader, eval_loader, test_loader = accelerator.prepare(
+        model, optimizer, schedule.scheduler, train_loader, eval_loader, test_loader
+    )
+
+    # The loop. A resume restores every state and skips the batches already trained on.
+    state, out = start_training(accelerator, model, data, schedule, args)
+    validation = Validation(accelerator, eval_loader, data.task, training_args, data_args.window_aggregation)
+    losses = LossMeter(accelerator)
+    progress = tqdm(
+        total=schedule.total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
+    )
+    for epoch in range(state.epoch, schedule.num_epochs):
+        if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
+            break  # resumed from the run's last checkpoint
+        model.train()
+        for batch in epoch_batches(train_loader, epoch, state):
+            with accelerator.accumulate(model):
+                labels = batch.pop("labels")
+                loss = data.task.loss(model(**batch).logits, labels)  # cross-entropy, BCE or MSE; class-weighted
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:  # the accumulated micro-batches are in: one optimizer step
+                    if training_args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            losses.add(loss, len(labels))
+            if not accelerator.sync_gradients:
+                continue
+            state.completed_steps += 1
+            progress.update()
+            if state.completed_steps % training_args.logging_steps == 0:
+                losses.log(state, scheduler, progress)
+            if training_args.eval_strategy == "steps" and state.completed_steps % training_args.eval_steps == 0:
+                validation(model, state)  # logged; the best weights kept on disk; patience counted
+            if checkpoint_due(training_args.checkpointing_steps, state.completed_steps):
+                save_checkpoint(accelerator, state, training_args.output_dir, training_args.save_total_limit)
+            if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
+                break
+        state.epoch, state.batches_in_epoch = epoch + 1, 0
+        if training_args.eval_strategy == "epoch" or state.completed_steps >= schedule.total_steps:
+            validation(model, state)
+        if training_args.checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, state, training_args.output_dir, training_args.save_total_limit)
+        if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
+            break
+    progress.close()
+
+    # Final evaluation: the best evaluation (its weights restored) or the last; then the test split.
+    final = validation.final(model, state)
+    test = evaluate(model, test_loader, data.task, accelerator, data_args.window_aggregation) if test_loader else None
+    results = {**validation.results(state, final, test), **losses.throughput()}
+
+    # Save: the whole classifier (Strategy), with the trained pooler and head; then the Hub.
+    scored = {"validation": final, "test": test}
+    results = save_run(
+        accelerator,
+        out,
+        args,
+        model=classifier,
+        tokenizer=tokenizer,
+        data=data,
+        results=results,
+        scored=scored,
+        trained=model,
+    )
+    if training_args.push_to_hub:
+        push_to_hub(accelerator, out, training_args, results, data.task)
+    accelerator.end_training()
+    return results
 
 
 if __name__ == "__main__":

@@ -77,7 +77,9 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     state, out = start_training(accelerator, model, data, schedule, args)
     validation = Validation(accelerator, eval_loader, data.task, training_args, data_args.window_aggregation)
     losses = LossMeter(accelerator)
-    progress = tqdm(total=schedule.total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=schedule.total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
+    )
     for epoch in range(state.epoch, schedule.num_epochs):
         if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
             break  # resumed from the run's last checkpoint
@@ -123,7 +125,9 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
 
     # Save: model and tokenizer where pipeline() loads them, results, predictions, the card; then the Hub.
     scored = {"validation": final, "test": test}
-    results = save_run(accelerator, out, args, model=model, tokenizer=tokenizer, data=data, results=results, scored=scored)
+    results = save_run(
+        accelerator, out, args, model=model, tokenizer=tokenizer, data=data, results=results, scored=scored
+    )
     if training_args.push_to_hub:
         push_to_hub(accelerator, out, training_args, results, data.task)
     accelerator.end_training()

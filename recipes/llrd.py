@@ -16,21 +16,37 @@ Writes param_groups.md (and lr_schedule.png with --plot_lr) beside the model.
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from finetune_recipes import (
     ON_RESUME,
     DataArguments,
+    LossMeter,
     ModelArguments,
+    RunArgs,
     TrainingArguments,
+    Validation,
+    build_accelerator,
+    build_dataloaders,
     build_model,
     build_optimizer,
+    build_schedule,
+    check_outputs,
+    checkpoint_due,
     discover_layers,
+    epoch_batches,
+    evaluate,
     format_groups,
+    load_data,
     lr_trajectory,
     param_groups,
     plot_lr_schedule,
+    push_to_hub,
     run_cli,
-    start_run,
-    train,
+    save_checkpoint,
+    save_run,
+    start_training,
+    wrap_blocks_not_embeddings,
 )
 
 CONFIG = Path(__file__).parent / "configs" / "llrd.yaml"
@@ -49,40 +65,99 @@ class LLRDArguments:
     plot_lr: bool = field(default=False, metadata={ON_RESUME: True, "help": "Write lr_schedule.png to output_dir."})
 
 
-def loss_step(model, batch, criterion):
-    """The loss the loop backpropagates: the task's criterion on the model's logits (cross-entropy; per-label BCE
-    for multi-label; MSE for regression; class-weighted with --class_weights). Yours to change (label
-    smoothing, a penalty): return any scalar tensor computed from `model` and `batch`."""
-    labels = batch.pop("labels")
-    return criterion(model(**batch).logits, labels)
-
-
 def main(model_args, data_args, training_args: TrainingArguments, llrd: LLRDArguments) -> dict:
-    run = start_run(model_args, data_args, training_args, llrd)
-    model = build_model(model_args, run.task)
+    args = RunArgs.of(__file__, model_args, data_args, training_args, llrd)  # saved in recipe_config.yaml
+    check_outputs(training_args)  # output_dir and the Hub: refused now, not after the training
+    accelerator = build_accelerator(training_args)
 
-    # What trains: everything. Depth 0 is the embeddings, 1..L the blocks, L+1 the pooler and head;
-    # each depth below the top multiplies the rate by layer_decay, so the embeddings move least.
+    # Tokenizer and data: labels fixed from train, a stratified validation split when none is given.
+    tokenizer, data = load_data(model_args, data_args, training_args, accelerator)
+    train_loader, eval_loader, test_loader = build_dataloaders(data, tokenizer, data_args, training_args, accelerator)
+
+    # Model: the pretrained encoder with a new head sized to the labels.
+    model = build_model(model_args, data.task)
+
+    # Strategy: what trains is everything, lower layers slower. Depth 0 is the embeddings, 1..L the blocks,
+    # L+1 the pooler and head; each depth below the top multiplies the rate by layer_decay.
     layers = discover_layers(model, model_args.layer_mapping)
     lr = training_args.learning_rate
     groups = param_groups(
         model, lr, training_args.weight_decay, layer_map=layers, layer_decay=llrd.layer_decay, head_lr=llrd.head_lr
     )
     report = format_groups(groups)
-    run.accelerator.print(f"Optimizer groups ({len(groups)}):\n{report}")
+    accelerator.print(f"Optimizer groups ({len(groups)}):\n{report}")
     optimizer = build_optimizer(groups, lr)
-    schedule = run.build_schedule(optimizer)
-    files = {"param_groups.md": report + "\n"}
+    schedule = build_schedule(optimizer, train_loader, training_args, accelerator.num_processes)
+    files = {"param_groups.md": report + "\n"}  # Strategy: saved beside the model
     if llrd.plot_lr:  # every group's lr over the run, drawn before training so a missing matplotlib stops it
-        args = training_args
-        lrs = lr_trajectory(
-            groups, args.lr_scheduler_type, schedule.total_steps, args.warmup_ratio, args.warmup_steps, lr
-        )
+        t = training_args
+        lrs = lr_trajectory(groups, t.lr_scheduler_type, schedule.total_steps, t.warmup_ratio, t.warmup_steps, lr)
         files["lr_schedule.png"] = plot_lr_schedule(groups, lrs)
 
-    run.prepare(model, optimizer, schedule)
-    results = train(run, loss_step)
-    return run.finish(results, extra_files=files)
+    wrap_blocks_not_embeddings(accelerator, model)  # FSDP2 only: what it shards
+    model, optimizer, scheduler, train_loader, eval_loader, test_loader = accelerator.prepare(
+        model, optimizer, schedule.scheduler, train_loader, eval_loader, test_loader
+    )
+
+    # The loop. A resume restores every state and skips the batches already trained on.
+    state, out = start_training(accelerator, model, data, schedule, args)
+    validation = Validation(accelerator, eval_loader, data.task, training_args, data_args.window_aggregation)
+    losses = LossMeter(accelerator)
+    progress = tqdm(
+        total=schedule.total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
+    )
+    for epoch in range(state.epoch, schedule.num_epochs):
+        if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
+            break  # resumed from the run's last checkpoint
+        model.train()
+        for batch in epoch_batches(train_loader, epoch, state):
+            with accelerator.accumulate(model):
+                labels = batch.pop("labels")
+                loss = data.task.loss(model(**batch).logits, labels)  # cross-entropy, BCE or MSE; class-weighted
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:  # the accumulated micro-batches are in: one optimizer step
+                    if training_args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            losses.add(loss, len(labels))
+            if not accelerator.sync_gradients:
+                continue
+            state.completed_steps += 1
+            progress.update()
+            if state.completed_steps % training_args.logging_steps == 0:
+                losses.log(state, scheduler, progress)
+            if training_args.eval_strategy == "steps" and state.completed_steps % training_args.eval_steps == 0:
+                validation(model, state)  # logged; the best weights kept on disk; patience counted
+            if checkpoint_due(training_args.checkpointing_steps, state.completed_steps):
+                save_checkpoint(accelerator, state, training_args.output_dir, training_args.save_total_limit)
+            if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
+                break
+        state.epoch, state.batches_in_epoch = epoch + 1, 0
+        if training_args.eval_strategy == "epoch" or state.completed_steps >= schedule.total_steps:
+            validation(model, state)
+        if training_args.checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, state, training_args.output_dir, training_args.save_total_limit)
+        if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
+            break
+    progress.close()
+
+    # Final evaluation: the best evaluation (its weights restored) or the last; then the test split.
+    final = validation.final(model, state)
+    test = evaluate(model, test_loader, data.task, accelerator, data_args.window_aggregation) if test_loader else None
+    results = {**validation.results(state, final, test), **losses.throughput()}
+
+    # Save: model and tokenizer where pipeline() loads them, results, predictions, the card; then the Hub.
+    scored = {"validation": final, "test": test}
+    results = save_run(
+        accelerator, out, args, model=model, tokenizer=tokenizer, data=data, results=results, scored=scored, files=files
+    )
+    if training_args.push_to_hub:
+        push_to_hub(accelerator, out, training_args, results, data.task)
+    accelerator.end_training()
+    return results
 
 
 if __name__ == "__main__":

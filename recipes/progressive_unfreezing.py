@@ -16,24 +16,40 @@ data set, model or output_dir, a bad unfreezing schedule, or a model whose layer
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from finetune_recipes import (
     DataArguments,
+    LossMeter,
     ModelArguments,
+    RunArgs,
     TrainingArguments,
+    Validation,
+    build_accelerator,
+    build_dataloaders,
     build_model,
     build_optimizer,
+    build_schedule,
+    check_outputs,
+    checkpoint_due,
     discover_layers,
+    epoch_batches,
     eval_frozen,
+    evaluate,
     format_groups,
     format_trainable,
+    load_data,
     param_groups,
+    push_to_hub,
     run_cli,
+    save_checkpoint,
+    save_run,
     set_trainable,
     stage_at,
     stage_starts,
-    start_run,
-    train,
+    start_training,
     unfreezing_stages,
+    wrap_blocks_not_embeddings,
 )
 
 CONFIG = Path(__file__).parent / "configs" / "progressive_unfreezing.yaml"
@@ -57,23 +73,23 @@ class UnfreezeArguments:
     head_lr: float | None = field(default=5e-3, metadata={"help": "The new head's rate; the rest learning_rate."})
 
 
-def loss_step(model, batch, criterion):
-    """The loss the loop backpropagates: the task's criterion on the model's logits (cross-entropy; per-label BCE
-    for multi-label; MSE for regression; class-weighted with --class_weights). Yours to change (label
-    smoothing, a penalty): return any scalar tensor computed from `model` and `batch`."""
-    labels = batch.pop("labels")
-    return criterion(model(**batch).logits, labels)
-
-
 def main(model_args, data_args, training_args: TrainingArguments, unfreeze: UnfreezeArguments) -> dict:
-    # Which parameters get gradients changes mid-run, so DDP must not expect all of them every step.
-    run = start_run(model_args, data_args, training_args, unfreeze, find_unused_parameters=True)
-    model = build_model(model_args, run.task)
+    args = RunArgs.of(__file__, model_args, data_args, training_args, unfreeze)  # saved in recipe_config.yaml
+    check_outputs(training_args)  # output_dir and the Hub: refused now, not after the training
+    # Strategy: which parameters get gradients changes mid-run, so DDP must not expect all of them every step.
+    accelerator = build_accelerator(training_args, find_unused_parameters=True)
 
-    # What trains, and when: stage 0 is the pooler and head; stage k adds the k-th block from the top;
-    # the last stage adds the embeddings. Every parameter is in the optimizer from the start, at its
-    # own (optionally layer-decayed) rate on the shared schedule: a frozen one gets no gradient, so
-    # AdamW skips it and starts its moments from zero on the step it thaws.
+    # Tokenizer and data: labels fixed from train, a stratified validation split when none is given.
+    tokenizer, data = load_data(model_args, data_args, training_args, accelerator)
+    train_loader, eval_loader, test_loader = build_dataloaders(data, tokenizer, data_args, training_args, accelerator)
+
+    # Model: the pretrained encoder with a new head sized to the labels.
+    model = build_model(model_args, data.task)
+
+    # Strategy: what trains, and when. Stage 0 is the pooler and head; stage k adds the k-th block from the
+    # top; the last stage adds the embeddings. Every parameter is in the optimizer from the start, at its own
+    # (optionally layer-decayed) rate on the shared schedule: a frozen one gets no gradient, so AdamW skips it
+    # and starts its moments from zero on the step it thaws.
     layers = discover_layers(model, model_args.layer_mapping)
     stages = unfreezing_stages(layers)
     groups = param_groups(
@@ -86,23 +102,19 @@ def main(model_args, data_args, training_args: TrainingArguments, unfreeze: Unfr
         include_frozen=True,
     )
     report = format_groups(groups)
-    run.accelerator.print(f"Optimizer groups ({len(groups)}):\n{report}")
+    accelerator.print(f"Optimizer groups ({len(groups)}):\n{report}")
     optimizer = build_optimizer(groups, training_args.learning_rate)
-    schedule = run.build_schedule(optimizer)
+    schedule = build_schedule(optimizer, train_loader, training_args, accelerator.num_processes)
+    u = unfreeze
     starts = stage_starts(
         len(stages),
-        unfreeze.unfreeze_every,
+        u.unfreeze_every,
         schedule.steps_per_epoch,
-        unfreeze.unfreeze_unit,
-        unfreeze.unfreeze_schedule,
+        u.unfreeze_unit,
+        u.unfreeze_schedule,
         schedule.total_steps,
     )
-    run.accelerator.print(
-        "Unfreezing schedule: " + ", ".join(f"step {s}: {stages[k][-1]}" for k, s in enumerate(starts))
-    )
-
-    # DDP registers only parameters that require gradients when it wraps the model: prepare while all do.
-    run.prepare(model, optimizer, schedule)
+    accelerator.print("Unfreezing schedule: " + ", ".join(f"step {s}: {stages[k][-1]}" for k, s in enumerate(starts)))
     current = [-1]
 
     def thaw(step: int) -> None:  # a function of the step alone, so a resumed run lands in its stage
@@ -110,12 +122,85 @@ def main(model_args, data_args, training_args: TrainingArguments, unfreeze: Unfr
         if stage != current[0]:
             set_trainable(model, layers, stages[stage])
             current[0] = stage
-            run.accelerator.print(f"step {step}: stage {stage}\n{format_trainable(model, layers)}")
+            accelerator.print(f"step {step}: stage {stage}\n{format_trainable(model, layers)}")
         eval_frozen(model)  # frozen blocks without dropout (again after each evaluation's model.train())
 
-    results = train(run, loss_step, on_step=thaw)
-    results["unfreezing_stage_starts"] = starts
-    return run.finish(results, extra_files={"param_groups.md": report + "\n"})
+    # DDP registers only parameters that require gradients when it wraps the model: prepare while all do.
+    wrap_blocks_not_embeddings(accelerator, model)  # FSDP2 only: what it shards
+    model, optimizer, scheduler, train_loader, eval_loader, test_loader = accelerator.prepare(
+        model, optimizer, schedule.scheduler, train_loader, eval_loader, test_loader
+    )
+
+    # The loop. A resume restores every state and skips the batches already trained on.
+    state, out = start_training(accelerator, model, data, schedule, args)
+    validation = Validation(accelerator, eval_loader, data.task, training_args, data_args.window_aggregation)
+    losses = LossMeter(accelerator)
+    progress = tqdm(
+        total=schedule.total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
+    )
+    for epoch in range(state.epoch, schedule.num_epochs):
+        if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
+            break  # resumed from the run's last checkpoint
+        model.train()
+        thaw(state.completed_steps)  # Strategy: the stage this step is in
+        for batch in epoch_batches(train_loader, epoch, state):
+            with accelerator.accumulate(model):
+                labels = batch.pop("labels")
+                loss = data.task.loss(model(**batch).logits, labels)  # cross-entropy, BCE or MSE; class-weighted
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:  # the accumulated micro-batches are in: one optimizer step
+                    if training_args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            losses.add(loss, len(labels))
+            if not accelerator.sync_gradients:
+                continue
+            state.completed_steps += 1
+            progress.update()
+            if state.completed_steps % training_args.logging_steps == 0:
+                losses.log(state, scheduler, progress)
+            if training_args.eval_strategy == "steps" and state.completed_steps % training_args.eval_steps == 0:
+                validation(model, state)  # logged; the best weights kept on disk; patience counted
+            if checkpoint_due(training_args.checkpointing_steps, state.completed_steps):
+                save_checkpoint(accelerator, state, training_args.output_dir, training_args.save_total_limit)
+            thaw(state.completed_steps)  # Strategy: after each optimizer step (and its evaluation), the next stage
+            if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
+                break
+        state.epoch, state.batches_in_epoch = epoch + 1, 0
+        if training_args.eval_strategy == "epoch" or state.completed_steps >= schedule.total_steps:
+            validation(model, state)
+        if training_args.checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, state, training_args.output_dir, training_args.save_total_limit)
+        if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
+            break
+    progress.close()
+
+    # Final evaluation: the best evaluation (its weights restored) or the last; then the test split.
+    final = validation.final(model, state)
+    test = evaluate(model, test_loader, data.task, accelerator, data_args.window_aggregation) if test_loader else None
+    results = {**validation.results(state, final, test), **losses.throughput()}
+    results["unfreezing_stage_starts"] = starts  # Strategy
+
+    # Save: model and tokenizer where pipeline() loads them, results, predictions, the card; then the Hub.
+    scored = {"validation": final, "test": test}
+    results = save_run(
+        accelerator,
+        out,
+        args,
+        model=model,
+        tokenizer=tokenizer,
+        data=data,
+        results=results,
+        scored=scored,
+        files={"param_groups.md": report + "\n"},
+    )
+    if training_args.push_to_hub:
+        push_to_hub(accelerator, out, training_args, results, data.task)
+    accelerator.end_training()
+    return results
 
 
 if __name__ == "__main__":

@@ -21,19 +21,34 @@ and `pipeline()` once `finetune_recipes.static` is imported, and `finetune-recip
 
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from finetune_recipes import (
     DataArguments,
+    LossMeter,
     ModelArguments,
+    RunArgs,
     StaticArguments,
     TrainingArguments,
+    Validation,
+    build_accelerator,
+    build_dataloaders,
     build_optimizer,
+    build_schedule,
     build_static_model,
+    check_outputs,
+    checkpoint_due,
     count_parameters,
+    epoch_batches,
+    evaluate,
+    load_data,
     load_vectors,
     param_groups,
+    push_to_hub,
     run_cli,
-    start_run,
-    train,
+    save_checkpoint,
+    save_run,
+    start_training,
 )
 
 CONFIG = Path(__file__).parent / "configs" / "static_embeddings.yaml"
@@ -44,33 +59,91 @@ SEARCH_SPACE = {
 }
 
 
-def loss_step(model, batch, criterion):
-    """The loss the loop backpropagates: the task's criterion on the model's logits (cross-entropy; per-label BCE
-    for multi-label; MSE for regression; class-weighted with --class_weights). Yours to change (label
-    smoothing, a penalty): return any scalar tensor computed from `model` and `batch`."""
-    labels = batch.pop("labels")
-    return criterion(model(**batch).logits, labels)
-
-
-def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, static) -> dict:
-    # The vectors bring their tokenizer (word pieces or words), so they come before the data.
+def main(model_args, data_args, training_args: TrainingArguments, static: StaticArguments) -> dict:
+    args = RunArgs.of(__file__, model_args, data_args, training_args, static)  # saved in recipe_config.yaml
+    check_outputs(training_args)  # output_dir and the Hub: refused now, not after the training
+    # Strategy: the vectors bring their tokenizer (word pieces or words), so they come before the data.
     vectors = load_vectors(model_args, data_args, training_args, static)
-    run = start_run(model_args, data_args, training_args, static, tokenizer=vectors.tokenizer)
+    accelerator = build_accelerator(training_args)
     if vectors.coverage:
-        run.accelerator.print(vectors.coverage)
-    model = build_static_model(vectors, run.task, static)
+        accelerator.print(vectors.coverage)
 
-    # What trains: the head, and the LSTM with --encoder lstm; the vectors only with --freeze_embeddings false.
+    # Tokenizer and data: labels fixed from train, a stratified validation split when none is given.
+    tokenizer, data = load_data(model_args, data_args, training_args, accelerator, tokenizer=vectors.tokenizer)
+    train_loader, eval_loader, test_loader = build_dataloaders(data, tokenizer, data_args, training_args, accelerator)
+
+    # Strategy: the model is the vectors (a bag, or a BiLSTM over them) and a head. What trains: the head, and
+    # the LSTM with --encoder lstm; the vectors only with --freeze_embeddings false.
+    model = build_static_model(vectors, data.task, static)
     trainable, total = count_parameters(model)
-    run.accelerator.print(f"trainable: {trainable:,} of {total:,} parameters ({trainable / total:.2%})")
-
+    accelerator.print(f"trainable: {trainable:,} of {total:,} parameters ({trainable / total:.2%})")
     groups = param_groups(model, training_args.learning_rate, training_args.weight_decay)
     optimizer = build_optimizer(groups, training_args.learning_rate)
-    schedule = run.build_schedule(optimizer)
+    schedule = build_schedule(optimizer, train_loader, training_args, accelerator.num_processes)
 
-    run.prepare(model, optimizer, schedule)
-    results = train(run, loss_step)
-    return run.finish(results)
+    model, optimizer, scheduler, train_loader, eval_loader, test_loader = accelerator.prepare(
+        model, optimizer, schedule.scheduler, train_loader, eval_loader, test_loader
+    )
+
+    # The loop. A resume restores every state and skips the batches already trained on.
+    state, out = start_training(accelerator, model, data, schedule, args)
+    validation = Validation(accelerator, eval_loader, data.task, training_args, data_args.window_aggregation)
+    losses = LossMeter(accelerator)
+    progress = tqdm(
+        total=schedule.total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
+    )
+    for epoch in range(state.epoch, schedule.num_epochs):
+        if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
+            break  # resumed from the run's last checkpoint
+        model.train()
+        for batch in epoch_batches(train_loader, epoch, state):
+            with accelerator.accumulate(model):
+                labels = batch.pop("labels")
+                loss = data.task.loss(model(**batch).logits, labels)  # cross-entropy, BCE or MSE; class-weighted
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:  # the accumulated micro-batches are in: one optimizer step
+                    if training_args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            losses.add(loss, len(labels))
+            if not accelerator.sync_gradients:
+                continue
+            state.completed_steps += 1
+            progress.update()
+            if state.completed_steps % training_args.logging_steps == 0:
+                losses.log(state, scheduler, progress)
+            if training_args.eval_strategy == "steps" and state.completed_steps % training_args.eval_steps == 0:
+                validation(model, state)  # logged; the best weights kept on disk; patience counted
+            if checkpoint_due(training_args.checkpointing_steps, state.completed_steps):
+                save_checkpoint(accelerator, state, training_args.output_dir, training_args.save_total_limit)
+            if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
+                break
+        state.epoch, state.batches_in_epoch = epoch + 1, 0
+        if training_args.eval_strategy == "epoch" or state.completed_steps >= schedule.total_steps:
+            validation(model, state)
+        if training_args.checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, state, training_args.output_dir, training_args.save_total_limit)
+        if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
+            break
+    progress.close()
+
+    # Final evaluation: the best evaluation (its weights restored) or the last; then the test split.
+    final = validation.final(model, state)
+    test = evaluate(model, test_loader, data.task, accelerator, data_args.window_aggregation) if test_loader else None
+    results = {**validation.results(state, final, test), **losses.throughput()}
+
+    # Save: model and tokenizer where pipeline() loads them, results, predictions, the card; then the Hub.
+    scored = {"validation": final, "test": test}
+    results = save_run(
+        accelerator, out, args, model=model, tokenizer=tokenizer, data=data, results=results, scored=scored
+    )
+    if training_args.push_to_hub:
+        push_to_hub(accelerator, out, training_args, results, data.task)
+    accelerator.end_training()
+    return results
 
 
 if __name__ == "__main__":

@@ -132,4 +132,3 @@ def target_head(model: torch.nn.Module) -> str:
     if not trained:
         raise ValueError(f"{type(model).__name__} has no linear layer with one output to fold the target scale into")
     return trained[-1][0]
-

@@ -45,11 +45,18 @@ class ClassificationData:
     def label_names(self) -> list[str]:
         return self.task.label_names
 
+    def labelled_splits(self) -> dict[str, Dataset]:
+        """train, validation, and test when it has labels: the splits a run trains on and scores."""
+        splits = {"train": self.train, "validation": self.validation, "test": labelled(self.test)}
+        return {name: ds for name, ds in splits.items() if ds is not None}
+
 
 logger = logging.getLogger(__name__)
 
 
-def load_data(model_args: ModelArguments, data_args: DataArguments, training_args, accelerator, tokenizer=None) -> tuple:
+def load_data(
+    model_args: ModelArguments, data_args: DataArguments, training_args, accelerator, tokenizer=None
+) -> tuple:
     """(tokenizer, ClassificationData); the main process builds first, so the others read its cache. A
     `tokenizer` given (static word vectors bring their own) replaces the model's. Checks that the task computes
     --metric_for_best_model: now, not at the first evaluation."""

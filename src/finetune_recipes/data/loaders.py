@@ -98,21 +98,18 @@ def build_dataloader(
     )
 
 
-def build_dataloaders(data, tokenizer: PreTrainedTokenizerBase, data_args, args: TrainingArguments, accelerator) -> tuple:
+def build_dataloaders(
+    data, tokenizer: PreTrainedTokenizerBase, data_args, args: TrainingArguments, accelerator
+) -> tuple:
     """(train, validation, test) loaders: train shuffled (plain, length-grouped or class-weighted); test None
     unless its split has labels. Dynamic padding, to a multiple of 8 under mixed precision (tensor cores, AMX).
 
     Training sees windows as examples; evaluation keeps each window's `document`, to score documents."""
-    multiple = 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
+    pad = {"pad_to_multiple_of": 8 if accelerator.mixed_precision in ("fp16", "bf16") else None, "seed": args.seed}
     train = data.train.remove_columns([c for c in ("document",) if c in data.train.column_names])
     batch = args.per_device_train_batch_size
     sampler = train_sampler(train, data_args.sampler, data_args.group_by_length, batch, args.seed)
-    loaders = [build_dataloader(train, tokenizer, batch, shuffle=True, sampler=sampler, seed=args.seed, pad_to_multiple_of=multiple)]
-    for split in ("validation", "test"):
-        ds = labelled(getattr(data, split))
-        loaders.append(
-            None
-            if ds is None
-            else build_dataloader(ds, tokenizer, args.per_device_eval_batch_size, seed=args.seed, pad_to_multiple_of=multiple)
-        )
+    loaders = [build_dataloader(train, tokenizer, batch, shuffle=True, sampler=sampler, **pad)]
+    for ds in (labelled(data.validation), labelled(data.test)):
+        loaders.append(None if ds is None else build_dataloader(ds, tokenizer, args.per_device_eval_batch_size, **pad))
     return tuple(loaders)

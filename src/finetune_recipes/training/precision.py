@@ -13,8 +13,7 @@ from accelerate.utils import DistributedType, set_seed, str_to_bool
 
 from .. import hardware
 from ..config import TrainingArguments
-from ..errors import UserError
-from ..errors import DISTRIBUTED
+from ..errors import DISTRIBUTED, UserError
 from .tracking import TRACKER_PROJECT, trackers
 
 logger = logging.getLogger("finetune_recipes")

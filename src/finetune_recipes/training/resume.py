@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator, skip_first_batches
@@ -80,7 +79,9 @@ def claim(accelerator: Accelerator, model: torch.nn.Module, args: RunArgs) -> Ou
         kept = training.save_total_limit or 1
         free_mb = shutil.disk_usage(out.path).free / 2**20
         if training.checkpointing_steps and free_mb < model_mb * (1 + 3 * kept):
-            logger.warning("%s has %.0f MB free; %d checkpoints may need %.0f MB", out.path, free_mb, kept, 3 * kept * model_mb)
+            logger.warning(
+                "%s has %.0f MB free; %d checkpoints may need %.0f MB", out.path, free_mb, kept, 3 * kept * model_mb
+            )
         return out
 
     failure = f"cannot write to output_dir {training.output_dir} ({{reason}}); pass a writable --output_dir"
@@ -93,4 +94,3 @@ def epoch_batches(loader, epoch: int, state: TrainState):
     loader.set_epoch(epoch)
     skip = state.batches_in_epoch
     return skip_first_batches(loader, skip) if skip else loader
-
