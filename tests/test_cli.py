@@ -113,15 +113,17 @@ def test_a_copy_owns_its_loss_a_class_weighted_one_changes_the_result(tiny_args,
     # The user's edit, in the copied file only: cross-entropy where only the first label (business) counts.
     copy = copy_recipe("full_finetune", tmp_path / "mine")[0]
     source = copy.read_text()
-    own_loss = """    import torch
-
-    logits = model(**batch).logits
-    weight = torch.tensor([1.0, 0.0, 0.0], device=logits.device)
-    return torch.nn.functional.cross_entropy(logits, labels, weight=weight)
+    own_loss = """                logits = model(**batch).logits
+                weight = torch.tensor([1.0, 0.0, 0.0], device=logits.device)
+                loss = torch.nn.functional.cross_entropy(logits, labels, weight=weight)
 """
-    theirs = "    return criterion(model(**batch).logits, labels)\n"
+    theirs = "                loss = data.task.loss(model(**batch).logits, labels)  # cross-entropy, BCE or MSE; class-weighted\n"
     assert source.count(theirs) == 1
-    copy.write_text(source.replace(theirs, own_loss))
+    copy.write_text(
+        source.replace(theirs, own_loss).replace(
+            "from pathlib import Path\n", "from pathlib import Path\n\nimport torch\n"
+        )
+    )
     args = replace_flag(replace_flag(tiny_args, "--num_train_epochs", "6"), "--learning_rate", "3e-3")
     run_inline("full_finetune", *args, "--output_dir", tmp_path / "plain")
     run_inline(copy, *args, "--output_dir", tmp_path / "weighted")

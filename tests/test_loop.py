@@ -10,50 +10,43 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from finetune_recipes.config import TrainingArguments, UserError
+from finetune_recipes.optim import build_schedule
+from finetune_recipes.ownership import check_output_dir, write_manifest
 from finetune_recipes.training.checkpoints import TrainState, list_checkpoints, resolve_checkpoint
-from finetune_recipes.training.loop import final_metrics, stop_early, track_best
-from finetune_recipes.training.outputs import check_output_dir
-from finetune_recipes.training.run import total_train_steps, update_steps_per_epoch
-
-
-class OneProcess:
-    num_processes = 1
-
-    @staticmethod
-    def unwrap_model(model):
-        return model
-
-    @staticmethod
-    def get_state_dict(model):
-        return model.state_dict()
-
-
-class TwoProcesses(OneProcess):
-    num_processes = 2
+from finetune_recipes.training.evaluate import Evaluation, Validation
 
 
 def test_steps_per_epoch_counts_each_process_share_and_accumulation():
-    assert update_steps_per_epoch(60, OneProcess(), 1) == 60
-    assert update_steps_per_epoch(61, TwoProcesses(), 1) == 31  # the last batch pads out the odd one
-    assert update_steps_per_epoch(61, TwoProcesses(), 4) == 8
-    assert total_train_steps(TrainingArguments(num_train_epochs=2.5), 10) == 25
-    assert total_train_steps(TrainingArguments(max_train_steps=7), 10) == 7
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
+
+    def schedule(batches: int, processes: int, **flags):
+        return build_schedule(optimizer, range(batches), TrainingArguments(**flags), processes)
+
+    assert schedule(60, 1).steps_per_epoch == 60
+    assert schedule(61, 2).steps_per_epoch == 31  # the last batch pads out the odd one
+    assert schedule(61, 2, gradient_accumulation_steps=4).steps_per_epoch == 8
+    assert schedule(10, 1, num_train_epochs=2.5).total_steps == 25
+    assert schedule(10, 1, max_train_steps=7).total_steps == 7
+    assert schedule(10, 1, num_train_epochs=2.5).num_epochs == 3
     with pytest.raises(UserError, match="no training steps"):
-        total_train_steps(TrainingArguments(num_train_epochs=0), 10)
+        schedule(10, 1, num_train_epochs=0)
+    with pytest.raises(UserError, match="eval_steps 30 is more than the run's 20"):
+        schedule(10, 1, num_train_epochs=2, eval_strategy="steps", eval_steps=30)
 
 
 def test_best_weights_are_kept_and_early_stopping_counts_evaluations_without_improvement(tmp_path):
     model = torch.nn.Linear(2, 2)
     args = TrainingArguments(output_dir=str(tmp_path), metric_for_best_model="accuracy", early_stopping_patience=2)
-    run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, training_args=args, state=TrainState())
-    state = run.state
+    validation = Validation(Accelerator(cpu=True), None, None, args, "mean")
+    state = TrainState()
     for step, accuracy, stop in [(10, 0.5, False), (20, 0.8, False), (30, 0.7, False), (40, 0.8, True)]:
         state.completed_steps = step
         state.history.append({"step": step, "accuracy": accuracy})
         if step == 20:
             best = model.weight.detach().clone()
-        track_best(run, {"accuracy": accuracy})
-        assert stop_early(run) is stop
+        validation.last = Evaluation(None, None, {"accuracy": accuracy})
+        validation.track_best(model, state)
+        assert validation.patience_spent(state) is stop
         with torch.no_grad():
             model.weight.add_(1.0)  # training moves on after each evaluation
     assert state.best_step == 20 and state.best_metric == 0.8
@@ -62,12 +55,13 @@ def test_best_weights_are_kept_and_early_stopping_counts_evaluations_without_imp
     torch.testing.assert_close(
         load_file(tmp_path / "checkpoints" / "best_step_20" / "model.safetensors")["weight"], best
     )
-    assert final_metrics(run) == {"eval_accuracy": 0.8}  # the best evaluation's, its weights restored
+    final = validation.final(model, state)  # the best evaluation's, its weights restored, not evaluated again
+    assert final.metrics == {"accuracy": 0.8}
     torch.testing.assert_close(model.weight, best)
     assert not (tmp_path / "checkpoints").exists()  # scratch when the run keeps no checkpoints
     with pytest.raises(UserError, match="metric_for_best_model 'loss'"):
-        run.training_args = TrainingArguments(metric_for_best_model="loss")
-        track_best(run, {"accuracy": 0.9})
+        validation.args = TrainingArguments(metric_for_best_model="loss")
+        validation.track_best(model, state)
 
 
 def test_train_state_round_trips_through_its_json_file(tmp_path):
@@ -98,6 +92,9 @@ def test_output_dir_rules(tmp_path):
     (out / "results.json").write_text("{}")
     with pytest.raises(UserError, match="--overwrite_output_dir"):
         check_output_dir(TrainingArguments(output_dir=str(out)))
+    with pytest.raises(UserError, match="'results.json', which no run wrote"):  # no manifest says a run wrote it
+        check_output_dir(TrainingArguments(output_dir=str(out), overwrite_output_dir=True))
+    write_manifest(out, ["results.json"], set())
     check_output_dir(TrainingArguments(output_dir=str(out), overwrite_output_dir=True))
     check_output_dir(TrainingArguments(output_dir=str(out), resume_from_checkpoint="latest"))
     with pytest.raises(UserError, match="is a file"):
@@ -110,7 +107,7 @@ def test_fsdp2_wraps_the_blocks_but_not_the_module_holding_the_input_embedding()
     from peft import LoraConfig, TaskType, get_peft_model
     from tiny import build_tiny
 
-    from finetune_recipes.training.run import wrap_blocks_not_embeddings
+    from finetune_recipes.training.precision import wrap_blocks_not_embeddings
 
     for model in (build_tiny("bert"), get_peft_model(build_tiny("bert"), LoraConfig(task_type=TaskType.SEQ_CLS))):
         plugin = SimpleNamespace(fsdp_version=2, transformer_cls_names_to_wrap=None)

@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_inline
 
-from finetune_recipes.training import loop, outputs
-from finetune_recipes.training.outputs import LOCK, MANIFEST
+import finetune_recipes
+from finetune_recipes import ownership
+from finetune_recipes.config import TrainingArguments
+from finetune_recipes.ownership import LOCK, MANIFEST
+from finetune_recipes.training import save
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -116,12 +119,12 @@ def fail_with(errno_code: int):
 # faults are injected as the OSError the write would raise.
 def test_a_full_disk_at_the_final_save_leaves_no_half_written_model(tiny_args, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    atomic_write = outputs.atomic_write
+    atomic_write = save.atomic_write
 
     def full_disk(path, content):  # at results.json, the last file of the final save
         return fail_with(errno.ENOSPC)() if path.name == "results.json" else atomic_write(path, content)
 
-    monkeypatch.setattr(outputs, "atomic_write", full_disk)
+    monkeypatch.setattr(save, "atomic_write", full_disk)
     proc = run_inline("full_finetune", *short(tiny_args), check=False)
     code, err = proc.returncode, proc.stderr
     last = err.strip().splitlines()[-1]
@@ -132,8 +135,8 @@ def test_a_full_disk_at_the_final_save_leaves_no_half_written_model(tiny_args, t
 
 @pytest.mark.parametrize("errno_code", [errno.EROFS, errno.EACCES])
 def test_an_unwritable_output_dir_stops_before_training(errno_code, tiny_args, tmp_path, monkeypatch):
-    monkeypatch.setattr(outputs, "lock_output_dir", fail_with(errno_code))  # the run's first write
-    monkeypatch.setattr(loop, "epoch_batches", fail_with(errno.EIO))  # training must not start
+    monkeypatch.setattr(ownership, "lock_output_dir", fail_with(errno_code))  # the run's first write
+    monkeypatch.setattr(finetune_recipes, "epoch_batches", fail_with(errno.EIO))  # training must not start
     proc = run_inline("full_finetune", *short(tiny_args), check=False)
     code, err = proc.returncode, proc.stderr
     last = err.strip().splitlines()[-1]
@@ -142,8 +145,8 @@ def test_an_unwritable_output_dir_stops_before_training(errno_code, tiny_args, t
 
 
 def test_too_little_disk_for_the_model_stops_before_training(tiny_args, tmp_path, monkeypatch):
-    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
-    monkeypatch.setattr(loop, "epoch_batches", fail_with(errno.EIO))
+    monkeypatch.setattr(ownership.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
+    monkeypatch.setattr(finetune_recipes, "epoch_batches", fail_with(errno.EIO))
     proc = run_inline("full_finetune", *short(tiny_args), check=False)
     code, err = proc.returncode, proc.stderr
     last = err.strip().splitlines()[-1]
@@ -204,15 +207,13 @@ def test_the_final_save_never_replaces_a_users_file_of_the_same_name(tiny_args, 
 
 
 def test_a_file_dropped_in_while_a_run_writes_is_never_the_runs(tmp_path):
-    from types import SimpleNamespace
+    from finetune_recipes.ownership import claim_output_dir, entries, owned_entries
 
-    from finetune_recipes.training.outputs import MANIFEST, record_outputs, removable
-
-    run = SimpleNamespace(training_args=SimpleNamespace(output_dir=str(tmp_path)), kept=set())
+    args = TrainingArguments(output_dir=str(tmp_path))
+    out = claim_output_dir(args, [], needed_mb=0, ahead=["checkpoints"])  # at the start
     (tmp_path / "checkpoints").mkdir()
-    record_outputs(run, "checkpoints")  # at the start
     (tmp_path / "notes.txt").write_text("mine, written mid-run")
     (tmp_path / "config.json").write_text("{}")
-    record_outputs(run, "config.json")  # the final save
+    out.record("config.json")  # the final save
     assert json.loads((tmp_path / MANIFEST).read_text())["entries"] == sorted(["checkpoints", "config.json", MANIFEST])
-    assert removable(tmp_path) == {"checkpoints", "config.json"}
+    assert owned_entries(tmp_path) & entries(tmp_path) - {MANIFEST, LOCK} == {"checkpoints", "config.json"}

@@ -433,10 +433,9 @@ class RunArgs:
 
     def inputs(self) -> list[str]:
         """Paths the run reads: data files, a local model or tokenizer, the checkpoint, a recipe's *_dir/_file."""
-        named = [value for c in self.configs for key, value in vars(c).items() if key.endswith(("_dir", "_file"))]
+        paths = [v for c in self.configs for k, v in vars(c).items() if k.endswith(("_dir", "_file")) and k != "output_dir"]
         model, training = self.get(ModelArguments), self.get(TrainingArguments)
-        named += [model.model_name_or_path, model.tokenizer_name, training.resume_from_checkpoint]
-        named = [p for p in named if p != training.output_dir]
+        named = [*paths, model.model_name_or_path, model.tokenizer_name, training.resume_from_checkpoint]
         return [p for p in named if isinstance(p, str) and p != "latest" and Path(p).exists()]
 
 

@@ -23,7 +23,7 @@ import torch
 from .errors import UserError, first_line
 from .features import FeatureClassifier
 from .predict import HEAD_ONNX, MODEL_ONNX, check_model_dir, load_classifier
-from .training.outputs import MANIFEST, entries, lock_output_dir, write_manifest
+from .ownership import MANIFEST, entries, lock_output_dir, write_manifest
 
 logger = logging.getLogger(__name__)
 

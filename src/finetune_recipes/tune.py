@@ -38,7 +38,7 @@ from .catalog import (
 from .config import SHARED_TYPES, Parser, UserError, listing, parse_config
 from .problem_types import greater_is_better
 from .reporting.study import plot_study, write_best_config, write_trials
-from .training.outputs import LOCK, MANIFEST, claim_tool_dir
+from .ownership import LOCK, MANIFEST, claim_tool_dir
 
 STUDY = "study.db"
 OUTPUTS = {STUDY, "best.yaml", "trials.csv", "trials.md", "tune.png", "logs", "feature_cache", MANIFEST, LOCK}
