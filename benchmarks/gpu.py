@@ -672,7 +672,7 @@ def throughput_inputs(work: Path, scale: Scale, bs: int) -> tuple[Path, Path]:
 
 
 def timing_hook(scale: Scale, marks: dict):
-    """An on_step that notes the time (after a device sync) at the warm-up's end and at the timed steps' end."""
+    """mark(step): the time (after a device sync) at the warm-up's end and at the timed steps' end."""
     import torch
 
     def mark(step: int) -> None:
@@ -703,7 +703,7 @@ def parameter_counts(model) -> dict[str, int]:
 
 
 def recipe_throughput(recipe: str, bs: int, model: Path, data: Path, work: Path, scale: Scale) -> dict:
-    """The recipe file run in this process as `python recipes/X.py FLAGS`, with `train` given a timing on_step."""
+    """The recipe file run in this process as `python recipes/X.py FLAGS`, its loss meter timing the steps."""
     import runpy
 
     import torch
@@ -712,18 +712,20 @@ def recipe_throughput(recipe: str, bs: int, model: Path, data: Path, work: Path,
 
     fresh_state()
     marks, counts = {}, {}
-    real_train = finetune_recipes.train
+    real_start, real_meter = finetune_recipes.start_training, finetune_recipes.LossMeter
+    mark = timing_hook(scale, marks)
 
-    def timed_train(run, loss_step, on_step=None):
-        counts.update(parameter_counts(run.accelerator.unwrap_model(run.model)))
-        mark = timing_hook(scale, marks)
+    def timed_start(accelerator, model, *rest):
+        counts.update(parameter_counts(accelerator.unwrap_model(model)))
+        return real_start(accelerator, model, *rest)
 
-        def hook(step: int) -> None:
-            if on_step:
-                on_step(step)
-            mark(step)
+    class TimedMeter(real_meter):  # the loop adds each batch's loss once its step is taken: the time after step N
+        steps = 0
 
-        return real_train(run, loss_step, hook)
+        def add(self, loss, samples: int) -> None:
+            super().add(loss, samples)
+            self.steps += 1
+            mark(self.steps)
 
     out = work / "runs" / f"throughput-{recipe}-bs{bs}"
     flags = [
@@ -737,13 +739,13 @@ def recipe_throughput(recipe: str, bs: int, model: Path, data: Path, work: Path,
         torch.cuda.reset_peak_memory_stats()
     argv = sys.argv
     sys.argv = [str(ROOT / "recipes" / f"{recipe}.py"), *map(str, flags)]
-    finetune_recipes.train = timed_train
+    finetune_recipes.start_training, finetune_recipes.LossMeter = timed_start, TimedMeter
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
     except SystemExit as error:  # run_cli turns a UserError into exit code 2
         raise RuntimeError(f"{recipe} exited with code {error.code}") from None
     finally:
-        finetune_recipes.train, sys.argv = real_train, argv
+        finetune_recipes.start_training, finetune_recipes.LossMeter, sys.argv = real_start, real_meter, argv
         shutil.rmtree(out, ignore_errors=True)
     end = scale.warmup + scale.timed
     return {"seconds": marks[end] - marks[scale.warmup], "peak": marks.get(f"peak_{end}", 0), **counts}

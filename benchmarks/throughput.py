@@ -1,8 +1,8 @@
 """Training throughput of the recipe loop against a plain Accelerate loop, same model, data and batch size.
 
 The plain loop is the shape of Accelerate's `examples/nlp_example.py`: dynamic padding, AdamW, linear
-warmup, `accelerator.backward`, nothing else. The recipe loop is `finetune_recipes.train` as the
-full fine-tuning recipe calls it (fused AdamW, gradient clipping, no per-step host syncs), first with
+warmup, `accelerator.backward`, nothing else. The recipe loop is `recipes/full_finetune.py`'s `main`, its
+own loop (fused AdamW, gradient clipping, no per-step host syncs), first with
 its defaults, then with each option on by itself, then all together. Variants run interleaved, several
 repeats, each from the same initial weights, and every one is reported as a ratio to the plain loop.
 
@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import platform
+import runpy
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,12 +30,10 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
 from finetune_recipes.config import DataArguments, ModelArguments, TrainingArguments
-from finetune_recipes.data import build_dataloaders, build_datasets, build_tokenizer
+from finetune_recipes.data import build_datasets, build_tokenizer
 from finetune_recipes.modeling import build_model
-from finetune_recipes.optim import build_optimizer, param_groups
-from finetune_recipes.training.loop import train
-from finetune_recipes.training.precision import build_accelerator, pad_multiple
-from finetune_recipes.training.run import Run
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "full_finetune.py"
 
 VARIANTS = {
     "plain loop": {},
@@ -71,27 +72,26 @@ def plain_loop(model, data, tokenizer, batch_size: int, steps: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
-def recipe_loop(model, data, tokenizer, batch_size: int, steps: int, **options) -> float:
-    """The shared `train` loop on the recipe's own builders; returns samples per second."""
+def recipe_loop(model, data, tokenizer, batch_size: int, steps: int, max_length: int = 128, **options) -> float:
+    """recipes/full_finetune.py's `main` on the same data (its own copy of the model, seeded); evaluation on
+    8 texts only, so the time is the training's. Returns samples per second."""
     fresh_state()
-    args = TrainingArguments(
-        per_device_train_batch_size=batch_size,
-        max_train_steps=steps,
-        logging_steps=10**9,
-        mixed_precision=options.get("mixed_precision"),
-        output_dir="/tmp/finetune-recipes-throughput",
-    )
-    accelerator = build_accelerator(args)
-    pad = pad_multiple(accelerator)
-    loaders = build_dataloaders(data, tokenizer, args, options.get("group_by_length", False), pad)
-    loaders = {
-        "train": loaders["train"],
-        "validation": DataLoader(data.validation.select(range(8)), 8, collate_fn=DataCollatorWithPadding(tokenizer)),
-    }
-    run = Run(ModelArguments(), DataArguments(), args, (), accelerator, tokenizer, data, loaders)
-    optimizer = build_optimizer(param_groups(model, args.learning_rate, args.weight_decay), args.learning_rate)
-    run.prepare(model, optimizer, run.build_schedule(optimizer))
-    results = train(run, lambda model, batch: model(**batch).loss)
+    main = runpy.run_path(str(RECIPE))["main"]
+    with tempfile.TemporaryDirectory() as out:
+        results = main(
+            ModelArguments(),
+            DataArguments(
+                max_length=max_length, max_eval_samples=8, group_by_length=options.get("group_by_length", False)
+            ),
+            TrainingArguments(
+                per_device_train_batch_size=batch_size,
+                max_train_steps=steps,
+                logging_steps=10**9,
+                mixed_precision=options.get("mixed_precision", "no"),
+                output_dir=out,
+                overwrite_output_dir=True,
+            ),
+        )
     return results["train_samples_per_second"]
 
 
@@ -115,7 +115,7 @@ def main() -> None:
         for name, options in VARIANTS.items():
             model = copy.deepcopy(initial)
             set_seed(repeat)
-            run = plain_loop if name == "plain loop" else recipe_loop
+            run = plain_loop if name == "plain loop" else functools.partial(recipe_loop, max_length=cli.max_length)
             speed = run(model, data, tokenizer, cli.batch_size, cli.steps, **options)
             speeds[name].append(speed)
             print(f"repeat {repeat + 1}/{cli.repeats} {name:<26} {speed:7.2f} samples/s", flush=True)

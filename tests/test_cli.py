@@ -117,7 +117,8 @@ def test_a_copy_owns_its_loss_a_class_weighted_one_changes_the_result(tiny_args,
                 weight = torch.tensor([1.0, 0.0, 0.0], device=logits.device)
                 loss = torch.nn.functional.cross_entropy(logits, labels, weight=weight)
 """
-    theirs = "                loss = data.task.loss(model(**batch).logits, labels)  # cross-entropy, BCE or MSE; class-weighted\n"
+    theirs = "loss = data.task.loss(model(**batch).logits, labels)  # cross-entropy, BCE or MSE; class-weighted\n"
+    theirs = " " * 16 + theirs
     assert source.count(theirs) == 1
     copy.write_text(
         source.replace(theirs, own_loss).replace(

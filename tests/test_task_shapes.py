@@ -32,8 +32,8 @@ from finetune_recipes.metrics import (
     tune_thresholds,
 )
 from finetune_recipes.modeling import target_head
-from finetune_recipes.training.save import fold_into
 from finetune_recipes.predict import predict
+from finetune_recipes.training.save import fold_into
 
 
 @pytest.fixture(scope="session")

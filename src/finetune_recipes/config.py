@@ -433,7 +433,8 @@ class RunArgs:
 
     def inputs(self) -> list[str]:
         """Paths the run reads: data files, a local model or tokenizer, the checkpoint, a recipe's *_dir/_file."""
-        paths = [v for c in self.configs for k, v in vars(c).items() if k.endswith(("_dir", "_file")) and k != "output_dir"]
+        paths = [v for c in self.configs for k, v in vars(c).items() if k.endswith(("_dir", "_file"))]
+        paths.remove(self.get(TrainingArguments).output_dir)  # where it writes
         model, training = self.get(ModelArguments), self.get(TrainingArguments)
         named = [*paths, model.model_name_or_path, model.tokenizer_name, training.resume_from_checkpoint]
         return [p for p in named if isinstance(p, str) and p != "latest" and Path(p).exists()]

@@ -36,9 +36,9 @@ from .catalog import (
     resolve_recipe,
 )
 from .config import SHARED_TYPES, Parser, UserError, listing, parse_config
+from .ownership import LOCK, MANIFEST, claim_tool_dir
 from .problem_types import greater_is_better
 from .reporting.study import plot_study, write_best_config, write_trials
-from .ownership import LOCK, MANIFEST, claim_tool_dir
 
 STUDY = "study.db"
 OUTPUTS = {STUDY, "best.yaml", "trials.csv", "trials.md", "tune.png", "logs", "feature_cache", MANIFEST, LOCK}
