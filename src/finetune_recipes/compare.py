@@ -29,7 +29,8 @@ from .catalog import (
 from .config import SHARED_TYPES, Parser, UserError, listing, parse_config
 from .metrics import MULTI, REGRESSION, SINGLE, task_metrics
 from .ownership import LOCK, MANIFEST, claim_tool_dir, entries
-from .reporting.comparison import cell, plot, reported_split, summarise, table_metrics, write_table
+from .reporting.comparison import plot, reported_split, summarise, table_metrics, write_table
+from .tables import cell
 from .tune import check_space, import_optuna, refuse_hub_flags, run_study, search_space, with_test_split
 
 ORDER = [

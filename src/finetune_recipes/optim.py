@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from collections import defaultdict
@@ -14,6 +13,8 @@ from torch import nn
 from transformers import get_scheduler
 
 from .errors import UserError
+from .figures import png, pyplot
+from .tables import markdown_table
 
 if TYPE_CHECKING:
     from .layers import LayerMap
@@ -151,11 +152,12 @@ def build_schedule(optimizer: torch.optim.Optimizer, train_loader, args, process
 
 def format_groups(groups: list[dict[str, Any]]) -> str:
     """A Markdown table: layers, parameter count, lr and weight decay of every optimizer group."""
-    rows = ["| layers | params | lr | weight decay |", "|---|---:|---:|---:|"]
-    for g in sorted(groups, key=lambda g: (-_peak_lr(g), g["weight_decay"])):
-        count = sum(p.numel() for p in g["params"])
-        rows.append(f"| {', '.join(g['layers'])} | {count:,} | {_peak_lr(g):.3g} | {g['weight_decay']:g} |")
-    return "\n".join(rows)
+    ordered = sorted(groups, key=lambda g: (-_peak_lr(g), g["weight_decay"]))
+    rows = [
+        [", ".join(g["layers"]), sum(p.numel() for p in g["params"]), f"{_peak_lr(g):.3g}", f"{g['weight_decay']:g}"]
+        for g in ordered
+    ]
+    return markdown_table(["layers", "params", "lr", "weight decay"], rows, right=(1, 2, 3))
 
 
 def lr_trajectory(
@@ -190,25 +192,11 @@ def _peak_lr(group: dict[str, Any]) -> float:
 
 
 def plot_lr_schedule(groups: list[dict[str, Any]], lrs: list[list[float]]) -> bytes:
-    """One line per optimizer group over the run, as PNG bytes (needs the `plot` extra).
-
-    Bytes, so a recipe draws it before training (a missing matplotlib fails early) and saves it with the rest.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plotting needs matplotlib: pip install 'finetune-recipes[plot]'") from None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    """One line per optimizer group over the run, as PNG bytes: drawn before training, saved with the rest."""
+    fig, ax = pyplot().subplots(figsize=(8, 4.5))
     for i, g in enumerate(groups):
         label = f"{g['layers'][0]}{' …' if len(g['layers']) > 1 else ''} (wd {g['weight_decay']:g})"
         ax.plot([step[i] for step in lrs], label=label)
     ax.set(xlabel="optimizer step", ylabel="learning rate", yscale="log", title="Learning rate per parameter group")
     ax.legend(fontsize="x-small", ncol=2)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    return png.getvalue()
+    return png(fig, dpi=120)

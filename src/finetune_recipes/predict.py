@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .documents import aggregate_rows
 from .errors import UserError, listing
 
 MODEL_ONNX, HEAD_ONNX = "model.onnx", "head.onnx"  # what `export` writes
@@ -81,18 +82,6 @@ def batches(lengths: list[int], batch_size: int):
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
-
-
-def aggregate(values: np.ndarray, documents: np.ndarray, how: str) -> np.ndarray:
-    """One row per document (numbered 0..n-1): the mean or max of its windows' rows."""
-    count = int(documents.max()) + 1 if len(documents) else 0
-    if how == "max":
-        out = np.full((count, values.shape[1]), -np.inf, dtype=values.dtype)
-        np.maximum.at(out, documents, values)
-        return out
-    out = np.zeros((count, values.shape[1]), dtype=values.dtype)
-    np.add.at(out, documents, values)
-    return out / np.bincount(documents, minlength=count)[:, None].astype(values.dtype)  # float32 stays float32
 
 
 def load_classifier(path: str | Path):
@@ -164,8 +153,8 @@ def torch_logits(path: Path, texts: list[str], settings: dict, batch_size: int, 
             batch = collator([rows[i] for i in indices])
             values[indices] = (model.embed(**batch) if features else model(**batch).logits).float().numpy()
         if not features:
-            return aggregate(values, documents, settings["aggregation"])
-        return model.head(torch.from_numpy(aggregate(values, documents, "mean"))).logits.float().numpy()
+            return aggregate_rows(values, documents, settings["aggregation"])[0]
+        return model.head(torch.from_numpy(aggregate_rows(values, documents, "mean")[0])).logits.float().numpy()
 
 
 def onnx_logits(path: Path, texts: list[str], settings: dict, batch_size: int) -> np.ndarray:
@@ -197,9 +186,9 @@ def onnx_logits(path: Path, texts: list[str], settings: dict, batch_size: int) -
             values[i] = row
     values, documents = np.stack(values), np.asarray(documents)
     if not by_features:
-        return aggregate(values, documents, settings["aggregation"])
+        return aggregate_rows(values, documents, settings["aggregation"])[0]
     head = onnxruntime.InferenceSession(str(path / HEAD_ONNX), providers=["CPUExecutionProvider"])
-    return head.run(None, {"features": aggregate(values, documents, "mean")})[0]
+    return head.run(None, {"features": aggregate_rows(values, documents, "mean")[0]})[0]
 
 
 def pad(encodings: list, pad_id: int) -> dict[str, np.ndarray]:

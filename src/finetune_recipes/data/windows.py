@@ -9,7 +9,9 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from ..config import DataArguments, UserError
+from ..config import DataArguments
+from ..documents import aggregate_rows
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +82,5 @@ def aggregate_windows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One row per document, in document order: the mean or max of its windows' logits, and its labels
     (the same on every window)."""
-    ids, inverse = torch.unique(documents, return_inverse=True)
-    shape = (len(ids), *logits.shape[1:])
-    index = inverse.view(-1, *[1] * (logits.dim() - 1)).expand_as(logits)
-    reduce = "mean" if how == "mean" else "amax"
-    out = torch.zeros(shape, dtype=logits.dtype).scatter_reduce_(0, index, logits, reduce, include_self=False)
-    doc_labels = torch.zeros((len(ids), *labels.shape[1:]), dtype=labels.dtype).index_copy_(0, inverse, labels)
-    return out, doc_labels
+    rows, first = aggregate_rows(logits.float().numpy(), documents.numpy(), how)  # numpy has no bf16
+    return torch.from_numpy(rows).to(logits.dtype), labels[torch.from_numpy(first)]

@@ -8,6 +8,8 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..problem_types import METRICS, MULTI, REGRESSION, SINGLE
+from ..tables import cell
+from ..tables import markdown_table as table
 
 STRATEGIES = {
     "static_embeddings": "Static word vectors: a bag of pretrained vectors (or a BiLSTM over them) and a head; no "
@@ -68,19 +70,6 @@ def front_matter(results: dict, config: dict, name: str, adapter: bool) -> Model
         tags=["finetune-recipes", results.get("strategy", "text-classification")],
         eval_results=evals or None,
     )
-
-
-def table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows])
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return "–" if value is None else str(value)
 
 
 def metrics_table(results: dict) -> str:
@@ -166,12 +155,12 @@ def render_card(results: dict, config: dict, label_names: list[str], files: set[
 A {KINDS[problem_type]} fine-tuned from `{config.get("model_name_or_path")}` with the
 `{strategy}` recipe of finetune-recipes.
 
-{STRATEGIES.get(strategy, "")} Trainable parameters: {_cell(trainable)}{share}.
+{STRATEGIES.get(strategy, "")} Trainable parameters: {cell(trainable)}{share}.
 
 ## Data
 
-Trained on {source} ({_cell(results.get("train_examples"))} training examples; {_cell(results.get("eval_samples"))}
-validation documents{f", {_cell(results['test_samples'])} test documents" if "test_samples" in results else ""}).
+Trained on {source} ({cell(results.get("train_examples"))} training examples; {cell(results.get("eval_samples"))}
+validation documents{f", {cell(results['test_samples'])} test documents" if "test_samples" in results else ""}).
 {"Labels" if problem_type != REGRESSION else "Target"}: {labels}.
 
 ## Evaluation
@@ -195,7 +184,7 @@ device {hardware.get("device", "?")}, {hardware.get("precision", "fp32")}; peak 
 
 ## Limits
 
-{truncation} The scores above come from {_cell(results.get("eval_samples"))} validation documents (and the test
+{truncation} The scores above come from {cell(results.get("eval_samples"))} validation documents (and the test
 split where there is one); a different kind of text may score lower.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
@@ -207,12 +196,25 @@ def render_report(results: dict) -> str:
     for split, report in results.get("report", {}).items():
         if report.get("per_class"):
             rows = [[n, r["precision"], r["recall"], r["f1"], r["support"]] for n, r in report["per_class"].items()]
-            parts += [f"## {split}", "", table(["label", "precision", "recall", "F1", "support"], rows), ""]
+            parts += [
+                f"## {split}",
+                "",
+                table(["label", "precision", "recall", "F1", "support"], rows),
+                "",
+            ]
         if report.get("confusion_matrix"):
             names = list(report["per_class"])
             rows = [[n, *row] for n, row in zip(names, report["confusion_matrix"], strict=True)]
-            parts += ["Confusion matrix (rows: true, columns: predicted):", "", table(["", *names], rows), ""]
+            parts += [
+                "Confusion matrix (rows: true, columns: predicted):",
+                "",
+                table(["", *names], rows),
+                "",
+            ]
     if "thresholds" in results["task"]:
         parts += ["Decision thresholds tuned on validation:", ""]
-        parts += [table(["label", "threshold"], [[n, t] for n, t in results["task"]["thresholds"].items()]), ""]
+        parts += [
+            table(["label", "threshold"], [[n, t] for n, t in results["task"]["thresholds"].items()]),
+            "",
+        ]
     return "\n".join(parts)

@@ -3,8 +3,6 @@ seeds), the verdict under it, the per-run CSV and the chart."""
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import platform
@@ -12,7 +10,9 @@ import statistics
 from pathlib import Path
 
 from ..atomic import atomic_write
+from ..figures import png, pyplot
 from ..problem_types import MULTI, REGRESSION, SINGLE, greater_is_better
+from ..tables import cell, csv_text, markdown_table
 
 # The two metrics a table shows per problem type, the first the primary one (the plot's, and what a row says).
 TABLE_METRICS = {SINGLE: ("accuracy", "f1_macro"), MULTI: ("f1_micro", "f1_macro"), REGRESSION: ("mse", "r2")}
@@ -156,7 +156,7 @@ def write_table(rows: list[dict], runs: list[dict], out: Path, command: str, see
     heading = [f"{where} {m}" + (" (mean ± std)" if seeds > 1 else "") for m in metrics]
     header = ["strategy", *heading, *([f"95% CI of {metrics[0]}"] if seeds > 1 else [])]
     header += [title for _, title, _ in COLUMNS[1:]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = []
     for row in rows:
         cells = [row["strategy"], *(mean_cell(row, prefix, m) for m in metrics)]
         if seeds > 1:
@@ -165,7 +165,8 @@ def write_table(rows: list[dict], runs: list[dict], out: Path, command: str, see
             interval = f"{max(low, mean - half):.4f} to {min(high, mean + half):.4f}" if half is not None else "–"
             cells.append(interval)
         cells += [cell(row.get(key), fmt) for key, _, fmt in COLUMNS[1:]]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(cells)
+    lines = [markdown_table(header, lines)]
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
     text = [*lines, "", verdict(rows, prefix, metrics[0], seeds), "", split_note(rows, prefix), ""]
     markdown = "\n".join([*text, f"Machine: {machine}. Command: `{command}`", ""])
@@ -176,27 +177,13 @@ def write_table(rows: list[dict], runs: list[dict], out: Path, command: str, see
         *(f"{p}_{m}" for p in ("eval", "test") for m in metrics),
         *(k for k, _, _ in COLUMNS[1:]),
     ]
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=keys, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(runs)
-    atomic_write(out / "comparison.csv", table.getvalue())
+    atomic_write(out / "comparison.csv", csv_text(runs, keys))
     return markdown
-
-
-def cell(value, fmt: str = "{:.4f}") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return fmt.format(value)
 
 
 def plot(rows: list[dict], path: Path) -> None:
     """The reported metric (with its standard deviation over seeds) and wall time per strategy, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     metric, prefix = table_metrics(rows)[0], reported_split(rows)
     done = [r for r in rows if f"{prefix}_{metric}" in r and "wall_time_s" in r]
     if not done:
@@ -220,8 +207,4 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.suptitle(
         "Transfer-learning strategies on the same data and budget" + (f", {seeds} seeds (± std)" if seeds > 1 else "")
     )
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(path, image.getvalue())
+    atomic_write(path, png(fig, dpi=120))

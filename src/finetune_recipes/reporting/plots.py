@@ -4,24 +4,13 @@ training curves."""
 
 from __future__ import annotations
 
-import io
+import numpy as np
+from sklearn.metrics import ConfusionMatrixDisplay
 
-import matplotlib
+from ..figures import png, pyplot
+from ..problem_types import MULTI, SINGLE, greater_is_better
 
-matplotlib.use("Agg")  # files only: no display, also on a headless server
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
-
-from ..problem_types import MULTI, SINGLE, greater_is_better  # noqa: E402
-
-
-def png(fig) -> bytes:
-    image = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(image, format="png", dpi=110)
-    plt.close(fig)
-    return image.getvalue()
+plt = pyplot()
 
 
 def confusion_matrix_png(matrix: list[list[int]], label_names: list[str], split: str) -> bytes:

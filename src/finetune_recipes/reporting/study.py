@@ -3,9 +3,6 @@ study (its optimisation history and Optuna's parameter importances)."""
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 import warnings
 from pathlib import Path
 
@@ -14,7 +11,9 @@ import yaml
 from ..atomic import atomic_write
 from ..catalog import as_flags, flag_groups, recipe_config
 from ..config import parse_config
+from ..figures import png, pyplot
 from ..problem_types import greater_is_better
+from ..tables import csv_text, markdown_table
 
 
 def trial_rows(study, metric: str) -> list[dict]:
@@ -31,31 +30,18 @@ def trial_rows(study, metric: str) -> list[dict]:
 def write_trials(study, metric: str, directory: Path, command: str) -> list[str]:
     rows = trial_rows(study, metric)
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(directory / "trials.csv", table.getvalue())
-
-    def cell(value) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "–"
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    atomic_write(directory / "trials.md", "\n".join([*lines, "", f"Command: `{command}`", ""]))
+    atomic_write(directory / "trials.csv", csv_text(rows, columns))
+    table = markdown_table(columns, ([row.get(c) for c in columns] for row in rows), fmt="{:.4g}")
+    atomic_write(directory / "trials.md", f"{table}\n\nCommand: `{command}`\n")
     return ["trials.csv", "trials.md"]
 
 
 def plot_study(study, metric: str, path: Path, optuna) -> bool:
     """The optimisation history (each complete trial and the best so far) and, with two or more complete
     trials, Optuna's parameter importances, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
 
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     if not complete:
@@ -85,11 +71,7 @@ def plot_study(study, metric: str, path: Path, optuna) -> bool:
     else:
         importance.axis("off")
         importance.text(0.5, 0.5, "importances need two complete trials\nwith different values", ha="center")
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, image.getvalue())
+    atomic_write(path, png(fig))
     return True
 
 

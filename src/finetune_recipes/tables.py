@@ -1,0 +1,38 @@
+"""The one Markdown table writer and cell formatter of the card, the evaluation report, the comparison, the
+study's trials and the optimizer groups; and CSV text. The standard library only."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable, Sequence
+
+
+def cell(value, fmt: str = "{:.4f}") -> str:
+    """'–' for a missing or NaN value; a float in `fmt`; an int with thousands separators; else str()."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return fmt.format(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence], right: Sequence[int] = (), fmt: str = "{:.4f}"):
+    """A Markdown table of `rows` under `header`, every value through `cell`; the columns `right` (indices)
+    right-aligned, as numbers read best."""
+    rule = "|" + "".join("---:|" if i in right else "---|" for i in range(len(header)))
+    lines = ["| " + " | ".join(header) + " |", rule]
+    lines += ["| " + " | ".join(v if isinstance(v, str) else cell(v, fmt) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def csv_text(rows: list[dict], fieldnames: Sequence[str]) -> str:
+    """`rows` as CSV under `fieldnames` (keys a row lacks stay empty; keys beyond them are left out)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(fieldnames), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
