@@ -16,11 +16,10 @@ from finetune_recipes.config import (
     DataArguments,
     ModelArguments,
     TrainingArguments,
-    UserError,
     config_to_dict,
-    entrypoint,
     parse_config,
 )
+from finetune_recipes.errors import UserError, entrypoint
 
 TYPES = (ModelArguments, DataArguments, TrainingArguments)
 
@@ -273,7 +272,8 @@ def test_entrypoint_lets_other_errors_through(capsys):
     ],
 )
 def test_training_arguments_reject_values_that_would_fail_later(field, value, message):
-    from finetune_recipes.config import TrainingArguments, UserError
+    from finetune_recipes.config import TrainingArguments
+    from finetune_recipes.errors import UserError
 
     with pytest.raises(UserError, match=re.escape(message)):
         TrainingArguments(**{field: value})

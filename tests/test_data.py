@@ -12,7 +12,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from tiny import TOPICS, topic_rows, write_csv
 
-from finetune_recipes.config import DataArguments, ModelArguments, UserError
+from finetune_recipes.config import DataArguments, ModelArguments
 from finetune_recipes.data import (
     build_dataloader,
     build_datasets,
@@ -25,6 +25,7 @@ from finetune_recipes.data import (
     tokenize,
     train_sampler,
 )
+from finetune_recipes.errors import UserError
 
 BBC_TOPICS = ["business", "entertainment", "politics", "sports", "tech"]
 

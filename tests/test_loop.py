@@ -9,7 +9,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from finetune_recipes.config import TrainingArguments, UserError
+from finetune_recipes.config import TrainingArguments
+from finetune_recipes.errors import UserError
 from finetune_recipes.optim import build_schedule
 from finetune_recipes.ownership import check_output_dir, write_manifest
 from finetune_recipes.training.checkpoints import TrainState, list_checkpoints, resolve_checkpoint
@@ -119,7 +120,8 @@ def test_fsdp2_wraps_the_blocks_but_not_the_module_holding_the_input_embedding()
 
 
 def test_a_recipe_that_thaws_mid_run_refuses_fsdp_before_training(monkeypatch):
-    from finetune_recipes.config import TrainingArguments, UserError
+    from finetune_recipes.config import TrainingArguments
+    from finetune_recipes.errors import UserError
     from finetune_recipes.training import precision
 
     class FsdpAccelerator(precision.Accelerator):
@@ -159,7 +161,7 @@ def test_mixed_precision_auto_by_device(device, bf16, expected, monkeypatch):
 def test_a_lone_process_of_a_multi_process_launch_refuses(env, refused, monkeypatch):
     from accelerate.utils import DistributedType
 
-    from finetune_recipes.config import UserError
+    from finetune_recipes.errors import UserError
     from finetune_recipes.training import precision
 
     for key in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "WORLD_SIZE"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from finetune_recipes.config import UserError
+from finetune_recipes.errors import UserError
 from finetune_recipes.modeling import build_model, load_config, max_positions, resolve_model_path
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

@@ -14,7 +14,7 @@ import torch
 from tiny import build_tiny, tiny_configs
 from torch import nn
 
-from finetune_recipes.config import UserError
+from finetune_recipes.errors import UserError
 from finetune_recipes.layers import discover_layers
 from finetune_recipes.optim import (
     build_optimizer,

@@ -174,3 +174,10 @@ def test_bad_vectors_input_is_one_line_exit_2_nothing_written(case, tiny_args, t
     assert len(errors) == 1 and message in errors[0] and proc.stderr.strip().endswith(errors[0]), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert snapshot(tmp_path) == before  # no output_dir, no cache entry
+
+
+def test_the_card_knows_the_static_model_type_without_importing_torch():
+    from finetune_recipes.reporting.card import STATIC_MODEL_TYPE
+    from finetune_recipes.static import MODEL_TYPE
+
+    assert STATIC_MODEL_TYPE == MODEL_TYPE

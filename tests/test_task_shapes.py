@@ -19,9 +19,10 @@ from test_reporting import assert_card_matches_results
 from tiny import long_document_rows, multi_label_rows, regression_rows, write_csv, write_jsonl
 from transformers import AutoTokenizer, pipeline
 
-from finetune_recipes.config import DataArguments, UserError
+from finetune_recipes.config import DataArguments
 from finetune_recipes.data import EpochWeightedSampler, aggregate_windows, encode_task, split_validation, tokenize
 from finetune_recipes.data.tasks import Task, class_weights, fit_task, problem_type_of
+from finetune_recipes.errors import UserError
 from finetune_recipes.metrics import (
     MULTI,
     REGRESSION,

@@ -20,12 +20,13 @@ def recipes_dir() -> Path:
 
 
 def list_recipes() -> dict[str, str]:
-    """Recipe name → the first line of its module docstring, the one description there is."""
-    return {
-        path.stem: (ast.get_docstring(ast.parse(path.read_text())) or "").splitlines()[0]
-        for path in sorted(recipes_dir().glob("*.py"))
-        if not path.name.startswith("_")
-    }
+    """Recipe name → its description, for every installed recipe."""
+    return {path.stem: describe(path) for path in sorted(recipes_dir().glob("*.py")) if not path.name.startswith("_")}
+
+
+def describe(recipe: str | Path) -> str:
+    """The first line of a recipe file's docstring: the one description there is (`ls`, the model card)."""
+    return ((ast.get_docstring(ast.parse(Path(recipe).read_text())) or "").splitlines() or [""])[0]
 
 
 def resolve_recipe(recipe: str | Path) -> Path:

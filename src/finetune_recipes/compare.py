@@ -26,23 +26,13 @@ from .catalog import (
     recipes_dir,
     resolve_recipe,
 )
-from .config import SHARED_TYPES, Parser, UserError, listing, parse_config
+from .config import SHARED_TYPES, parse_config
+from .errors import Parser, UserError, listing
 from .metrics import MULTI, REGRESSION, SINGLE, task_metrics
 from .ownership import LOCK, MANIFEST, claim_tool_dir, entries
 from .reporting.comparison import plot, reported_split, summarise, table_metrics, write_table
 from .tables import cell
 from .tune import check_space, import_optuna, refuse_hub_flags, run_study, search_space, with_test_split
-
-ORDER = [
-    "static_embeddings",
-    "feature_extraction",
-    "frozen_base_pooler",
-    "progressive_unfreezing",
-    "full_finetune",
-    "llrd",
-    "lora",
-]
-
 
 DEFAULT_CONFIG = recipes_dir() / "configs" / "full_finetune.yaml"  # the baseline's defaults (data, seed)
 SHARED_FLAGS = {f.name for t in SHARED_TYPES for f in fields(t)} | {"config"}
@@ -168,7 +158,8 @@ def tfidf_baseline(shared: list[str]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None):
+    """compare's own flags, checked, and the rest of the command line (the recipes' flags)."""
     parser = Parser(
         prog="finetune-recipes compare",
         description="Runs recipes one after another on the same data, seed and budget. Any other flag "
@@ -177,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         "10%% of train is held out as test (--test_split_percentage) and the table reports on it.",
         allow_abbrev=False,
     )
-    parser.add_argument("--recipes", default=",".join(ORDER), help="comma-separated recipe names")
+    parser.add_argument("--recipes", default=",".join(list_recipes()), help="comma-separated recipe names")
     parser.add_argument("--output_dir", default="outputs/compare")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier comparison there")
     parser.add_argument("--no_baseline", action="store_true", help="skip the TF-IDF baseline row")
@@ -188,13 +179,17 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--seeds must be at least 1, not {known.seeds}")
     if known.trials < 0:
         raise UserError(f"--trials must be 0 (no tuning) or more, not {known.trials}")
-    recipes = [r for r in known.recipes.split(",") if r]
-    unknown = [r for r in recipes if r not in list_recipes()]
-    if unknown or not recipes:
+    known.recipes = [r for r in known.recipes.split(",") if r]
+    unknown = [r for r in known.recipes if r not in list_recipes()]
+    if unknown or not known.recipes:
         raise UserError(f"no recipe '{(unknown or [''])[0]}'; recipes: {', '.join(list_recipes())}")
     refuse_hub_flags(given_names(rest), "compare does not push its runs; push the one you keep with its recipe's")
-    rest = with_test_split(rest)
-    routes = route_flags(recipes, rest)
+    return known, with_test_split(rest)
+
+
+def main(argv: list[str] | None = None) -> None:
+    known, rest = parse_args(argv)
+    recipes, routes = known.recipes, route_flags(known.recipes, rest)
     if known.trials:
         import_optuna()  # before anything runs
         for recipe in recipes:
@@ -209,28 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = [] if known.no_baseline else [tfidf_baseline(shared)]
     progress = tqdm(total=len(recipes) * len(seeds), desc="compare", unit="run")
     for recipe in recipes:
-        tuned: dict = {}
-        if known.trials:
-            progress.set_postfix_str(f"{recipe}: tuning")
-            study = out / "studies" / recipe
-            tuned = run_study(recipe, routes[recipe], known.trials, study_dir=str(study)) or {}
-            if not tuned:
-                runs += [
-                    {"strategy": recipe, "seed": s, "status": f"no trial finished: see {study}/logs"} for s in seeds
-                ]
-                progress.update(len(seeds))
-                continue
-        for seed in seeds:
-            progress.set_postfix_str(f"{recipe}, seed {seed}")
-            folder = recipe if len(seeds) == 1 else f"{recipe}_seed{seed}"
-            flags = [*routes[recipe], *as_flags(tuned), "--seed", str(seed)]
-            row = {**run_recipe(recipe, out, folder, flags, known.overwrite_output_dir), "seed": seed}
-            runs.append(row)
-            progress.update()
-            metric = table_metrics([row, *runs])[0]
-            prefix = reported_split([row])
-            shown = cell(row.get(f"{prefix}_{metric}"))
-            tqdm.write(f"{recipe} (seed {seed}): {row['status']}, {metric} {shown}, {row['wall_time_s']} s")
+        runs += run_strategy(recipe, routes[recipe], seeds, known, out, progress, runs)
     progress.close()
     rows = summarise(runs, reported_split(runs), table_metrics(runs))
     command = "finetune-recipes compare " + " ".join(argv or [])
@@ -238,3 +212,27 @@ def main(argv: list[str] | None = None) -> None:
     plot(rows, out / "comparison.png")
     os.close(lock)
     print(f"Wrote {out / 'comparison.md'}, comparison.csv and comparison.png")
+
+
+def run_strategy(recipe: str, flags: list[str], seeds: list[int], known, out: Path, progress, earlier: list) -> list:
+    """One strategy's runs, a seed each, after its study with --trials; their rows."""
+    tuned: dict = {}
+    if known.trials:
+        progress.set_postfix_str(f"{recipe}: tuning")
+        study = out / "studies" / recipe
+        tuned = run_study(recipe, flags, known.trials, study_dir=str(study)) or {}
+        if not tuned:
+            progress.update(len(seeds))
+            return [{"strategy": recipe, "seed": s, "status": f"no trial finished: see {study}/logs"} for s in seeds]
+    rows = []
+    for seed in seeds:
+        progress.set_postfix_str(f"{recipe}, seed {seed}")
+        folder = recipe if len(seeds) == 1 else f"{recipe}_seed{seed}"
+        row = {**run_recipe(recipe, out, folder, [*flags, *as_flags(tuned), "--seed", str(seed)],
+                            known.overwrite_output_dir), "seed": seed}  # fmt: skip
+        rows.append(row)
+        progress.update()
+        metric, prefix = table_metrics([row, *earlier])[0], reported_split([row])
+        shown = cell(row.get(f"{prefix}_{metric}"))
+        tqdm.write(f"{recipe} (seed {seed}): {row['status']}, {metric} {shown}, {row['wall_time_s']} s")
+    return rows

@@ -20,7 +20,7 @@ import yaml
 from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 
-from .errors import OneLineErrors, Parser, UserError, entrypoint, first_line, listing, run_to_end  # noqa: F401  (re-exported)
+from .errors import OneLineErrors, Parser, UserError, run_to_end
 from .problem_types import METRICS
 
 T = TypeVar("T")
@@ -418,11 +418,14 @@ class RunArgs:
     resume compares them."""
 
     recipe: str
+    description: str
     configs: tuple[Any, ...]
 
     @classmethod
     def of(cls, recipe_file: str | Path, *configs: Any) -> RunArgs:
-        return cls(Path(recipe_file).stem, configs)
+        from .catalog import describe
+
+        return cls(Path(recipe_file).stem, describe(recipe_file), configs)
 
     def get(self, kind: type[T]) -> T:
         return next(c for c in self.configs if isinstance(c, kind))

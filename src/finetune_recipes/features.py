@@ -21,8 +21,9 @@ from transformers import AutoModel, DataCollatorWithPadding, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 
 from .atomic import atomic_path
-from .config import ON_RESUME, DataArguments, TrainingArguments, UserError
+from .config import ON_RESUME, DataArguments, TrainingArguments
 from .data import EpochWeightedSampler, aggregate_windows, content_digest
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 

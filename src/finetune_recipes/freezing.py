@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .config import UserError
+from .errors import UserError
 from .layers import LayerMap
 
 logger = logging.getLogger(__name__)

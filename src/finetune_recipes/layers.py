@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import UserError
+from .errors import UserError
 
 NamedParams = list[tuple[str, nn.Parameter]]
 

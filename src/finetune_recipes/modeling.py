@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
-from .config import ModelArguments, UserError, first_line
+from .config import ModelArguments
+from .errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 

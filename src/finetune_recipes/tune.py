@@ -35,7 +35,8 @@ from .catalog import (
     recipe_types,
     resolve_recipe,
 )
-from .config import SHARED_TYPES, Parser, UserError, listing, parse_config
+from .config import SHARED_TYPES, parse_config
+from .errors import Parser, UserError, listing
 from .ownership import LOCK, MANIFEST, claim_tool_dir
 from .problem_types import greater_is_better
 from .reporting.study import plot_study, write_best_config, write_trials

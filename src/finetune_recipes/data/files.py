@@ -9,7 +9,8 @@ from pathlib import Path
 import datasets
 from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Value
 
-from ..config import DataArguments, UserError, first_line, listing
+from ..config import DataArguments
+from ..errors import UserError, first_line, listing
 
 BBC_NEWS = "bbc_news"
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}

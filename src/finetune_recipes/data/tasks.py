@@ -14,7 +14,8 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Sequence, Value
 from torch.nn import functional as F
 
-from ..config import DataArguments, UserError, listing
+from ..config import DataArguments
+from ..errors import UserError, listing
 from ..problem_types import METRICS, MULTI, REGRESSION, SINGLE
 from .files import check_no_missing, check_type, split_name
 

