@@ -417,15 +417,16 @@ class RunArgs:
     notebook, a test) and its argument dataclasses, shared and its own. recipe_config.yaml records them; a
     resume compares them."""
 
-    recipe: str
-    description: str
+    recipe_file: Path
     configs: tuple[Any, ...]
 
     @classmethod
     def of(cls, recipe_file: str | Path, *configs: Any) -> RunArgs:
-        from .catalog import describe
+        return cls(Path(recipe_file), configs)
 
-        return cls(Path(recipe_file).stem, describe(recipe_file), configs)
+    @property
+    def recipe(self) -> str:
+        return self.recipe_file.stem
 
     def get(self, kind: type[T]) -> T:
         return next(c for c in self.configs if isinstance(c, kind))

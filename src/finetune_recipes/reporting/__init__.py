@@ -15,7 +15,6 @@ from ..errors import UserError
 from ..ownership import lock_output_dir, owned_entries, write_manifest
 from ..problem_types import REGRESSION
 from .card import render_card, render_report
-from .plots import evaluation_pictures
 from .predictions import prediction_rows, read_csv, regression_pairs, to_csv
 
 PICTURES = ("confusion_matrix.png", "per_label_scores.png", "predicted_vs_true.png", "training_curves.png")
@@ -29,6 +28,8 @@ def render(
 
     `predictions` maps predictions_<split>.csv to its text (regression draws its scatter from it); `files`
     are the names the directory holds (the card's usage snippet depends on the kind of model saved)."""
+    from .plots import evaluation_pictures  # matplotlib: loaded when a picture is drawn, not by what imports this
+
     pairs = None
     if results["task"]["problem_type"] == REGRESSION:
         split = "test" if "predictions_test.csv" in predictions else "validation"

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from ..atomic import atomic_write
+from ..catalog import describe as describe_recipe
 from ..config import DataArguments, RunArgs, TrainingArguments
 from ..data import ClassificationData
 from ..errors import UserError
@@ -152,7 +153,7 @@ def describe(accelerator: Accelerator, args: RunArgs, train_examples: int, model
     trainable, total = count_parameters(model)
     return {
         "strategy": args.recipe,
-        "description": args.description,
+        "description": describe_recipe(args.recipe_file),
         "train_examples": train_examples,
         "hardware": {"device": device, "processes": accelerator.num_processes, "precision": precision},
         "trainable_params": trainable,

@@ -1,0 +1,102 @@
+"""The package's layers, read from its source: no import circle, the ground imports nothing heavy, and the tools
+(predict, export, tune, compare, cli) sit on top: nothing below them imports one."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "src" / "finetune_recipes"
+TOOLS = {"predict", "export", "tune", "compare", "cli"}
+GROUND = {"errors", "atomic", "ownership", "problem_types", "tables"}  # the standard library only
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, modules: set[str]) -> tuple[set[str], set[str]]:
+    """(the package's modules `path` imports, anywhere in it: lazy and TYPE_CHECKING imports count; the
+    top-level names of the other packages it imports)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    inside, outside = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            target = ".".join(base + ([node.module] if node.module else []))
+            inside |= {t for t in (target, *(f"{target}.{a.name}" for a in node.names)) if t in modules}
+        elif isinstance(node, ast.ImportFrom | ast.Import):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            for full in names:
+                (inside if full.startswith("finetune_recipes") else outside).add(
+                    full if full.startswith("finetune_recipes") else full.split(".")[0]
+                )
+    return inside - {name}, outside
+
+
+def graph() -> dict[str, tuple[set[str], set[str]]]:
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: imports(path, set(paths)) for name, path in paths.items()}
+
+
+def cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One import circle, as the modules along it, or None."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                return [*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := visit(nxt, [*path, nxt])):
+                return found
+        state[node] = "done"
+        return None
+
+    for start in sorted(edges):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_cycle_finds_a_circle_and_only_a_circle():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_package_has_no_import_circle():
+    edges = {name: inside for name, (inside, _) in graph().items()}
+    assert cycle(edges) is None, " → ".join(cycle(edges))
+
+
+def test_the_ground_imports_only_the_standard_library_and_nothing_imports_a_tool():
+    modules = graph()
+    for name in GROUND:
+        inside, outside = modules[f"finetune_recipes.{name}"]
+        assert outside <= set(sys.stdlib_module_names) | {"__future__"}, (name, outside)
+        assert {m.rsplit(".", 1)[-1] for m in inside} <= GROUND, (name, inside)
+    for name, (inside, _) in modules.items():
+        short = name.removeprefix("finetune_recipes.")
+        if short not in TOOLS and short != "finetune_recipes":
+            assert not {m.rsplit(".", 1)[-1] for m in inside} & TOOLS, f"{short} imports a tool: {inside}"
+
+
+def test_the_configuration_loads_no_metrics_and_the_training_helpers_no_tool():
+    code = (
+        "import sys, finetune_recipes.config, finetune_recipes.training.save, finetune_recipes.training.resume;"
+        "print(sorted(m for m in ('sklearn', 'scipy', 'finetune_recipes.tune', 'finetune_recipes.compare',"
+        " 'finetune_recipes.predict', 'finetune_recipes.export', 'optuna', 'matplotlib') if m in sys.modules))"
+    )
+    config_only = "import sys, finetune_recipes.config; print('sklearn' in sys.modules, 'scipy' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", config_only], capture_output=True, text=True).stdout.split() == [
+        "False",
+        "False",
+    ]
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "['scipy', 'sklearn']", loaded  # the metrics evaluation needs; no tool, no plotting
