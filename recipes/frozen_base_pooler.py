@@ -101,6 +101,7 @@ def main(model_args, data_args, training_args: TrainingArguments, cache: EncodeA
     loaders = feature_loaders(states, splits, training_args, data_args, "inputs_embeds", average_windows=False)
     train_loader, eval_loader, test_loader = loaders
 
+    # The optimizer over the pooler and head alone, on full fine-tuning's schedule.
     groups = param_groups(model, training_args.learning_rate, training_args.weight_decay)
     optimizer = build_optimizer(groups, training_args.learning_rate)
     schedule = build_schedule(optimizer, train_loader, training_args, accelerator.num_processes)

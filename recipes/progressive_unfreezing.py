@@ -23,6 +23,7 @@ from finetune_recipes import (
     LossMeter,
     ModelArguments,
     RunArgs,
+    Thaw,
     TrainingArguments,
     Validation,
     build_accelerator,
@@ -34,18 +35,14 @@ from finetune_recipes import (
     checkpoint_due,
     discover_layers,
     epoch_batches,
-    eval_frozen,
     evaluate,
     format_groups,
-    format_trainable,
     load_data,
     param_groups,
     push_to_hub,
     run_cli,
     save_checkpoint,
     save_run,
-    set_trainable,
-    stage_at,
     stage_starts,
     start_training,
     unfreezing_stages,
@@ -92,38 +89,17 @@ def main(model_args, data_args, training_args: TrainingArguments, unfreeze: Unfr
     # and starts its moments from zero on the step it thaws.
     layers = discover_layers(model, model_args.layer_mapping)
     stages = unfreezing_stages(layers)
-    groups = param_groups(
-        model,
-        training_args.learning_rate,
-        training_args.weight_decay,
-        layer_map=layers,
-        layer_decay=unfreeze.layer_decay,
-        head_lr=unfreeze.head_lr,
-        include_frozen=True,
-    )
+    lr, u = training_args.learning_rate, unfreeze
+    groups = param_groups(model, lr, training_args.weight_decay, layer_map=layers, layer_decay=u.layer_decay,
+                          head_lr=u.head_lr, include_frozen=True)  # fmt: skip
     report = format_groups(groups)
     accelerator.print(f"Optimizer groups ({len(groups)}):\n{report}")
-    optimizer = build_optimizer(groups, training_args.learning_rate)
+    optimizer = build_optimizer(groups, lr)
     schedule = build_schedule(optimizer, train_loader, training_args, accelerator.num_processes)
-    u = unfreeze
-    starts = stage_starts(
-        len(stages),
-        u.unfreeze_every,
-        schedule.steps_per_epoch,
-        u.unfreeze_unit,
-        u.unfreeze_schedule,
-        schedule.total_steps,
-    )
+    starts = stage_starts(len(stages), u.unfreeze_every, schedule.steps_per_epoch, u.unfreeze_unit,
+                          u.unfreeze_schedule, schedule.total_steps)  # fmt: skip
     accelerator.print("Unfreezing schedule: " + ", ".join(f"step {s}: {stages[k][-1]}" for k, s in enumerate(starts)))
-    current = [-1]
-
-    def thaw(step: int) -> None:  # a function of the step alone, so a resumed run lands in its stage
-        stage = stage_at(step, starts)
-        if stage != current[0]:
-            set_trainable(model, layers, stages[stage])
-            current[0] = stage
-            accelerator.print(f"step {step}: stage {stage}\n{format_trainable(model, layers)}")
-        eval_frozen(model)  # frozen blocks without dropout (again after each evaluation's model.train())
+    thaw = Thaw(model, layers, stages, starts, accelerator.print)  # the model as discovered, not as prepared
 
     # DDP registers only parameters that require gradients when it wraps the model: prepare while all do.
     wrap_blocks_not_embeddings(accelerator, model)  # FSDP2 only: what it shards

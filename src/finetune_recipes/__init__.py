@@ -31,6 +31,7 @@ _EXPORTS = {
     "feature_dataloader": "features",
     "feature_loaders": "features",
     "on_cached_states": "features",
+    "Thaw": "freezing",
     "count_parameters": "freezing",
     "eval_frozen": "freezing",
     "format_trainable": "freezing",

@@ -198,3 +198,23 @@ def _stage_starts(num_stages: int, every: float, steps_per_epoch: int, unit: str
 def stage_at(step: int, starts: list[int]) -> int:
     """The stage in force at optimizer step `step`."""
     return bisect.bisect_right(starts, step) - 1
+
+
+class Thaw:
+    """Progressive unfreezing's action, `thaw(step)`: the stage that `step` falls in trains (set once, on entering
+    it), and the blocks still frozen stay in eval mode (no dropout; again after each evaluation's model.train()).
+
+    A function of the step alone, so a resumed run lands in its stage. `model` is the unwrapped model the
+    `layer_map` was discovered on; `say` prints each new stage (accelerator.print: the main process only)."""
+
+    def __init__(self, model: nn.Module, layer_map: LayerMap, stages: list[list[str]], starts: list[int], say=print):
+        self.model, self.layer_map, self.stages, self.starts, self.say = model, layer_map, stages, starts, say
+        self.current = -1
+
+    def __call__(self, step: int) -> None:
+        stage = stage_at(step, self.starts)
+        if stage != self.current:
+            set_trainable(self.model, self.layer_map, self.stages[stage])
+            self.current = stage
+            self.say(f"step {step}: stage {stage}\n{format_trainable(self.model, self.layer_map)}")
+        eval_frozen(self.model)
