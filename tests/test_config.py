@@ -17,9 +17,9 @@ from finetune_recipes.config import (
     ModelArguments,
     TrainingArguments,
     config_to_dict,
-    parse_config,
 )
 from finetune_recipes.errors import UserError, entrypoint
+from finetune_recipes.parsing import parse_config
 
 TYPES = (ModelArguments, DataArguments, TrainingArguments)
 
@@ -280,7 +280,8 @@ def test_training_arguments_reject_values_that_would_fail_later(field, value, me
 
 
 def test_a_recipe_copied_without_its_yaml_falls_back_to_the_packaged_one(tmp_path):
-    from finetune_recipes.config import DataArguments, ModelArguments, TrainingArguments, parse_config
+    from finetune_recipes.config import DataArguments, ModelArguments, TrainingArguments
+    from finetune_recipes.parsing import parse_config
 
     missing = tmp_path / "configs" / "full_finetune.yaml"
     _, _, args = parse_config(ModelArguments, DataArguments, TrainingArguments, args=[], default_config=missing)

@@ -17,7 +17,7 @@ _EXPORTS = {
     "RunArgs": "config",
     "TrainingArguments": "config",
     "check_ranges": "config",
-    "run_cli": "config",
+    "run_cli": "parsing",
     "UserError": "errors",
     "Task": "data",
     "build_dataloaders": "data",

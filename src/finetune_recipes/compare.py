@@ -26,10 +26,11 @@ from .catalog import (
     recipes_dir,
     resolve_recipe,
 )
-from .config import SHARED_TYPES, parse_config
+from .config import SHARED_TYPES
 from .errors import Parser, UserError, listing
 from .metrics import MULTI, REGRESSION, SINGLE, task_metrics
 from .ownership import LOCK, MANIFEST, claim_tool_dir, entries
+from .parsing import parse_config
 from .reporting.comparison import plot, reported_split, summarise, table_metrics, write_table
 from .tables import cell
 from .tune import check_space, import_optuna, refuse_hub_flags, run_study, search_space, with_test_split

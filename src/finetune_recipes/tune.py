@@ -35,9 +35,10 @@ from .catalog import (
     recipe_types,
     resolve_recipe,
 )
-from .config import SHARED_TYPES, parse_config
+from .config import SHARED_TYPES
 from .errors import Parser, UserError, listing
 from .ownership import LOCK, MANIFEST, claim_tool_dir
+from .parsing import parse_config
 from .problem_types import greater_is_better
 from .reporting.study import plot_study, write_best_config, write_trials
 

@@ -10,8 +10,8 @@ import yaml
 
 from ..atomic import atomic_write
 from ..catalog import as_flags, flag_groups, recipe_config
-from ..config import parse_config
 from ..figures import png, pyplot
+from ..parsing import parse_config
 from ..problem_types import greater_is_better
 from ..tables import csv_text, markdown_table
 
