@@ -21,7 +21,7 @@ from test_distributed import TWO_PROCESSES
 from finetune_recipes.catalog import list_recipes, recipe_namespace, recipe_types, resolve_recipe
 from finetune_recipes.cli import main
 from finetune_recipes.config import SHARED_TYPES
-from finetune_recipes.tune import check_space, search_space
+from finetune_recipes.search_space import check_space, search_space
 
 CLI = str(Path(sys.executable).parent / "finetune-recipes")
 

@@ -32,8 +32,9 @@ from .metrics import MULTI, REGRESSION, SINGLE, task_metrics
 from .ownership import LOCK, MANIFEST, claim_tool_dir, entries
 from .parsing import parse_config
 from .reporting.comparison import plot, reported_split, summarise, table_metrics, write_table
+from .search_space import check_space, search_space
 from .tables import cell
-from .tune import check_space, import_optuna, refuse_hub_flags, run_study, search_space, with_test_split
+from .tune import import_optuna, refuse_hub_flags, run_study, with_test_split
 
 DEFAULT_CONFIG = recipes_dir() / "configs" / "full_finetune.yaml"  # the baseline's defaults (data, seed)
 SHARED_FLAGS = {f.name for t in SHARED_TYPES for f in fields(t)} | {"config"}
