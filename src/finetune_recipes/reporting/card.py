@@ -122,20 +122,7 @@ def render_card(results: dict, config: dict, label_names: list[str], files: set[
     dataset = config.get("dataset_name")
     source = f"`{Path(config['train_file']).name}`" if config.get("train_file") else BUNDLED.get(dataset, dataset)
     labels = ", ".join(f"`{n}`" for n in label_names) if problem_type != REGRESSION else f"`{label_names[0]}`"
-    windows = config.get("long_documents") == "windows"
-    shown = [k for k in HYPERPARAMETERS if windows or not k.startswith("window_")]
-    hyper = [
-        [k, f"{config[k]:g}" if isinstance(config[k], float) else str(config[k])]
-        for k in shown
-        if config.get(k) is not None
-    ]
     hardware = results.get("hardware", {})
-    truncation = (
-        f"Texts longer than {config.get('max_length')} tokens were read as overlapping windows "
-        f"(stride {config.get('window_stride')}), their logits aggregated by {config.get('window_aggregation')}."
-        if config.get("long_documents") == "windows"
-        else f"Texts are truncated at {config.get('max_length')} tokens: what comes later is never read."
-    )
     body = f"""
 # {name}
 
@@ -158,7 +145,7 @@ validation documents{f", {cell(results['test_samples'])} test documents" if "tes
 
 ## Training
 
-{table(["hyperparameter", "value"], hyper)}
+{hyperparameters(config)}
 
 {results.get("steps", 0):,} optimizer steps in {results.get("train_runtime_s", 0):.1f} s
 ({results.get("train_samples_per_second", 0):.1f} samples/s) on {hardware.get("processes", 1)} process(es),
@@ -171,10 +158,27 @@ device {hardware.get("device", "?")}, {hardware.get("precision", "fp32")}; peak 
 
 ## Limits
 
-{truncation} The scores above come from {cell(results.get("eval_samples"))} validation documents (and the test
+{truncation(config)} The scores above come from {cell(results.get("eval_samples"))} validation documents (and the test
 split where there is one); a different kind of text may score lower.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
+
+
+def hyperparameters(config: dict) -> str:
+    """The settings a reader needs to train the model again, as a table (the window ones only with windows)."""
+    windows = config.get("long_documents") == "windows"
+    shown = [k for k in HYPERPARAMETERS if (windows or not k.startswith("window_")) and config.get(k) is not None]
+    rows = [[k, f"{config[k]:g}" if isinstance(config[k], float) else str(config[k])] for k in shown]
+    return table(["hyperparameter", "value"], rows)
+
+
+def truncation(config: dict) -> str:
+    if config.get("long_documents") == "windows":
+        return (
+            f"Texts longer than {config.get('max_length')} tokens were read as overlapping windows (stride "
+            f"{config.get('window_stride')}), their logits aggregated by {config.get('window_aggregation')}."
+        )
+    return f"Texts are truncated at {config.get('max_length')} tokens: what comes later is never read."
 
 
 def render_report(results: dict) -> str:
