@@ -141,7 +141,7 @@ def main(model_args, data_args, training_args: TrainingArguments, unfreeze: Unfr
             if training_args.eval_strategy == "steps" and state.completed_steps % training_args.eval_steps == 0:
                 validation(model, state)  # logged; the best weights kept on disk; patience counted
             if checkpoint_due(training_args.checkpointing_steps, state.completed_steps):
-                save_checkpoint(accelerator, state, training_args.output_dir, training_args.save_total_limit)
+                save_checkpoint(accelerator, model, state, training_args.output_dir, training_args.save_total_limit)
             thaw(state.completed_steps)  # Strategy: after each optimizer step (and its evaluation), the next stage
             if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
                 break
@@ -149,7 +149,7 @@ def main(model_args, data_args, training_args: TrainingArguments, unfreeze: Unfr
         if training_args.eval_strategy == "epoch" or state.completed_steps >= schedule.total_steps:
             validation(model, state)
         if training_args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, state, training_args.output_dir, training_args.save_total_limit)
+            save_checkpoint(accelerator, model, state, training_args.output_dir, training_args.save_total_limit)
         if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
             break
     progress.close()

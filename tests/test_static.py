@@ -133,7 +133,11 @@ def bad_vectors(tmp: Path) -> dict[str, tuple[list, str]]:
         "ragged": tmp / "ragged.txt",
         "words": tmp / "words.txt",
         "sparse": tmp / "sparse.txt",
+        "nan": tmp / "nan.txt",
+        "huge": tmp / "huge.txt",
     }
+    files["nan"].write_text("goal 1 2 3\nmatch 1 nan 3\n")
+    files["huge"].write_text("goal 1 2 3\nmatch 1 1e39 3\n")
     files["empty"].write_text("")
     files["latin1"].write_bytes("goal 1 2 3\ncaf\xe9 1 2 3\n".encode("latin-1"))
     files["ragged"].write_text("goal 1 2 3\nmatch 1 2\n")
@@ -145,6 +149,8 @@ def bad_vectors(tmp: Path) -> dict[str, tuple[list, str]]:
         "not UTF-8": (["--embeddings_file", files["latin1"]], "line 2 is not UTF-8"),
         "ragged rows": (["--embeddings_file", files["ragged"]], "line 2 has 2 values, the first row 3"),
         "not numbers": (["--embeddings_file", files["words"]], "line 1 has a value that is not a number"),
+        "a nan value": (["--embeddings_file", files["nan"]], "line 2 has a value that is nan, inf or beyond float32"),
+        "beyond float32": (["--embeddings_file", files["huge"]], "line 2 has a value that is nan, inf or beyond"),
         "low coverage": (["--embeddings_file", files["sparse"]], "below --min_coverage 0.5"),
         "bad encoder": (["--encoder", "gru"], "encoder 'gru' is not one of bag, lstm"),
         "distill without model2vec": (["--embeddings", "distill"], "--embeddings distill needs model2vec"),
@@ -157,6 +163,8 @@ BAD = [
     "not UTF-8",
     "ragged rows",
     "not numbers",
+    "a nan value",
+    "beyond float32",
     "low coverage",
     "bad encoder",
     "distill without model2vec",

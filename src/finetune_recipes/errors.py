@@ -55,6 +55,9 @@ def entrypoint(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except UserError as error:
+            # The failed run's locals go first: a progress bar closing as they are freed writes its last line
+            # before this one, so the error stays the last line a user sees.
+            traceback.clear_frames(error.__traceback__)
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
 

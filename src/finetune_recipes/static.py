@@ -35,6 +35,7 @@ from .features import CacheArguments, ClassificationHead
 logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "finetune_recipes_static"
+FLOAT32_MAX = 3.4028234663852886e38  # the vectors train in float32: a larger value is inf there
 ENCODERS = ("bag", "lstm")
 SOURCES = ("table", "distill")
 PAD, UNK = "[PAD]", "[UNK]"
@@ -366,6 +367,10 @@ def read_vectors(path: str | Path, vocabulary: set[str], lowercase: bool) -> tup
                     found[word] = [float(v) for v in parts[1:]]
                 except ValueError:
                     raise UserError(f"{path} line {number} has a value that is not a number; fix that row") from None
+                if not all(abs(v) <= FLOAT32_MAX for v in found[word]):  # False for nan too
+                    raise UserError(
+                        f"{path} line {number} has a value that is nan, inf or beyond float32 (±3.4e38); fix that row"
+                    )
     if dim is None:
         raise UserError(f"{path} holds no vectors; pass a GloVe or .vec file")
     return found, dim

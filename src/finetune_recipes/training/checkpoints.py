@@ -18,6 +18,7 @@ from accelerate.utils import load_checkpoint_in_model
 from safetensors import SafetensorError
 
 from ..errors import UserError, first_line
+from .tracking import refuse_diverged
 
 logger = logging.getLogger("finetune_recipes")
 
@@ -124,8 +125,10 @@ def write_atomically(accelerator: Accelerator, final: Path, write: Callable[[Pat
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: str, keep: int | None) -> None:
-    """The whole training state (accelerator.save_state) and TrainState; only the newest `keep` are kept."""
+def save_checkpoint(accelerator: Accelerator, model, state: TrainState, output_dir: str, keep: int | None) -> None:
+    """The whole training state (accelerator.save_state) and TrainState; only the newest `keep` are kept. A
+    diverged model is refused: the last good checkpoint stays the newest."""
+    refuse_diverged(accelerator, model, state)
 
     def write(path: Path) -> None:
         accelerator.save_state(str(path))

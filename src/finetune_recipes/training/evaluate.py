@@ -14,6 +14,7 @@ from ..data import Task, aggregate_windows
 from ..errors import UserError
 from ..metrics import MULTI, greater_is_better, per_class_report, task_metrics, tune_thresholds
 from .checkpoints import TrainState, load_best, prune_best, save_best
+from .tracking import refuse_diverged
 
 logger = logging.getLogger("finetune_recipes")
 
@@ -65,6 +66,7 @@ class Validation:
         """Evaluates at the current step, once: a second call at the same step returns the first's result."""
         if self.evaluated(state):
             return self.last or evaluate(model, self.loader, self.task, self.accelerator, self.window_aggregation)
+        refuse_diverged(self.accelerator, model, state)  # nan scores would be ranked, kept as best, saved
         self.last = evaluate(model, self.loader, self.task, self.accelerator, self.window_aggregation)
         metrics = self.last.metrics
         state.history.append({"epoch": state.epoch, "step": state.completed_steps, **metrics})

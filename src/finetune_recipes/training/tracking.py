@@ -10,6 +10,7 @@ prune hopeless trials. It is Accelerate's own custom-tracker interface (`General
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from accelerate.tracking import GeneralTracker, on_main_process
 
 from ..atomic import atomic_write
+from ..errors import UserError
 
 JSONL = "jsonl"
 TRACKER_PROJECT = "finetune_recipes"  # init_trackers' project name: the folder in output_dir
@@ -68,13 +70,16 @@ class LossMeter:
         self.samples, self.start = 0, time.perf_counter()
 
     def add(self, loss: torch.Tensor, samples: int) -> None:
-        self.total += loss.detach()
+        self.total += loss.detach()  # a nan or inf stays in the sum until the next log line reads it
         self.batches += 1
         self.samples += samples
 
     def log(self, state, scheduler, progress) -> None:
-        """The mean since the last call, to the progress bar, the TrainState's loss history and the trackers."""
+        """The mean since the last call, to the progress bar, the TrainState's loss history and the trackers;
+        a non-finite mean (the run diverged) stops the run with one line."""
         mean = self.accelerator.reduce(self.total, reduction="mean").item() / self.batches
+        if not math.isfinite(mean):
+            raise UserError(diverged_message(state, f"the training loss is {mean}"))
         lr = scheduler.get_last_lr()[-1]
         self.total.zero_()
         self.batches = 0
@@ -86,3 +91,21 @@ class LossMeter:
         runtime = time.perf_counter() - self.start
         samples = self.samples * self.accelerator.num_processes
         return {"train_runtime_s": round(runtime, 2), "train_samples_per_second": round(samples / runtime, 2)}
+
+
+def diverged_message(state, what: str) -> str:
+    """One line for a run whose loss or weights are no longer finite: where, the last finite loss, what to try."""
+    last = next((r for r in reversed(state.loss_history) if math.isfinite(r["loss"])), None)
+    before = f"; the last finite loss was {last['loss']:.4g} at step {last['step']}" if last else ""
+    return (
+        f"training diverged by step {state.completed_steps} ({what}{before}); nothing was saved from it: lower "
+        "--learning_rate, keep --max_grad_norm above 0, or check the data for extreme values"
+    )
+
+
+def refuse_diverged(accelerator, model: torch.nn.Module, state) -> None:
+    """Before an evaluation, a checkpoint or the final save: weights that are no longer finite (nan, inf) stop
+    the run with one line, in every process at once (under FSDP or ZeRO-3 each holds a shard)."""
+    finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+    if not bool(accelerator.gather(finite.reshape(1)).all()):
+        raise UserError(diverged_message(state, "its weights are not finite"))
