@@ -114,9 +114,8 @@ def main(model_args, data_args, training_args: TrainingArguments, cache: EncodeA
     state, out = start_training(accelerator, model, data, schedule, args)
     validation = Validation(accelerator, eval_loader, data.task, training_args, data_args.window_aggregation)
     losses = LossMeter(accelerator)
-    progress = tqdm(
-        total=schedule.total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
-    )
+    progress = tqdm(total=schedule.total_steps, initial=state.completed_steps, desc="train",
+                    disable=not accelerator.is_local_main_process)  # fmt: skip
     for epoch in range(state.epoch, schedule.num_epochs):
         if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
             break  # resumed from the run's last checkpoint
@@ -154,11 +153,12 @@ def main(model_args, data_args, training_args: TrainingArguments, cache: EncodeA
         if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
             break
     progress.close()
+    timing = losses.throughput()  # the training's time, not the scoring's below
 
     # Final evaluation: the best evaluation (its weights restored) or the last; then the test split.
     final = validation.final(model, state)
     test = evaluate(model, test_loader, data.task, accelerator, data_args.window_aggregation) if test_loader else None
-    results = {**validation.results(state, final, test), **losses.throughput()}
+    results = {**validation.results(state, final, test), **timing}
 
     # Save: the whole classifier (Strategy), with the trained pooler and head; then the Hub.
     scored = {"validation": final, "test": test}

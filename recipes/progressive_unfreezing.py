@@ -111,9 +111,8 @@ def main(model_args, data_args, training_args: TrainingArguments, unfreeze: Unfr
     state, out = start_training(accelerator, model, data, schedule, args)
     validation = Validation(accelerator, eval_loader, data.task, training_args, data_args.window_aggregation)
     losses = LossMeter(accelerator)
-    progress = tqdm(
-        total=schedule.total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
-    )
+    progress = tqdm(total=schedule.total_steps, initial=state.completed_steps, desc="train",
+                    disable=not accelerator.is_local_main_process)  # fmt: skip
     for epoch in range(state.epoch, schedule.num_epochs):
         if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
             break  # resumed from the run's last checkpoint
@@ -142,9 +141,9 @@ def main(model_args, data_args, training_args: TrainingArguments, unfreeze: Unfr
                 validation(model, state)  # logged; the best weights kept on disk; patience counted
             if checkpoint_due(training_args.checkpointing_steps, state.completed_steps):
                 save_checkpoint(accelerator, model, state, training_args.output_dir, training_args.save_total_limit)
-            thaw(state.completed_steps)  # Strategy: after each optimizer step (and its evaluation), the next stage
             if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
                 break
+            thaw(state.completed_steps)  # Strategy: after each optimizer step (and its evaluation), the next stage
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         if training_args.eval_strategy == "epoch" or state.completed_steps >= schedule.total_steps:
             validation(model, state)
@@ -153,11 +152,12 @@ def main(model_args, data_args, training_args: TrainingArguments, unfreeze: Unfr
         if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
             break
     progress.close()
+    timing = losses.throughput()  # the training's time, not the scoring's below
 
     # Final evaluation: the best evaluation (its weights restored) or the last; then the test split.
     final = validation.final(model, state)
     test = evaluate(model, test_loader, data.task, accelerator, data_args.window_aggregation) if test_loader else None
-    results = {**validation.results(state, final, test), **losses.throughput()}
+    results = {**validation.results(state, final, test), **timing}
     results["unfreezing_stage_starts"] = starts  # Strategy
 
     # Save: model and tokenizer where pipeline() loads them, results, predictions, the card; then the Hub.

@@ -385,3 +385,14 @@ def test_help_lists_every_flag_the_recipe_takes(recipe):
     assert proc.returncode == 0, proc.stderr
     for flag in (f.name for t in (*SHARED_TYPES, *recipe_types(recipe)) for f in fields(t) if f.init):
         assert f"--{flag}" in proc.stdout, flag
+
+
+def test_a_stage_that_begins_at_the_last_step_never_thaws(tiny_args, tmp_path):
+    # Stages 1 and 2 begin at steps 2 and 4, the run's last: stage 2's block must stay frozen, as stage_starts says.
+    flags = ["--max_train_steps", "4", "--unfreeze_unit", "step", "--unfreeze_schedule", "2,4"]
+    proc = run_inline("progressive_unfreezing", *tiny_args, *flags)
+    assert "step 2: stage 1" in proc.stdout and "stage 2" not in proc.stdout.split("Unfreezing schedule")[1]
+    once = json.loads((tmp_path / "out" / "results.json").read_text())["trainable_params"]
+    flags = ["--max_train_steps", "4", "--unfreeze_unit", "step", "--unfreeze_schedule", "2,100"]
+    run_inline("progressive_unfreezing", *tiny_args, *flags, "--overwrite_output_dir")
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["trainable_params"] == once

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
 from .config import ModelArguments
-from .errors import UserError, first_line
+from .errors import UserError, first_line, listing
 
 logger = logging.getLogger(__name__)
 
@@ -89,17 +89,49 @@ def build_model(
         overrides = dict.fromkeys(keys, 0.0)
     config = load_config(
         name,
-        num_labels=num_labels,
         id2label=dict(enumerate(label_names[:num_labels])),
         label2id={label: i for i, label in enumerate(label_names[:num_labels])},
         problem_type=problem_type,
         **overrides,
     )
     kernel = {} if model_args.attn_implementation == "auto" else {"attn_implementation": model_args.attn_implementation}
-    try:
-        return auto_class.from_pretrained(resolve_model_path(name), config=config, **kernel)
+    try:  # a head of another size (another run's, a Hub classifier's) is not loaded: see new_head
+        model = auto_class.from_pretrained(
+            resolve_model_path(name), config=config, ignore_mismatched_sizes=True, **kernel
+        )
     except ValueError as error:  # "... does not support an attention implementation through torch.nn.functional..."
         raise UserError(f"{first_line(error)}; pass --attn_implementation auto or eager") from None
+    if auto_class is AutoModelForSequenceClassification:
+        new_head(model, base, config, name)
+    return model
+
+
+def new_head(model: PreTrainedModel, base: PretrainedConfig, config: PretrainedConfig, name: str) -> None:
+    """A new head whenever the starting model's labels are not the task's: the head of a classifier trained on
+    the same label names (and problem type) is kept, any other is drawn anew, as for a bare encoder, with a
+    line saying so. Without this, a head of the same size but for other labels would be silently reused.
+
+    The head is what lies outside the encoder (`base_model_prefix`): BERT's classifier, RoBERTa's dense and
+    out_proj, DistilBERT's pre_classifier and classifier."""
+    if not any(a.endswith("ForSequenceClassification") for a in base.architectures or []):
+        return  # a bare encoder: its head is new already
+    before = [base.id2label[i] for i in sorted(base.id2label)]
+    after = [config.id2label[i] for i in sorted(config.id2label)]
+    if before == after and base.problem_type in (None, config.problem_type):
+        logger.info("%s already classifies these labels: training continues from its head", name)
+        return
+    fresh = AutoModelForSequenceClassification.from_config(config).state_dict()
+    prefix = f"{model.base_model_prefix}."
+    head = {k: v for k, v in fresh.items() if not k.startswith(prefix)}
+    model.load_state_dict(head, strict=False)
+    shown = [head_of(before, base.problem_type), head_of(after, config.problem_type)]
+    logger.warning("%s has a head for %s; a new head is trained for %s", name, *shown)
+
+
+def head_of(labels: list[str], problem_type: str | None) -> str:
+    """'business, sport, tech (single-label)': the labels a head scores, and its kind when known."""
+    kind = f" ({problem_type.replace('_classification', '').replace('_', '-')})" if problem_type else ""
+    return listing(labels, 6) + kind
 
 
 def max_positions(config: PretrainedConfig, tokenizer_limit: int) -> int:

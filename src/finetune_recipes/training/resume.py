@@ -32,6 +32,8 @@ def start_training(
     only what runs wrote), the trackers start with the resolved config, and the plan is logged.
     """
     training = args.get(TrainingArguments)
+    if accelerator.num_processes > 1:  # first: DDP's Reducer holds the process group (see errors.run_to_end)
+        DISTRIBUTED.append(model)
     state = TrainState()
     if training.checkpointing_steps or training.resume_from_checkpoint:  # only checkpoints carry it
         state.fingerprint = fingerprint(args, data, accelerator.num_processes)
@@ -39,8 +41,6 @@ def start_training(
     if training.resume_from_checkpoint:
         path = resolve_checkpoint(training.output_dir, training.resume_from_checkpoint)
         state = resume(accelerator, path, state.fingerprint, training.allow_config_change_on_resume)
-    if accelerator.num_processes > 1:
-        DISTRIBUTED.append(model)  # DDP's Reducer holds the process group: see errors.run_to_end
     out = claim(accelerator, model, args)
     if path:
         adopt_best(accelerator, path, training.output_dir, state)

@@ -109,7 +109,14 @@ def save_run(
 
     def save() -> None:
         publish(out, write)
-        publish(out, lambda staging: write_report(out, staging))
+        try:
+            publish(out, lambda staging: write_report(out, staging))
+        except OSError as error:
+            reason = error.strerror or error.__class__.__name__
+            raise UserError(
+                f"the model and results are saved in {out.path}, the card and pictures not ({reason}); free "
+                f"space, then run `finetune-recipes report {out.path}`"
+            ) from None
 
     failure = f"cannot save the outputs to {training.output_dir} ({{reason}}); none was written: free space or "
     on_main(accelerator, save, failure + "fix permissions, then run again")
