@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from .documents import aggregate_rows
-from .errors import UserError, listing
+from .errors import UserError, first_line, listing
 
 MODEL_ONNX, HEAD_ONNX = "model.onnx", "head.onnx"  # what `export` writes
 # What features.FeatureClassifier saves beside its encoder; named here, not imported, since importing
@@ -45,11 +45,40 @@ def recipe_settings(path: Path) -> dict:
     }
 
 
-def thresholds_of(path: Path, label_names: list[str]) -> list[float]:
-    """Multi-label decision thresholds tuned on validation (thresholds.json), else 0.5 for every label."""
+def thresholds_of(path: Path, label_names: list[str], problem_type: str | None) -> list[float]:
+    """A multi-label model's decision thresholds, tuned on validation: thresholds.json, read with the checks of
+    every input (its keys the labels, each value a number in [0, 1]). A run writes it with every multi-label
+    model; a missing, damaged or edited one is refused, never silently replaced by 0.5."""
     file = path / "thresholds.json"
-    saved = json.loads(file.read_text()) if file.exists() else {}
-    return [float(saved.get(name, 0.5)) for name in label_names]
+    if problem_type != "multi_label_classification":
+        return [0.5] * len(label_names)
+    fix = f"restore the file the run wrote, or write {{label: threshold}} for {listing(label_names, 4)}"
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is a multi-label model without its thresholds.json; {fix}") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{file} is not readable JSON ({first_line(error)}); {fix}") from None
+    if not isinstance(saved, dict) or set(saved) != set(label_names):
+        found = listing(sorted(saved)) if isinstance(saved, dict) else type(saved).__name__
+        raise UserError(f"{file} holds thresholds for {found}, not for the model's labels; {fix}")
+    bad = [k for k, v in saved.items() if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1]
+    if bad:  # nan fails 0 <= v too
+        raise UserError(f"{file}: the threshold of {bad[0]} is {saved[bad[0]]!r}, not a number in [0, 1]; {fix}")
+    return [float(saved[name]) for name in label_names]
+
+
+def default_bf16(path: Path, problem_type: str | None) -> bool | None:
+    """predict's precision unless told: the run's own (results.json), so that predict agrees with the run's
+    predictions files; bf16 only where the hardware computes it natively (None: ask it); regression always
+    in fp32, whose values bf16 would round (10.9746 → 11.0)."""
+    if problem_type == "regression":
+        return False
+    try:
+        precision = json.loads((path / "results.json").read_text())["hardware"]["precision"]
+    except (OSError, ValueError, KeyError, TypeError):
+        precision = "bf16"  # a model from elsewhere: the hardware decides
+    return None if precision == "bf16" else False
 
 
 def predict(
@@ -66,14 +95,15 @@ def predict(
     if not texts:
         return []
     settings = recipe_settings(path)
+    config = json.loads((path / "config.json").read_text())
+    kind, id2label = config.get("problem_type"), config.get("id2label") or {}
+    names = [id2label[str(i)] for i in range(len(id2label))] if id2label else ["LABEL_0"]
+    thresholds = thresholds_of(path, names, kind)  # checked before the model loads
     if (path / MODEL_ONNX).exists():
         logits = onnx_logits(path, texts, settings, batch_size)
     else:
-        logits = torch_logits(path, texts, settings, batch_size, bf16)
-    config = json.loads((path / "config.json").read_text())
-    id2label = config.get("id2label") or {}
+        logits = torch_logits(path, texts, settings, batch_size, default_bf16(path, kind) if bf16 is None else bf16)
     names = [id2label.get(str(i), f"LABEL_{i}") for i in range(logits.shape[1])]
-    kind, thresholds = config.get("problem_type"), thresholds_of(path, names)
     return [describe(text, row, names, kind, thresholds) for text, row in zip(texts, logits, strict=True)]
 
 

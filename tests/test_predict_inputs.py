@@ -1,0 +1,89 @@
+"""What `predict` reads back is checked as every input is: a multi-label model's thresholds.json (one line, exit
+code 2, for every way it can be wrong), and its default precision agrees with the run's own predictions files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_inline
+from test_task_shapes import SHAPE_FLAGS, shape_args, shapes  # noqa: F401  (shapes: a fixture)
+
+from finetune_recipes.cli import main as cli
+from finetune_recipes.predict import predict
+
+
+@pytest.fixture(scope="module")
+def multi(tiny_args_module, shapes, tmp_path_factory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("multi") / "out"
+    files = {k: v for k, v in shapes["multi"].items() if k != "test"}
+    run_inline("full_finetune", *shape_args(tiny_args_module, files, *SHAPE_FLAGS["multi"]), "--output_dir", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_args_module(tiny_model, tiny_data):
+    return [
+        "--model_name_or_path", tiny_model, "--train_file", tiny_data["train"],
+        "--validation_file", tiny_data["validation"], "--max_length", "32", "--per_device_train_batch_size", "8",
+        "--max_train_steps", "6", "--learning_rate", "3e-3", "--mixed_precision", "no",
+    ]  # fmt: skip
+
+
+CASES = {
+    "missing": (None, "without its thresholds.json"),
+    "a label missing": ('{"business": 0.5, "sport": 0.5}', "holds thresholds for business, sport, not for"),
+    "an extra label": ('{"business": 0.5, "sport": 0.5, "tech": 0.5, "x": 0.5}', "not for the model's labels"),
+    "nan": ('{"business": NaN, "sport": 0.5, "tech": 0.5}', "the threshold of business is nan, not a number"),
+    "above 1": ('{"business": 7, "sport": 0.5, "tech": 0.5}', "the threshold of business is 7, not a number in"),
+    "below 0": ('{"business": -1, "sport": 0.5, "tech": 0.5}', "the threshold of business is -1"),
+    "a string value": ('{"business": "0.5", "sport": 0.5, "tech": 0.5}', "the threshold of business is '0.5'"),
+    "truncated": ('{"business": 0.5, "spo', "is not readable JSON"),
+    "empty": ("", "is not readable JSON"),
+    "a list": ("[0.5, 0.5, 0.5]", "holds thresholds for list, not for the model's labels"),
+    "a string": ('"0.5"', "holds thresholds for str"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_thresholds_file_is_one_line_and_exit_2(case, multi, tmp_path, capsys):
+    content, message = CASES[case]
+    model = tmp_path / "model"
+    shutil.copytree(multi, model)
+    if content is None:
+        (model / "thresholds.json").unlink()
+    else:
+        (model / "thresholds.json").write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["predict", "--model", str(model), "goal win", "firm profit"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert message in lines[0] and "restore the file the run wrote" in lines[0], lines[0]
+
+
+def test_the_thresholds_the_run_wrote_are_the_ones_predict_applies(multi):
+    saved = json.loads((multi / "thresholds.json").read_text())
+    rows = list(csv.DictReader((multi / "predictions_validation.csv").open()))
+    predicted = predict(multi, [r["text"] for r in rows])
+    assert [sorted(p["labels"]) for p in predicted] == [sorted(filter(None, r["predicted"].split("|"))) for r in rows]
+    assert set(saved) == {"business", "sport", "tech"} and all(0 <= t <= 1 for t in saved.values())
+
+
+@pytest.mark.parametrize("shape", ["single", "regression"])
+def test_predict_by_default_agrees_with_the_runs_predictions_file(shape, tiny_args_module, shapes, tmp_path):  # noqa: F811
+    args = (
+        tiny_args_module
+        if shape == "single"
+        else shape_args(tiny_args_module, {k: v for k, v in shapes[shape].items() if k != "test"}, *SHAPE_FLAGS[shape])
+    )
+    run_inline("full_finetune", *args, "--output_dir", tmp_path / "out")
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions_validation.csv").open()))
+    predicted = predict(tmp_path / "out", [r["text"] for r in rows])
+    if shape == "single":
+        assert [p["label"] for p in predicted] == [r["predicted"] for r in rows]
+        assert [p["score"] for p in predicted] == pytest.approx([float(r["score"]) for r in rows], abs=1e-4)
+    else:
+        assert [p["value"] for p in predicted] == pytest.approx([float(r["predicted"]) for r in rows], abs=1e-4)
