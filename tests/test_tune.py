@@ -271,3 +271,27 @@ def test_best_yaml_keeps_what_the_users_config_file_set(tiny_args, tmp_path):
     best = yaml.safe_load((tmp_path / "best.yaml").read_text())
     assert all(str(best[k]) == v or float(best[k]) == float(v) for k, v in mine.items()), best
     assert best["seed"] == 7 and best["learning_rate"] == 2e-3
+
+
+def test_a_study_resumes_only_on_the_data_it_began_with(tiny_args, tiny_data, tmp_path):
+    import os
+
+    from finetune_recipes.errors import UserError
+    from finetune_recipes.tune import Study, objective_metric
+
+    recipe = resolve_recipe("full_finetune")
+    types = (*SHARED_TYPES, *recipe_types(recipe))
+    train = tmp_path / "train.csv"
+    train.write_text(tiny_data["train"].read_text())
+    flags = [str(train) if str(a) == str(tiny_data["train"]) else str(a) for a in tiny_args]
+    flags = flags[: flags.index("--output_dir")] + flags[flags.index("--output_dir") + 2 :]
+    space = {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}
+    options = {"pruner": "median", "seed": 0, "n_trials": 2}
+    metric, data = objective_metric(types, flags, recipe)
+    os.close(Study(recipe, flags, space, tmp_path / "study", metric, data, options).lock)
+    os.close(Study(recipe, flags, space, tmp_path / "study", metric, data, options).lock)  # the same data: resumes
+    train.write_text(train.read_text().replace("market", "stock"))  # the same command, the file's rows changed
+    _, changed = objective_metric(types, flags, recipe)
+    assert changed["train"] != data["train"] and changed["validation"] == data["validation"]
+    with pytest.raises(UserError, match="begun on other data \\(its train split changed since\\)"):
+        Study(recipe, flags, space, tmp_path / "study", metric, changed, options)

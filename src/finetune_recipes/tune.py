@@ -10,6 +10,7 @@ an interrupted study and Optuna's own tools can read it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -64,9 +65,10 @@ def import_optuna():
 class Study:
     """One recipe's Optuna study in `directory`: claimed, locked, resumed, run trial by trial, written out."""
 
-    def __init__(self, recipe: Path, flags: list, space: dict, directory: Path, metric: str, options: dict):
+    def __init__(self, recipe: Path, flags: list, space: dict, directory: Path, metric: str, data: dict, options: dict):
         self.optuna = optuna = import_optuna()
         self.recipe, self.flags, self.space, self.dir, self.metric = recipe, flags, space, directory, metric
+        self.data = data  # each split's digest: a study resumes on the data it began with
         self.types = (*SHARED_TYPES, *recipe_types(recipe))
         storage = f"sqlite:///{(directory / STUDY).resolve()}"
         if (directory / STUDY).is_file():  # checked before anything is written there
@@ -89,10 +91,12 @@ class Study:
         )
 
     def check_resumable(self) -> None:
-        """A study resumes only with the recipe, flags and space it began with; trials an interrupted session
-        left running are marked failed, and their half-written folders removed."""
+        """A study resumes only with the recipe, flags, space and data it began with (the same command on a train
+        file whose rows changed would rank trials trained on different data as one study); trials an interrupted
+        session left running are marked failed, and their half-written folders removed."""
         attrs = self.study.user_attrs
         mine = {"recipe": self.recipe.stem, "flags": self.flags, "space": self.space, "metric": self.metric}
+        mine["data"] = self.data
         if not attrs:
             for key, value in mine.items():
                 self.study.set_user_attr(key, value)
@@ -100,6 +104,16 @@ class Study:
         if attrs.get("recipe") != self.recipe.stem:
             raise UserError(f"{self.dir} holds a study of {attrs.get('recipe')}; pass another --study_dir")
         changed = [k for k in ("flags", "space", "metric") if attrs.get(k) != mine[k]]
+        splits = [
+            k
+            for k in sorted({*mine["data"], *attrs.get("data", {})})
+            if attrs.get("data", {}).get(k) != mine["data"].get(k)
+        ]
+        if splits and not changed:
+            raise UserError(
+                f"{self.dir} holds a study begun on other data (its {' and '.join(splits)} split changed since); "
+                "resume it on the same data, or pass another --study_dir"
+            )
         if changed:
             raise UserError(
                 f"{self.dir} holds a study begun with other {' and '.join(changed)} ({attrs.get(changed[0])}); "
@@ -265,9 +279,9 @@ def claim_study_dir(directory: Path) -> int:
     )
 
 
-def objective_metric(types: tuple[type, ...], flags: list[str], recipe: Path) -> str:
+def objective_metric(types: tuple[type, ...], flags: list[str], recipe: Path) -> tuple[str, dict[str, str]]:
     """--metric_for_best_model, else the task's primary metric (accuracy, micro-F1 or MSE), read from the data,
-    which is checked here, before the first trial, with the flags every trial gets."""
+    which is checked here, before the first trial, with the flags every trial gets; and each split's digest."""
     from .data import raw_splits
 
     _, data_args, args, *_ = parse_config(*types, args=flags, default_config=recipe_config(recipe))
@@ -278,7 +292,13 @@ def objective_metric(types: tuple[type, ...], flags: list[str], recipe: Path) ->
             "as test, stratified; no trial trains or chooses on it",
             file=sys.stderr,
         )
-    return args.metric_for_best_model or task.primary_metric
+    digests = {}
+    for split, ds in splits.items():  # the texts and labels in order: what every trial trains and is scored on
+        digest = hashlib.sha256()
+        for row in ds.select_columns([c for c in (data_args.text_column, data_args.text_pair_column, "labels") if c]):
+            digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+        digests[split] = digest.hexdigest()[:24]
+    return args.metric_for_best_model or task.primary_metric, digests
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -330,10 +350,10 @@ def run_study(
     refuse_hub_flags(given, f"tune's trials do not push; push the best with python {recipe.name} --config best.yaml")
     space = search_space(recipe, space_file)
     check_space(space, types, given, recipe.stem)
-    metric = objective_metric(types, flags, recipe)
+    metric, data = objective_metric(types, flags, recipe)
     directory = Path(study_dir or Path("outputs") / "tune" / recipe.stem)
     options = {"pruner": pruner, "seed": study_seed, "n_trials": n_trials}
-    study = Study(recipe, flags, space, directory, metric, options)
+    study = Study(recipe, flags, space, directory, metric, data, options)
     try:
         study.optimize(n_trials, timeout)
         written = study.write(command.strip())
