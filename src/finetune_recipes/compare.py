@@ -27,7 +27,7 @@ from .catalog import (
     resolve_recipe,
 )
 from .config import SHARED_TYPES
-from .errors import Parser, UserError, listing
+from .errors import PARENT, Parser, UserError, listing
 from .metrics import MULTI, REGRESSION, SINGLE, task_metrics
 from .ownership import LOCK, MANIFEST, claim_tool_dir, entries
 from .parsing import parse_config
@@ -100,7 +100,8 @@ def run_recipe(recipe: str, out: Path, folder: str, flags: list[str], overwrite:
         cmd += ["--overwrite_output_dir"] if overwrite else []
         start = time.perf_counter()
         with log.open("w") as f:
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+            env = {**os.environ, PARENT: str(os.getpid())}  # the run ends with compare: errors.die_with_launcher
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
         wall = round(time.perf_counter() - start, 1)
     if code != 0:
         return {"strategy": recipe, "wall_time_s": wall, "status": f"failed ({code}): see {log}"}

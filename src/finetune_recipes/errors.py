@@ -8,10 +8,12 @@ this and nothing heavy.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import logging
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -99,3 +101,24 @@ def run_to_end(call: Callable[[], T]) -> T:
         logging.shutdown()
     finally:  # a closed pipe must not bring the hang back
         os._exit(code)
+
+
+PARENT = "FINETUNE_RECIPES_PARENT"  # set by tune and compare for the recipe processes they start: their pid
+
+
+def die_with_launcher() -> None:
+    """A recipe process started by a launcher ends when the launcher does, however it ends (SIGKILL included).
+
+    torchrun's agent (what `accelerate launch` runs) starts its workers in sessions of their own, so a kill of
+    the launcher or of its process group does not reach them, and a killed `tune` or `compare` would leave its
+    trial training. Linux's parent-death signal ties them: the kernel sends SIGKILL to this process when its
+    parent dies. Only under a launcher: a run started from a shell (with nohup, say) outlives the shell.
+    """
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or PARENT in os.environ
+    if not launched or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    expected = os.environ.get(PARENT)
+    if os.getppid() == 1 or (expected and os.getppid() != int(expected)):  # the launcher died before the line above
+        os.kill(os.getpid(), signal.SIGKILL)

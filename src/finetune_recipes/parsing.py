@@ -19,7 +19,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .config import ON_RESUME, check_ranges
-from .errors import OneLineErrors, Parser, UserError, run_to_end
+from .errors import OneLineErrors, Parser, UserError, die_with_launcher, run_to_end
 
 T = TypeVar("T")
 
@@ -117,5 +117,6 @@ def _coerce(key: str, value: Any, action: argparse.Action, path: Path) -> Any:
 def run_cli(main: Callable[..., T], *types: type, default_config: str | Path | None = None) -> T:
     """`python recipe.py FLAGS`: parses `types` (from `default_config`, --config and the flags) and calls
     `main(*parsed)`; a UserError anywhere becomes one line on stderr and exit code 2, and a process of a
-    multi-process run ends as errors.run_to_end says."""
+    multi-process run ends as errors.run_to_end says; under a launcher, the process ends with it."""
+    die_with_launcher()
     return run_to_end(lambda: main(*parse_config(*types, default_config=default_config)))

@@ -32,7 +32,7 @@ from .catalog import (
     resolve_recipe,
 )
 from .config import SHARED_TYPES
-from .errors import Parser, UserError, listing
+from .errors import PARENT, Parser, UserError, listing
 from .ownership import LOCK, MANIFEST, claim_tool_dir
 from .parsing import parse_config
 from .problem_types import greater_is_better
@@ -177,8 +177,11 @@ class Study:
         start = time.perf_counter()
         try:
             with log.open("w") as f:
-                # In tune's process group: Ctrl-C, or a kill of the group, stops the trial too.
-                process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+                # In tune's process group: Ctrl-C, or a kill of the group, stops the trial too; a kill of tune alone
+                # does through errors.die_with_launcher (Linux). The trial holds the study's lock as long as it
+                # lives, so no resume can start beside a trial still training (on any platform).
+                env = {**os.environ, PARENT: str(os.getpid())}
+                process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, pass_fds=(self.lock,))
                 try:
                     pruned_at = self.follow(process, trial, out / "finetune_recipes" / "metrics.jsonl")
                 except BaseException:  # KeyboardInterrupt, or a failure here: no trial left training alone

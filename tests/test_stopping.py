@@ -1,0 +1,102 @@
+"""A stopped run stops: a SIGKILL of the launcher alone (`accelerate launch`, `tune`) ends the recipe processes
+it started, checked in the process table; and a study does not resume while a trial it started still trains."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from test_distributed import TWO_PROCESSES
+
+CLI = str(Path(sys.executable).parent / "finetune-recipes")
+
+
+def processes_naming(marker: str) -> list[int]:
+    """The pids whose command line holds `marker` (read from /proc: what `ps` shows)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:  # gone while being read
+            continue
+    return found
+
+
+def gone_within(marker: str, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (alive := processes_naming(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+def start_and_wait_for(cmd: list[str], ready: Path, timeout: float = 300) -> subprocess.Popen:
+    process = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        assert process.poll() is None and time.monotonic() < deadline, f"no {ready} ({process.returncode})"
+        time.sleep(0.05)
+    return process
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_sigkill_of_the_launcher_alone_ends_its_workers(tiny_args, tmp_path):
+    out = tmp_path / "launched"  # in every worker's command line: how they are found
+    flags = [*map(str, tiny_args), "--num_train_epochs", "200", "--checkpointing_steps", "2", "--output_dir", str(out)]
+    cmd = [*TWO_PROCESSES, str(ROOT / "recipes" / "full_finetune.py"), *flags]
+    launcher = start_and_wait_for(cmd, out / "checkpoints" / "step_2")  # both workers are training
+    assert len(processes_naming(str(out))) >= 3  # the launcher and two workers
+    os.kill(launcher.pid, signal.SIGKILL)  # the launcher alone, not its group: the harsher case
+    launcher.wait()
+    assert gone_within(str(out), 20) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_sigkill_of_tune_ends_its_trial_and_the_study_then_resumes(tiny_args, tmp_path):
+    study = tmp_path / "study"
+    data = without(tiny_args, "--output_dir", "--learning_rate", "--num_train_epochs")  # the last two: tuned
+    cmd = [CLI, "tune", "static_embeddings", "--n_trials", "1", "--study_dir", str(study), *data]
+    long = ["--max_train_steps", "100000", "--checkpointing_steps", "2"]
+    tune = start_and_wait_for([*cmd, *long], study / ".trial_0" / "checkpoints", timeout=300)
+    os.kill(tune.pid, signal.SIGKILL)
+    tune.wait()
+    assert gone_within(str(study / ".trial_0"), 20) == []  # no trial left training into .trial_0
+    resumed = start_and_wait_for([*cmd, *long], study / ".trial_1")  # the same command resumes: the lock went too
+    os.killpg(resumed.pid, signal.SIGKILL)
+    resumed.wait()
+
+
+def without(args: list, *flags: str) -> list[str]:
+    args = [str(a) for a in args]
+    for flag in flags:
+        i = args.index(flag)
+        args = args[:i] + args[i + 2 :]
+    return args
+
+
+def test_a_trial_holds_the_study_lock_while_it_lives(tmp_path):
+    """Where no parent-death signal exists, the lock a trial inherits keeps a resume from starting beside it."""
+    from finetune_recipes.errors import UserError
+    from finetune_recipes.ownership import lock_output_dir
+
+    tmp_path.mkdir(exist_ok=True)
+    lock = lock_output_dir(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], pass_fds=(lock,))
+    os.close(lock)  # the tool is gone; its trial lives on
+    try:
+        with pytest.raises(UserError, match="is in use by"):
+            lock_output_dir(tmp_path)
+    finally:
+        child.kill()
+        child.wait()
+    os.close(lock_output_dir(tmp_path))  # free once the trial is gone
