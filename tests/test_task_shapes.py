@@ -329,6 +329,8 @@ def bad_shapes(tmp: Path, shapes: dict) -> dict[str, tuple[list, str]]:
     write_csv(tmp / "nan.csv", [{"text": "goal", "score": "1.5"}, {"text": "bank", "score": "inf"}])
     write_csv(tmp / "cols.csv", [{"text": "goal", "a": "1", "b": "2"}, {"text": "bank", "a": "0", "b": "1"}])
     (tmp / "weights.json").write_text('{"weather": 2}')
+    (tmp / "bool_weights.json").write_text('{"sport": true}')
+    write_csv(tmp / "never.csv", [{"text": "goal", "a": "1", "b": "0"}, {"text": "bank", "a": "0", "b": "0"}])
     files = [
         ("--train_file", multi["train"]),
         ("--validation_file", multi["validation"]),
@@ -352,6 +354,11 @@ def bad_shapes(tmp: Path, shapes: dict) -> dict[str, tuple[list, str]]:
         "missing label column": (["--label_columns", "sport,weather"], "column 'sport' not in the train split"),
         "non 0/1 column": ([*same_file(tmp / "cols.csv"), "--label_columns", "a,b"], "holds 2, not 0 or 1"),
         "unknown class weight": (["--class_weights", str(tmp / "weights.json")], "names 'weather', which is not"),
+        "a true class weight": (["--class_weights", str(tmp / "bool_weights.json")], "sport' in" ),
+        "a label column named twice": (["--label_columns", "a,a,b"], "--label_columns names 'a' twice"),
+        "label_column and label_columns": (["--label_columns", "a,b", "--label_column", "x"], "--label_column (one"),
+        "a label column train never has": ([*same_file(tmp / "never.csv"), "--label_columns", "a,b"],
+                                           "label column 'b' has no positive example in the train split"),
         "class weights file missing": (["--class_weights", "nope.json"], "is not none, balanced or an existing"),
         "stride over max_length": (["--long_documents", "windows", "--window_stride", "40"], "window_stride 40 is not"),
         "stride over room": (["--long_documents", "windows", "--window_stride", "31"], "leaves windows no new tokens"),
@@ -365,7 +372,9 @@ def bad_shapes(tmp: Path, shapes: dict) -> dict[str, tuple[list, str]]:
 
 CASES = [
     "unseen multi-label", "empty label list refused", "non-numeric target", "nan target", "regression of strings",
-    "missing label column", "non 0/1 column", "unknown class weight", "class weights file missing",
+    "missing label column", "non 0/1 column", "unknown class weight", "a true class weight",
+    "a label column named twice", "label_column and label_columns", "a label column train never has",
+    "class weights file missing",
     "stride over max_length", "stride over room", "weighted sampler for regression", "metric of another task",
     "bad problem type", "windows over text pairs",
 ]  # fmt: skip

@@ -186,6 +186,9 @@ def parse_args(argv: list[str] | None):
     unknown = [r for r in known.recipes if r not in list_recipes()]
     if unknown or not known.recipes:
         raise UserError(f"no recipe '{(unknown or [''])[0]}'; recipes: {', '.join(list_recipes())}")
+    twice = sorted({r for r in known.recipes if known.recipes.count(r) > 1})
+    if twice:
+        raise UserError(f"--recipes names {twice[0]} twice; name each recipe once (--seeds repeats runs)")
     refuse_hub_flags(given_names(rest), "compare does not push its runs; push the one you keep with its recipe's")
     return known, with_test_split(rest)
 

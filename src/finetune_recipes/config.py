@@ -144,6 +144,11 @@ class DataArguments:
                 raise UserError(f"{name} '{getattr(self, name)}' is not one of {shown}")
         if self.label_columns is not None and self.label_delimiter is not None:
             raise UserError("pass --label_columns (several 0/1 columns) or --label_delimiter (one column), not both")
+        if self.label_columns is not None and self.label_column != "label":
+            raise UserError("pass --label_columns (several 0/1 columns) or --label_column (one column), not both")
+        repeated = sorted({c for c in self.label_sources if self.label_sources.count(c) > 1})
+        if self.label_columns is not None and repeated:
+            raise UserError(f"--label_columns names '{repeated[0]}' twice; name each label column once")
         if self.label_delimiter == "":
             raise UserError("label_delimiter is empty; pass the character between labels, e.g. '|'")
         if self.problem_type == "regression" and (self.label_columns or self.label_delimiter):
@@ -253,6 +258,8 @@ class TrainingArguments:
             warmup_ratio=(0, 1),
             seed=(0, 2**32 - 1),
         )
+        if not self.learning_rate > 0:
+            raise UserError(f"learning_rate is {self.learning_rate}; pass a rate above 0")
         trackers = [t.value for t in LoggerType] + ["jsonl"]
         for tracker in self.report_to.split(",") if self.report_to is not None else []:
             if tracker.strip() not in trackers:

@@ -37,6 +37,11 @@ def check_space(space: dict[str, Any], types: tuple[type, ...], given: set[str],
     for name, spec in space.items():
         if name not in flags:
             raise UserError(f"the search space names --{name}, which {recipe} does not take; remove it")
+        if name in ("output_dir", "report_to", "resume_from_checkpoint", "overwrite_output_dir"):
+            raise UserError(f"the search space names --{name}, which tune sets for each trial; remove it")
+        unknown = sorted(set(spec) - {"low", "high", "log", "choices"}) if isinstance(spec, dict) else []
+        if unknown:
+            raise UserError(f"search space entry {name} has '{unknown[0]}'; write low, high (and log), or choices")
         if name in given:
             raise UserError(f"--{name} is in the search space; drop it from the command line or from the space")
         if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):

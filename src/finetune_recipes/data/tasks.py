@@ -208,6 +208,12 @@ def encode_multi_label(raw: DatasetDict, args: DataArguments) -> tuple[DatasetDi
             f"the train split has {len(names)} label(s) ({listing(names)}); multi-label needs at least two: "
             "check --label_column/--label_delimiter"
         )
+    never = [n for n in names if not any(n in row for row in per_split["train"])]
+    if never:  # only 0/1 columns can name a label train never has: the model would learn "never"
+        raise UserError(
+            f"label column '{never[0]}' has no positive example in the train split, so no model can learn it; "
+            "drop it from --label_columns, or add examples"
+        )
     index = {n: i for i, n in enumerate(names)}
     encoded = dict(raw)
     for split, rows in per_split.items():
@@ -365,7 +371,12 @@ def class_weights(labels: list, task: Task, spec: str) -> list[float] | None:
         )
     weights = {str(k): v for k, v in given.items()}
     bad = next(
-        (k for k, v in weights.items() if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v))), None
+        (
+            k
+            for k, v in weights.items()
+            if isinstance(v, bool) or not (isinstance(v, int | float) and v > 0 and math.isfinite(v))
+        ),
+        None,
     )
     if bad is not None:
         raise UserError(f"class weight of '{bad}' in {spec} is {weights[bad]!r}; weights must be positive numbers")
