@@ -327,6 +327,7 @@ def bad_shapes(tmp: Path, shapes: dict) -> dict[str, tuple[list, str]]:
     write_jsonl(tmp / "empty_list.jsonl", [{"text": "goal", "labels": ["sport"]}, {"text": "bank", "labels": []}])
     write_csv(tmp / "na.csv", [{"text": "goal", "score": "1.5"}, {"text": "bank", "score": "high"}])
     write_csv(tmp / "nan.csv", [{"text": "goal", "score": "1.5"}, {"text": "bank", "score": "inf"}])
+    write_csv(tmp / "huge.csv", [{"text": "goal", "score": "1.5"}, {"text": "bank", "score": "1e300"}])
     write_csv(tmp / "cols.csv", [{"text": "goal", "a": "1", "b": "2"}, {"text": "bank", "a": "0", "b": "1"}])
     (tmp / "weights.json").write_text('{"weather": 2}')
     (tmp / "bool_weights.json").write_text('{"sport": true}')
@@ -350,6 +351,8 @@ def bad_shapes(tmp: Path, shapes: dict) -> dict[str, tuple[list, str]]:
         "non-numeric target": ([*same_file(tmp / "na.csv"), "--label_column", "score",
                                 "--problem_type", "regression"], "label 'high' (example 1 of the train split"),
         "nan target": ([*same_file(tmp / "nan.csv"), "--label_column", "score"], "is not finite"),
+        "a target beyond float32": ([*same_file(tmp / "huge.csv"), "--label_column", "score"],
+                                    "target 1e+300 (example 1 of the train split"),
         "regression of strings": (["--problem_type", "regression"], "label 'business' (example 0"),
         "missing label column": (["--label_columns", "sport,weather"], "column 'sport' not in the train split"),
         "non 0/1 column": ([*same_file(tmp / "cols.csv"), "--label_columns", "a,b"], "holds 2, not 0 or 1"),
@@ -371,7 +374,8 @@ def bad_shapes(tmp: Path, shapes: dict) -> dict[str, tuple[list, str]]:
 
 
 CASES = [
-    "unseen multi-label", "empty label list refused", "non-numeric target", "nan target", "regression of strings",
+    "unseen multi-label", "empty label list refused", "non-numeric target", "nan target",
+    "a target beyond float32", "regression of strings",
     "missing label column", "non 0/1 column", "unknown class weight", "a true class weight",
     "a label column named twice", "label_column and label_columns", "a label column train never has",
     "class weights file missing",

@@ -300,6 +300,8 @@ def fit_task(raw: DatasetDict, task: Task, args: DataArguments) -> DatasetDict:
     validation label leaks into it): the class weights, and a regression target's mean and standard
     deviation, by which every split's targets are then standardised."""
     task.class_weights = class_weights(raw["train"]["labels"], task, args.class_weights)
+    if task.problem_type == REGRESSION:
+        warn_constant_validation(raw)
     if task.problem_type != REGRESSION or not args.standardize_target:
         return raw
     train = np.asarray(raw["train"]["labels"], dtype=np.float64)
@@ -319,6 +321,21 @@ def fit_task(raw: DatasetDict, task: Task, args: DataArguments) -> DatasetDict:
     return DatasetDict(scaled)
 
 
+TARGET_LIMIT = 3.4028234663852886e38 / 1e6  # float32's largest, with room for the squared error
+
+
+def warn_constant_validation(raw: DatasetDict) -> None:
+    """A constant validation target makes Pearson, Spearman and R² undefined: said up front (they are then
+    reported as 0)."""
+    validation = np.asarray(raw["validation"]["labels"], dtype=np.float64) if "validation" in raw else None
+    if validation is not None and len(validation) and np.ptp(validation) == 0:
+        logger.warning(
+            "every validation target is %g: Pearson, Spearman and R² are undefined there and reported as 0; "
+            "rank runs by mse or mae",
+            validation[0],
+        )
+
+
 def _numbers(ds: Dataset, column: str, where: str, split: str) -> list[float]:
     feature = ds.features[column]
     if not isinstance(feature, Value):
@@ -335,6 +352,11 @@ def _numbers(ds: Dataset, column: str, where: str, split: str) -> list[float]:
             ) from None
         if not math.isfinite(number):
             raise UserError(f"label {value!r} (example {i} of {where}) is not finite; fix or drop that row")
+        if abs(number) > TARGET_LIMIT:  # a float32 model cannot hold it, nor its squared error
+            raise UserError(
+                f"target {value!r} (example {i} of {where}) is beyond what float32 training holds (about ±3e32); "
+                "rescale the target column (e.g. to its logarithm)"
+            )
         out.append(number)
     return out
 
