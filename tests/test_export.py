@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,51 @@ def test_serving_an_export_without_onnxruntime_is_one_line(exported, tmp_path):
     proc = cli("predict", "--model", exported, "goal win", env=blocked_module(tmp_path, "onnxruntime"))
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: onnxruntime is not installed; pip install 'finetune-recipes[export]'"
+
+
+def damage(model: Path, name: str, how: str) -> None:
+    if how == "missing":
+        (model / name).unlink()
+    else:  # truncated: the first half of the file
+        data = (model / name).read_bytes()
+        (model / name).write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "kind, name, how, message",
+    [
+        ("full", "model.safetensors", "missing", "has no model.safetensors, the model's weights"),
+        ("full", "model.safetensors", "truncated", "model.safetensors is damaged"),
+        ("onnx", "model.onnx", "missing", "has no model.onnx, the model's weights"),
+        ("onnx", "model.onnx", "truncated", "model.onnx is damaged"),
+        ("feature_extraction", "feature_head.safetensors", "missing", "has no feature_head.safetensors"),
+        ("lora", "adapter_model.safetensors", "missing", "has no adapter_model.safetensors"),
+        ("lora", "adapter_model.safetensors", "truncated", "adapter_model.safetensors is damaged"),
+    ],
+)
+def test_missing_or_damaged_weights_are_one_line_for_predict_and_export(
+    kind, name, how, message, trained, exported, tiny_args, tmp_path, capsys
+):
+    if kind in ("full", "onnx"):
+        source = trained if kind == "full" else exported
+    else:
+        source = tmp_path / "run"
+        run_inline(kind, *tiny_args, "--max_train_steps", "2", "--output_dir", source)
+    model = tmp_path / "model"
+    shutil.copytree(source, model)
+    damage(model, name, how)
+    commands = [["predict", "--model", str(model), "goal win"]]
+    if kind != "onnx":
+        commands.append(["export", "--model", str(model), "--onnx", "--output_dir", str(tmp_path / "exp")])
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(command)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], (command[0], lines)
+    assert not (tmp_path / "exp").exists()
+
+
+def test_exporting_an_export_is_one_line(exported, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["export", "--model", str(exported), "--onnx", "--output_dir", str(exported.parent / "again")])
+    assert exit_info.value.code == 2 and "is an ONNX export already" in capsys.readouterr().err

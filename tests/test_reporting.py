@@ -193,3 +193,16 @@ def test_report_redraws_a_finished_run_and_refuses_what_is_not_one(tiny_args, tm
         cli(["report", str(out)])
     assert "eval_report.md is not a run's output" in capsys.readouterr().err
     assert (out / "eval_report.md").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("name, content", [("results.json", '{"eval_accuracy": 0.'), ("config.json", "[]")])
+def test_report_on_a_damaged_saved_file_is_one_line(name, content, tiny_args, tmp_path, capsys):
+    run_inline("full_finetune", *tiny_args, "--max_train_steps", "2")
+    out = tmp_path / "out"
+    (out / name).write_text(content)
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["report", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and f"{out / name} is damaged" in lines[0], lines
+    assert snapshot(tmp_path) == before

@@ -100,3 +100,25 @@ def test_a_trial_holds_the_study_lock_while_it_lives(tmp_path):
         child.kill()
         child.wait()
     os.close(lock_output_dir(tmp_path))  # free once the trial is gone
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_naming_the_checkpoint_to_resume_from(tiny_args, tmp_path):
+    out = tmp_path / "out"
+    flags = [*map(str, tiny_args), "--num_train_epochs", "200", "--checkpointing_steps", "2", "--output_dir", str(out)]
+    cmd = [sys.executable, str(ROOT / "recipes" / "full_finetune.py"), *flags]
+    process = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step_4").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    last = stderr.strip().splitlines()[-1]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert (
+        last.startswith("error: interrupted (Ctrl-C); the last checkpoint is step ")
+        and "resume_from_checkpoint" in last
+    )

@@ -49,13 +49,22 @@ def listing(items: list[Any], limit: int = 8) -> str:
     return shown if len(items) <= limit else f"{shown}, … ({len(items)} in all)"
 
 
+# What an interrupted command has kept, for its Ctrl-C line: a run's checkpoints say where it resumes.
+SAVED_SO_FAR = ["nothing was saved"]
+
+
 def entrypoint(main: Callable[..., T]) -> Callable[..., T]:
-    """Runs `main`, turning a UserError into one line on stderr and exit code 2."""
+    """Runs `main`, turning a UserError into one line on stderr and exit code 2, and Ctrl-C into one line saying
+    what was kept, exit code 130 (as a shell reports an interrupt)."""
 
     @functools.wraps(main)
     def run(*args, **kwargs) -> T:
         try:
             return main(*args, **kwargs)
+        except KeyboardInterrupt as interrupt:
+            traceback.clear_frames(interrupt.__traceback__)
+            print(f"error: interrupted (Ctrl-C); {SAVED_SO_FAR[-1]}", file=sys.stderr)
+            raise SystemExit(130) from None
         except UserError as error:
             # The failed run's locals go first: a progress bar closing as they are freed writes its last line
             # before this one, so the error stays the last line a user sees.

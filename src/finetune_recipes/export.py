@@ -89,6 +89,8 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path | None = None, qua
     """
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
+    if (model_dir / MODEL_ONNX).exists():
+        raise UserError(f"{model_dir} is an ONNX export already; pass --model the recipe's output_dir it came from")
     out = Path(output_dir) if output_dir else default_export_dir(model_dir, quantize)
     check_earlier_export(out)
     check_onnx_tools(quantize)

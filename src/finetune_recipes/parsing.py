@@ -19,7 +19,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .config import ON_RESUME, check_ranges
-from .errors import OneLineErrors, Parser, UserError, die_with_launcher, run_to_end
+from .errors import SAVED_SO_FAR, OneLineErrors, Parser, UserError, die_with_launcher, run_to_end
 
 T = TypeVar("T")
 
@@ -119,4 +119,5 @@ def run_cli(main: Callable[..., T], *types: type, default_config: str | Path | N
     `main(*parsed)`; a UserError anywhere becomes one line on stderr and exit code 2, and a process of a
     multi-process run ends as errors.run_to_end says; under a launcher, the process ends with it."""
     die_with_launcher()
+    SAVED_SO_FAR[:] = ["nothing was saved"]  # what a Ctrl-C line reports: checkpoints add to it
     return run_to_end(lambda: main(*parse_config(*types, default_config=default_config)))

@@ -23,13 +23,45 @@ HEAD_CONFIG = "feature_head.json"
 
 
 def check_model_dir(path: Path) -> None:
-    """Refuses, in one line, a path that holds no saved classifier and tokenizer."""
+    """Refuses, in one line, a path that holds no saved classifier and tokenizer, or misses its weights."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--model {path} is a file, not a model directory; pass --model a recipe's output_dir")
     if not path.is_dir():
         raise UserError(f"model directory {path} does not exist; pass --model a recipe's output_dir")
     if not any((path / name).exists() for name in ("config.json", "adapter_config.json", HEAD_CONFIG, MODEL_ONNX)):
         raise UserError(f"{path} holds no saved model (no config.json); pass --model a recipe's output_dir")
     if not (path / "tokenizer_config.json").exists():
         raise UserError(f"{path} holds no tokenizer (no tokenizer_config.json); pass --model a recipe's output_dir")
+    missing = next((name for name in weight_files(path) if not (path / name).is_file()), None)
+    if missing:
+        raise UserError(f"{path} has no {missing}, the model's weights; restore it, or train and export again")
+
+
+def weight_files(path: Path) -> list[str]:
+    """The files a saved model's weights are in, by its kind: an ONNX export, a feature head, a LoRA
+    adapter, or a transformers model (one safetensors file, or shards with their index)."""
+    if (path / MODEL_ONNX).exists() or (path / "export.json").exists():  # export.EXPORTED: an export's record
+        return [MODEL_ONNX, *([HEAD_ONNX] if (path / HEAD_CONFIG).exists() else [])]
+    if (path / HEAD_CONFIG).exists():
+        return ["feature_head.safetensors"]
+    if (path / "adapter_config.json").exists():
+        return ["adapter_model.safetensors"]
+    return ["model.safetensors.index.json" if (path / "model.safetensors.index.json").exists() else "model.safetensors"]
+
+
+def onnx_session(onnxruntime, path: Path, name: str):
+    try:
+        return onnxruntime.InferenceSession(str(path / name), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's own classes (InvalidProtobuf, Fail): a truncated or foreign file
+        raise damaged(path, error) from None
+
+
+def damaged(path: Path, error: BaseException) -> UserError:
+    """A weights file that is there but cannot be read (truncated, overwritten): one line naming it."""
+    return UserError(
+        f"cannot load the model in {path} ({first_line(error)}): {' or '.join(weight_files(path))} is damaged; "
+        "restore it, or train and export again"
+    )
 
 
 def recipe_settings(path: Path) -> dict:
@@ -120,13 +152,26 @@ def load_classifier(path: str | Path):
     Refuses a bare encoder: its classification head would be freshly initialised, and its confident
     labels random. A missing head is what tells (id2label cannot: a regression model keeps LABEL_0).
     """
+    path = Path(path)
+    check_model_dir(path)
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        for name in weight_files(path):  # each header read first: a damaged adapter fails before its base loads
+            if name.endswith(".safetensors"):
+                with safe_open(path / name, framework="numpy"):
+                    pass
+        return load_model(path).eval()
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as error:  # truncated, overwritten
+        raise damaged(path, error) from None
+
+
+def load_model(path: Path):
     # Imported here: the ONNX path needs none of it, and torch and transformers take seconds to import. Each
     # kind of model's loader is imported only for that kind (they pull in datasets, accelerate, peft).
     import transformers
     from transformers import AutoModelForSequenceClassification
 
-    path = Path(path)
-    check_model_dir(path)
     config = path / "config.json"
     if config.exists() and json.loads(config.read_text()).get("model_type") == "finetune_recipes_static":
         from . import static  # noqa: F401  registers the static-vector classifier with the Auto classes
@@ -151,7 +196,7 @@ def load_classifier(path: str | Path):
                 f"{path} holds no trained classification head ({missing} not in its weights), so its labels "
                 "would be random; train a head with a recipe and pass --model its output_dir"
             )
-    return model.eval()
+    return model
 
 
 def torch_logits(path: Path, texts: list[str], settings: dict, batch_size: int, bf16: bool | None) -> np.ndarray:
@@ -195,7 +240,7 @@ def onnx_logits(path: Path, texts: list[str], settings: dict, batch_size: int) -
         raise UserError("onnxruntime is not installed; pip install 'finetune-recipes[export]'") from None
     from tokenizers import Tokenizer
 
-    session = onnxruntime.InferenceSession(str(path / MODEL_ONNX), providers=["CPUExecutionProvider"])
+    session = onnx_session(onnxruntime, path, MODEL_ONNX)
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     tokenizer.no_padding()  # padded below, per length-sorted batch
     tokenizer.enable_truncation(settings["max_length"], stride=settings["stride"] if settings["windows"] else 0)
@@ -217,7 +262,7 @@ def onnx_logits(path: Path, texts: list[str], settings: dict, batch_size: int) -
     values, documents = np.stack(values), np.asarray(documents)
     if not by_features:
         return aggregate_rows(values, documents, settings["aggregation"])[0]
-    head = onnxruntime.InferenceSession(str(path / HEAD_ONNX), providers=["CPUExecutionProvider"])
+    head = onnx_session(onnxruntime, path, HEAD_ONNX)
     return head.run(None, {"features": aggregate_rows(values, documents, "mean")[0]})[0]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from ..atomic import atomic_write
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..ownership import lock_output_dir, owned_entries, write_manifest
 from ..problem_types import REGRESSION
 from .card import render_card, render_report
@@ -52,14 +52,24 @@ def render_saved(out: Path) -> dict[str, str | bytes]:
     if not out.is_dir() or missing:
         what = "does not exist" if not out.is_dir() else f"holds no finished run (no {missing[0]})"
         raise UserError(f"{out} {what}; pass `report` a recipe's output_dir")
-    results = json.loads((out / "results.json").read_text())
-    config = yaml.safe_load((out / "recipe_config.yaml").read_text())
-    model_config = json.loads((out / "config.json").read_text())
+    results, config, model_config = (read_saved(out / n) for n in needed)
     results["model_type"] = model_config.get("model_type")  # the card's snippet: a class to register first?
     label_names = [model_config["id2label"][str(i)] for i in range(len(model_config["id2label"]))]
     predictions = {p.name: p.read_text() for p in out.glob("predictions_*.csv")}
     files = {p.name for p in out.iterdir()}
     return render(results, config, label_names, files, out, predictions)
+
+
+def read_saved(file: Path) -> dict:
+    """A file the run saved, as a mapping; a damaged one (truncated, edited) is one line naming it."""
+    try:
+        text = file.read_text(encoding="utf-8")
+        value = yaml.safe_load(text) if file.suffix == ".yaml" else json.loads(text)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise UserError(f"{file} is damaged ({first_line(error)}); restore it or train the run again") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{file} is damaged (it holds no mapping); restore it or train the run again")
+    return value
 
 
 def report(path: str | Path) -> list[str]:

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import load_checkpoint_in_model
 from safetensors import SafetensorError
 
-from ..errors import UserError, first_line
+from ..errors import SAVED_SO_FAR, UserError, first_line
 from .tracking import refuse_diverged
 
 logger = logging.getLogger("finetune_recipes")
@@ -138,6 +138,10 @@ def save_checkpoint(accelerator: Accelerator, model, state: TrainState, output_d
             write_index(path)
 
     write_atomically(accelerator, checkpoint_root(output_dir) / f"step_{state.completed_steps}", write)
+    SAVED_SO_FAR.append(
+        f"the last checkpoint is step {state.completed_steps} in {checkpoint_root(output_dir)}: the same command "
+        "with --resume_from_checkpoint latest goes on from there"
+    )
     if accelerator.is_main_process and keep:
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
