@@ -217,3 +217,20 @@ def test_a_file_dropped_in_while_a_run_writes_is_never_the_runs(tmp_path):
     out.record("config.json")  # the final save
     assert json.loads((tmp_path / MANIFEST).read_text())["entries"] == sorted(["checkpoints", "config.json", MANIFEST])
     assert owned_entries(tmp_path) & entries(tmp_path) - {MANIFEST, LOCK} == {"checkpoints", "config.json"}
+
+
+def test_a_tools_directory_in_use_names_the_tools_own_flag(tmp_path):
+    from finetune_recipes.errors import UserError
+    from finetune_recipes.ownership import claim_tool_dir
+
+    def claim():
+        return claim_tool_dir(tmp_path, "tune", "study_dir", lambda n: True, lambda n: False)
+
+    first = claim()
+    try:
+        with pytest.raises(
+            UserError, match=r"^study_dir .* is in use by the run of pid \d+ .*pass another --study_dir$"
+        ):
+            claim()
+    finally:
+        os.close(first)

@@ -206,3 +206,20 @@ def test_report_on_a_damaged_saved_file_is_one_line(name, content, tiny_args, tm
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and f"{out / name} is damaged" in lines[0], lines
     assert snapshot(tmp_path) == before
+
+
+def test_report_keeps_a_card_the_user_edited_and_redraws_the_rest(tiny_args, tmp_path, capsys):
+    run_inline("full_finetune", *tiny_args, "--max_train_steps", "2")
+    out = tmp_path / "out"
+    card = (out / "README.md").read_text()
+    (out / "README.md").write_text(card + "\nMy notes on this model.\n")
+    (out / "eval_report.md").unlink()
+    cli(["report", str(out)])
+    assert (out / "README.md").read_text() == card + "\nMy notes on this model.\n"  # the user's edit stays
+    assert "README.md was edited since it was written: kept" in capsys.readouterr().err
+    assert (out / "eval_report.md").exists()
+    (out / "README.md").unlink()
+    cli(["report", str(out)])
+    assert (out / "README.md").read_text() == card
+    cli(["report", str(out)])  # unedited since report drew it: redrawn, without a word
+    assert "edited" not in capsys.readouterr().err

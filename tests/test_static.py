@@ -3,6 +3,7 @@ recipe end to end on planted vectors (frozen and fine-tuned), through predict an
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -138,6 +139,10 @@ def bad_vectors(tmp: Path) -> dict[str, tuple[list, str]]:
     }
     files["nan"].write_text("goal 1 2 3\nmatch 1 nan 3\n")
     files["huge"].write_text("goal 1 2 3\nmatch 1 1e39 3\n")
+    files["header"] = tmp / "header.vec"
+    files["header"].write_text("2 300\ngoal 1 2 3\nmatch 1 2 3\n")
+    files["gzip"] = tmp / "vectors.txt.gz"
+    files["gzip"].write_bytes(gzip.compress(b"goal 1 2 3\n"))
     files["empty"].write_text("")
     files["latin1"].write_bytes("goal 1 2 3\ncaf\xe9 1 2 3\n".encode("latin-1"))
     files["ragged"].write_text("goal 1 2 3\nmatch 1 2\n")
@@ -151,6 +156,8 @@ def bad_vectors(tmp: Path) -> dict[str, tuple[list, str]]:
         "not numbers": (["--embeddings_file", files["words"]], "line 1 has a value that is not a number"),
         "a nan value": (["--embeddings_file", files["nan"]], "line 2 has a value that is nan, inf or beyond float32"),
         "beyond float32": (["--embeddings_file", files["huge"]], "line 2 has a value that is nan, inf or beyond"),
+        "a wrong header": (["--embeddings_file", files["header"]], "line 2 has 3 values, but its header says 300"),
+        "gzip": (["--embeddings_file", files["gzip"]], "is gzip-compressed; decompress it first"),
         "low coverage": (["--embeddings_file", files["sparse"]], "below --min_coverage 0.5"),
         "bad encoder": (["--encoder", "gru"], "encoder 'gru' is not one of bag, lstm"),
         "distill without model2vec": (["--embeddings", "distill"], "--embeddings distill needs model2vec"),
@@ -165,6 +172,8 @@ BAD = [
     "not numbers",
     "a nan value",
     "beyond float32",
+    "a wrong header",
+    "gzip",
     "low coverage",
     "bad encoder",
     "distill without model2vec",

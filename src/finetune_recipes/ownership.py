@@ -8,6 +8,7 @@ both refuse a folder holding something they did not write, unless asked to keep 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -38,16 +39,34 @@ def owned_entries(out: Path) -> set[str]:
         raise UserError(f"{out / MANIFEST} is damaged; remove it and the outputs of the run it described") from None
 
 
-def write_manifest(out: Path, written: Iterable[str], kept: set[str]) -> None:
-    """The manifest: what it listed and is still there, plus `written`, never a kept (user's) entry.
+def write_manifest(out: Path, written: Iterable[str], kept: set[str], hashes: dict[str, str] | None = None) -> None:
+    """The manifest: what it listed and is still there, plus `written`, never a kept (user's) entry; and the
+    hashes of the files it rendered (the card), to tell a file edited since from one it may redraw.
 
     Only names a run itself reports are added, so a file someone drops into output_dir while the run writes
     there never becomes the run's, and a later overwrite leaves it alone."""
     ours = sorted(((owned_entries(out) & entries(out)) | {MANIFEST, *written}) - kept - {LOCK})
-    atomic_write(out / MANIFEST, json.dumps({"written_by": "finetune-recipes", "entries": ours}, indent=1) + "\n")
+    manifest = {
+        "written_by": "finetune-recipes",
+        "entries": ours,
+        "rendered": {**rendered_hashes(out), **(hashes or {})},
+    }
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
-def lock_output_dir(out: Path) -> int:
+def rendered_hashes(out: Path) -> dict[str, str]:
+    """name → sha256 of each file a run or `report` rendered into `out` (the card, the pictures)."""
+    try:
+        return dict(json.loads((out / MANIFEST).read_text()).get("rendered", {}))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def file_hash(content: str | bytes) -> str:
+    return hashlib.sha256(content.encode() if isinstance(content, str) else content).hexdigest()
+
+
+def lock_output_dir(out: Path, flag: str = "--output_dir") -> int:
     """An exclusive lock on `out` until its file descriptor is closed: by the run, or by the process's end.
 
     flock is released by the kernel however the process ends (SIGKILL included), so a dead run never
@@ -60,7 +79,7 @@ def lock_output_dir(out: Path) -> int:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "another run"
         os.close(fd)
         raise UserError(
-            f"output_dir {out} is in use by {holder}; wait for it to end or pass another --output_dir"
+            f"{flag.removeprefix('--')} {out} is in use by {holder}; wait for it to end or pass another {flag}"
         ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"the run of pid {os.getpid()} on {socket.gethostname()}".encode())
@@ -173,7 +192,7 @@ def claim_tool_dir(
     if present and earlier:
         raise UserError(earlier)
     (directory / "logs").mkdir(parents=True, exist_ok=True)
-    lock = lock_output_dir(directory)
+    lock = lock_output_dir(directory, f"--{flag}")
     for name in leftovers:
         remove(directory / name)
     return lock

@@ -340,8 +340,11 @@ def read_vectors(path: str | Path, vocabulary: set[str], lowercase: bool) -> tup
     the line, a file that is empty, not UTF-8, or has rows of another dimension or values that are not
     numbers (values are parsed for the words kept)."""
     found: dict[str, list[float]] = {}
-    dim = None
+    dim = header = None
     with open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            raise UserError(f"{path} is gzip-compressed; decompress it first (gunzip -k {Path(path).name})")
+        f.seek(0)
         for number, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8").rstrip()
@@ -349,7 +352,12 @@ def read_vectors(path: str | Path, vocabulary: set[str], lowercase: bool) -> tup
                 raise UserError(f"{path} line {number} is not UTF-8; pass a UTF-8 vectors file") from None
             parts = line.split(" ")
             if number == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
-                continue  # the word2vec / fastText header: count and dimension
+                header = int(parts[1])  # the word2vec / fastText header: count and dimension
+                continue
+            if dim is None and header is not None and len(parts) - 1 != header:
+                raise UserError(
+                    f"{path} line {number} has {len(parts) - 1} values, but its header says {header}; fix the header"
+                )
             if not line:
                 continue
             if dim is None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import yaml
 
 from ..atomic import atomic_write
 from ..errors import UserError, first_line
-from ..ownership import lock_output_dir, owned_entries, write_manifest
+from ..ownership import file_hash, lock_output_dir, owned_entries, rendered_hashes, write_manifest
 from ..problem_types import REGRESSION
 from .card import render_card, render_report
 from .predictions import prediction_rows, read_csv, regression_pairs, to_csv
@@ -78,11 +79,17 @@ def report(path: str | Path) -> list[str]:
     rendered = render_saved(out)
     lock = lock_output_dir(out)  # no run may be writing there meanwhile
     try:
-        owned = owned_entries(out)
+        owned, hashes = owned_entries(out), rendered_hashes(out)
         theirs = sorted(n for n in rendered if (out / n).exists() and n not in owned)
         if theirs:  # a run only ever replaces what a run wrote
             raise UserError(f"{out / theirs[0]} is not a run's output; move it away, then run `report` again")
-        write_manifest(out, rendered, set())
+        edited = [
+            n for n in rendered if (out / n).exists() and n in hashes and file_hash((out / n).read_bytes()) != hashes[n]
+        ]
+        for name in edited:  # the user's edits to a card are theirs: kept, and said
+            print(f"{out / name} was edited since it was written: kept (remove it for a new one)", file=sys.stderr)
+            rendered.pop(name)
+        write_manifest(out, rendered, set(), {n: file_hash(c) for n, c in rendered.items()})
         for name, content in rendered.items():
             atomic_write(out / name, content)
     finally:

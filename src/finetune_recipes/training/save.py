@@ -25,7 +25,7 @@ from ..data import ClassificationData
 from ..errors import UserError
 from ..freezing import count_parameters
 from ..modeling import load_adapter_classifier, target_head
-from ..ownership import OutputDir, check_output_dir, owned_entries
+from ..ownership import OutputDir, check_output_dir, file_hash, owned_entries, write_manifest
 from ..problem_types import REGRESSION
 from ..reporting import prediction_rows, render_saved, to_csv
 from ..reporting.hub import check_hub, push
@@ -130,11 +130,14 @@ def write_report(out: OutputDir, staging: Path) -> None:
     """The card, eval_report.md and pictures, drawn from the saved run, into `staging`; a README.md of the
     user's own stays (the card then waits for `finetune-recipes report`, once it is moved)."""
     staging.mkdir()
+    rendered = {}
     for name, content in render_saved(out.path).items():
         if name in out.kept:
             logger.warning("%s/%s is yours: not replaced (move it, then `finetune-recipes report`)", out.path, name)
             continue
         atomic_write(staging / name, content)
+        rendered[name] = file_hash(content)
+    write_manifest(out.path, [], out.kept, rendered)  # what `report` may redraw: these, while unedited
 
 
 def prediction_files(data: ClassificationData, args: RunArgs, scored: dict[str, Evaluation | None]) -> dict:
