@@ -234,3 +234,18 @@ def test_a_tools_directory_in_use_names_the_tools_own_flag(tmp_path):
             claim()
     finally:
         os.close(first)
+
+
+def test_an_overwritten_comparison_drops_the_earlier_runs_it_does_not_redo(tmp_path):
+    from finetune_recipes.compare import drop_earlier_runs
+    from finetune_recipes.ownership import write_manifest
+
+    for name in ("llrd", "lora", "full_finetune_seed43"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        write_manifest(tmp_path / name, ["config.json"], set())
+    (tmp_path / "lora" / "mine.txt").write_text("the user's")
+    drop_earlier_runs(tmp_path, planned={"llrd"})
+    assert (tmp_path / "llrd" / "config.json").exists()  # this comparison's own: its run replaces it
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == ["mine.txt"]
+    assert not (tmp_path / "full_finetune_seed43").exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .atomic import is_temporary
+from .atomic import is_temporary, remove
 from .catalog import (
     as_flags,
     caches_features,
@@ -29,7 +29,7 @@ from .catalog import (
 from .config import SHARED_TYPES
 from .errors import PARENT, Parser, UserError, listing
 from .metrics import MULTI, REGRESSION, SINGLE, task_metrics
-from .ownership import LOCK, MANIFEST, claim_tool_dir, entries
+from .ownership import LOCK, MANIFEST, claim_tool_dir, entries, owned_entries
 from .parsing import parse_config
 from .reporting.comparison import plot, reported_split, summarise, table_metrics, write_table
 from .search_space import check_space, search_space
@@ -83,6 +83,21 @@ def claim_compare_dir(out: Path, overwrite: bool) -> int:
         lambda n: fnmatch.fnmatch(n, ".feature_cache_*") or is_temporary(n),
         "" if overwrite else earlier,
     )  # fmt: skip
+
+
+def drop_earlier_runs(out: Path, planned: set[str]) -> None:
+    """An earlier comparison's run folders this one does not write again (other recipes, other seeds) lose
+    what their runs wrote, so the new table is not read beside stale runs; a user's file in one stays."""
+    earlier = {*list_recipes(), *(f"{r}_seed{s}" for r in list_recipes() for s in seeds_in(out, r))}
+    for name in sorted(earlier - planned):
+        folder = out / name
+        if not (folder / MANIFEST).is_file():
+            continue
+        for entry in (owned_entries(folder) & entries(folder)) - {LOCK}:
+            remove(folder / entry)
+        (folder / LOCK).unlink(missing_ok=True)
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def seeds_in(out: Path, recipe: str) -> list[str]:
@@ -207,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [first_seed + i for i in range(known.seeds)]
     out = Path(known.output_dir)
     lock = claim_compare_dir(out, known.overwrite_output_dir)
+    planned = {r if len(seeds) == 1 else f"{r}_seed{s}" for r in recipes for s in seeds}
+    drop_earlier_runs(out, planned)
     runs = [] if known.no_baseline else [tfidf_baseline(shared)]
     progress = tqdm(total=len(recipes) * len(seeds), desc="compare", unit="run")
     for recipe in recipes:
