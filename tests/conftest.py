@@ -74,6 +74,17 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
 FP32 = ["--mixed_precision", "no"]  # the recipes' YAML says auto: bf16 on CPUs with AVX-512 BF16 or AMX
 
 
+@pytest.fixture(scope="module")
+def module_args(tiny_model, tiny_data) -> list[str]:
+    """tiny_args for a module's shared runs: the tiny model, train and validation, no output_dir (each run names
+    its own); a module adds its steps and rates."""
+    return [
+        "--model_name_or_path", str(tiny_model), "--train_file", str(tiny_data["train"]),
+        "--validation_file", str(tiny_data["validation"]), "--max_length", "32", "--per_device_train_batch_size",
+        "8", "--per_device_eval_batch_size", "16", *FP32,
+    ]  # fmt: skip
+
+
 def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, check: bool = True, **kw):
     """Runs recipes/<recipe>.py in a subprocess, as a user would, and returns the finished process."""
     cmd = [*(launcher or [sys.executable]), str(ROOT / "recipes" / f"{recipe}.py"), *map(str, args)]

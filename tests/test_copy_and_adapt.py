@@ -54,13 +54,18 @@ def plain(tiny_args_module, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_args_module(tiny_model, tiny_data):
+def tiny_args_module(module_args):
     return [
-        "--model_name_or_path", tiny_model, "--train_file", tiny_data["train"],
-        "--validation_file", tiny_data["validation"], "--max_length", "32", "--per_device_train_batch_size", "8",
-        "--per_device_eval_batch_size", "16", "--learning_rate", "3e-3", "--max_train_steps", "25",
-        "--logging_steps", "1", "--mixed_precision", "no", "--warmup_ratio", "0",
-    ]  # fmt: skip
+        *module_args,
+        "--learning_rate",
+        "3e-3",
+        "--max_train_steps",
+        "25",
+        "--logging_steps",
+        "1",
+        "--warmup_ratio",
+        "0",
+    ]
 
 
 def test_evaluation_every_10_steps_and_at_a_step_of_my_choosing_is_one_edited_condition(

@@ -25,12 +25,8 @@ def multi(tiny_args_module, shapes, tmp_path_factory) -> Path:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def tiny_args_module(tiny_model, tiny_data):
-    return [
-        "--model_name_or_path", tiny_model, "--train_file", tiny_data["train"],
-        "--validation_file", tiny_data["validation"], "--max_length", "32", "--per_device_train_batch_size", "8",
-        "--max_train_steps", "6", "--learning_rate", "3e-3", "--mixed_precision", "no",
-    ]  # fmt: skip
+def tiny_args_module(module_args):
+    return [*module_args, "--max_train_steps", "6", "--learning_rate", "3e-3"]
 
 
 CASES = {
