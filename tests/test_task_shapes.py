@@ -419,3 +419,13 @@ def test_compare_reports_each_shape_with_its_baseline_and_metrics(
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert table.startswith(columns) and f"| {baseline} |" in table and "| feature_extraction |" in table
     assert (tmp_path / "cmp" / "comparison.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_an_unseen_label_among_numbers_points_to_regression():
+    from finetune_recipes.data.tasks import _refuse_unseen
+
+    with pytest.raises(UserError, match="label '1e30' of the validation split never occurs.*--problem_type regression"):
+        _refuse_unseen({"1", "1e30"}, ["1", "2", "3"], "validation")
+    with pytest.raises(UserError) as words:
+        _refuse_unseen({"weather"}, ["sport", "tech"], "validation")
+    assert "regression" not in str(words.value)

@@ -299,3 +299,15 @@ def test_a_study_resumes_only_on_the_data_it_began_with(tiny_args, tiny_data, tm
     assert changed["train"] != data["train"] and changed["validation"] == data["validation"]
     with pytest.raises(UserError, match="begun on other data \\(its train split changed since\\)"):
         Study(recipe, flags, space, tmp_path / "study", metric, changed, options)
+
+
+def test_the_verdict_says_when_strategies_finished_without_the_ranked_score():
+    from finetune_recipes.reporting.comparison import verdict
+
+    rows = [{"strategy": "tfidf_logreg", "status": "ok", "test_accuracy": 0.7}, {"strategy": "llrd", "status": "ok"}]
+    assert (
+        verdict(rows, "test", "accuracy", 1)
+        == "No strategy reports test accuracy (llrd finished): read their results.json."
+    )
+    rows[1]["status"] = "failed (1): see logs/llrd.log"
+    assert verdict(rows, "test", "accuracy", 1) == "No strategy finished: read the logs in logs/."

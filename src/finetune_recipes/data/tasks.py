@@ -192,10 +192,20 @@ def _refuse_unseen(seen: set[str], known: list[str], split: str, names: list[str
     names = known if names is None else names
     unseen = sorted(seen - set(known))
     if unseen:
+        numeric = all(_is_number(label) for label in [*seen, *known])
+        hint = "; if the labels are quantities, pass --problem_type regression" if numeric else ""
         raise UserError(
             f"label '{unseen[0]}' of the {split} split never occurs in train (labels: {listing(names)}); "
-            "add training examples for it or drop it"
+            f"add training examples for it or drop it{hint}"
         )
+
+
+def _is_number(label) -> bool:
+    try:
+        float(label)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def encode_multi_label(raw: DatasetDict, args: DataArguments) -> tuple[DatasetDict, Task]:

@@ -85,6 +85,10 @@ def verdict(rows: list[dict], prefix: str, metric: str, seeds: int) -> str:
     baseline = next((r for r in rows if r["strategy"].startswith("tfidf")), None)
     ranked = [r for r in rows if r is not baseline and f"{prefix}_{metric}" in r]
     if not ranked:
+        finished = [r["strategy"] for r in rows if r is not baseline and r.get("status") == "ok"]
+        where = "test" if prefix == "test" else "validation"
+        if finished:  # they ran, but report no score on the split the table ranks by
+            return f"No strategy reports {where} {metric} ({', '.join(finished)} finished): read their results.json."
         return "No strategy finished: read the logs in logs/."
     sign = 1 if greater_is_better(metric) else -1
     ranked.sort(key=lambda r: -sign * r[f"{prefix}_{metric}"])
