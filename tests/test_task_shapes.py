@@ -21,7 +21,8 @@ from transformers import AutoTokenizer, pipeline
 
 from finetune_recipes.config import DataArguments
 from finetune_recipes.data import EpochWeightedSampler, aggregate_windows, encode_task, split_validation, tokenize
-from finetune_recipes.data.tasks import Task, class_weights, fit_task, problem_type_of
+from finetune_recipes.data.tasks import Task, fit_task, problem_type_of
+from finetune_recipes.data.weights import class_weights
 from finetune_recipes.errors import UserError
 from finetune_recipes.metrics import (
     MULTI,

@@ -109,14 +109,7 @@ def save_run(
 
     def save() -> None:
         publish(out, write)
-        try:
-            publish(out, lambda staging: write_report(out, staging))
-        except OSError as error:
-            reason = error.strerror or error.__class__.__name__
-            raise UserError(
-                f"the model and results are saved in {out.path}, the card and pictures not ({reason}); free "
-                f"space, then run `finetune-recipes report {out.path}`"
-            ) from None
+        publish_report(out)
 
     failure = f"cannot save the outputs to {training.output_dir} ({{reason}}); none was written: free space or "
     on_main(accelerator, save, failure + "fix permissions, then run again")
@@ -124,6 +117,18 @@ def save_run(
     summary = {k: results[k] for k in (f"eval_{primary}", f"test_{primary}", f"test_{primary}_tuned") if k in results}
     logger.info("Saved to %s: %s", training.output_dir, ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     return results
+
+
+def publish_report(out: OutputDir) -> None:
+    """The card and pictures, drawn from the saved run and moved in whole; a failure says the model is saved."""
+    try:
+        publish(out, lambda staging: write_report(out, staging))
+    except OSError as error:
+        reason = error.strerror or error.__class__.__name__
+        raise UserError(
+            f"the model and results are saved in {out.path}, the card and pictures not ({reason}); free "
+            f"space, then run `finetune-recipes report {out.path}`"
+        ) from None
 
 
 def write_report(out: OutputDir, staging: Path) -> None:
