@@ -311,3 +311,16 @@ def test_the_verdict_says_when_strategies_finished_without_the_ranked_score():
     )
     rows[1]["status"] = "failed (1): see logs/llrd.log"
     assert verdict(rows, "test", "accuracy", 1) == "No strategy finished: read the logs in logs/."
+
+
+def test_the_data_digest_takes_a_test_split_without_labels(tiny_args, tiny_data, tmp_path):
+    from finetune_recipes.tune import objective_metric
+
+    unlabelled = tmp_path / "test.csv"
+    unlabelled.write_text(
+        "text\n" + "".join(f"{line.split(',')[0]}\n" for line in tiny_data["test"].read_text().splitlines()[1:])
+    )
+    flags = [str(unlabelled) if str(a) == str(tiny_data["test"]) else str(a) for a in tiny_args]
+    recipe = resolve_recipe("full_finetune")
+    metric, data = objective_metric((*SHARED_TYPES, *recipe_types(recipe)), flags, recipe)
+    assert metric == "accuracy" and {"train", "validation"} <= set(data)

@@ -126,8 +126,10 @@ def die_with_launcher() -> None:
     launched = "TORCHELASTIC_RUN_ID" in os.environ or PARENT in os.environ
     if not launched or not sys.platform.startswith("linux"):
         return
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    parent, pr_set_pdeathsig = os.getppid(), 1
     expected = os.environ.get(PARENT)
-    if os.getppid() == 1 or (expected and os.getppid() != int(expected)):  # the launcher died before the line above
+    if expected and parent != int(expected):  # not the tool that set it (the variable came down to another)
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the launcher died before the line above: the signal came too late
         os.kill(os.getpid(), signal.SIGKILL)

@@ -117,13 +117,16 @@ def new_head(model: PreTrainedModel, base: PretrainedConfig, config: PretrainedC
         return  # a bare encoder: its head is new already
     before = [base.id2label[i] for i in sorted(base.id2label)]
     after = [config.id2label[i] for i in sorted(config.id2label)]
-    if before == after and base.problem_type in (None, config.problem_type):
+    # A regression head is never kept: the saved one predicts in the target's units, the run trains standardised.
+    if before == after and base.problem_type in (None, config.problem_type) and config.problem_type != "regression":
         logger.info("%s already classifies these labels: training continues from its head", name)
         return
-    fresh = AutoModelForSequenceClassification.from_config(config).state_dict()
-    prefix = f"{model.base_model_prefix}."
-    head = {k: v for k, v in fresh.items() if not k.startswith(prefix)}
-    model.load_state_dict(head, strict=False)
+    base_model = model.base_model
+    for module in model.modules():  # what lies outside the encoder, drawn as transformers draws a new head
+        if module is not model and not any(module is m for m in base_model.modules()) and not list(module.children()):
+            for param in module.parameters(recurse=False):
+                param._is_hf_initialized = False  # transformers marks loaded weights so that init skips them
+            model._init_weights(module)
     shown = [head_of(before, base.problem_type), head_of(after, config.problem_type)]
     logger.warning("%s has a head for %s; a new head is trained for %s", name, *shown)
 

@@ -88,6 +88,8 @@ def thresholds_of(path: Path, label_names: list[str], problem_type: str | None) 
     try:
         saved = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if not (path / "results.json").exists():  # not a recipe's run: a multi-label model from elsewhere
+            return [0.5] * len(label_names)
         raise UserError(f"{path} is a multi-label model without its thresholds.json; {fix}") from None
     except (OSError, ValueError) as error:
         raise UserError(f"{file} is not readable JSON ({first_line(error)}); {fix}") from None
@@ -162,6 +164,8 @@ def load_classifier(path: str | Path):
                 with safe_open(path / name, framework="numpy"):
                     pass
         return load_model(path).eval()
+    except UserError:  # a refusal of its own (a bare encoder, an adapter's missing base): as it is
+        raise
     except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as error:  # truncated, overwritten
         raise damaged(path, error) from None
 

@@ -354,12 +354,12 @@ def read_vectors(path: str | Path, vocabulary: set[str], lowercase: bool) -> tup
             if number == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
                 header = int(parts[1])  # the word2vec / fastText header: count and dimension
                 continue
+            if not line:
+                continue
             if dim is None and header is not None and len(parts) - 1 != header:
                 raise UserError(
                     f"{path} line {number} has {len(parts) - 1} values, but its header says {header}; fix the header"
                 )
-            if not line:
-                continue
             if dim is None:
                 dim = len(parts) - 1
                 if dim < 1:

@@ -104,11 +104,11 @@ class Study:
         if attrs.get("recipe") != self.recipe.stem:
             raise UserError(f"{self.dir} holds a study of {attrs.get('recipe')}; pass another --study_dir")
         changed = [k for k in ("flags", "space", "metric") if attrs.get(k) != mine[k]]
-        splits = [
-            k
-            for k in sorted({*mine["data"], *attrs.get("data", {})})
-            if attrs.get("data", {}).get(k) != mine["data"].get(k)
-        ]
+        attrs_data = attrs.get("data")
+        if attrs_data is None:  # a study begun before data was fingerprinted: resumed on trust, fingerprinted now
+            self.study.set_user_attr("data", mine["data"])
+            attrs_data = mine["data"]
+        splits = [k for k in sorted({*mine["data"], *attrs_data}) if attrs_data.get(k) != mine["data"].get(k)]
         if splits and not changed:
             raise UserError(
                 f"{self.dir} holds a study begun on other data (its {' and '.join(splits)} split changed since); "
@@ -298,7 +298,8 @@ def objective_metric(types: tuple[type, ...], flags: list[str], recipe: Path) ->
     digests = {}
     for split, ds in splits.items():  # the texts and labels in order: what every trial trains and is scored on
         digest = hashlib.sha256()
-        for row in ds.select_columns([c for c in (data_args.text_column, data_args.text_pair_column, "labels") if c]):
+        columns = [c for c in (data_args.text_column, data_args.text_pair_column, "labels") if c in ds.column_names]
+        for row in ds.select_columns(columns):
             digest.update(json.dumps(row, sort_keys=True, default=str).encode())
         digests[split] = digest.hexdigest()[:24]
     return args.metric_for_best_model or task.primary_metric, digests

@@ -299,7 +299,7 @@ def encode_regression(raw: DatasetDict, args: DataArguments) -> tuple[DatasetDic
     encoded = dict(raw)
     for split, ds in _labelled(raw, args):
         encoded[split] = _replace_labels(
-            ds, args, _numbers(ds, column, split_name(args, split), split), Value("float32")
+            ds, args, _numbers(ds, column, split_name(args, split), split, target_limit(args)), Value("float32")
         )
     return DatasetDict(encoded), Task(REGRESSION, [column])
 
@@ -330,7 +330,10 @@ def fit_task(raw: DatasetDict, task: Task, args: DataArguments) -> DatasetDict:
     return DatasetDict(scaled)
 
 
-TARGET_LIMIT = 3.4028234663852886e38 / 1e6  # float32's largest, with room for the squared error
+def target_limit(args: DataArguments) -> float:
+    """The largest target float32 training holds: standardised, the saved output layer folds the mean and std in
+    (float32's largest is 3.4e38); in its own units, the squared error must fit too."""
+    return 1e38 if args.standardize_target else 1e18
 
 
 def warn_constant_validation(raw: DatasetDict) -> None:
@@ -345,7 +348,7 @@ def warn_constant_validation(raw: DatasetDict) -> None:
         )
 
 
-def _numbers(ds: Dataset, column: str, where: str, split: str) -> list[float]:
+def _numbers(ds: Dataset, column: str, where: str, split: str, limit: float = math.inf) -> list[float]:
     feature = ds.features[column]
     if not isinstance(feature, Value):
         check_type(feature, column, where, text=False)
@@ -361,10 +364,10 @@ def _numbers(ds: Dataset, column: str, where: str, split: str) -> list[float]:
             ) from None
         if not math.isfinite(number):
             raise UserError(f"label {value!r} (example {i} of {where}) is not finite; fix or drop that row")
-        if abs(number) > TARGET_LIMIT:  # a float32 model cannot hold it, nor its squared error
+        if abs(number) > limit:
             raise UserError(
-                f"target {value!r} (example {i} of {where}) is beyond what float32 training holds (about ±3e32); "
-                "rescale the target column (e.g. to its logarithm)"
+                f"target {value!r} (example {i} of {where}) is beyond what float32 training holds (±{limit:.0e} "
+                "here); rescale the target column (e.g. to its logarithm)"
             )
         out.append(number)
     return out

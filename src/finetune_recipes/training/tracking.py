@@ -103,9 +103,16 @@ def diverged_message(state, what: str) -> str:
     )
 
 
+def local_shard(param: torch.Tensor) -> torch.Tensor:
+    """What this process holds of a parameter: its ZeRO-3 partition, its FSDP2 (DTensor) shard, or itself."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 def refuse_diverged(accelerator, model: torch.nn.Module, state) -> None:
     """Before an evaluation, a checkpoint or the final save: weights that are no longer finite (nan, inf) stop
     the run with one line, in every process at once (under FSDP or ZeRO-3 each holds a shard)."""
-    finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+    finite = torch.stack([local_shard(p).detach().isfinite().all() for p in model.parameters()]).all()
     if not bool(accelerator.gather(finite.reshape(1)).all()):
         raise UserError(diverged_message(state, "its weights are not finite"))
