@@ -100,3 +100,48 @@ def test_the_configuration_loads_no_metrics_and_the_training_helpers_no_tool():
     ]
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "['scipy', 'sklearn']", loaded  # the metrics evaluation needs; no tool, no plotting
+
+
+LIGHT_IMPORTS = {"__future__", "dataclasses", "pathlib", "tqdm", "finetune_recipes"}
+
+
+def recipes_importing_nothing_heavy() -> list[Path]:
+    """The recipes whose own imports are light: a recipe importing peft or a transformers model class loads
+    torch itself, as its reader sees on its first lines."""
+    found = []
+    for path in sorted((ROOT / "recipes").glob("[!_]*.py")):
+        tops = {n.module.split(".")[0] for n in ast.parse(path.read_text()).body if isinstance(n, ast.ImportFrom)}
+        tops |= {
+            a.name.split(".")[0] for n in ast.parse(path.read_text()).body if isinstance(n, ast.Import) for a in n.names
+        }
+        if tops <= LIGHT_IMPORTS:
+            found.append(path)
+    return found
+
+
+def test_bad_data_is_refused_before_torch_and_transformers_load(tmp_path):
+    """What the issue measured at 11–15 s (imports, then the check): the flags, output_dir and data are checked
+    by run_cli before a builder's module loads. A real process, since what is loaded is the point."""
+    recipes = recipes_importing_nothing_heavy()
+    assert {p.stem for p in recipes} >= {"full_finetune", "llrd", "progressive_unfreezing", "static_embeddings"}
+    bad = tmp_path / "train.csv"
+    bad.write_text("text,label\nhello,a\nworld,b\n")
+    out = tmp_path / "out"
+    probe = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('LOADED', [m for m in ('torch', 'accelerate', 'transformers.modeling_utils',"
+        " 'sklearn') if m in sys.modules], file=sys.stderr))\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    for recipe in recipes:
+        args = [str(recipe), "--train_file", str(bad), "--label_column", "topic", "--output_dir", str(out)]
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (recipe.name, proc.stderr[-2000:])
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert errors == [
+            f"error: column 'topic' not in the train split ({bad}), whose columns are text, label; "
+            "pass --text_column/--text_pair_column/--label_column"
+        ], recipe.name
+        assert "LOADED []" in proc.stderr, (recipe.name, proc.stderr[-500:])
+        assert not out.exists()

@@ -430,3 +430,31 @@ def test_an_unseen_label_among_numbers_points_to_regression():
     with pytest.raises(UserError) as words:
         _refuse_unseen({"weather"}, ["sport", "tech"], "validation")
     assert "regression" not in str(words.value)
+
+
+def test_correlations_and_r2_are_undefined_not_zero_on_a_constant_side():
+    flat_refs = regression_metrics([1.0, 2.0, 3.0], [5.0, 5.0, 5.0])
+    assert flat_refs["pearson"] is flat_refs["spearman"] is flat_refs["r2"] is None
+    assert flat_refs["mse"] == pytest.approx((16 + 9 + 4) / 3)
+    flat_preds = regression_metrics([2.0, 2.0, 2.0], [1.0, 2.0, 3.0])
+    assert flat_preds["pearson"] is flat_preds["spearman"] is None
+    assert flat_preds["r2"] == pytest.approx(0.0)  # defined: the mean's own score
+
+
+def test_a_constant_validation_target_reports_undefined_and_refuses_to_rank_by_it(shapes, tiny_args, tmp_path):
+    flat = tmp_path / "flat.csv"
+    rows = list(csv.DictReader(shapes["regression"]["validation"].open()))
+    write_csv(flat, [{**r, "score": "4.5"} for r in rows])
+    args = shape_args(tiny_args, {**shapes["regression"], "validation": flat}, "--label_column", "score")
+    refused = run_inline("full_finetune", *args, "--metric_for_best_model", "pearson", check=False)
+    assert refused.returncode == 2 and not (tmp_path / "out").exists()
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: every validation target has one value, so pearson is undefined there; pass "
+        "--metric_for_best_model mse or mae, or a validation split whose targets vary"
+    )
+    run = run_inline("full_finetune", *replace(args, "--num_train_epochs", "1"))
+    assert "every validation target is 4.5: Pearson, Spearman and R² are undefined there" in run.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["eval_pearson"] is results["eval_r2"] is None and results["eval_mse"] > 0
+    assert results["test_pearson"] is not None  # the test split's targets vary
+    assert_card_matches_results(tmp_path / "out")

@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from accelerate.utils import LoggerType
-
 from .errors import UserError
 from .problem_types import METRICS
 
@@ -260,8 +258,10 @@ class TrainingArguments:
         )
         if not self.learning_rate > 0:
             raise UserError(f"learning_rate is {self.learning_rate}; pass a rate above 0")
-        trackers = [t.value for t in LoggerType] + ["jsonl"]
         for tracker in self.report_to.split(",") if self.report_to is not None else []:
+            from accelerate.utils import LoggerType  # imports torch: only for a run that names a tracker
+
+            trackers = [t.value for t in LoggerType] + ["jsonl"]
             if tracker.strip() not in trackers:
                 raise UserError(
                     f"report_to '{tracker}' is not one of {', '.join(trackers)} (or several, comma-separated)"

@@ -6,10 +6,8 @@ import copy
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -21,34 +19,15 @@ from transformers import AutoModel, DataCollatorWithPadding, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 
 from .atomic import atomic_path
-from .config import ON_RESUME, DataArguments, TrainingArguments
+from .config import DataArguments, TrainingArguments
 from .data import EpochWeightedSampler, aggregate_windows, content_digest
 from .errors import UserError
+from .strategy_args import CacheArguments, EncodeArguments  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean", "pooler")
 HEAD_FILE, HEAD_CONFIG = "feature_head.safetensors", "feature_head.json"
-
-
-@dataclass
-class CacheArguments:
-    """The flag of the recipes that compute something once from frozen weights and keep it between runs."""
-
-    feature_cache_dir: str = field(
-        default=str(Path(datasets.config.HF_DATASETS_CACHE) / "finetune_recipes" / "features"),
-        metadata={
-            ON_RESUME: True,
-            "help": "Where encoded features (and reduced word-vector tables) are kept between runs.",
-        },
-    )
-
-
-@dataclass
-class EncodeArguments(CacheArguments):
-    """The flags of the recipes that encode every split once with a frozen encoder."""
-
-    encode_batch_size: int = field(default=64, metadata={ON_RESUME: True})
 
 
 def pool(outputs, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -74,17 +74,20 @@ def multi_label_metrics(scores, references, thresholds=0.5) -> dict[str, float]:
     }
 
 
-def regression_metrics(predictions, references) -> dict[str, float]:
-    """MSE, MAE, Pearson and Spearman correlation and R² (correlations are 0 when either side is constant)."""
+def regression_metrics(predictions, references) -> dict[str, float | None]:
+    """MSE, MAE, Pearson and Spearman correlation and R². A correlation is undefined when either side is
+    constant, R² when the references are: None then (null in results.json, '–' in the tables), not a 0 that
+    reads as "no better than the mean"."""
     preds, refs = _array(predictions, "predictions", 1).astype(np.float64), _array(references, "references", 1)
     _check_lengths(preds, refs)
-    constant = len(refs) < 2 or np.ptp(preds) == 0 or np.ptp(refs) == 0
+    flat_refs = len(refs) < 2 or np.ptp(refs) == 0
+    flat = flat_refs or np.ptp(preds) == 0
     return {
         "mse": float(mean_squared_error(refs, preds)),
         "mae": float(mean_absolute_error(refs, preds)),
-        "pearson": 0.0 if constant else float(pearsonr(preds, refs)[0]),
-        "spearman": 0.0 if constant else float(spearmanr(preds, refs)[0]),
-        "r2": float(r2_score(refs, preds)) if len(refs) > 1 else 0.0,
+        "pearson": None if flat else float(pearsonr(preds, refs)[0]),
+        "spearman": None if flat else float(spearmanr(preds, refs)[0]),
+        "r2": None if flat_refs else float(r2_score(refs, preds)),
     }
 
 

@@ -120,4 +120,29 @@ def run_cli(main: Callable[..., T], *types: type, default_config: str | Path | N
     multi-process run ends as errors.run_to_end says; under a launcher, the process ends with it."""
     die_with_launcher()
     SAVED_SO_FAR[:] = ["nothing was saved"]  # what a Ctrl-C line reports: checkpoints add to it
-    return run_to_end(lambda: main(*parse_config(*types, default_config=default_config)))
+
+    def checked_run() -> T:
+        configs = parse_config(*types, default_config=default_config)
+        preflight(configs)
+        return main(*configs)
+
+    return run_to_end(checked_run)
+
+
+def preflight(configs: tuple[Any, ...]) -> None:
+    """What a recipe's main refuses first, checked before it imports torch and transformers: the output_dir
+    and the data (files, columns, labels, splits; the run reuses what was read). One process only: under a
+    launcher, each process checks in main, the main process first, as the data's cache wants."""
+    from .config import DataArguments, TrainingArguments
+    from .ownership import check_output_dir
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    training = next((c for c in configs if isinstance(c, TrainingArguments)), None)
+    data = next((c for c in configs if isinstance(c, DataArguments)), None)
+    if training is not None:
+        check_output_dir(training)
+    if training is not None and data is not None:
+        from .data import check_data
+
+        check_data(data, training.seed, training.metric_for_best_model)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,51 +30,14 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .atomic import atomic_path
 from .errors import UserError
-from .features import CacheArguments, ClassificationHead
+from .features import ClassificationHead
+from .strategy_args import StaticArguments  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "finetune_recipes_static"
 FLOAT32_MAX = 3.4028234663852886e38  # the vectors train in float32: a larger value is inf there
-ENCODERS = ("bag", "lstm")
-SOURCES = ("table", "distill")
 PAD, UNK = "[PAD]", "[UNK]"
-
-
-@dataclass
-class StaticArguments(CacheArguments):  # + --feature_cache_dir: the reduced vectors table is cached there
-    embeddings: str = field(
-        default="table",
-        metadata={
-            "help": "table: the input embedding table of --model_name_or_path with its tokenizer (no transformer "
-            "layer runs); distill: model2vec's static vectors distilled from that encoder (needs model2vec). "
-            "--embeddings_file replaces both."
-        },
-    )
-    embeddings_file: str | None = field(
-        default=None,
-        metadata={"help": "GloVe .txt or word2vec/fastText .vec text vectors, read with a word-level tokenizer."},
-    )
-    lowercase: bool = field(default=True, metadata={"help": "--embeddings_file: lowercase words before lookup."})
-    min_coverage: float = field(
-        default=0.5,
-        metadata={"help": "--embeddings_file: refuse when the file has fewer than this share of training tokens."},
-    )
-    freeze_embeddings: bool = field(default=True, metadata={"help": "Keep the vectors fixed; train the rest."})
-    encoder: str = field(default="bag", metadata={"help": "bag (mean of vectors) or lstm (a bidirectional LSTM)."})
-    lstm_hidden_size: int = 128
-    head_hidden_size: int = field(default=256, metadata={"help": "0: a linear head; else an MLP of this width."})
-    dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.encoder not in ENCODERS:
-            raise UserError(f"encoder '{self.encoder}' is not one of {', '.join(ENCODERS)}")
-        if self.embeddings not in SOURCES:
-            raise UserError(f"embeddings '{self.embeddings}' is not one of {', '.join(SOURCES)}")
-        if not 0 <= self.min_coverage <= 1:
-            raise UserError(f"min_coverage {self.min_coverage} is outside 0..1; pass a share such as 0.5")
-        if self.embeddings_file is not None and not Path(self.embeddings_file).is_file():
-            raise UserError(f"embeddings_file {self.embeddings_file} does not exist; pass a GloVe or .vec file")
 
 
 # The model -------------------------------------------------------------------------------------------------

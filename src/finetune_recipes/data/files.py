@@ -106,6 +106,11 @@ def _load_file(kind: str, split: str, path: str) -> Dataset:
     return builder.as_dataset(split=split)
 
 
+def labelled(ds: Dataset | None) -> Dataset | None:
+    """The split when it has labels to score against (a test file may have none), else None."""
+    return ds if ds is not None and "labels" in ds.column_names else None
+
+
 def drop_absent_test_labels(raw: DatasetDict, label_columns: list[str]) -> DatasetDict:
     """Removes the test split's label columns when they hold no label at all.
 

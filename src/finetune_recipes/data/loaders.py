@@ -12,11 +12,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..config import TrainingArguments
-
-
-def labelled(ds: Dataset | None) -> Dataset | None:
-    """The split when it has labels to score against (a test file may have none), else None."""
-    return ds if ds is not None and "labels" in ds.column_names else None
+from .files import labelled
 
 
 class EpochSeeded:

@@ -6,17 +6,19 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Sequence, Value
-from torch.nn import functional as F
 
 from ..config import DataArguments
 from ..errors import UserError, listing
 from ..problem_types import METRICS, MULTI, REGRESSION, SINGLE
 from .files import check_no_missing, check_type, split_name
 from .weights import class_weights
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class Task:
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (single-label), BCE per label (multi-label) or MSE (regression), with the class
         weights when there are any; computed in float32 whatever the autocast precision."""
+        from torch.nn import functional as F
+
         logits = logits.float()
         weights = self._weight_tensor(logits.device)
         if self.problem_type == SINGLE:
@@ -61,6 +65,8 @@ class Task:
         return F.mse_loss(logits.squeeze(-1), labels.float())
 
     def _weight_tensor(self, device: torch.device) -> torch.Tensor | None:
+        import torch
+
         if self.class_weights is None:
             return None
         if device not in self._weights:  # made once per device, not once per step
@@ -69,6 +75,8 @@ class Task:
 
     def scores(self, logits) -> np.ndarray:
         """What a user reads from logits: class probabilities, per-label probabilities, or values in y's units."""
+        import torch
+
         logits = torch.as_tensor(logits).float()
         if self.problem_type == SINGLE:
             return logits.softmax(-1).numpy()
@@ -78,10 +86,10 @@ class Task:
 
     def references(self, labels) -> np.ndarray:
         """Encoded labels back as the metrics take them (regression targets in y's units)."""
-        labels = torch.as_tensor(labels)
+        labels = np.asarray(labels)
         if self.problem_type == REGRESSION:
-            return (labels.double() * self.target_std + self.target_mean).numpy()
-        return labels.numpy()
+            return labels.astype(np.float64) * self.target_std + self.target_mean
+        return labels
 
     def summary(self) -> dict:
         """For results.json and the logs: the problem type, and the weights or scale the loss used."""
@@ -337,15 +345,21 @@ def target_limit(args: DataArguments) -> float:
 
 
 def warn_constant_validation(raw: DatasetDict) -> None:
-    """A constant validation target makes Pearson, Spearman and R² undefined: said up front (they are then
-    reported as 0)."""
-    validation = np.asarray(raw["validation"]["labels"], dtype=np.float64) if "validation" in raw else None
-    if validation is not None and len(validation) and np.ptp(validation) == 0:
+    """A constant validation target leaves Pearson, Spearman and R² undefined: said up front (they are then
+    reported as undefined, and --metric_for_best_model refuses them: data.check_metric)."""
+    value = constant_target(raw["validation"]) if "validation" in raw else None
+    if value is not None:
         logger.warning(
-            "every validation target is %g: Pearson, Spearman and R² are undefined there and reported as 0; "
+            "every validation target is %g: Pearson, Spearman and R² are undefined there (reported as null); "
             "rank runs by mse or mae",
-            validation[0],
+            value,
         )
+
+
+def constant_target(ds: Dataset) -> float | None:
+    """The one value of a split's `labels` when it never varies (a regression target), else None."""
+    values = np.asarray(ds["labels"], dtype=np.float64)
+    return float(values[0]) if len(values) and values.ndim == 1 and np.ptp(values) == 0 else None
 
 
 def _numbers(ds: Dataset, column: str, where: str, split: str, limit: float = math.inf) -> list[float]:

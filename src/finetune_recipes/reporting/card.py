@@ -44,7 +44,7 @@ def front_matter(results: dict, config: dict, name: str, adapter: bool) -> Model
         )
         for split, prefix in (("validation", "eval"), ("test", "test"))
         for metric in METRICS[problem_type]
-        if f"{prefix}_{metric}" in results
+        if results.get(f"{prefix}_{metric}") is not None  # None: undefined (a constant target), not a score
     ]
     base = config.get("model_name_or_path")
     return ModelCardData(

@@ -56,7 +56,7 @@ def summarise(runs: list[dict], prefix: str, metrics: tuple[str, ...]) -> list[d
             else f"{len(ok)}/{len(mine)} ok: " + next(r["status"] for r in mine if r.get("status") != "ok")
         )
         for metric in metrics:
-            values = [r[f"{prefix}_{metric}"] for r in ok if f"{prefix}_{metric}" in r]
+            values = [r[f"{prefix}_{metric}"] for r in ok if r.get(f"{prefix}_{metric}") is not None]  # None: undefined
             row[f"values_{metric}"] = values
             if values:
                 row[f"{prefix}_{metric}"] = sum(values) / len(values)

@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from ..data import Task, aggregate_windows
 from ..errors import UserError
 from ..metrics import MULTI, greater_is_better, per_class_report, task_metrics, tune_thresholds
+from ..tables import cell
 from .checkpoints import TrainState, load_best, prune_best, save_best
 from .tracking import refuse_diverged
 
@@ -71,7 +72,7 @@ class Validation:
         metrics = self.last.metrics
         state.history.append({"epoch": state.epoch, "step": state.completed_steps, **metrics})
         self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.completed_steps)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "samples")
+        shown = ", ".join(f"{k} {cell(v)}" for k, v in metrics.items() if k != "samples")  # None: undefined, –
         logger.info("step %d (epoch %d): %s", state.completed_steps, state.epoch, shown)
         self.track_best(model, state)
         return self.last
@@ -89,7 +90,10 @@ class Validation:
         if name not in metrics:
             raise UserError(f"metric_for_best_model '{name}' is not one of {', '.join(metrics)}")
         sign = 1 if greater_is_better(name) else -1
-        if state.best_metric is not None and sign * metrics[name] <= sign * state.best_metric:
+        if metrics[name] is None or (
+            state.best_metric is not None and sign * metrics[name] <= sign * state.best_metric
+        ):
+            # undefined (a correlation of constant predictions) never improves
             state.evals_without_improvement += 1
             return
         state.best_metric, state.best_step, state.evals_without_improvement = metrics[name], state.completed_steps, 0

@@ -1,0 +1,76 @@
+"""The flags of the recipes that take more than the shared three of config.py: the feature cache of the
+frozen recipes and the word-vector source of the static one. Light, like config: parsed before torch loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ON_RESUME
+from .errors import UserError
+
+
+def _default_cache_dir() -> str:
+    import datasets  # read when the flag is parsed, not when a tool that never caches imports this module
+
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "finetune_recipes" / "features")
+
+
+@dataclass
+class CacheArguments:
+    """The flag of the recipes that compute something once from frozen weights and keep it between runs."""
+
+    feature_cache_dir: str = field(
+        default_factory=_default_cache_dir,
+        metadata={
+            ON_RESUME: True,
+            "help": "Where encoded features (and reduced word-vector tables) are kept between runs.",
+        },
+    )
+
+
+@dataclass
+class EncodeArguments(CacheArguments):
+    """The flags of the recipes that encode every split once with a frozen encoder."""
+
+    encode_batch_size: int = field(default=64, metadata={ON_RESUME: True})
+
+
+ENCODERS = ("bag", "lstm")
+SOURCES = ("table", "distill")
+
+
+@dataclass
+class StaticArguments(CacheArguments):  # + --feature_cache_dir: the reduced vectors table is cached there
+    embeddings: str = field(
+        default="table",
+        metadata={
+            "help": "table: the input embedding table of --model_name_or_path with its tokenizer (no transformer "
+            "layer runs); distill: model2vec's static vectors distilled from that encoder (needs model2vec). "
+            "--embeddings_file replaces both."
+        },
+    )
+    embeddings_file: str | None = field(
+        default=None,
+        metadata={"help": "GloVe .txt or word2vec/fastText .vec text vectors, read with a word-level tokenizer."},
+    )
+    lowercase: bool = field(default=True, metadata={"help": "--embeddings_file: lowercase words before lookup."})
+    min_coverage: float = field(
+        default=0.5,
+        metadata={"help": "--embeddings_file: refuse when the file has fewer than this share of training tokens."},
+    )
+    freeze_embeddings: bool = field(default=True, metadata={"help": "Keep the vectors fixed; train the rest."})
+    encoder: str = field(default="bag", metadata={"help": "bag (mean of vectors) or lstm (a bidirectional LSTM)."})
+    lstm_hidden_size: int = 128
+    head_hidden_size: int = field(default=256, metadata={"help": "0: a linear head; else an MLP of this width."})
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise UserError(f"encoder '{self.encoder}' is not one of {', '.join(ENCODERS)}")
+        if self.embeddings not in SOURCES:
+            raise UserError(f"embeddings '{self.embeddings}' is not one of {', '.join(SOURCES)}")
+        if not 0 <= self.min_coverage <= 1:
+            raise UserError(f"min_coverage {self.min_coverage} is outside 0..1; pass a share such as 0.5")
+        if self.embeddings_file is not None and not Path(self.embeddings_file).is_file():
+            raise UserError(f"embeddings_file {self.embeddings_file} does not exist; pass a GloVe or .vec file")
