@@ -165,18 +165,25 @@ def test_pruning_stops_a_hopeless_trial_at_its_first_evaluation(tiny_args, tmp_p
 
 
 @pytest.mark.slow
-def test_an_interrupted_study_resumes_with_the_same_command(tiny_args, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl_c"])
+def test_an_interrupted_study_resumes_with_the_same_command(stop, tiny_args, tmp_path):
     study = tmp_path / "study"
     cmd = [CLI, "tune", "static_embeddings", "--n_trials", "2", "--study_dir", str(study), *data_flags(tiny_args)]
     process = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     deadline = time.monotonic() + 600
     while not (study / ".trial_1").exists() and time.monotonic() < deadline:  # trial 1 has begun writing
         time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)  # the session stops in the middle of trial 1
-    process.wait()
-    assert any(p.name.startswith(".trial_") for p in study.iterdir())
+    os.killpg(process.pid, stop)  # the session stops, or Ctrl-C reaches the group, in the middle of trial 1
+    stderr = process.communicate(timeout=120)[1]
+    if stop == signal.SIGINT:
+        assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+        assert stderr.strip().splitlines()[-1] == (
+            f"error: interrupted (Ctrl-C); the finished trials are kept in {study}; the same command resumes the study"
+        )
+    # Killed, the cut trial's folder stays for the resume to remove; interrupted, tune removes it itself.
+    assert any(p.name.startswith(".trial_") for p in study.iterdir()) == (stop == signal.SIGKILL)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = list(csv.DictReader((study / "trials.csv").open()))

@@ -27,7 +27,7 @@ from .catalog import (
     resolve_recipe,
 )
 from .config import SHARED_TYPES
-from .errors import PARENT, Parser, UserError, listing
+from .errors import PARENT, SAVED_SO_FAR, Parser, UserError, listing
 from .metrics import MULTI, REGRESSION, SINGLE, task_metrics
 from .ownership import LOCK, MANIFEST, claim_tool_dir, entries, owned_entries
 from .parsing import parse_config
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     lock = claim_compare_dir(out, known.overwrite_output_dir)
     planned = {r if len(seeds) == 1 else f"{r}_seed{s}" for r in recipes for s in seeds}
     drop_earlier_runs(out, planned)
+    SAVED_SO_FAR.append(f"the finished runs are kept in {out}; add --overwrite_output_dir to compare again")
     runs = [] if known.no_baseline else [tfidf_baseline(shared)]
     progress = tqdm(total=len(recipes) * len(seeds), desc="compare", unit="run")
     for recipe in recipes:

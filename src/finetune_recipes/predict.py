@@ -53,14 +53,15 @@ def onnx_session(onnxruntime, path: Path, name: str):
     try:
         return onnxruntime.InferenceSession(str(path / name), providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime's own classes (InvalidProtobuf, Fail): a truncated or foreign file
-        raise damaged(path, error) from None
+        raise damaged(path, error, name) from None
 
 
-def damaged(path: Path, error: BaseException) -> UserError:
-    """A weights file that is there but cannot be read (truncated, overwritten): one line naming it."""
+def damaged(path: Path, error: BaseException, name: str | None = None) -> UserError:
+    """A weights file that is there but cannot be read (truncated, overwritten): one line naming it (`name`, when
+    the reader knows which one failed)."""
     return UserError(
-        f"cannot load the model in {path} ({first_line(error)}): {' or '.join(weight_files(path))} is damaged; "
-        "restore it, or train and export again"
+        f"cannot load the model in {path} ({first_line(error)}): {name or ' or '.join(weight_files(path))} is "
+        "damaged; restore it, or train and export again"
     )
 
 
