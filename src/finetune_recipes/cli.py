@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .catalog import copy_recipe, list_recipes
 from .errors import Parser, UserError, entrypoint
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         results = predict(args.model, texts, args.batch_size, bf16=False if args.fp32 else None)
         print(format_table(results) if args.format == "table" else format_jsonl(results))
     elif args.command == "export":
+        from .predict import check_model_dir
+
+        check_model_dir(Path(args.model))  # before export's imports (torch): a wrong path is refused at once
         from .export import export_onnx
 
         print(f"exported {export_onnx(args.model, args.output_dir, args.quantize)}")
