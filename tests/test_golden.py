@@ -12,6 +12,7 @@ from conftest import run_inline
 from test_task_shapes import shape_args, shapes  # noqa: F401  (shapes: a fixture)
 
 from finetune_recipes.catalog import caches_features
+from finetune_recipes.problem_types import METRICS
 
 # Losses are logged rounded to 6 decimals. Two runs on one CPU gave the same digits; another CPU (AVX2 kernels
 # rather than AVX-512) may differ in the last bits of an fp32 matrix product, which training can carry further.
@@ -84,7 +85,8 @@ def observed(recipe: str, shape: str, tiny_args: list, shapes: dict, tmp_path) -
     cache = ["--feature_cache_dir", str(tmp_path / "cache")] if caches_features(recipe) else []
     run_inline(recipe, *args, *SHAPES[shape], *cache, "--learning_rate", "3e-3", "--logging_steps", "1")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    metrics = {k: v for k, v in results.items() if k.startswith("eval_") and isinstance(v, float)}
+    task_metrics = {m for names in METRICS.values() for m in names}  # calibration's ECE, NLL, Brier: not golden
+    metrics = {k: v for k, v in results.items() if k.removeprefix("eval_") in task_metrics and isinstance(v, float)}
     return {
         "losses": [h["loss"] for h in results["loss_history"][:8]],
         "eval": {k: round(v, 6) for k, v in sorted(metrics.items()) if not k.endswith(("runtime", "per_second"))},

@@ -30,9 +30,9 @@ def tiny_args_module(module_args):
 
 
 def from_classifier(args: list, classifier: Path, out: Path, *extra) -> tuple[str, dict]:
-    """Trains with the rate ~0 from `classifier`: the saved head is the head the run started with."""
+    """Trains with the rate ~0 from `classifier`, uncalibrated: the saved head is the head the run started with."""
     flags = [*map(str, args), "--model_name_or_path", str(classifier), "--output_dir", str(out)]
-    proc = run_inline("full_finetune", *flags, "--learning_rate", "1e-12", *extra)
+    proc = run_inline("full_finetune", *flags, "--learning_rate", "1e-12", "--calibration", "none", *extra)
     return proc.stderr, load_file(out / "model.safetensors")
 
 

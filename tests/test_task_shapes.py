@@ -248,9 +248,14 @@ def test_every_recipe_runs_every_shape(recipe, shape, shapes, tiny_args, tmp_pat
     assert len(rows) == 40  # one row per document
     # What evaluation scored is what the saved model predicts: the same labels, windows aggregated alike.
     predicted = predict(tmp_path / "out", [r["text"] for r in rows])
+    thresholds = json.loads((tmp_path / "out" / "thresholds.json").read_text()) if shape == "multi" else {}
     for row, prediction in zip(rows, predicted, strict=True):
         if shape == "multi":
-            assert row["predicted"] == "|".join(sorted(prediction["labels"]))
+            # The temperature is folded into float32 weights, which moves a logit by float32 rounding: after 3
+            # steps a label's scores can sit within 1e-5 of its threshold, where that decides. Elsewhere: equal.
+            scores = dict(pair.split(":") for pair in row["scores"].split())
+            clear = {n for n, t in thresholds.items() if abs(float(scores[n]) - t) > 1e-4}
+            assert set(row["predicted"].split("|")) & clear == set(prediction["labels"]) & clear
         elif shape == "regression":
             assert float(row["predicted"]) == pytest.approx(prediction["value"], abs=1e-3)
         else:
@@ -272,9 +277,10 @@ def test_multi_label_learns_its_labels_and_predicts_with_tuned_thresholds(shapes
     assert "sport" in sport["labels"] and {"sport", "tech"} <= set(both["labels"])
     piped = pipeline("text-classification", model=str(out), top_k=None)(texts)
     for row, scores in zip((sport, both), piped, strict=True):
-        assert len(scores) == 3 and sum(s["score"] for s in scores) != pytest.approx(1.0, abs=0.05)  # sigmoid
+        assert len(scores) == 3  # sigmoid per label (their sum is free): predict reads them the same way
         over = {s["label"] for s in scores if s["score"] >= thresholds[s["label"]]}
         assert set(row["labels"]) == over  # predict cuts each label at its tuned threshold
+    assert sum(s["score"] for s in piped[1]) > 1.5  # two labels near 1: a sigmoid each, not a softmax
 
 
 def test_regression_learns_a_function_of_the_text_in_its_units(shapes, tiny_args, tmp_path):

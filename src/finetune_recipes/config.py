@@ -222,6 +222,14 @@ class TrainingArguments:
             "(regression); lower is better for mse and mae.",
         },
     )
+    calibration: str | None = field(
+        default=None,
+        metadata={
+            ON_RESUME: True,
+            "help": "temperature (the default for classification): fit a temperature on validation at the end and "
+            "fold it into the saved output layer, so its probabilities mean what they say; none: save as trained.",
+        },
+    )
     early_stopping_patience: int | None = field(
         default=None, metadata={ON_RESUME: True, "help": "Stop after this many evaluations without improvement."}
     )
@@ -268,6 +276,8 @@ class TrainingArguments:
                 )
         if self.mixed_precision not in (None, "no", "bf16", "fp16", "auto"):
             raise UserError(f"mixed_precision '{self.mixed_precision}' is not one of no, bf16, fp16, auto")
+        if self.calibration not in (None, "temperature", "none"):
+            raise UserError(f"calibration '{self.calibration}' is not one of temperature, none")
         if self.eval_strategy not in ("epoch", "steps"):
             raise UserError(f"eval_strategy '{self.eval_strategy}' is not one of epoch, steps")
         if self.eval_strategy == "steps" and not (self.eval_steps and self.eval_steps > 0):

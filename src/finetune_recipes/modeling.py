@@ -160,11 +160,12 @@ def load_adapter_classifier(path: str | Path) -> PreTrainedModel:
     return PeftModel.from_pretrained(base, path)
 
 
-def target_head(model: torch.nn.Module) -> str:
-    """The name of a regression model's output layer: the last trainable linear layer with one output (a peft
-    adapter keeps a frozen copy of the original head beside the trained one; the trained one is the one)."""
-    heads = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+def target_head(model: torch.nn.Module, outputs: int = 1) -> str:
+    """The name of a model's output layer: the last trainable linear layer with `outputs` outputs (one for
+    regression, a logit per class or label otherwise; a peft adapter keeps a frozen copy of the original head
+    beside the trained one, and the trained one is the one)."""
+    heads = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.out_features == outputs]
     trained = [(n, m) for n, m in heads if m.weight.requires_grad] or heads
     if not trained:
-        raise ValueError(f"{type(model).__name__} has no linear layer with one output to fold the target scale into")
+        raise ValueError(f"{type(model).__name__} has no linear layer with {outputs} output(s) to fold a scale into")
     return trained[-1][0]

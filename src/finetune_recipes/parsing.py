@@ -145,4 +145,4 @@ def preflight(configs: tuple[Any, ...]) -> None:
     if training is not None and data is not None:
         from .data import check_data
 
-        check_data(data, training.seed, training.metric_for_best_model)
+        check_data(data, training)

@@ -82,12 +82,16 @@ def load_data(
         check_windows(tokenizer, data_args)
     with accelerator.main_process_first():
         data = build_datasets(data_args, tokenizer, training_args.seed)
-    check_metric(training_args.metric_for_best_model, data.task.problem_type, data.validation)
+    check_task_flags(training_args, data.task.problem_type, data.validation)
     return tokenizer, data
 
 
-def check_metric(name: str | None, problem_type: str, validation: Dataset) -> None:
-    """metric_for_best_model must be one the task computes, and defined on this validation split."""
+def check_task_flags(training_args, problem_type: str, validation: Dataset) -> None:
+    """The training flags that depend on the task: metric_for_best_model must be one it computes and defined on
+    this validation split; --calibration temperature needs classes (the default skips regression)."""
+    if training_args.calibration == "temperature" and problem_type == REGRESSION:
+        raise UserError("calibration temperature scales class probabilities, and regression has none; drop it")
+    name = training_args.metric_for_best_model
     if name and name not in METRICS[problem_type]:
         kind = problem_type.replace("_classification", "").replace("_", "-")
         known = ", ".join(METRICS[problem_type])
@@ -118,13 +122,14 @@ def _checked_key(args: DataArguments, seed: int) -> str:
     return repr((dataclasses.asdict(args), seed))
 
 
-def check_data(args: DataArguments, seed: int, metric_for_best_model: str | None = None) -> None:
-    """Reads and checks the data as the run will (files, columns, labels, splits, the metric to rank by), before
-    torch and transformers load: a refusal then takes a second or two, not the imports of a whole run. The run
-    reuses what was read."""
+def check_data(args: DataArguments, training_args) -> None:
+    """Reads and checks the data as the run will (files, columns, labels, splits, the flags that depend on the
+    task), before torch and transformers load: a refusal then takes a second or two, not the imports of a whole
+    run. The run reuses what was read."""
     _CHECKED.clear()
+    seed = training_args.seed
     raw, task = _CHECKED[_checked_key(args, seed)] = raw_splits(args, seed)
-    check_metric(metric_for_best_model, task.problem_type, raw["validation"])
+    check_task_flags(training_args, task.problem_type, raw["validation"])
 
 
 def raw_splits(args: DataArguments, seed: int) -> tuple[DatasetDict, Task]:

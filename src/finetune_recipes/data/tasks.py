@@ -40,6 +40,7 @@ class Task:
     target_mean: float = 0.0
     target_std: float = 1.0
     thresholds: list[float] | None = None  # multi-label: tuned on validation at the end of training
+    temperature: list[float] | None = None  # fitted on validation at the end (one, or one per label); saved folded
     held_out_test: float | None = None  # the percentage of train held out as test, when the data had no test split
     _weights: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -103,6 +104,9 @@ class Task:
             out["held_out_test"] = self.held_out_test
         if self.thresholds is not None:
             out["thresholds"] = dict(zip(self.label_names, self.thresholds, strict=True))
+        if self.temperature is not None:
+            names = self.label_names if len(self.temperature) > 1 else ["all"]
+            out["temperature"] = dict(zip(names, self.temperature, strict=True))
         return out
 
 
@@ -346,7 +350,7 @@ def target_limit(args: DataArguments) -> float:
 
 def warn_constant_validation(raw: DatasetDict) -> None:
     """A constant validation target leaves Pearson, Spearman and R² undefined: said up front (they are then
-    reported as undefined, and --metric_for_best_model refuses them: data.check_metric)."""
+    reported as undefined, and --metric_for_best_model refuses them: data.check_task_flags)."""
     value = constant_target(raw["validation"]) if "validation" in raw else None
     if value is not None:
         logger.warning(

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from ..calibration import calibration_metrics, fit_temperature, reliability_bins, scaled_probabilities
 from ..data import Task, aggregate_windows
 from ..errors import UserError
-from ..metrics import MULTI, greater_is_better, per_class_report, task_metrics, tune_thresholds
+from ..metrics import MULTI, REGRESSION, greater_is_better, per_class_report, task_metrics, tune_thresholds
 from ..tables import cell
 from .checkpoints import TrainState, load_best, prune_best, save_best
 from .tracking import refuse_diverged
@@ -28,6 +29,7 @@ class Evaluation:
     scores: np.ndarray
     references: np.ndarray
     metrics: dict[str, float]
+    logits: np.ndarray | None = None  # what the scores come from: a temperature is fitted on them
 
 
 @torch.no_grad()
@@ -49,7 +51,7 @@ def evaluate(model, loader, task: Task, accelerator: Accelerator, window_aggrega
         logits, labels = aggregate_windows(logits, labels, torch.cat(gathered["document"]), window_aggregation)
     scores, references = task.scores(logits), task.references(labels)
     metrics = {**task_metrics(task.problem_type, scores, references), "samples": len(references)}
-    return Evaluation(scores, references, metrics)
+    return Evaluation(scores, references, metrics, logits.numpy())
 
 
 class Validation:
@@ -133,10 +135,12 @@ class Validation:
         labels, the per-class report of each (precision, recall, F1, support; single-label: the confusion
         matrix), the history, and the task's summary.
 
-        Multi-label thresholds are tuned on validation (each label's F1) and judged on test only: test metrics
-        come at 0.5 and, as test_*_tuned, at the tuned thresholds."""
+        Classification probabilities are calibrated first (`calibrate`). Multi-label thresholds are tuned on
+        validation (each label's F1) and judged on test only: test metrics come at 0.5 and, as test_*_tuned, at
+        the tuned thresholds."""
         task, results = self.task, {f"eval_{k}": v for k, v in validation.metrics.items()}
-        if task.problem_type == MULTI:
+        results.update(calibrate(task, {"eval": validation, "test": test}, self.args.calibration))
+        if task.problem_type == MULTI:  # on the calibrated scores, which the saved model gives
             task.thresholds = [float(t) for t in tune_thresholds(validation.scores, validation.references)]
         cut = task.thresholds if task.thresholds is not None else 0.5
         reports = {"validation": per_class_report(task.problem_type, *astuple(validation), task.label_names, cut)}
@@ -155,3 +159,30 @@ class Validation:
 
 def astuple(evaluation: Evaluation) -> tuple[np.ndarray, np.ndarray]:
     return evaluation.scores, evaluation.references
+
+
+def calibrate(task: Task, evaluations: dict[str, Evaluation | None], method: str | None) -> dict:
+    """Temperature scaling (unless `method` is "none"): the temperature that minimises the validation NLL, kept
+    in the task (save_run folds it into the saved output layer) and applied to every split's scores here, so
+    the predictions files, thresholds and pictures are the saved model's. Argmax labels, and every decision at
+    0.5, stay as they were. Returns ECE, NLL and Brier per split, after and (as *_uncalibrated) before, and the
+    reliability bins the report draws. Regression has no temperature: nothing."""
+    if task.problem_type == REGRESSION:
+        if method is None:
+            logger.info("Regression: no temperature to fit (calibration applies to class probabilities)")
+        return {}
+    kind, scored = task.problem_type, {split: e for split, e in evaluations.items() if e is not None}
+    before = {split: calibration_metrics(e.scores, e.references, kind) for split, e in scored.items()}
+    bins = {split: {"before": reliability_bins(e.scores, e.references, kind)} for split, e in scored.items()}
+    results: dict = {}
+    if method != "none":
+        task.temperature = fit_temperature(scored["eval"].logits, scored["eval"].references, kind)
+        for split, e in scored.items():
+            e.scores = scaled_probabilities(e.logits, task.temperature, kind)  # float64, as predict computes them
+            bins[split]["after"] = reliability_bins(e.scores, e.references, kind)
+            results.update({f"{split}_{k}_uncalibrated": v for k, v in before[split].items()})
+        shown = ", ".join(f"{t:.3f}" for t in task.temperature)
+        logger.info("Calibration: temperature %s fitted on validation", shown)
+    for split, e in scored.items():
+        results.update({f"{split}_{k}": v for k, v in calibration_metrics(e.scores, e.references, kind).items()})
+    return {**results, "calibration": {"method": method or "temperature", "reliability": bins}}

@@ -1,0 +1,102 @@
+"""Calibration: temperature scaling fitted on validation and folded into the saved output layer; ECE, NLL, Brier."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from conftest import run_inline
+from transformers import pipeline
+
+from finetune_recipes.calibration import calibration_metrics, fit_temperature, scaled_probabilities
+from finetune_recipes.problem_types import MULTI, SINGLE
+
+
+def planted(temperature: float, n: int = 4000, classes: int = 4, seed: int = 0):
+    """Logits whose labels are drawn from softmax(logits / temperature): that temperature calibrates them."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, size=(n, classes))
+    probs = scaled_probabilities(logits, [temperature], SINGLE)
+    labels = np.array([rng.choice(classes, p=p) for p in probs])
+    return logits, labels
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.5])
+def test_the_fitted_temperature_recovers_a_planted_one(temperature):
+    logits, labels = planted(temperature)
+    (fitted,) = fit_temperature(logits, labels, SINGLE)
+    assert fitted == pytest.approx(temperature, rel=0.08)
+    before = calibration_metrics(scaled_probabilities(logits, [1.0], SINGLE), labels, SINGLE)
+    after = calibration_metrics(scaled_probabilities(logits, [fitted], SINGLE), labels, SINGLE)
+    assert after["ece"] < 0.03 < before["ece"] and after["nll"] < before["nll"] and after["brier"] < before["brier"]
+
+
+def test_multi_label_fits_one_temperature_per_label():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, size=(4000, 2))
+    truth = [0.5, 3.0]
+    labels = (rng.random((4000, 2)) < scaled_probabilities(logits, truth, MULTI)).astype(int)
+    assert fit_temperature(logits, labels, MULTI) == pytest.approx(truth, rel=0.1)
+
+
+def test_a_calibrated_set_has_ece_near_zero_and_an_overconfident_one_does_not():
+    rng = np.random.default_rng(2)
+    confidence = rng.uniform(0.5, 1.0, 20000)
+    right = rng.random(20000) < confidence  # right exactly as often as it says
+    probs = np.stack([confidence, 1 - confidence], 1)
+    labels = np.where(right, 0, 1)
+    assert calibration_metrics(probs, labels, SINGLE)["ece"] < 0.01
+    sure = np.stack([np.full(20000, 0.99), np.full(20000, 0.01)], 1)
+    assert calibration_metrics(sure, labels, SINGLE)["ece"] == pytest.approx(0.99 - right.mean(), abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def runs(module_args, tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibration")
+    args = [*module_args, "--num_train_epochs", "3", "--learning_rate", "3e-3", "--test_file"]
+    test = module_args[module_args.index("--validation_file") + 1].replace("validation", "test")
+    for name, method in (("calibrated", "temperature"), ("raw", "none")):
+        run_inline("full_finetune", *args, test, "--calibration", method, "--output_dir", root / name)
+    return root
+
+
+def rows(out, split: str = "validation") -> list[dict]:
+    return list(csv.DictReader((out / f"predictions_{split}.csv").open()))
+
+
+def test_the_saved_model_gives_the_calibrated_scores_and_the_same_labels(runs):
+    calibrated, raw = runs / "calibrated", runs / "raw"
+    results = json.loads((calibrated / "results.json").read_text())
+    (temperature,) = results["task"]["temperature"].values()
+    assert temperature != pytest.approx(1.0, abs=0.05)
+    assert results["eval_nll"] <= results["eval_nll_uncalibrated"]  # what the temperature minimised
+    assert {"test_ece", "test_nll", "test_brier", "test_ece_uncalibrated"} <= set(results)
+    assert results["eval_accuracy"] == json.loads((raw / "results.json").read_text())["eval_accuracy"]
+    assert [r["predicted"] for r in rows(calibrated, "test")] == [r["predicted"] for r in rows(raw, "test")]
+    validation = rows(calibrated)
+    piped = pipeline("text-classification", model=str(calibrated), top_k=None)([r["text"] for r in validation])
+    for row, scores in zip(validation, piped, strict=True):  # pipeline() sorts its scores, best first
+        assert scores[0]["label"] == row["predicted"] and scores[0]["score"] == pytest.approx(
+            float(row["score"]), abs=1e-3
+        )
+    uncalibrated = [float(r["score"]) for r in rows(raw)]
+    assert [float(r["score"]) for r in validation] != pytest.approx(uncalibrated, abs=1e-3)  # the scores did move
+    raw_results = json.loads((raw / "results.json").read_text())
+    assert "temperature" not in raw_results["task"] and "eval_ece_uncalibrated" not in raw_results
+    assert raw_results["eval_ece"] == pytest.approx(results["eval_ece_uncalibrated"], abs=1e-6)
+
+
+def test_calibrating_a_regression_is_refused_before_training(module_args, tmp_path):
+    from test_task_shapes import regression_rows, write_csv
+
+    data = write_csv(tmp_path / "reg.csv", regression_rows(30, 0))
+    args = [*module_args, "--train_file", data, "--validation_file", data, "--label_column", "score"]
+    proc = run_inline(
+        "full_finetune", *args, "--calibration", "temperature", "--output_dir", tmp_path / "out", check=False
+    )
+    assert proc.returncode == 2 and not (tmp_path / "out").exists()
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: calibration temperature scales class probabilities, and regression has none; drop it"
+    )
