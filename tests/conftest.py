@@ -85,6 +85,12 @@ def module_args(tiny_model, tiny_data) -> list[str]:
     ]  # fmt: skip
 
 
+def interruptible() -> None:
+    """A child's Ctrl-C as a terminal's: a shell's background job starts with SIGINT ignored, and Python then
+    installs no KeyboardInterrupt handler, so a test of Ctrl-C run from such a job would see it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, check: bool = True, **kw):
     """Runs recipes/<recipe>.py in a subprocess, as a user would, and returns the finished process."""
     cmd = [*(launcher or [sys.executable]), str(ROOT / "recipes" / f"{recipe}.py"), *map(str, args)]
