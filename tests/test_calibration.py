@@ -100,3 +100,20 @@ def test_calibrating_a_regression_is_refused_before_training(module_args, tmp_pa
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: calibration temperature scales class probabilities, and regression has none; drop it"
     )
+
+
+def test_the_card_report_and_reliability_diagram_show_before_and_after(runs):
+    from finetune_recipes.tables import cell
+
+    calibrated, raw = runs / "calibrated", runs / "raw"
+    results = json.loads((calibrated / "results.json").read_text())
+    assert (calibrated / "reliability.png").read_bytes().startswith(b"\x89PNG")
+    bins = results["calibration"]["reliability"]["test"]
+    assert sum(b["count"] for b in bins["after"]) == sum(b["count"] for b in bins["before"]) == results["test_samples"]
+    for name in ("README.md", "eval_report.md"):
+        text = (calibrated / name).read_text()
+        section = text.split("### Calibration")[1]
+        assert f"| test (as trained) | {cell(results['test_ece_uncalibrated'])} |" in section
+        assert f"| test (calibrated) | {cell(results['test_ece'])} |" in section
+        assert "![reliability diagram](reliability.png)" in section
+    assert "Scores are as trained (--calibration none)." in (raw / "README.md").read_text()

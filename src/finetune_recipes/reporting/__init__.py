@@ -18,7 +18,13 @@ from ..problem_types import REGRESSION
 from .card import render_card, render_report
 from .predictions import prediction_rows, read_csv, regression_pairs, to_csv
 
-PICTURES = ("confusion_matrix.png", "per_label_scores.png", "predicted_vs_true.png", "training_curves.png")
+PICTURES = (
+    "confusion_matrix.png",
+    "per_label_scores.png",
+    "predicted_vs_true.png",
+    "training_curves.png",
+    "reliability.png",
+)
 REPORT_FILES = ("README.md", "eval_report.md", *PICTURES)
 
 

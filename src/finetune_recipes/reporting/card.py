@@ -67,6 +67,36 @@ def metrics_table(results: dict) -> str:
     return table(["metric", *(c[0] for c in columns)], rows)
 
 
+def calibration_section(results: dict) -> str:
+    """How far the scores are from frequencies, per split, before and after the temperature (if one was fitted),
+    and the picture of it: empty for regression."""
+    calibration = results.get("calibration")
+    if not calibration:
+        return ""
+    splits = [(name, p) for name, p in (("validation", "eval"), ("test", "test")) if f"{p}_ece" in results]
+    fitted = "temperature" in results["task"]
+    variants = [(" (as trained)", "_uncalibrated"), (" (calibrated)", "")] if fitted else [("", "")]
+    rows = [
+        [f"{name}{label}", *(results.get(f"{p}_{m}{suffix}") for m in ("ece", "nll", "brier"))]
+        for name, p in splits
+        for label, suffix in variants
+    ]
+    if fitted:
+        shown = ", ".join(f"{n} {t:.3f}" for n, t in results["task"]["temperature"].items())
+        intro = (
+            f"Scores are calibrated: a temperature fitted on validation (by its log-loss: {shown}) divides the "
+            "output layer's weights, so that a score of 0.9 means right about 9 times in 10 on data like that split; "
+            "predicted labels are unchanged."
+        )
+    else:
+        intro = "Scores are as trained (--calibration none)."
+    return "\n\n".join([
+        "### Calibration", intro,
+        table(["split", "ECE (15 bins)", "NLL", "Brier"], rows, right=(1, 2, 3)),
+        "![reliability diagram](reliability.png)",
+    ])  # fmt: skip
+
+
 def per_class_table(results: dict) -> str:
     reports = results.get("report", {})
     split = "test" if "test" in reports else "validation"
@@ -143,6 +173,8 @@ validation documents{f", {cell(results['test_samples'])} test documents" if "tes
 
 {per_class_table(results)}
 
+{calibration_section(results)}
+
 ## Training
 
 {hyperparameters(config)}
@@ -183,7 +215,7 @@ def truncation(config: dict) -> str:
 
 def render_report(results: dict) -> str:
     """eval_report.md: the metrics, the per-class table, and the pictures beside it."""
-    parts = ["# Evaluation report", "", metrics_table(results), ""]
+    parts = ["# Evaluation report", "", metrics_table(results), "", calibration_section(results), ""]
     for split, report in results.get("report", {}).items():
         if report.get("per_class"):
             rows = [[n, r["precision"], r["recall"], r["f1"], r["support"]] for n, r in report["per_class"].items()]

@@ -59,6 +59,26 @@ def training_curves_png(losses: list[dict], history: list[dict], metric: str) ->
     return png(fig)
 
 
+def reliability_png(bins: dict[str, list[dict]], split: str) -> bytes:
+    """Accuracy against confidence per bin, before and after calibration, beside the diagonal a calibrated model
+    sits on; below, how many predictions each bin holds."""
+    fig, (top, counts) = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], color="grey", linewidth=1, linestyle="--", label="calibrated")
+    for key, color, label in (("before", "#dd8452", "as trained"), ("after", "#4c72b0", "calibrated scores")):
+        filled = [b for b in bins.get(key, []) if b["count"]]
+        if filled:
+            top.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], marker="o", color=color,
+                     label=label)  # fmt: skip
+            width = filled[0]["high"] - filled[0]["low"]
+            offset = -width / 4 if key == "before" else width / 4
+            middles = [(b["low"] + b["high"]) / 2 + offset for b in filled]
+            counts.bar(middles, [b["count"] for b in filled], width=width / 2, color=color)
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02), title=f"Reliability ({split})")
+    top.legend(loc="upper left", fontsize=8)
+    counts.set(xlabel="confidence", ylabel="predictions")
+    return png(fig)
+
+
 def evaluation_pictures(results: dict, label_names: list[str], regression_pairs=None) -> dict[str, bytes]:
     """File name → PNG bytes for the run's problem type, from results.json (and, for regression, the
     (targets, predictions) of the predictions file)."""
@@ -73,4 +93,8 @@ def evaluation_pictures(results: dict, label_names: list[str], regression_pairs=
         pictures["per_label_scores.png"] = per_label_png(report["per_class"], split)
     elif regression_pairs is not None:
         pictures["predicted_vs_true.png"] = scatter_png(*regression_pairs, split, label_names[0])
+    reliability = results.get("calibration", {}).get("reliability", {})
+    where = "test" if "test" in reliability else "eval"
+    if where in reliability:
+        pictures["reliability.png"] = reliability_png(reliability[where], "test" if where == "test" else "validation")
     return pictures
