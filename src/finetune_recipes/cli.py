@@ -1,9 +1,10 @@
 """The `finetune-recipes` command: list and copy the recipes, predict with a trained model, export it to ONNX,
-compare strategies, tune a recipe."""
+compare strategies, tune a recipe, cross-validate it and audit its labels."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("output_dir", help="a recipe's output_dir")
     commands.add_parser("compare", help="run several recipes on the same data and budget, one table", add_help=False)
     commands.add_parser("tune", help="an Optuna study over a recipe's SEARCH_SPACE; writes best.yaml", add_help=False)
+    commands.add_parser("cv", help="k-fold cross-validation: out-of-fold predictions, mean ± std", add_help=False)
+    audit = commands.add_parser("audit", help="the labels a finished cv's out-of-fold predictions doubt (cleanlab)")
+    audit.add_argument("cv_dir", help="the --cv_dir of a finished `finetune-recipes cv`")
     return parser
 
 
@@ -66,10 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         from .compare import main as compare_main
 
         return compare_main(argv[1:])
-    if argv[:1] == ["tune"]:  # likewise
-        from .tune import main as tune_main
-
-        return tune_main(argv[1:])
+    if argv[:1] in (["tune"], ["cv"]):  # likewise
+        module = importlib.import_module(f".{argv[0]}", __package__)
+        return module.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "ls":
         recipes = list_recipes()
@@ -91,6 +94,10 @@ def main(argv: list[str] | None = None) -> None:
         from .export import export_onnx
 
         print(f"exported {export_onnx(args.model, args.output_dir, args.quantize)}")
+    elif args.command == "audit":
+        from .audit import main as audit_main
+
+        print(f"wrote {', '.join(audit_main(args.cv_dir))} in {args.cv_dir}")
     elif args.command == "report":
         from .reporting import report
 

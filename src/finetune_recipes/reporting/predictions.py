@@ -25,6 +25,7 @@ def prediction_rows(
                 "label": label_names[int(references[i])],
                 "predicted": label_names[best],
                 "score": round(float(scores[i, best]), 4),
+                "scores": " ".join(f"{n}:{s:.4f}" for n, s in zip(label_names, scores[i], strict=True)),
                 "correct": int(best == int(references[i])),
             }
         elif problem_type == MULTI:
@@ -62,3 +63,9 @@ def read_csv(text: str) -> list[dict[str, str]]:
 def regression_pairs(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(targets, predictions) of a regression predictions file, for the scatter plot."""
     return np.array([float(r["target"]) for r in rows]), np.array([float(r["predicted"]) for r in rows])
+
+
+def scores_of(row: dict[str, str], label_names: list[str]) -> list[float]:
+    """A predictions file row's "scores" column ("name:0.9700 other:0.0300") as probabilities in label order."""
+    given = dict(pair.rsplit(":", 1) for pair in row["scores"].split())
+    return [float(given[name]) for name in label_names]

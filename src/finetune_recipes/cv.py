@@ -1,0 +1,248 @@
+"""`finetune-recipes cv RECIPE --folds K`: k-fold cross-validation of a recipe, with out-of-fold predictions and,
+with --find_label_issues (or `finetune-recipes audit` afterwards), a label audit of them.
+
+The training data (train, and validation when the data has one: cross-validation replaces the fixed split) is
+cut into K folds of exact-duplicate groups, stratified by label (iterative stratification for multi-label,
+rank bins for regression). Fold k's run trains on the other K - 1 folds and takes fold k as its validation
+split; its predictions there are fold k's out-of-fold predictions, so every training example is predicted
+exactly once by a model that did not train on it. (Its validation split also fits the run's temperature and,
+with --metric_for_best_model, picks its checkpoint.) A test split, when the data has one, is scored by every
+fold model and by their averaged probabilities. Each fold runs the recipe in its own process, as `compare`
+does; a killed cv resumes with the same command and does not train a finished fold again.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .atomic import atomic_write, is_temporary
+from .catalog import given_names, list_recipes, recipe_types, resolve_recipe
+from .compare import run_recipe
+from .config import SHARED_TYPES
+from .errors import SAVED_SO_FAR, Parser, UserError
+from .ownership import LOCK, MANIFEST, claim_tool_dir
+from .parsing import parse_config
+from .problem_types import MULTI, REGRESSION, SINGLE
+from .tune import refuse_hub_flags
+
+PLAN = "cv.json"
+OUTPUTS = ("cv.md", "cv.csv", "cv.png", PLAN, "oof_predictions.csv", "label_issues.csv", "folds", "logs")
+OUTPUTS += (MANIFEST, LOCK)
+# + fold_0, fold_1, ...: each fold's run (its output_dir); folds/fold_K/ holds its train and validation files
+DATA_FLAGS = ("train_file", "validation_file", "test_file", "dataset_name", "dataset_config_name")
+REFUSED = {  # flags that would break "every example predicted once", with what to do instead
+    "max_eval_samples": "every held-out example is predicted; drop --max_eval_samples",
+    "validation_split_percentage": "each fold is the validation split of its run; drop it",
+    "test_split_percentage": "cv holds no test out of train; pass --test_file to score one",
+    "output_dir": "cv sets each fold's; pass cv's own --output_dir before the recipe's flags",
+}
+
+
+def parse_args(argv: list[str] | None):
+    parser = Parser(
+        prog="finetune-recipes cv",
+        description="K-fold cross-validation of a recipe: one run per fold, out-of-fold predictions of every "
+        "training example, each fold's metrics with mean, std and a 95%% interval. Other flags go to the recipe.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("recipe", help=f"one of {', '.join(list_recipes())}")
+    parser.add_argument("--folds", type=int, default=5, help="K: runs, each holding out one fold")
+    parser.add_argument("--cv_dir", help="default outputs/cv/RECIPE; an unfinished cv there resumes")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier cv of other data")
+    parser.add_argument("--find_label_issues", action="store_true", help="audit the labels with cleanlab after")
+    known, rest = parser.parse_known_args(argv)
+    if known.folds < 2:
+        raise UserError(f"--folds must be at least 2, not {known.folds}")
+    given = given_names(rest)
+    for flag, why in REFUSED.items():
+        if flag in given:
+            raise UserError(f"--{flag} is not taken by cv: {why}")
+    refuse_hub_flags(given, "cv does not push its fold models; push the run you keep with its recipe's")
+    if known.recipe not in list_recipes():
+        raise UserError(f"no recipe '{known.recipe}'; cv runs an installed recipe: {', '.join(list_recipes())}")
+    known.recipe_file = resolve_recipe(known.recipe)
+    known.cv_dir = Path(known.cv_dir or Path("outputs") / "cv" / known.recipe_file.stem)
+    return known, rest
+
+
+def pool_and_test(data_args, seed: int):
+    """(the examples to fold, raw columns with label names as text; their encoded labels; the task; the test split
+    or None). A seeded --max_train_samples sample of the pool keeps a quick cv quick."""
+    from datasets import ClassLabel, DatasetDict, concatenate_datasets
+
+    from .data import check_columns, drop_absent_test_labels, encode_task, load_raw_datasets
+
+    raw = load_raw_datasets(data_args)
+    if "train" not in raw:
+        raise UserError(f"the data has no train split (splits: {', '.join(raw)}); pass --train_file")
+    raw = drop_absent_test_labels(DatasetDict({k: raw[k] for k in ("train", "validation", "test") if k in raw}),
+                                  data_args.label_sources)  # fmt: skip
+    check_columns(raw, data_args)
+    for split in raw:  # ClassLabel ids back to their names: the fold files are read like any other file
+        for column, feature in raw[split].features.items():
+            if isinstance(feature, ClassLabel):
+                raw[split] = raw[split].map(lambda r, c=column, f=feature: {c: f.int2str(r[c])})
+    pool = concatenate_datasets([raw[s] for s in ("train", "validation") if s in raw])
+    if data_args.max_train_samples and data_args.max_train_samples < len(pool):
+        pool = pool.shuffle(seed=seed).select(range(data_args.max_train_samples))
+    encoded, task = encode_task(DatasetDict({"train": pool}), data_args)
+    return pool, encoded["train"]["labels"], task, raw.get("test")
+
+
+def assign_folds(texts: list[str], labels: list, problem_type: str, k: int, seed: int) -> np.ndarray:
+    """The fold of each example: groups of exact-duplicate texts go to one fold whole; the groups are stratified
+    by their first example's label (multi-label: iterative stratification over the label sets; regression:
+    the target's rank in ten bins)."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    first: dict[str, int] = {}
+    group = np.array([first.setdefault(t, len(first)) for t in texts])
+    heads = np.array([texts.index(t) for t in first])  # the first example of each group
+    y = np.asarray(labels, dtype=np.int64 if problem_type == SINGLE else np.float64)[heads]
+    if problem_type == MULTI:
+        from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+        splitter = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        y = np.stack(y).astype(int)
+    elif problem_type == REGRESSION:
+        ranks = np.argsort(np.argsort(y, kind="stable"), kind="stable")
+        y = np.minimum(ranks * 10 // len(y), 9)
+        splitter = (
+            StratifiedKFold(k, shuffle=True, random_state=seed)
+            if len(y) >= 10 * k
+            else KFold(k, shuffle=True, random_state=seed)
+        )
+    else:
+        splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
+    fold_of_group = np.empty(len(heads), dtype=int)
+    for fold, (_, held) in enumerate(splitter.split(np.zeros(len(heads)), y)):
+        fold_of_group[held] = fold
+    return fold_of_group[group]
+
+
+def check_folds(k: int, labels: list, task) -> None:
+    """Every fold needs an example of every class to train on and to score: refused when a class is rarer."""
+    if task.problem_type == REGRESSION:
+        return
+    if task.problem_type == SINGLE:
+        counts = np.bincount(np.asarray(labels, dtype=int), minlength=len(task.label_names))
+    else:
+        counts = np.asarray(labels).round().sum(0).astype(int)
+    rarest = int(counts.argmin())
+    if counts[rarest] < k:
+        name, n = task.label_names[rarest], int(counts[rarest])
+        raise UserError(f"class '{name}' has {n} example(s), fewer than --folds {k}; pass --folds {max(2, n)} or fewer")
+
+
+def write_folds(out: Path, pool, folds: np.ndarray, test) -> str:
+    """Each fold's train and validation files (and the test split once), JSON Lines of the raw columns; returns
+    a digest of them, which a resume compares."""
+    digest = hashlib.sha256()
+    root = out / "folds"
+    for k in range(int(folds.max()) + 1):
+        (root / f"fold_{k}").mkdir(parents=True, exist_ok=True)
+        for name, rows in (("train", np.flatnonzero(folds != k)), ("validation", np.flatnonzero(folds == k))):
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool.select(rows).to_list())
+            atomic_write(root / f"fold_{k}" / f"{name}.jsonl", text)
+            digest.update(text.encode())
+    if test is not None:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in test.to_list())
+        atomic_write(root / "test.jsonl", text)
+        digest.update(text.encode())
+    return digest.hexdigest()
+
+
+def fold_flags(flags: list[str], out: Path, k: int, has_test: bool) -> list[str]:
+    """The recipe's flags for fold k: the user's, less where the data came from, plus the fold's files."""
+    from .catalog import flag_groups
+
+    kept = [t for name, tokens in flag_groups(flags) if name not in DATA_FLAGS for t in tokens]
+    files = ["--train_file", str(out / "folds" / f"fold_{k}" / "train.jsonl"),
+             "--validation_file", str(out / "folds" / f"fold_{k}" / "validation.jsonl")]  # fmt: skip
+    return [*kept, *files, *(["--test_file", str(out / "folds" / "test.jsonl")] if has_test else [])]
+
+
+def claim_cv_dir(out: Path, plan: dict, overwrite: bool) -> tuple[int, bool]:
+    """Locks the cv folder (refusing what cv did not write); (the lock, whether an earlier cv of the same plan is
+    there to resume). An earlier cv of another plan needs --overwrite_output_dir."""
+    earlier = json.loads((out / PLAN).read_text()) if (out / PLAN).is_file() else None
+    owned = lambda n: n in OUTPUTS or re.fullmatch(r"fold_\d+", n) is not None  # noqa: E731
+    leftover = lambda n: fnmatch.fnmatch(n, ".feature_cache_*") or is_temporary(n)  # noqa: E731 (a killed fold's)
+    lock = claim_tool_dir(out, "cv", "cv_dir", owned, leftover)
+    same = earlier is not None and {k: earlier.get(k) for k in plan} == plan
+    if earlier is not None and not same and not overwrite:
+        os.close(lock)
+        raise UserError(
+            f"--cv_dir {out} holds a cv of other data, folds or flags; pass --overwrite_output_dir to replace it "
+            "or another --cv_dir"
+        )
+    return lock, same
+
+
+def main(argv: list[str] | None = None) -> None:
+    known, flags = parse_args(argv)
+    recipe = known.recipe_file
+    config = recipe.parent / "configs" / f"{recipe.stem}.yaml"
+    _, data_args, training_args, *_ = parse_config(
+        *SHARED_TYPES, *recipe_types(recipe), args=flags, default_config=config, announce=False
+    )
+    if known.find_label_issues:
+        from .audit import import_cleanlab
+
+        import_cleanlab()
+    pool, labels, task, test = pool_and_test(data_args, training_args.seed)
+    check_folds(known.folds, labels, task)
+    text_column = data_args.text_column
+    folds = assign_folds(pool[text_column], labels, task.problem_type, known.folds, training_args.seed)
+    out = known.cv_dir
+    plan = {"recipe": recipe.stem, "folds": known.folds, "flags": flags, "problem_type": task.problem_type,
+            "label_names": task.label_names, "seed": training_args.seed}  # fmt: skip
+    lock, resume = claim_cv_dir(out, plan, known.overwrite_output_dir)
+    try:
+        SAVED_SO_FAR.append(f"the finished folds are kept in {out}; the same command resumes the cv")
+        digest = write_folds(out, pool, folds, test)
+        plan |= {"data": digest, "fold_of": folds.tolist(), "text_column": text_column}
+        atomic_write(out / PLAN, json.dumps(plan, indent=1) + "\n")
+        runs = run_folds(recipe, flags, out, known.folds, test is not None, resume and not known.overwrite_output_dir)
+        from .audit import audit
+        from .reporting.cv import write_outputs
+
+        written = write_outputs(out, plan, runs, audit=audit if known.find_label_issues else None)
+    finally:
+        os.close(lock)
+    print(f"Wrote {', '.join(written)} in {out}")
+
+
+def run_folds(recipe: Path, flags: list[str], out: Path, k: int, has_test: bool, resume: bool) -> list[dict]:
+    """Each fold's run (a finished one of the same plan is read back, not trained again); their rows."""
+    rows = []
+    progress = tqdm(total=k, desc=f"cv {recipe.stem}", unit="fold")
+    for fold in range(k):
+        folder = out / f"fold_{fold}"
+        if resume and (folder / "results.json").is_file():
+            row = {"strategy": recipe.stem, **json.loads((folder / "results.json").read_text()), "status": "ok"}
+            row["resumed"] = True
+        else:
+            progress.set_postfix_str(f"fold {fold}")
+            row = run_recipe(recipe.stem, out, f"fold_{fold}", fold_flags(flags, out, fold, has_test), True)
+        rows.append({**row, "fold": fold})
+        progress.update()
+        tqdm.write(f"fold {fold}: {row['status']}" + (" (finished earlier)" if row.get("resumed") else ""))
+    progress.close()
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        raise UserError(f"fold {failed[0]['fold']} {failed[0]['status']}; fix it and run the same command again")
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
