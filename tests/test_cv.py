@@ -1,0 +1,161 @@
+"""`finetune-recipes cv` and `audit`: folds, out-of-fold predictions, resume, and the label audit."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from tiny import write_csv
+
+from finetune_recipes.cli import main as cli_main
+from finetune_recipes.cv import assign_folds
+from finetune_recipes.problem_types import MULTI, REGRESSION, SINGLE
+
+CLI = str(Path(sys.executable).parent / "finetune-recipes")
+
+
+def test_folds_hold_each_example_once_duplicates_together_and_classes_evenly():
+    rng = random.Random(0)
+    texts = [f"text {i % 70}" for i in range(100)]  # 30 texts appear twice
+    labels = [int(t.split()[1]) % 3 for t in texts]
+    folds = assign_folds(texts, labels, SINGLE, 5, seed=0)
+    assert sorted(Counter(folds)) == [0, 1, 2, 3, 4] and len(folds) == 100
+    by_text: dict[str, set] = {}
+    for text, fold in zip(texts, folds, strict=True):
+        by_text.setdefault(text, set()).add(int(fold))
+    assert all(len(f) == 1 for f in by_text.values())  # a duplicate never trains the model that scores it
+    groups = {t: labels[texts.index(t)] for t in by_text}
+    for fold in range(5):
+        per_class = Counter(groups[t] for t in groups if by_text[t] == {fold})
+        assert max(per_class.values()) - min(per_class.values()) <= 1  # stratified over the distinct texts
+    assert (assign_folds(texts, labels, SINGLE, 5, seed=0) == folds).all()
+    assert not (assign_folds(texts, labels, SINGLE, 5, seed=1) == folds).all()
+    multi = [[rng.random() < 0.3, rng.random() < 0.5, 1.0] for _ in range(100)]
+    multi_folds = assign_folds([f"m {i}" for i in range(100)], multi, MULTI, 4, seed=0)
+    for fold in range(4):
+        held = np.asarray(multi, dtype=float)[multi_folds == fold]
+        assert (held.sum(0) > 0).all()  # every label in every fold
+    values = [float(i) for i in range(100)]
+    reg_folds = assign_folds([f"r {i}" for i in range(100)], values, REGRESSION, 5, seed=0)
+    for fold in range(5):  # rank bins: each fold spans the target's range
+        held = np.asarray(values)[reg_folds == fold]
+        assert held.min() < 10 and held.max() >= 90
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--folds", "1"], "--folds must be at least 2, not 1"),
+        (["--folds", "1000"], "example(s), fewer than --folds 1000; pass --folds"),  # train and validation pooled
+        (["--max_eval_samples", "5"], "--max_eval_samples is not taken by cv: every held-out example is predicted"),
+        (["--output_dir", "x"], "--output_dir is not taken by cv: cv sets each fold's"),
+    ],
+)
+def test_bad_cv_input_is_one_line_and_writes_nothing(argv, message, module_args, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["cv", "full_finetune", "--cv_dir", str(tmp_path / "cv"), *module_args, *argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and message in lines[-1], lines
+    assert not (tmp_path / "cv").exists()
+
+
+def flipped_data(tiny_data, root: Path, share: float = 0.08) -> tuple[Path, set[int]]:
+    """The tiny train split with a seeded share of its labels moved to another topic; the rows moved."""
+    rows = list(csv.DictReader(tiny_data["train"].open()))
+    rng = random.Random(7)
+    moved = set(rng.sample(range(len(rows)), round(share * len(rows))))
+    topics = sorted({r["label"] for r in rows})
+    for i in moved:
+        rows[i]["label"] = topics[(topics.index(rows[i]["label"]) + 1) % len(topics)]
+    return write_csv(root / "flipped.csv", rows), moved
+
+
+def cv_flags(module_args: list, train: Path, test: Path) -> list[str]:
+    flags = [str(a) for a in module_args]
+    flags[flags.index("--train_file") + 1] = str(train)
+    i = flags.index("--validation_file")
+    del flags[i : i + 2]
+    return [*flags, "--test_file", str(test), "--num_train_epochs", "15", "--learning_rate", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def audited(module_args, tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cv")
+    train, moved = flipped_data(tiny_data, root)
+    flags = cv_flags(module_args, train, tiny_data["test"])
+    cli_main(["cv", "full_finetune", "--folds", "3", "--cv_dir", str(root / "cv"), "--find_label_issues", *flags])
+    return root / "cv", moved, flags
+
+
+def test_every_example_is_predicted_once_by_the_model_that_did_not_train_on_it(audited):
+    cv, _, _ = audited
+    plan = json.loads((cv / "cv.json").read_text())
+    oof = list(csv.DictReader((cv / "oof_predictions.csv").open()))
+    assert [int(r["id"]) for r in oof] == list(range(96))
+    assert [int(r["fold"]) for r in oof] == plan["fold_of"]
+    for fold in range(3):
+        trained_on = {json.loads(line)["text"] for line in (cv / "folds" / f"fold_{fold}" / "train.jsonl").open()}
+        assert not trained_on & {r["text"] for r in oof if int(r["fold"]) == fold}
+    accuracy = np.mean([r["predicted"] == r["label"] for r in oof])
+    assert accuracy > 0.8  # it learned: what the audit reads is not noise
+    table = (cv / "cv.md").read_text()
+    assert "| mean ± std |" in table and "| 95% interval |" in table and "averaged probabilities: accuracy" in table
+    assert (cv / "cv.png").read_bytes().startswith(b"\x89PNG")
+    rows = list(csv.DictReader((cv / "cv.csv").open()))
+    assert [r["fold"] for r in rows] == ["0", "1", "2"] and all(float(r["eval_accuracy"]) > 0.6 for r in rows)
+
+
+def test_the_audit_ranks_the_planted_wrong_labels_first(audited):
+    cv, moved, _ = audited
+    issues = list(csv.DictReader((cv / "label_issues.csv").open()))
+    top = {int(r["id"]) for r in issues[: len(moved)]}
+    ranks = {int(r["id"]): int(r["rank"]) for r in issues}
+    assert len(top & moved) >= 0.75 * len(moved), ({i: ranks.get(i) for i in moved}, len(issues))
+    assert [int(r["rank"]) for r in issues] == list(range(1, len(issues) + 1))
+    assert "## Label issues:" in (cv / "cv.md").read_text()
+
+
+def test_audit_of_a_finished_cv_writes_the_same_issues(audited, tmp_path, capsys):
+    import shutil
+
+    cv, _, _ = audited
+    copy = tmp_path / "copy"
+    shutil.copytree(cv, copy)
+    (copy / "label_issues.csv").unlink()
+    cli_main(["audit", str(copy)])
+    assert (copy / "label_issues.csv").read_text() == (cv / "label_issues.csv").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["audit", str(tmp_path)])
+    assert exit_info.value.code == 2 and "holds no cv (no cv.json)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_killed_cv_resumes_without_training_a_finished_fold_again(audited, tmp_path):
+    cv, _, flags = audited
+    cmd = [CLI, "cv", "full_finetune", "--folds", "3", "--cv_dir", str(tmp_path / "cv"), "--find_label_issues", *flags]
+    process = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "cv" / "fold_1" / "recipe_config.yaml").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # fold 0 is saved, fold 1 is training
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = (tmp_path / "cv" / "fold_0" / "model.safetensors").stat().st_mtime_ns
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fold 0: ok (finished earlier)" in proc.stdout
+    assert (tmp_path / "cv" / "fold_0" / "model.safetensors").stat().st_mtime_ns == finished
+    for name in ("oof_predictions.csv", "label_issues.csv"):
+        assert (tmp_path / "cv" / name).read_text() == (cv / name).read_text()
