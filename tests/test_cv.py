@@ -159,3 +159,33 @@ def test_a_killed_cv_resumes_without_training_a_finished_fold_again(audited, tmp
     assert (tmp_path / "cv" / "fold_0" / "model.safetensors").stat().st_mtime_ns == finished
     for name in ("oof_predictions.csv", "label_issues.csv"):
         assert (tmp_path / "cv" / name).read_text() == (cv / name).read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--folds", "1"], "--folds must be at least 2, not 1"),
+        (["--folds", "3", "--seeds", "2"], "pass --folds (cross-validation) or --seeds/--trials, not both"),
+    ],
+)
+def test_bad_compare_folds_are_one_line(argv, message, module_args, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(
+            ["compare", "--recipes", "feature_extraction", "--output_dir", str(tmp_path / "c"), *argv, *module_args]
+        )
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow  # 9 runs in their own processes: 40 s
+def test_compare_with_folds_ranks_strategies_over_the_same_held_out_folds(module_args, tmp_path):
+    out = tmp_path / "cmp"
+    flags = [*map(str, module_args), "--num_train_epochs", "2"]
+    cli_main(["compare", "--recipes", "feature_extraction,static_embeddings", "--folds", "3", "--output_dir", str(out),
+              *flags])  # fmt: skip
+    plans = [json.loads((out / r / "cv.json").read_text()) for r in ("feature_extraction", "static_embeddings")]
+    assert plans[0]["fold_of"] == plans[1]["fold_of"]  # the same folds for every strategy
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert Counter(r["strategy"] for r in rows) == {"tfidf_logreg": 3, "feature_extraction": 3, "static_embeddings": 3}
+    table = (out / "comparison.md").read_text()
+    assert "validation accuracy (mean ± std)" in table and "| feature_extraction | " in table

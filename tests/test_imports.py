@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGE = ROOT / "src" / "finetune_recipes"
-TOOLS = {"predict", "export", "tune", "compare", "cv", "audit", "cli"}
+TOOLS = {"predict", "export", "tune", "compare", "cv", "audit", "runs", "cli"}
 GROUND = {"errors", "atomic", "ownership", "problem_types", "tables"}  # the standard library only
 
 

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -18,7 +15,6 @@ from tqdm.auto import tqdm
 from .atomic import is_temporary, remove
 from .catalog import (
     as_flags,
-    caches_features,
     flag_groups,
     given_names,
     list_recipes,
@@ -27,11 +23,12 @@ from .catalog import (
     resolve_recipe,
 )
 from .config import SHARED_TYPES
-from .errors import PARENT, SAVED_SO_FAR, Parser, UserError, listing
+from .errors import SAVED_SO_FAR, Parser, UserError, listing
 from .metrics import MULTI, REGRESSION, SINGLE, task_metrics
 from .ownership import LOCK, MANIFEST, claim_tool_dir, entries, owned_entries
 from .parsing import parse_config
 from .reporting.comparison import plot, reported_split, summarise, table_metrics, write_table
+from .runs import run_recipe
 from .search_space import check_space, search_space
 from .tables import cell
 from .tune import import_optuna, refuse_hub_flags, run_study, with_test_split
@@ -105,25 +102,6 @@ def seeds_in(out: Path, recipe: str) -> list[str]:
     return [name.rsplit("_seed", 1)[1] for name in entries(out) if re.fullmatch(rf"{recipe}_seed\d+", name)]
 
 
-def run_recipe(recipe: str, out: Path, folder: str, flags: list[str], overwrite: bool) -> dict:
-    """One recipe in its own process (clean memory peak, failures isolated); its results plus wall time."""
-    log = out / "logs" / f"{folder}.log"
-    with tempfile.TemporaryDirectory(dir=out, prefix=".feature_cache_") as cache:  # every encoding is paid for
-        given = "feature_cache_dir" in given_names(flags)  # the user's own cache is kept
-        extra = ["--feature_cache_dir", cache] if caches_features(recipe) and not given else []
-        cmd = [sys.executable, str(recipes_dir() / f"{recipe}.py"), *flags, *extra, "--output_dir", str(out / folder)]
-        cmd += ["--overwrite_output_dir"] if overwrite else []
-        start = time.perf_counter()
-        with log.open("w") as f:
-            env = {**os.environ, PARENT: str(os.getpid())}  # the run ends with compare: errors.die_with_launcher
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-        wall = round(time.perf_counter() - start, 1)
-    if code != 0:
-        return {"strategy": recipe, "wall_time_s": wall, "status": f"failed ({code}): see {log}"}
-    results = json.loads((out / folder / "results.json").read_text())
-    return {"strategy": recipe, **results, "wall_time_s": wall, "status": "ok"}
-
-
 def tfidf_baseline(shared: list[str]) -> dict:
     """TF-IDF and a linear model on exactly the recipes' train, validation and test texts (whole texts, never
     truncated): logistic regression (single-label), one-vs-rest logistic regression (multi-label), or ridge
@@ -192,9 +170,15 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--no_baseline", action="store_true", help="skip the TF-IDF baseline row")
     parser.add_argument("--seeds", type=int, default=1, help="runs per strategy (seeds --seed, --seed+1, ...)")
     parser.add_argument("--trials", type=int, default=0, help="tune each strategy first with this many trials")
+    parser.add_argument("--folds", type=int, default=0, help="K-fold cross-validation of each strategy, not seeds")
     known, rest = parser.parse_known_args(argv)
     if known.seeds < 1:
         raise UserError(f"--seeds must be at least 1, not {known.seeds}")
+    if known.folds and (known.folds < 2 or known.seeds > 1 or known.trials):
+        raise UserError(
+            f"--folds must be at least 2, not {known.folds}" if known.folds < 2 else
+            "pass --folds (cross-validation) or --seeds/--trials, not both"
+        )  # fmt: skip
     if known.trials < 0:
         raise UserError(f"--trials must be 0 (no tuning) or more, not {known.trials}")
     known.recipes = [r for r in known.recipes.split(",") if r]
@@ -205,7 +189,7 @@ def parse_args(argv: list[str] | None):
     if twice:
         raise UserError(f"--recipes names {twice[0]} twice; name each recipe once (--seeds repeats runs)")
     refuse_hub_flags(given_names(rest), "compare does not push its runs; push the one you keep with its recipe's")
-    return known, with_test_split(rest)
+    return known, rest if known.folds else with_test_split(rest)  # folds: each held-out fold is the score
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,17 +209,39 @@ def main(argv: list[str] | None = None) -> None:
     planned = {r if len(seeds) == 1 else f"{r}_seed{s}" for r in recipes for s in seeds}
     drop_earlier_runs(out, planned)
     SAVED_SO_FAR.append(f"the finished runs are kept in {out}; add --overwrite_output_dir to compare again")
-    runs = [] if known.no_baseline else [tfidf_baseline(shared)]
-    progress = tqdm(total=len(recipes) * len(seeds), desc="compare", unit="run")
-    for recipe in recipes:
-        runs += run_strategy(recipe, routes[recipe], seeds, known, out, progress, runs)
-    progress.close()
+    if known.folds:
+        runs = cross_validate(recipes, routes, shared, known, out)
+    else:
+        runs = [] if known.no_baseline else [tfidf_baseline(shared)]
+        progress = tqdm(total=len(recipes) * len(seeds), desc="compare", unit="run")
+        for recipe in recipes:
+            runs += run_strategy(recipe, routes[recipe], seeds, known, out, progress, runs)
+        progress.close()
     rows = summarise(runs, reported_split(runs), table_metrics(runs))
     command = "finetune-recipes compare " + " ".join(argv or [])
-    print(write_table(rows, runs, out, command.strip(), len(seeds)))
+    print(write_table(rows, runs, out, command.strip(), known.folds or len(seeds)))
     plot(rows, out / "comparison.png")
     os.close(lock)
     print(f"Wrote {out / 'comparison.md'}, comparison.csv and comparison.png")
+
+
+def cross_validate(recipes: list[str], routes: dict, shared: list[str], known, out: Path) -> list[dict]:
+    """--folds K: each strategy's cv in out/RECIPE (the same folds for all: same data, seed and K), a row per
+    fold scored on its held-out fold (and on the test split when one is given); the TF-IDF baseline on the
+    same folds."""
+    from .cv import fold_flags, run_cv
+
+    runs: list[dict] = []
+    for recipe in recipes:
+        tqdm.write(f"{recipe}: {known.folds}-fold cross-validation")
+        folds, _ = run_cv(resolve_recipe(recipe), routes[recipe], out / recipe, known.folds, known.overwrite_output_dir)
+        runs += [{**row, "strategy": recipe, "seed": row["fold"]} for row in folds]
+    if not known.no_baseline:
+        has_test = (out / recipes[0] / "folds" / "test.jsonl").is_file()
+        runs = [
+            {**tfidf_baseline(fold_flags(shared, out / recipes[0], k, has_test)), "seed": k} for k in range(known.folds)
+        ] + runs
+    return runs
 
 
 def run_strategy(recipe: str, flags: list[str], seeds: list[int], known, out: Path, progress, earlier: list) -> list:

