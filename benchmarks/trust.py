@@ -123,8 +123,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     sets = data_sets(out)
     results = json.loads((out / "trust.json").read_text()) if (out / "trust.json").exists() else {}
-    for part, measure in (("calibration", lambda: calibration(out, sets)),
-                          ("cv", lambda: cv_against_seeds(out, sets["headlines"])), ("audit", lambda: audit(out))):
+    for part, measure in (
+        ("calibration", lambda: calibration(out, sets)),
+        ("cv", lambda: cv_against_seeds(out, sets["headlines"])),
+        ("audit", lambda: audit(out)),
+    ):
         if part in only:
             results[part] = measure()
             (out / "trust.json").write_text(json.dumps(results, indent=1) + "\n")  # each part kept as it ends
