@@ -91,6 +91,15 @@ def interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def start_stoppable(cmd: list[str]) -> subprocess.Popen:
+    """`cmd` started in a session of its own (a test stops its whole process group) that Ctrl-C reaches, its
+    stderr kept for the test to read."""
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=interruptible,
+    )  # fmt: skip
+
+
 def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, check: bool = True, **kw):
     """Runs recipes/<recipe>.py in a subprocess, as a user would, and returns the finished process."""
     cmd = [*(launcher or [sys.executable]), str(ROOT / "recipes" / f"{recipe}.py"), *map(str, args)]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, interruptible
+from conftest import ROOT, start_stoppable
 from test_distributed import TWO_PROCESSES
 
 CLI = str(Path(sys.executable).parent / "finetune-recipes")
@@ -107,15 +107,7 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_to_resume_from(tiny_args, tmp_
     out = tmp_path / "out"
     flags = [*map(str, tiny_args), "--num_train_epochs", "200", "--checkpointing_steps", "2", "--output_dir", str(out)]
     cmd = [sys.executable, str(ROOT / "recipes" / "full_finetune.py"), *flags]
-    process = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=interruptible,
-    )
+    process = start_stoppable(cmd)
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / "step_4").exists():
         assert process.poll() is None and time.monotonic() < deadline

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import ROOT, interruptible, run_inline, run_recipe
+from conftest import ROOT, run_inline, run_recipe, start_stoppable
 from test_cli import replace_flag, snapshot
 from test_distributed import TWO_PROCESSES
 
@@ -169,15 +169,7 @@ def test_pruning_stops_a_hopeless_trial_at_its_first_evaluation(tiny_args, tmp_p
 def test_an_interrupted_study_resumes_with_the_same_command(stop, tiny_args, tmp_path):
     study = tmp_path / "study"
     cmd = [CLI, "tune", "static_embeddings", "--n_trials", "2", "--study_dir", str(study), *data_flags(tiny_args)]
-    process = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=interruptible,
-    )
+    process = start_stoppable(cmd)
     deadline = time.monotonic() + 600
     while not (study / ".trial_1").exists() and time.monotonic() < deadline:  # trial 1 has begun writing
         time.sleep(0.2)
