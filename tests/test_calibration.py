@@ -41,6 +41,17 @@ def test_multi_label_fits_one_temperature_per_label():
     assert fit_temperature(logits, labels, MULTI) == pytest.approx(truth, rel=0.1)
 
 
+def test_validation_that_cannot_fix_a_temperature_keeps_one(caplog):
+    separable = np.array([[8.0, -8.0], [-8.0, 8.0]] * 50)  # every example right with a margin: no minimum
+    assert fit_temperature(separable, [0, 1] * 50, SINGLE) == [1.0]
+    assert "cannot fix a temperature" in caplog.text
+    logits, labels = planted(0.5)
+    always = np.stack([logits[:, 0], logits[:, 1]], 1)  # the first label given to every example: nothing to fit
+    refs = np.stack([np.ones(len(labels)), labels == 1], 1).astype(float)
+    constant, fitted = fit_temperature(always, refs, MULTI)
+    assert constant == 1.0 and fitted != pytest.approx(1.0, abs=0.05)
+
+
 def test_a_calibrated_set_has_ece_near_zero_and_an_overconfident_one_does_not():
     rng = np.random.default_rng(2)
     confidence = rng.uniform(0.5, 1.0, 20000)

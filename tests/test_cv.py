@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,8 +20,10 @@ from conftest import ROOT
 from tiny import write_csv
 
 from finetune_recipes.cli import main as cli_main
-from finetune_recipes.cv import assign_folds
+from finetune_recipes.cv import assign_folds, check_folds
+from finetune_recipes.errors import UserError
 from finetune_recipes.problem_types import MULTI, REGRESSION, SINGLE
+from finetune_recipes.reporting.predictions import prediction_rows, scores_of
 
 CLI = str(Path(sys.executable).parent / "finetune-recipes")
 
@@ -53,11 +56,46 @@ def test_folds_hold_each_example_once_duplicates_together_and_classes_evenly():
         assert held.min() < 10 and held.max() >= 90
 
 
+def test_scores_read_back_for_label_names_with_spaces_and_colons():
+    names = ["world news", "sci:tech", "x"]
+    for kind, truth in ((SINGLE, [1]), (MULTI, [[0, 1, 1]])):
+        (row,) = prediction_rows(kind, names, np.array([[0.25, 0.5, 0.25]]), np.array(truth), ["a text"])
+        assert scores_of(row, names) == [0.25, 0.5, 0.25]
+    with pytest.raises(UserError, match="do not list the run's labels"):
+        scores_of(row, ["world", "news"])
+
+
+def test_the_multi_label_audit_flags_label_sets_the_predictions_contradict():
+    rng, names = np.random.default_rng(0), ["a", "b", "c"]
+    truth = rng.random((90, 3)) < 0.4
+    probs = np.where(truth, rng.uniform(0.8, 0.99, truth.shape), rng.uniform(0.01, 0.2, truth.shape))
+    given = truth.copy()
+    given[[3, 17, 40]] = ~given[[3, 17, 40]]  # three label sets turned inside out
+    oof = [
+        {**row, "id": i}
+        for i, row in enumerate(prediction_rows(MULTI, names, probs, given, [f"t{i}" for i in range(90)]))
+    ]
+    from finetune_recipes.audit import label_issues
+
+    issues = label_issues(oof, {"problem_type": MULTI, "label_names": names})
+    assert {r["id"] for r in issues[:3]} == {3, 17, 40}
+    assert issues[0]["suggested"] == "|".join(n for n, t in zip(names, truth[issues[0]["id"]], strict=True) if t)
+
+
+def test_folds_are_refused_by_distinct_texts_not_by_copies():
+    task = SimpleNamespace(problem_type=SINGLE, label_names=["a", "b"])
+    texts, labels = ["same a"] * 6 + [f"b {i}" for i in range(6)], [0] * 6 + [1] * 6
+    check_folds(3, [f"a {i}" for i in range(6)] + texts[6:], labels, task)  # six distinct of each: fine
+    with pytest.raises(UserError, match="class 'a' has 1 distinct example"):
+        check_folds(3, texts, labels, task)  # six copies are one group: one fold would have no 'a'
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--folds", "1"], "--folds must be at least 2, not 1"),
-        (["--folds", "1000"], "example(s), fewer than --folds 1000; pass --folds"),  # train and validation pooled
+        (["--folds", "1000"], "distinct text(s), fewer than --folds 1000"),  # train and validation pooled
+        (["--folds", "60"], "distinct example(s), fewer than --folds 60; pass --folds"),  # about 42 a topic
         (["--max_eval_samples", "5"], "--max_eval_samples is not taken by cv: every held-out example is predicted"),
         (["--output_dir", "x"], "--output_dir is not taken by cv: cv sets each fold's"),
     ],
@@ -138,6 +176,37 @@ def test_audit_of_a_finished_cv_writes_the_same_issues(audited, tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["audit", str(tmp_path)])
     assert exit_info.value.code == 2 and "holds no cv (no cv.json)" in capsys.readouterr().err
+
+
+def test_a_cv_of_other_data_or_broken_folds_is_refused_not_mixed_in(audited, tmp_path, capsys):
+    import shutil
+
+    cv, _, flags = audited
+    copy, train = tmp_path / "copy", tmp_path / "train.csv"
+    shutil.copytree(cv, copy)
+    rows = list(csv.DictReader(Path(flags[flags.index("--train_file") + 1]).read_text().splitlines()))
+    rows[0]["label"] = rows[1]["label"] if rows[0]["label"] != rows[1]["label"] else rows[2]["label"]
+    write_csv(train, rows)  # one label changed: the same flags, other data
+    flags = [str(train) if f == flags[flags.index("--train_file") + 1] else f for f in flags]
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.name != ".lock"}
+    for argv, message in (
+        (["cv", "full_finetune", "--folds", "3", "--cv_dir", str(copy), *flags], "holds a cv of other data"),
+        (["audit", str(copy / "missing")], "holds no cv"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
+    held = copy / "fold_1" / "predictions_validation.csv"
+    predicted = list(csv.DictReader(held.open()))
+    write_csv(held, [{**predicted[0], "text": "another text"}, *predicted[1:]])  # a fold run on other examples
+    (copy / "fold_2" / "predictions_test.csv").unlink()
+    for broken, message in ((held, "fold 1's run predicted other examples"), (None, "predictions_test.csv is missing")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["audit", str(copy)])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+        if broken is not None:
+            shutil.copy(cv / "fold_1" / "predictions_validation.csv", held)
 
 
 @pytest.mark.slow

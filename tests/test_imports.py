@@ -145,3 +145,15 @@ def test_bad_data_is_refused_before_torch_and_transformers_load(tmp_path):
         ], recipe.name
         assert "LOADED []" in proc.stderr, (recipe.name, proc.stderr[-500:])
         assert not out.exists()
+
+
+def test_a_deferred_builder_copies_and_pickles():
+    import copy
+    import pickle
+
+    from finetune_recipes import _Deferred
+    from finetune_recipes.modeling import build_model
+
+    deferred = _Deferred("build_model")
+    for twin in (copy.copy(deferred), pickle.loads(pickle.dumps(deferred))):  # no recursion before __init__ runs
+        assert twin._get() is build_model and twin.__name__ == "build_model"

@@ -103,6 +103,8 @@ class _Deferred:
         return self._get()(*args, **kwargs)
 
     def __getattr__(self, attribute: str):  # only for what the instance lacks: __doc__ and __name__ are its own
+        if attribute.startswith("_"):  # copy and pickle probe __reduce_ex__ etc. before __init__ has run
+            raise AttributeError(attribute)
         return getattr(self._get(), attribute)
 
     def __mro_entries__(self, bases: tuple) -> tuple:

@@ -38,9 +38,8 @@ def label_issues(oof: list[dict], plan: dict) -> list[dict]:
             _row(i + 1, oof[j], oof[j]["target"], oof[j]["predicted"], float(residual[j])) for i, j in enumerate(order)
         ]
     import_cleanlab()
-    from cleanlab.filter import find_label_issues
-
     if kind == SINGLE:
+        from cleanlab.filter import find_label_issues
         from cleanlab.rank import get_label_quality_scores
 
         labels = given.astype(int)
@@ -50,9 +49,10 @@ def label_issues(oof: list[dict], plan: dict) -> list[dict]:
         given_names = [names[k] for k in labels]
     else:
         from cleanlab.multilabel_classification import get_label_quality_scores
+        from cleanlab.multilabel_classification.filter import find_label_issues
 
         labels = [list(np.flatnonzero(row > 0.5)) for row in given]
-        flagged = find_label_issues(labels, probs, multi_label=True, return_indices_ranked_by="self_confidence")
+        flagged = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
         quality = get_label_quality_scores(labels, probs)
         suggested = ["|".join(n for n, p in zip(names, row, strict=True) if p >= 0.5) for row in probs]
         given_names = [oof[j]["labels"] for j in range(len(oof))]

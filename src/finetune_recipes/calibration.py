@@ -10,11 +10,15 @@ its own estimators (CalibratedClassifierCV), not a network's logits, and has no 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_expit, log_softmax, softmax
 
 from .problem_types import SINGLE
+
+logger = logging.getLogger(__name__)
 
 BINS = 15  # equal-width confidence bins, as Guo et al. report ECE
 LOG_T_RANGE = (np.log(0.05), np.log(20.0))  # the temperatures searched: from 20x sharper to 20x softer
@@ -35,17 +39,27 @@ def _nll_at(z: np.ndarray, refs: np.ndarray, problem_type: str) -> float:
 def fit_temperature(logits, references, problem_type: str) -> list[float]:
     """The temperature(s) minimising the negative log-likelihood of `references` (validation) under the scaled
     logits: [T] for single-label, one per label for multi-label. Each is a bounded 1-D search over log T,
-    deterministic, so every process of a run finds the same."""
+    deterministic, so every process of a run finds the same. T stays 1 where validation cannot tell: a label
+    that is always (or never) given, or a search that ends at its bound, which is what separable validation
+    does (every example right with a margin: the NLL falls towards T = 0 without a minimum)."""
     z = np.asarray(logits, dtype=np.float64)
     refs = _references(references, problem_type)
     columns = [(z, refs)] if problem_type == SINGLE else [(z[:, j], refs[:, j]) for j in range(z.shape[1])]
-    return [
-        float(np.exp(minimize_scalar(
-            lambda log_t, zj=zj, rj=rj: _nll_at(zj / np.exp(log_t), rj, problem_type),
-            bounds=LOG_T_RANGE, method="bounded", options={"xatol": 1e-5},
-        ).x))
-        for zj, rj in columns
-    ]  # fmt: skip
+    return [_fit_one(zj, rj, problem_type) for zj, rj in columns]
+
+
+def _fit_one(z: np.ndarray, refs: np.ndarray, problem_type: str) -> float:
+    if problem_type != SINGLE and refs.min() == refs.max():
+        return 1.0
+    nll = lambda log_t: _nll_at(z / np.exp(log_t), refs, problem_type)  # noqa: E731
+    log_t = minimize_scalar(nll, bounds=LOG_T_RANGE, method="bounded", options={"xatol": 1e-5}).x
+    if min(nll(bound) for bound in LOG_T_RANGE) <= nll(log_t) + 1e-9:  # no minimum inside: it runs to a bound
+        logger.warning(
+            "Calibration: the validation split cannot fix a temperature (its NLL has no minimum "
+            "between T = 0.05 and 20); kept 1"
+        )
+        return 1.0
+    return float(np.exp(log_t))
 
 
 def _references(references, problem_type: str) -> np.ndarray:

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write, is_temporary
+from .atomic import atomic_write, is_temporary, remove
 from .catalog import given_names, list_recipes, recipe_types, resolve_recipe
 from .config import SHARED_TYPES
 from .errors import SAVED_SO_FAR, Parser, UserError
-from .ownership import LOCK, MANIFEST, claim_tool_dir
+from .ownership import LOCK, MANIFEST, claim_tool_dir, entries
 from .parsing import parse_config
 from .problem_types import MULTI, REGRESSION, SINGLE
 from .runs import run_recipe
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None):
 def pool_and_test(data_args, seed: int):
     """(the examples to fold, raw columns with label names as text; their encoded labels; the task; the test split
     or None). A seeded --max_train_samples sample of the pool keeps a quick cv quick."""
-    from datasets import ClassLabel, DatasetDict, concatenate_datasets
+    from datasets import ClassLabel, DatasetDict, List, Value, concatenate_datasets
 
     from .data import check_columns, drop_absent_test_labels, encode_task, load_raw_datasets
 
@@ -87,15 +87,32 @@ def pool_and_test(data_args, seed: int):
     raw = drop_absent_test_labels(DatasetDict({k: raw[k] for k in ("train", "validation", "test") if k in raw}),
                                   data_args.label_sources)  # fmt: skip
     check_columns(raw, data_args)
-    for split in raw:  # ClassLabel ids back to their names: the fold files are read like any other file
+    for split in raw:  # ClassLabel ids (and lists of them) back to names: fold files are read like any other file
         for column, feature in raw[split].features.items():
             if isinstance(feature, ClassLabel):
                 raw[split] = raw[split].map(lambda r, c=column, f=feature: {c: f.int2str(r[c])})
+            elif isinstance(getattr(feature, "feature", None), ClassLabel):  # multi-label: List(ClassLabel)
+                names = feature.feature.names
+                raw[split] = (
+                    raw[split]
+                    .cast_column(column, List(Value("string")))
+                    .map(lambda r, c=column, n=names: {c: [n[int(i)] for i in r[c]]})
+                )
     pool = concatenate_datasets([raw[s] for s in ("train", "validation") if s in raw])
     if data_args.max_train_samples and data_args.max_train_samples < len(pool):
         pool = pool.shuffle(seed=seed).select(range(data_args.max_train_samples))
     encoded, task = encode_task(DatasetDict({"train": pool}), data_args)
     return pool, encoded["train"]["labels"], task, raw.get("test")
+
+
+def duplicate_groups(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(each example's group of exact-duplicate texts, each group's first example), groups in order of first
+    appearance."""
+    first: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        first.setdefault(text, i)
+    number = {text: g for g, text in enumerate(first)}
+    return np.array([number[text] for text in texts]), np.array(list(first.values()))
 
 
 def assign_folds(texts: list[str], labels: list, problem_type: str, k: int, seed: int) -> np.ndarray:
@@ -104,12 +121,7 @@ def assign_folds(texts: list[str], labels: list, problem_type: str, k: int, seed
     the target's rank in ten bins)."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    first: dict[str, int] = {}  # text -> the index of its first example
-    for i, text in enumerate(texts):
-        first.setdefault(text, i)
-    heads = np.array(list(first.values()))
-    number = {text: g for g, text in enumerate(first)}
-    group = np.array([number[text] for text in texts])
+    group, heads = duplicate_groups(texts)
     y = np.asarray(labels, dtype=np.int64 if problem_type == SINGLE else np.float64)[heads]
     if problem_type == MULTI:
         from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
@@ -132,35 +144,44 @@ def assign_folds(texts: list[str], labels: list, problem_type: str, k: int, seed
     return fold_of_group[group]
 
 
-def check_folds(k: int, labels: list, task) -> None:
-    """Every fold needs an example of every class to train on and to score: refused when a class is rarer."""
+def check_folds(k: int, texts: list[str], labels: list, task) -> None:
+    """Every fold needs an example of every class to train on and to score, and exact duplicates share a fold:
+    refused when there are fewer distinct texts, overall or of a class, than folds."""
+    _, heads = duplicate_groups(texts)
+    if len(heads) < k:
+        raise UserError(f"the training data has {len(heads)} distinct text(s), fewer than --folds {k}")
     if task.problem_type == REGRESSION:
         return
+    labels = np.asarray(labels)[heads]
     if task.problem_type == SINGLE:
-        counts = np.bincount(np.asarray(labels, dtype=int), minlength=len(task.label_names))
+        counts = np.bincount(labels.astype(int), minlength=len(task.label_names))
     else:
-        counts = np.asarray(labels).round().sum(0).astype(int)
+        counts = np.stack(labels).round().sum(0).astype(int)
     rarest = int(counts.argmin())
     if counts[rarest] < k:
         name, n = task.label_names[rarest], int(counts[rarest])
-        raise UserError(f"class '{name}' has {n} example(s), fewer than --folds {k}; pass --folds {max(2, n)} or fewer")
+        raise UserError(
+            f"class '{name}' has {n} distinct example(s), fewer than --folds {k}; pass --folds {max(2, n)} or fewer"
+        )
 
 
-def write_folds(out: Path, pool, folds: np.ndarray, test) -> str:
-    """Each fold's train and validation files (and the test split once), JSON Lines of the raw columns; returns
-    a digest of them, which a resume compares."""
-    digest = hashlib.sha256()
-    root = out / "folds"
+def fold_files(pool, folds: np.ndarray, test) -> dict[str, str]:
+    """Each fold's train and validation file (and the test split once): JSON Lines of the raw columns, by their
+    path in the cv folder."""
+    jsonl = lambda ds: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ds.to_list())  # noqa: E731
+    files = {}
     for k in range(int(folds.max()) + 1):
-        (root / f"fold_{k}").mkdir(parents=True, exist_ok=True)
-        for name, rows in (("train", np.flatnonzero(folds != k)), ("validation", np.flatnonzero(folds == k))):
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool.select(rows).to_list())
-            atomic_write(root / f"fold_{k}" / f"{name}.jsonl", text)
-            digest.update(text.encode())
+        files[f"folds/fold_{k}/train.jsonl"] = jsonl(pool.select(np.flatnonzero(folds != k)))
+        files[f"folds/fold_{k}/validation.jsonl"] = jsonl(pool.select(np.flatnonzero(folds == k)))
     if test is not None:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in test.to_list())
-        atomic_write(root / "test.jsonl", text)
-        digest.update(text.encode())
+        files["folds/test.jsonl"] = jsonl(test)
+    return files
+
+
+def digest_of(files: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    for path, text in sorted(files.items()):
+        digest.update(f"{path}\n{text}".encode())
     return digest.hexdigest()
 
 
@@ -175,19 +196,23 @@ def fold_flags(flags: list[str], out: Path, k: int, has_test: bool) -> list[str]
 
 
 def claim_cv_dir(out: Path, plan: dict, overwrite: bool) -> tuple[int, bool]:
-    """Locks the cv folder (refusing what cv did not write); (the lock, whether an earlier cv of the same plan is
-    there to resume). An earlier cv of another plan needs --overwrite_output_dir."""
+    """Locks the cv folder (refusing what cv did not write); (the lock, whether an earlier cv of the same plan,
+    data and folds included, is there to resume). An earlier cv of another plan needs --overwrite_output_dir,
+    and then everything it wrote but the bookkeeping is removed first, so no fold of it is read back."""
     earlier = json.loads((out / PLAN).read_text()) if (out / PLAN).is_file() else None
     owned = lambda n: n in OUTPUTS or re.fullmatch(r"fold_\d+", n) is not None  # noqa: E731
     leftover = lambda n: fnmatch.fnmatch(n, ".feature_cache_*") or is_temporary(n)  # noqa: E731 (a killed fold's)
     lock = claim_tool_dir(out, "cv", "cv_dir", owned, leftover)
     same = earlier is not None and {k: earlier.get(k) for k in plan} == plan
-    if earlier is not None and not same and not overwrite:
-        os.close(lock)
-        raise UserError(
-            f"--cv_dir {out} holds a cv of other data, folds or flags; pass --overwrite_output_dir to replace it "
-            "or another --cv_dir"
-        )
+    if earlier is not None and not same:
+        if not overwrite:
+            os.close(lock)
+            raise UserError(
+                f"--cv_dir {out} holds a cv of other data, folds or flags; pass --overwrite_output_dir to replace "
+                "it or another --cv_dir"
+            )
+        for name in sorted(entries(out) - {MANIFEST, LOCK, "logs"}):
+            remove(out / name)
     return lock, same
 
 
@@ -211,16 +236,26 @@ def run_cv(
     _, data_args, training_args, *_ = parse_config(
         *SHARED_TYPES, *recipe_types(recipe), args=flags, default_config=config, announce=False
     )
+    for flag, value in (
+        ("max_eval_samples", data_args.max_eval_samples),
+        ("test_split_percentage", data_args.test_split_percentage or None),
+    ):  # a YAML's too
+        if value is not None:
+            raise UserError(f"{flag}: {value} is not taken by cv: {REFUSED[flag]}")
     pool, labels, task, test = pool_and_test(data_args, training_args.seed)
-    check_folds(k, labels, task)
-    folds = assign_folds(pool[data_args.text_column], labels, task.problem_type, k, training_args.seed)
+    texts = pool[data_args.text_column]
+    check_folds(k, texts, labels, task)
+    folds = assign_folds(texts, labels, task.problem_type, k, training_args.seed)
+    files = fold_files(pool, folds, test)
     plan = {"recipe": recipe.stem, "folds": k, "flags": flags, "problem_type": task.problem_type,
-            "label_names": task.label_names, "seed": training_args.seed}  # fmt: skip
+            "label_names": task.label_names, "seed": training_args.seed, "data": digest_of(files),
+            "fold_of": folds.tolist(), "text_column": data_args.text_column}  # fmt: skip
     lock, resume = claim_cv_dir(out, plan, overwrite)
     try:
         SAVED_SO_FAR.append(f"the finished folds are kept in {out}; the same command resumes the cv")
-        digest = write_folds(out, pool, folds, test)
-        plan |= {"data": digest, "fold_of": folds.tolist(), "text_column": data_args.text_column}
+        for path, text in files.items():
+            (out / path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / path, text)
         atomic_write(out / PLAN, json.dumps(plan, indent=1) + "\n")
         runs = run_folds(recipe, flags, out, k, test is not None, resume and not overwrite)
         from .audit import audit

@@ -167,5 +167,8 @@ def target_head(model: torch.nn.Module, outputs: int = 1) -> str:
     heads = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.out_features == outputs]
     trained = [(n, m) for n, m in heads if m.weight.requires_grad] or heads
     if not trained:
-        raise ValueError(f"{type(model).__name__} has no linear layer with {outputs} output(s) to fold a scale into")
+        raise UserError(
+            f"{type(model).__name__} has no linear layer with {outputs} output(s) to fold the calibration or the "
+            "regression scale into; give its head one, or pass --calibration none"
+        )
     return trained[-1][0]

@@ -24,20 +24,31 @@ OOF = "oof_predictions.csv"
 
 def out_of_fold(out: Path, plan: dict) -> list[dict]:
     """Every pooled example once, in pool order: fold k's run's validation predictions, with the example's
-    index in the pool (`id`) and its fold."""
+    index in the pool (`id`) and its fold. Each row is checked against the fold's own validation file, so a
+    fold run on other data is refused, never mixed in."""
     fold_of = np.asarray(plan["fold_of"])
     rows: list[dict | None] = [None] * len(fold_of)
     for fold in range(plan["folds"]):
         members = np.flatnonzero(fold_of == fold)
-        predicted = read_csv((out / f"fold_{fold}" / "predictions_validation.csv").read_text())
-        if len(predicted) != len(members):
+        held = [
+            json.loads(line)[plan["text_column"]]
+            for line in _read(out / "folds" / f"fold_{fold}" / "validation.jsonl").splitlines()
+        ]
+        predicted = read_csv(_read(out / f"fold_{fold}" / "predictions_validation.csv"))
+        if len(predicted) != len(members) or [r["text"] for r in predicted] != held:
             raise UserError(
-                f"fold {fold}'s run predicted {len(predicted)} of its {len(members)} held-out examples; "
+                f"fold {fold}'s run predicted other examples than its {len(members)} held-out ones; "
                 "run cv again with --overwrite_output_dir"
             )
         for row, index in zip(predicted, members, strict=True):
             rows[index] = {**row, "id": int(index), "fold": fold}
     return rows  # type: ignore[return-value]
+
+
+def _read(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the cv folder is incomplete; run cv again with --overwrite_output_dir")
+    return path.read_text()
 
 
 def references(rows: list[dict], problem_type: str, names: list[str]) -> np.ndarray:
@@ -58,7 +69,7 @@ def scores(rows: list[dict], problem_type: str, names: list[str]) -> np.ndarray:
 def ensemble_test(out: Path, plan: dict) -> dict[str, float]:
     """The test split scored by the fold models' averaged probabilities (regression: averaged values)."""
     kind, names = plan["problem_type"], plan["label_names"]
-    per_fold = [read_csv((out / f"fold_{k}" / "predictions_test.csv").read_text()) for k in range(plan["folds"])]
+    per_fold = [read_csv(_read(out / f"fold_{k}" / "predictions_test.csv")) for k in range(plan["folds"])]
     if not all(per_fold) or not {"label", "labels", "target"} & set(per_fold[0][0]):  # an unlabelled test split
         return {}
     mean = np.mean([scores(rows, kind, names) for rows in per_fold], axis=0)
@@ -138,7 +149,9 @@ def cv_markdown(plan: dict, table: str, oof: list[dict], ensemble: dict, section
         table,
         "",
         f"Out-of-fold {metric}, every example predicted once by the model that did not train on it: "
-        f"{cell(oof_metrics[metric])} ([{OOF}]({OOF})).",
+        f"{cell(oof_metrics[metric])} ([{OOF}]({OOF})). Each fold's held-out examples also fitted its temperature "
+        "(and, with --metric_for_best_model, chose its checkpoint), so held-out scores lean slightly optimistic; "
+        "a test split's do not.",
         "",
         "![per-fold scores](cv.png)",
     ]

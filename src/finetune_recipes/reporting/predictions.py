@@ -8,6 +8,7 @@ import io
 
 import numpy as np
 
+from ..errors import UserError
 from ..problem_types import MULTI, SINGLE
 
 
@@ -66,6 +67,15 @@ def regression_pairs(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scores_of(row: dict[str, str], label_names: list[str]) -> list[float]:
-    """A predictions file row's "scores" column ("name:0.9700 other:0.0300") as probabilities in label order."""
-    given = dict(pair.rsplit(":", 1) for pair in row["scores"].split())
-    return [float(given[name]) for name in label_names]
+    """A predictions file row's "scores" column ("name:0.9700 other:0.0300", in label order) as probabilities.
+    Read name by name, as written, so a label name may hold spaces and colons."""
+    text, at, out = row["scores"], 0, []
+    for name in label_names:
+        if not text.startswith(f"{name}:", at):
+            raise UserError(f"a predictions file's scores {text!r} do not list the run's labels; run it again")
+        at += len(name) + 1
+        end = text.find(" ", at)
+        end = len(text) if end < 0 else end
+        out.append(float(text[at:end]))
+        at = end + 1
+    return out
