@@ -209,6 +209,21 @@ def test_a_cv_of_other_data_or_broken_folds_is_refused_not_mixed_in(audited, tmp
             shutil.copy(cv / "fold_1" / "predictions_validation.csv", held)
 
 
+@pytest.mark.slow  # three 2-process runs: 50 s
+def test_a_two_process_cv_predicts_each_example_once_and_encodes_the_pool_once(audited, tmp_path):
+    _, _, flags = audited
+    config = str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")
+    cv = tmp_path / "cv"
+    cli_main(["cv", "feature_extraction", "--folds", "3", "--cv_dir", str(cv), "--accelerate_config", config, *flags])
+    oof = list(csv.DictReader((cv / "oof_predictions.csv").open()))
+    assert sorted(int(r["id"]) for r in oof) == list(range(96))  # none twice, though 32 rows split into 2 × 16
+    logs = [(cv / "logs" / f"fold_{k}.log").read_text() for k in range(3)]
+    assert all("on 2 process(es) (MULTI_CPU)" in log for log in logs)
+    assert "encode train" in logs[0] and "encode test" in logs[0]
+    assert not any("encode" in log.replace("encoder", "") for log in logs[1:]), "a later fold encoded again"
+    assert all("from cache" in log for log in logs[1:])
+
+
 @pytest.mark.slow
 def test_a_killed_cv_resumes_without_training_a_finished_fold_again(audited, tmp_path):
     cv, _, flags = audited

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write, is_temporary, remove
-from .catalog import given_names, list_recipes, recipe_types, resolve_recipe
+from .catalog import caches_features, given_names, list_recipes, recipe_types, resolve_recipe
 from .config import SHARED_TYPES
 from .errors import SAVED_SO_FAR, Parser, UserError
 from .ownership import LOCK, MANIFEST, claim_tool_dir, entries
@@ -36,6 +36,7 @@ from .tune import refuse_hub_flags
 
 PLAN = "cv.json"
 OUTPUTS = ("cv.md", "cv.csv", "cv.png", PLAN, "oof_predictions.csv", "label_issues.csv", "folds", "logs")
+OUTPUTS += ("feature_cache",)  # what frozen weights computed, shared by the folds
 OUTPUTS += (MANIFEST, LOCK)
 # + fold_0, fold_1, ...: each fold's run (its output_dir); folds/fold_K/ holds its train and validation files
 DATA_FLAGS = ("train_file", "validation_file", "test_file", "dataset_name", "dataset_config_name")
@@ -59,6 +60,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--cv_dir", help="default outputs/cv/RECIPE; an unfinished cv there resumes")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier cv of other data")
     parser.add_argument("--find_label_issues", action="store_true", help="audit the labels with cleanlab after")
+    parser.add_argument("--accelerate_config", help="run each fold with `accelerate launch --config_file` this file")
     known, rest = parser.parse_known_args(argv)
     if known.folds < 2:
         raise UserError(f"--folds must be at least 2, not {known.folds}")
@@ -70,6 +72,8 @@ def parse_args(argv: list[str] | None):
     if known.recipe not in list_recipes():
         raise UserError(f"no recipe '{known.recipe}'; cv runs an installed recipe: {', '.join(list_recipes())}")
     known.recipe_file = resolve_recipe(known.recipe)
+    if known.accelerate_config and not Path(known.accelerate_config).is_file():
+        raise UserError(f"--accelerate_config {known.accelerate_config} is not a file; pass an accelerate config")
     known.cv_dir = Path(known.cv_dir or Path("outputs") / "cv" / known.recipe_file.stem)
     return known, rest
 
@@ -222,16 +226,17 @@ def main(argv: list[str] | None = None) -> None:
         from .audit import import_cleanlab
 
         import_cleanlab()  # before anything runs
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", known.accelerate_config]
     written = run_cv(known.recipe_file, flags, known.cv_dir, known.folds, known.overwrite_output_dir,
-                     known.find_label_issues)[1]  # fmt: skip
+                     known.find_label_issues, launcher if known.accelerate_config else ())[1]  # fmt: skip
     print(f"Wrote {', '.join(written)} in {known.cv_dir}")
 
 
 def run_cv(
-    recipe: Path, flags: list[str], out: Path, k: int, overwrite: bool, find_label_issues: bool = False
+    recipe: Path, flags: list[str], out: Path, k: int, overwrite: bool, find_label_issues: bool = False, launcher=()
 ) -> tuple[list[dict], list[str]]:
-    """The cv of `recipe` with `flags` in `out`: (each fold's results row, the names of the files written).
-    `compare --folds` calls this once per strategy."""
+    """The cv of `recipe` with `flags` in `out`, each fold under `launcher` when given: (each fold's results row,
+    the names of the files written). `compare --folds` calls this once per strategy."""
     config = recipe.parent / "configs" / f"{recipe.stem}.yaml"
     _, data_args, training_args, *_ = parse_config(
         *SHARED_TYPES, *recipe_types(recipe), args=flags, default_config=config, announce=False
@@ -257,7 +262,7 @@ def run_cv(
             (out / path).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(out / path, text)
         atomic_write(out / PLAN, json.dumps(plan, indent=1) + "\n")
-        runs = run_folds(recipe, flags, out, k, test is not None, resume and not overwrite)
+        runs = run_folds(recipe, flags, out, k, test is not None, resume and not overwrite, launcher)
         from .audit import audit
         from .reporting.cv import write_outputs
 
@@ -266,8 +271,12 @@ def run_cv(
         os.close(lock)
 
 
-def run_folds(recipe: Path, flags: list[str], out: Path, k: int, has_test: bool, resume: bool) -> list[dict]:
-    """Each fold's run (a finished one of the same plan is read back, not trained again); their rows."""
+def run_folds(recipe: Path, flags: list[str], out: Path, k: int, has_test: bool, resume: bool, launcher) -> list[dict]:
+    """Each fold's run (a finished one of the same plan is read back, not trained again); their rows. A recipe
+    that caches what frozen weights compute shares one cache over the folds: the first fold encodes the pool
+    and the test split, the others read them."""
+    shared = [] if "feature_cache_dir" in given_names(flags) or not caches_features(recipe) else [
+        "--feature_cache_dir", str(out / "feature_cache")]  # fmt: skip
     rows = []
     progress = tqdm(total=k, desc=f"cv {recipe.stem}", unit="fold")
     for fold in range(k):
@@ -277,7 +286,8 @@ def run_folds(recipe: Path, flags: list[str], out: Path, k: int, has_test: bool,
             row["resumed"] = True
         else:
             progress.set_postfix_str(f"fold {fold}")
-            row = run_recipe(recipe.stem, out, f"fold_{fold}", fold_flags(flags, out, fold, has_test), True)
+            fold_args = [*fold_flags(flags, out, fold, has_test), *shared]
+            row = run_recipe(recipe.stem, out, f"fold_{fold}", fold_args, True, launcher)
         rows.append({**row, "fold": fold})
         progress.update()
         tqdm.write(f"fold {fold}: {row['status']}" + (" (finished earlier)" if row.get("resumed") else ""))

@@ -119,17 +119,23 @@ def die_with_launcher() -> None:
     """A recipe process started by a launcher ends when the launcher does, however it ends (SIGKILL included).
 
     torchrun's agent (what `accelerate launch` runs) starts its workers in sessions of their own, so a kill of
-    the launcher or of its process group does not reach them, and a killed `tune` or `compare` would leave its
-    trial training. Linux's parent-death signal ties them: the kernel sends SIGKILL to this process when its
-    parent dies. Only under a launcher: a run started from a shell (with nohup, say) outlives the shell.
+    the launcher or of its process group does not reach them, and a killed `tune`, `compare` or `cv` would leave
+    its run training. Linux's parent-death signal ties them: the kernel sends SIGKILL to this process when its
+    parent dies (a tool ties an `accelerate launch` it starts to itself the same way: `die_with_parent`). Only
+    under a launcher: a run started from a shell (with nohup, say) outlives the shell.
     """
-    launched = "TORCHELASTIC_RUN_ID" in os.environ or PARENT in os.environ
-    if not launched or not sys.platform.startswith("linux"):
+    worker = "TORCHELASTIC_RUN_ID" in os.environ  # its parent is the agent
+    started = PARENT in os.environ and os.getppid() == int(os.environ[PARENT])  # not a variable come down to another
+    if worker or started:
+        die_with_parent()
+
+
+def die_with_parent() -> None:
+    """SIGKILL to this process when its parent ends (Linux; elsewhere nothing). Kept across exec, so a tool passes
+    it as a child's preexec_fn."""
+    if not sys.platform.startswith("linux"):
         return
     parent, pr_set_pdeathsig = os.getppid(), 1
-    expected = os.environ.get(PARENT)
-    if expected and parent != int(expected):  # not the tool that set it (the variable came down to another)
-        return
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent:  # the launcher died before the line above: the signal came too late
+    if os.getppid() != parent:  # the parent died before the line above: the signal came too late
         os.kill(os.getpid(), signal.SIGKILL)

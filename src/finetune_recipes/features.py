@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -20,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceCl
 
 from .atomic import atomic_path
 from .config import DataArguments, TrainingArguments
-from .data import EpochWeightedSampler, aggregate_windows, content_digest
+from .data import EpochWeightedSampler, aggregate_windows
 from .errors import UserError
 from .strategy_args import CacheArguments, EncodeArguments  # noqa: F401 (re-exported)
 
@@ -56,11 +57,19 @@ def encoding_digest(encoder: PreTrainedModel, pooling: str, max_length: int, dty
     return digest
 
 
-def cache_key(encoding: hashlib._Hash, ds: Dataset) -> str:
-    """Changes when the encoding or the split's token ids change."""
-    digest = encoding.copy()
-    digest.update(content_digest(ds, ("input_ids",)).encode())
-    return digest.hexdigest()[:24]
+def row_keys(ds: Dataset) -> list[bytes]:
+    """A key per row: its token ids' digest, so a text is found in the cache whichever split or run it is in."""
+    ids = ds.with_format(None)["input_ids"]  # lists of ints, whatever format the caller set
+    return [hashlib.blake2b(np.asarray(row, dtype=np.int64).tobytes(), digest_size=16).digest() for row in ids]
+
+
+def read_cache(cache_dir: Path, encoding: str) -> dict[bytes, torch.Tensor]:
+    """Every row feature cached for this encoding, by row key (each file holds the rows one run added)."""
+    store: dict[bytes, torch.Tensor] = {}
+    for path in sorted(cache_dir.glob(f"{encoding}-*.safetensors")):
+        shard = load_file(path)
+        store.update(zip((bytes(k) for k in shard["keys"].numpy()), shard["features"], strict=True))
+    return store
 
 
 @torch.inference_mode()
@@ -108,22 +117,31 @@ def cached_features(
     cache_dir: str | Path,
     batch_size: int = 64,
 ) -> dict[str, torch.Tensor]:
-    """Features per split from `cache_dir` when this exact encoding was done before, else encoded and cached."""
+    """Features per split. A text whose token ids were encoded this exact way before, by any split of any run
+    (the folds of a cv share one cache), is read from `cache_dir`; the others are encoded and added to it as
+    one file per split. Written here because datasets caches a map by its whole input, not per row."""
     use_bf16 = accelerator.mixed_precision == "bf16"  # the run's precision: auto picks bf16 where it is native
-    encoding = encoding_digest(encoder, pooling, max_length, "bf16" if use_bf16 else "fp32")
+    encoding = encoding_digest(encoder, pooling, max_length, "bf16" if use_bf16 else "fp32").hexdigest()[:16]
+    cache_dir = Path(cache_dir)
+    store = read_cache(cache_dir, encoding)  # every process reads before any writes: they agree on what is new
     features = {}
     for split, ds in splits.items():
-        path = Path(cache_dir) / f"{cache_key(encoding, ds)}.safetensors"
-        if path.exists():
-            logger.info("Features of %s from cache %s", split, path)
-            features[split] = load_file(path)["features"]
-            continue
-        features[split] = encode(encoder, ds, collator, accelerator, pooling, batch_size, use_bf16, f"encode {split}")
-        if accelerator.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path, per_process=True) as tmp:
-                save_file({"features": features[split].contiguous()}, tmp)
-        accelerator.wait_for_everyone()
+        keys = row_keys(ds)
+        new = sorted({i for i, key in enumerate(keys) if key not in store})
+        logger.info("Features of %s: %d of %d from cache %s", split, len(keys) - len(new), len(keys), cache_dir)
+        if new:
+            encoded = encode(encoder, ds.select(new), collator, accelerator, pooling, batch_size, use_bf16,
+                             f"encode {split}")  # fmt: skip
+            store.update(zip((keys[i] for i in new), encoded, strict=True))
+            if accelerator.is_main_process:
+                added = torch.tensor([list(keys[i]) for i in new], dtype=torch.uint8)
+                name = hashlib.blake2b(added.numpy().tobytes(), digest_size=8).hexdigest()
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                with atomic_path(cache_dir / f"{encoding}-{name}.safetensors", per_process=True) as tmp:
+                    save_file({"keys": added, "features": encoded.contiguous()}, tmp)
+            accelerator.wait_for_everyone()
+        rows = [store[key] for key in keys]
+        features[split] = torch.stack(rows) if rows else torch.empty(0, encoder.config.hidden_size)
     return features
 
 
