@@ -17,6 +17,7 @@ from finetune_recipes.cli import main
 from finetune_recipes.predict import predict
 
 RECIPES = {
+    "contrastive",
     "feature_extraction",
     "frozen_base_pooler",
     "full_finetune",
@@ -59,7 +60,7 @@ def test_cp_refuses_to_overwrite_and_unknown_recipes(tmp_path, capsys):
     assert exit_info.value.code == 2 and "exists" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["cp", "no_such_recipe", str(tmp_path)])
-    assert "recipes: feature_extraction" in capsys.readouterr().err
+    assert f"recipes: {', '.join(sorted(RECIPES))}" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from conftest import run_inline
 from test_task_shapes import shape_args, shapes  # noqa: F401  (shapes: a fixture)
 
-from finetune_recipes.catalog import caches_features
+from finetune_recipes.catalog import caches_features, list_recipes
 from finetune_recipes.problem_types import METRICS
 
 # Losses are logged rounded to 6 decimals. Two runs on one CPU gave the same digits; another CPU (AVX2 kernels
@@ -53,6 +53,10 @@ GOLDEN: dict[str, dict] = {
     "static_embeddings/single": {
         "losses": [1.103973, 1.084902, 1.100348, 1.107269, 1.078797, 1.079869, 1.11136, 1.092501],
         "eval": {"eval_accuracy": 0.333333, "eval_f1_macro": 0.166667},
+    },
+    "contrastive/single": {  # cosine-similarity losses on pairs; the head is fitted after them
+        "losses": [0.277962, 0.33932, 0.540189, 0.532139, 0.275746, 0.329584, 0.27772, 0.214231],
+        "eval": {"eval_accuracy": 1.0, "eval_f1_macro": 1.0},
     },
     "full_finetune/multi": {
         "losses": [0.692474, 0.690426, 0.689015, 0.698905, 0.70009, 0.683119, 0.681759, 0.683463],
@@ -96,13 +100,7 @@ def observed(recipe: str, shape: str, tiny_args: list, shapes: dict, tmp_path) -
 @pytest.mark.parametrize(
     "recipe, shape",
     [
-        ("full_finetune", "single"),
-        ("llrd", "single"),
-        ("frozen_base_pooler", "single"),
-        ("progressive_unfreezing", "single"),
-        ("feature_extraction", "single"),
-        ("lora", "single"),
-        ("static_embeddings", "single"),
+        *((recipe, "single") for recipe in list_recipes()),  # every recipe, a new one included
         ("full_finetune", "multi"),
         ("full_finetune", "regression"),
         ("full_finetune", "windows"),

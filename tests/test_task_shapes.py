@@ -19,6 +19,7 @@ from test_reporting import assert_card_matches_results
 from tiny import long_document_rows, multi_label_rows, regression_rows, write_csv, write_jsonl
 from transformers import AutoTokenizer, pipeline
 
+from finetune_recipes.catalog import problem_types
 from finetune_recipes.config import DataArguments
 from finetune_recipes.data import EpochWeightedSampler, aggregate_windows, encode_task, split_validation, tokenize
 from finetune_recipes.data.tasks import Task, fit_task, problem_type_of
@@ -234,9 +235,14 @@ def test_the_target_scale_is_folded_into_the_saved_copy_not_the_trained_model():
 @pytest.mark.parametrize("shape", ["multi", "regression", "long"])
 def test_every_recipe_runs_every_shape(recipe, shape, shapes, tiny_args, tmp_path):
     args = shape_args(tiny_args, shapes[shape], *SHAPE_FLAGS[shape], "--max_train_steps", "3")
+    kind = {"multi": MULTI, "regression": REGRESSION, "long": SINGLE}[shape]
+    if kind not in problem_types(recipe):  # declared in the recipe (PROBLEM_TYPES): refused in one line
+        proc = run_inline(recipe, *args, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr
+        assert not (tmp_path / "out").exists()
+        return
     run_inline(recipe, *args)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    kind = {"multi": MULTI, "regression": REGRESSION, "long": SINGLE}[shape]
     assert results["task"]["problem_type"] == kind
     assert results["eval_samples"] == results["test_samples"] == 40  # documents, not windows
     assert (tmp_path / "out" / "thresholds.json").exists() == (shape == "multi")

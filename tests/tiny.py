@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 
@@ -81,7 +82,19 @@ def write_tiny_bert(path: Path, num_hidden_layers: int = 2) -> Path:
     )
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    write_sentence_pooling(path, "mean")
     return path
+
+
+def write_sentence_pooling(path: Path, mode: str) -> None:
+    """The files a sentence-transformers model folder names its pooling in (as all-MiniLM-L6-v2's do)."""
+    kinds = ("Transformer", ""), ("Pooling", "1_Pooling")
+    modules = [{"idx": i, "name": str(i), "path": p, "type": f"sentence_transformers.models.{k}"}
+               for i, (k, p) in enumerate(kinds)]  # fmt: skip
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    modes = {"pooling_mode_cls_token": mode == "cls", "pooling_mode_mean_tokens": mode == "mean"}
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **modes}))
 
 
 def topic_rows(n: int, seed: int) -> list[dict[str, str]]:

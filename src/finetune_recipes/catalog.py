@@ -66,6 +66,14 @@ def recipe_types(recipe: str | Path) -> tuple[type, ...]:
     raise UserError(f"{path} has no run_cli(main, ...) call, so its flags are unknown; end it as the recipes do")
 
 
+def problem_types(recipe: str | Path) -> tuple[str, ...]:
+    """The task shapes a recipe takes: its PROBLEM_TYPES when it declares them (contrastive: no regression),
+    else every one."""
+    from .problem_types import METRICS
+
+    return tuple(recipe_namespace(resolve_recipe(recipe)).get("PROBLEM_TYPES", tuple(METRICS)))
+
+
 def caches_features(recipe: str | Path) -> bool:
     """Whether a recipe (a name or a file, a copy included) computes something once from frozen weights and keeps
     it under --feature_cache_dir: whether its dataclasses take that flag (CacheArguments)."""

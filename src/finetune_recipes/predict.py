@@ -7,6 +7,7 @@ length so each pads little, and give one prediction per text in input order.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -178,8 +179,9 @@ def load_model(path: Path):
     from transformers import AutoModelForSequenceClassification
 
     config = path / "config.json"
-    if config.exists() and json.loads(config.read_text()).get("model_type") == "finetune_recipes_static":
-        from . import static  # noqa: F401  registers the static-vector classifier with the Auto classes
+    model_type = json.loads(config.read_text()).get("model_type", "") if config.exists() else ""
+    if model_type.startswith("finetune_recipes_"):  # this package's own classifiers: static, sentence
+        importlib.import_module(f".{model_type.removeprefix('finetune_recipes_')}", __package__)  # registers it
     if (path / HEAD_CONFIG).exists():
         from .features import FeatureClassifier
 
