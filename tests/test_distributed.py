@@ -112,6 +112,7 @@ def kill_after_checkpoint(cmd: list[str], checkpoint: Path, timeout: float = 300
         ("full_finetune", []),
         ("progressive_unfreezing", ["--unfreeze_every", "1"]),
         ("full_finetune", ["--sampler", "weighted", "--class_weights", "balanced"]),  # the drawn order repeats
+        ("contrastive", ["--num_iterations", "1", "--num_train_epochs", "1"]),  # 24 steps of pairs, then the head
     ],
 )
 def test_killed_run_resumes_to_the_same_weights_and_metrics(recipe, extra, tiny_args, tmp_path):

@@ -158,6 +158,8 @@ def raw_splits(args: DataArguments, seed: int) -> tuple[DatasetDict, Task]:
     # A seeded sample, not the first rows: files are often sorted by label.
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit and limit < len(raw[split]):
+            logger.info("A seeded sample of %d of the %d %s texts (max_%s_samples)", limit, len(raw[split]), split,
+                        "train" if split == "train" else "eval")  # fmt: skip
             raw[split] = raw[split].shuffle(seed=seed).select(range(limit))
     return fit_task(raw, task, args), task
 
