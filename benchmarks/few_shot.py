@@ -64,7 +64,7 @@ def few_shot(rows: list[dict], size: int, seed: int) -> list[dict]:
     return sample
 
 
-def run_setfit(train: list[dict], test: list[dict], max_length: int, seed: int) -> dict:
+def run_setfit(train: list[dict], test: list[dict], max_length: int, seed: int, out: Path) -> dict:
     """The setfit library on the same sample: its own pairs (num_iterations 20), CosineSimilarityLoss, and its
     default head (scikit-learn's LogisticRegression)."""
     from datasets import Dataset
@@ -74,8 +74,18 @@ def run_setfit(train: list[dict], test: list[dict], max_length: int, seed: int) 
 
     start = time.perf_counter()
     model = SetFitModel.from_pretrained(resolve_model_path(BODY))
-    args = TrainingArguments(batch_size=16, num_epochs=1, num_iterations=20, body_learning_rate=2e-5,
-                             warmup_proportion=0.1, max_length=max_length, seed=seed, report_to="none")  # fmt: skip
+    args = TrainingArguments(
+        batch_size=16,
+        num_epochs=1,
+        num_iterations=20,
+        body_learning_rate=2e-5,
+        warmup_proportion=0.1,
+        max_length=max_length,
+        seed=seed,
+        report_to="none",
+        output_dir=str(out / "setfit"),
+        save_strategy="no",
+    )  # fmt: skip (no checkpoints)
     Trainer(model=model, args=args, train_dataset=Dataset.from_list(train)).train()
     predicted = model.predict([r["text"] for r in test], batch_size=64)
     accuracy = statistics.mean(float(p == r["label"]) for p, r in zip(predicted, test, strict=True))
@@ -86,7 +96,7 @@ def one(method: str, files: dict[str, Path], split: dict, length: int, seed: int
     flags = [*(x for s, p in files.items() for x in (f"--{s}_file", str(p))), "--max_length", str(length),
              "--max_eval_samples", "160", "--max_train_samples", "100000", "--seed", str(seed)]  # fmt: skip
     if method == "setfit":
-        return run_setfit(split["train"], split["test"], length, seed)
+        return run_setfit(split["train"], split["test"], length, seed, out)
     if method == "tfidf":
         return baseline(name, flags)
     cache = ["--feature_cache_dir", str(out / "cache")] if method == "feature_extraction" else []
@@ -126,22 +136,32 @@ def main() -> None:
 
 
 def summary(done: dict) -> str:
-    """The table: test accuracy mean ± std over the seeds, and the mean wall time per run, by set and size."""
-    lines = ["| set | per class | " + " | ".join(METHODS) + " |", "|---|---:|" + "---:|" * len(METHODS)]
+    """The table: test accuracy mean ± std over the seeds and the mean wall time per run, by set and size; then
+    the contrastive recipe's paired difference (same sample, same seed) to setfit and to feature extraction."""
+    lines = ["| set | per class | " + " | ".join(METHODS) + " | recipe − setfit | recipe − feature_extraction |",
+             "|---|---:|" + "---:|" * (len(METHODS) + 2)]  # fmt: skip
     keys = sorted({tuple(k.split("/")[:2]) for k in done}, key=lambda k: (k[0], int(k[1])))
     for set_name, size in keys:
+        accuracy = {m: {int(k.split("/")[2]): v["test_accuracy"] for k, v in done.items()
+                        if k.startswith(f"{set_name}/{size}/") and k.endswith(f"/{m}") and v.get("test_accuracy")}
+                    for m in METHODS}  # fmt: skip
         cells = []
         for method in METHODS:
             rows = [v for k, v in done.items() if k.startswith(f"{set_name}/{size}/") and k.endswith(f"/{method}")]
-            accuracy = [r["test_accuracy"] for r in rows if r.get("test_accuracy") is not None]
-            if not accuracy:
-                cells.append("–")
-                continue
-            spread = statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0
-            wall = statistics.mean(r["wall_time_s"] for r in rows)
-            cells.append(f"{statistics.mean(accuracy):.3f} ± {spread:.3f} ({wall:.0f} s, n={len(accuracy)})")
+            values = list(accuracy[method].values())
+            wall = f"{statistics.mean(r['wall_time_s'] for r in rows):.0f} s" if rows else ""
+            cells.append(f"{spread(values)} ({wall}, n={len(values)})" if values else "–")
+        for peer in ("setfit", "feature_extraction"):
+            seeds = sorted(set(accuracy["contrastive"]) & set(accuracy[peer]))
+            paired = [accuracy["contrastive"][s] - accuracy[peer][s] for s in seeds]
+            cells.append(spread(paired, "+") if seeds else "–")
         lines.append(f"| {set_name} | {size} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def spread(values: list[float], sign: str = "") -> str:
+    deviation = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):{sign}.3f} ± {deviation:.3f}"
 
 
 if __name__ == "__main__":

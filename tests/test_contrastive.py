@@ -43,6 +43,8 @@ def test_pairs_refuse_what_cannot_be_paired():
         sentence_pairs([0, 0, 1], SINGLE, 1, 0)
     with pytest.raises(UserError, match="--num_iterations must be at least 1, not 0"):
         sentence_pairs([0, 0, 1, 1], SINGLE, 0, 0)
+    with pytest.raises(UserError, match="the training data has one class"):
+        sentence_pairs([2, 2, 2], SINGLE, 1, 0)
 
 
 def test_the_pooling_is_read_from_the_model_folder(tmp_path):
@@ -118,6 +120,7 @@ def test_the_saved_classifier_loads_in_pipeline_and_predict_alike(tuned):
     assert [p["score"] for p in piped] == pytest.approx([p["score"] for p in predicted], abs=1e-4)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "finetune_recipes_sentence" and config["pooling"] == "mean"
+    assert "import finetune_recipes.sentence  # registers its model class" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -193,8 +193,9 @@ def test_bad_vectors_input_is_one_line_exit_2_nothing_written(case, tiny_args, t
     assert snapshot(tmp_path) == before  # no output_dir, no cache entry
 
 
-def test_the_card_knows_the_static_model_type_without_importing_torch():
-    from finetune_recipes.reporting.card import STATIC_MODEL_TYPE
-    from finetune_recipes.static import MODEL_TYPE
+def test_the_card_and_predict_find_the_module_of_each_own_model_type_by_its_name():
+    from finetune_recipes import sentence, static
+    from finetune_recipes.reporting.card import OWN_MODEL_TYPES
 
-    assert STATIC_MODEL_TYPE == MODEL_TYPE
+    for module in (static, sentence):  # predict and the card import finetune_recipes.<the rest of the type>
+        assert OWN_MODEL_TYPES + module.__name__.rsplit(".", 1)[1] == module.MODEL_TYPE

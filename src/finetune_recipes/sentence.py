@@ -68,27 +68,46 @@ def sentence_pairs(labels: list, problem_type: str, num_iterations: int, seed: i
         raise UserError("contrastive pairs need classes: a regression target has none; run full_finetune")
     if num_iterations < 1:
         raise UserError(f"--num_iterations must be at least 1, not {num_iterations}")
-    sets = [frozenset(j for j, v in enumerate(y) if v > 0.5) if problem_type == MULTI else {int(y)} for y in labels]
-    if problem_type != MULTI:
-        by_label: dict[int, list[int]] = {}
-        for i, (y,) in enumerate(sets):
-            by_label.setdefault(y, []).append(i)
-        lonely = [y for y, members in by_label.items() if len(members) < 2]
-        if lonely:
-            raise UserError(f"{len(lonely)} class(es) have one training example (no pair of the same label); "
-                            "give every class at least 2")  # fmt: skip
-        if len(by_label) < 2:
-            raise UserError("the training data has one class: no pair of different labels; give it two or more")
-    alike = [[j for j in range(len(sets)) if j != i and sets[i] & sets[j]] for i in range(len(sets))]
-    unlike = [[j for j in range(len(sets)) if not sets[i] & sets[j]] for i in range(len(sets))]
-    rng = random.Random(seed)
-    pairs = []
+    rng, pairs = random.Random(seed), []
+    alike, unlike = _partners(labels, problem_type, rng)
     for _ in range(num_iterations):
-        for i in range(len(sets)):
-            pairs += [(i, rng.choice(alike[i]), 1.0)] if alike[i] else []
-            pairs += [(i, rng.choice(unlike[i]), 0.0)] if unlike[i] else []
+        for i in range(len(labels)):
+            pairs += [(i, j, 1.0) for j in alike(i)] + [(i, j, 0.0) for j in unlike(i)]
     rng.shuffle(pairs)
     return pairs
+
+
+def _partners(labels: list, problem_type: str, rng: random.Random):
+    """(alike, unlike): each draws, for example i, one uniformly random partner of that kind ([] when it has
+    none). Single-label draws by rejection, within the label's members and over all examples, so a large
+    training set costs no table of every pair; multi-label lists each example's partners once."""
+    n = len(labels)
+    if problem_type == MULTI:
+        sets = [frozenset(j for j, v in enumerate(y) if v > 0.5) for y in labels]
+        alike = [[j for j in range(n) if j != i and sets[i] & sets[j]] for i in range(n)]
+        unlike = [[j for j in range(n) if not sets[i] & sets[j]] for i in range(n)]
+        return (lambda i: [rng.choice(alike[i])] if alike[i] else []), (
+            lambda i: [rng.choice(unlike[i])] if unlike[i] else []
+        )
+    y = [int(v) for v in labels]
+    members: dict[int, list[int]] = {}
+    for i, label in enumerate(y):
+        members.setdefault(label, []).append(i)
+    lonely = [label for label, group in members.items() if len(group) < 2]
+    if lonely:
+        raise UserError(f"{len(lonely)} class(es) have one training example (no pair of the same label); "
+                        "give every class at least 2")  # fmt: skip
+    if len(members) < 2:
+        raise UserError("the training data has one class: no pair of different labels; give it two or more")
+
+    def draw(pool, keep) -> list[int]:
+        while not keep(j := pool()):
+            pass
+        return [j]
+
+    return (lambda i: draw(lambda: rng.choice(members[y[i]]), lambda j: j != i)), (
+        lambda i: draw(lambda: rng.randrange(n), lambda j: y[j] != y[i])
+    )
 
 
 def embed(encoder: nn.Module, batch: dict, pooling: str, normalize: bool) -> torch.Tensor:

