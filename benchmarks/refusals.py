@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from finetune_recipes.testing import regression_rows, topic_rows, write_csv, write_tiny_bert
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from tiny import regression_rows, topic_rows, write_csv, write_tiny_bert  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "finetune-recipes")
 

@@ -7,6 +7,7 @@ its defaults, then with each option on by itself, then all together. Variants ru
 repeats, each from the same initial weights, and every one is reported as a ratio to the plain loop.
 
     python benchmarks/throughput.py --steps 12 --repeats 3
+    python benchmarks/throughput.py --max_length 512 --batch_size 8 --output benchmarks/results/throughput_512.json
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ VARIANTS = {
     "plain loop": {},
     "recipe loop": {},
     "+ length-grouped batches": {"group_by_length": True},
+    "+ packed batches": {"pack_sequences": True},
     "+ bf16 autocast": {"mixed_precision": "bf16"},
     "recipe, all options": {"group_by_length": True, "mixed_precision": "bf16"},
 }
@@ -81,7 +83,10 @@ def recipe_loop(model, data, tokenizer, batch_size: int, steps: int, max_length:
         results = main(
             ModelArguments(),
             DataArguments(
-                max_length=max_length, max_eval_samples=8, group_by_length=options.get("group_by_length", False)
+                max_length=max_length,
+                max_eval_samples=8,
+                group_by_length=options.get("group_by_length", False),
+                pack_sequences=options.get("pack_sequences", False),
             ),
             TrainingArguments(
                 per_device_train_batch_size=batch_size,

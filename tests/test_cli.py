@@ -218,6 +218,26 @@ def test_compare_routes_a_recipe_flag_to_the_recipes_that_take_it(capsys):
     }
 
 
+def test_compare_leaves_out_a_recipe_that_does_not_take_the_datas_task(tmp_path, capsys):
+    from tiny import regression_rows, topic_rows, write_csv
+
+    from finetune_recipes.compare import for_the_task
+    from finetune_recipes.config import DataArguments
+    from finetune_recipes.errors import UserError
+
+    scores = write_csv(tmp_path / "scores.csv", regression_rows(30, 0))
+    data = DataArguments(train_file=str(scores), label_column="score")
+    kept = for_the_task(list(list_recipes()), False, data, seed=0)
+    assert kept == [r for r in list_recipes() if r != "contrastive"]
+    assert "compare: contrastive left out: it takes single_label_classification or multi_label_classification; " in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(UserError, match="contrastive takes .* data, and this data is regression: leave it out"):
+        for_the_task(["full_finetune", "contrastive"], True, data, seed=0)
+    topics = DataArguments(train_file=str(write_csv(tmp_path / "topics.csv", topic_rows(30, 0))))
+    assert for_the_task(list(list_recipes()), True, topics, seed=0) == list(list_recipes())
+
+
 @pytest.mark.parametrize(
     "holding, message", [("comparison.md", "holds an earlier comparison"), ("notes.txt", "notes.txt")]
 )

@@ -18,6 +18,7 @@ from .catalog import (
     flag_groups,
     given_names,
     list_recipes,
+    problem_types,
     recipe_types,
     recipes_dir,
     resolve_recipe,
@@ -164,7 +165,9 @@ def parse_args(argv: list[str] | None):
         "10%% of train is held out as test (--test_split_percentage) and the table reports on it.",
         allow_abbrev=False,
     )
-    parser.add_argument("--recipes", default=",".join(list_recipes()), help="comma-separated recipe names")
+    parser.add_argument(
+        "--recipes", default=None, help="comma-separated recipe names (default: every one that takes the data's task)"
+    )
     parser.add_argument("--output_dir", default="outputs/compare")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier comparison there")
     parser.add_argument("--no_baseline", action="store_true", help="skip the TF-IDF baseline row")
@@ -181,7 +184,8 @@ def parse_args(argv: list[str] | None):
         )  # fmt: skip
     if known.trials < 0:
         raise UserError(f"--trials must be 0 (no tuning) or more, not {known.trials}")
-    known.recipes = [r for r in known.recipes.split(",") if r]
+    known.named = known.recipes is not None
+    known.recipes = [r for r in (known.recipes or ",".join(list_recipes())).split(",") if r]
     unknown = [r for r in known.recipes if r not in list_recipes()]
     if unknown or not known.recipes:
         raise UserError(f"no recipe '{(unknown or [''])[0]}'; recipes: {', '.join(list_recipes())}")
@@ -202,8 +206,9 @@ def main(argv: list[str] | None = None) -> None:
                         given_names(routes[recipe]), recipe)  # fmt: skip
     # The baseline's share: the flags every recipe takes, so it reads the same data and split.
     shared = [t for name, tokens in flag_groups(rest) if name.removeprefix("no_") in SHARED_FLAGS for t in tokens]
-    first_seed = parse_config(*SHARED_TYPES, args=shared, default_config=DEFAULT_CONFIG, announce=False)[2].seed
-    seeds = [first_seed + i for i in range(known.seeds)]
+    _, data_args, training = parse_config(*SHARED_TYPES, args=shared, default_config=DEFAULT_CONFIG, announce=False)
+    seeds = [training.seed + i for i in range(known.seeds)]
+    recipes = for_the_task(recipes, known.named, data_args, training.seed)
     out = Path(known.output_dir)
     lock = claim_compare_dir(out, known.overwrite_output_dir)
     planned = {r if len(seeds) == 1 else f"{r}_seed{s}" for r in recipes for s in seeds}
@@ -223,6 +228,23 @@ def main(argv: list[str] | None = None) -> None:
     plot(rows, out / "comparison.png")
     os.close(lock)
     print(f"Wrote {out / 'comparison.md'}, comparison.csv and comparison.png")
+
+
+def for_the_task(recipes: list[str], named: bool, data_args, seed: int) -> list[str]:
+    """The recipes that take the data's task shape (a recipe's PROBLEM_TYPES): one that does not is refused when
+    --recipes names it, and left out, saying so, from the default list."""
+    from .data import raw_splits
+
+    _, task = raw_splits(data_args, seed)
+    misfits = {r: problem_types(r) for r in recipes if task.problem_type not in problem_types(r)}
+    for recipe, takes in misfits.items():
+        if named:
+            raise UserError(
+                f"{recipe} takes {' or '.join(takes)} data, and this data is {task.problem_type}: "
+                "leave it out of --recipes"
+            )
+        tqdm.write(f"compare: {recipe} left out: it takes {' or '.join(takes)}; this data is {task.problem_type}")
+    return [r for r in recipes if r not in misfits]
 
 
 def cross_validate(recipes: list[str], routes: dict, shared: list[str], known, out: Path) -> list[dict]:

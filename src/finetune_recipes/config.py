@@ -78,6 +78,14 @@ class DataArguments:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     group_by_length: bool = field(default=False, metadata={"help": "Batch texts of similar length together."})
+    pack_sequences: bool = field(
+        default=False,
+        metadata={
+            "help": "Lay each batch's texts end to end in rows of max_length tokens, each attending only to itself, "
+            "instead of padding them to the longest: the same logits, fewer tokens through the encoder on texts of "
+            "mixed length (README: packed batches)."
+        },
+    )
     # The task's shape: found from the label column's values unless --problem_type says (README: task shapes).
     problem_type: str | None = field(
         default=None,

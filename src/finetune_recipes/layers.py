@@ -131,6 +131,13 @@ def discover_layers(model: nn.Module, mapping: Mapping[str, str] | str | None = 
     return _assign(model, modules, block_paths, pooler_path, embeddings_path, base_path)
 
 
+def blocks_path(model: nn.Module) -> str:
+    """The ``named_modules()`` path of ``model``'s stack of transformer blocks (its parent is the encoder)."""
+    paths = {id(module): path for path, module in model.named_modules()}
+    root_path, base_path = _root_and_base_paths(model, paths)
+    return _find_blocks(model, dict(model.named_modules()), root_path if base_path is None else base_path)
+
+
 def _assign(
     model: nn.Module,
     modules: dict[str, nn.Module],

@@ -142,6 +142,14 @@ def preflight(configs: tuple[Any, ...]) -> None:
     data = next((c for c in configs if isinstance(c, DataArguments)), None)
     if training is not None:
         check_output_dir(training)
+    if data is not None and data.pack_sequences:
+        from .strategy_args import CacheArguments
+
+        if any(isinstance(c, CacheArguments) for c in configs):  # it would say so only after encoding every text
+            raise UserError(
+                "--pack_sequences packs the batches an encoder trains on; this recipe trains on what its frozen "
+                "weights computed once (the --feature_cache_dir kind): drop --pack_sequences"
+            )
     if training is not None and data is not None:
         from .data import check_data
 

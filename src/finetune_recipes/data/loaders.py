@@ -12,6 +12,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..config import TrainingArguments
+from ..packing import PackedCollator
 from .files import labelled
 
 
@@ -76,9 +77,14 @@ def build_dataloader(
     sampler=None,
     seed: int = 0,
     pad_to_multiple_of: int | None = None,
+    pack_to: int | None = None,
 ) -> DataLoader:
-    """Dynamic padding to the longest text of each batch (rounded up to a multiple under mixed precision)."""
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    """Dynamic padding to the longest text of each batch (rounded up to a multiple under mixed precision); or,
+    with `pack_to`, the texts packed into rows of that many tokens (packing.PackedCollator)."""
+    if pack_to:
+        collator = PackedCollator(tokenizer, pack_to, pad_to_multiple_of=pad_to_multiple_of)
+    else:
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     # A generator of its own: creating an iterator then draws nothing from the global RNG, which
     # dropout uses, so a run resumed mid-epoch sees the same dropout masks as one never stopped.
     return DataLoader(
@@ -98,10 +104,12 @@ def build_dataloaders(
     data, tokenizer: PreTrainedTokenizerBase, data_args, args: TrainingArguments, accelerator
 ) -> tuple:
     """(train, validation, test) loaders: train shuffled (plain, length-grouped or class-weighted); test None
-    unless its split has labels. Dynamic padding, to a multiple of 8 under mixed precision (tensor cores, AMX).
+    unless its split has labels. Dynamic padding, to a multiple of 8 under mixed precision (tensor cores, AMX);
+    with --pack_sequences, packed rows of max_length tokens.
 
     Training sees windows as examples; evaluation keeps each window's `document`, to score documents."""
     pad = {"pad_to_multiple_of": 8 if accelerator.mixed_precision in ("fp16", "bf16") else None, "seed": args.seed}
+    pad["pack_to"] = data_args.max_length if data_args.pack_sequences else None
     train = data.train.remove_columns([c for c in ("document",) if c in data.train.column_names])
     batch = args.per_device_train_batch_size
     sampler = train_sampler(train, data_args.sampler, data_args.group_by_length, batch, args.seed)

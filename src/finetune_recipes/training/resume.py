@@ -9,11 +9,12 @@ import shutil
 import torch
 from accelerate import Accelerator, skip_first_batches
 
-from ..config import RunArgs, TrainingArguments, resume_may_change
+from ..config import DataArguments, RunArgs, TrainingArguments, resume_may_change
 from ..data import ClassificationData, content_digest
 from ..errors import DISTRIBUTED
 from ..optim import Schedule
 from ..ownership import OutputDir, claim_output_dir
+from ..packing import accept_packed, check_packable
 from .checkpoints import TrainState, adopt_best, resolve_checkpoint, resume
 from .save import on_main
 from .tracking import TRACKER_PROJECT
@@ -27,13 +28,17 @@ def start_training(
     """Where the loop starts (a new TrainState, or a checkpoint's with --resume_from_checkpoint) and the run's
     claim on output_dir (on the main process; None on the others).
 
-    A resume is checked against the run's settings and data, and loaded, before anything is written: a
+    With --pack_sequences, the model is checked and taught to read packed batches (packing.py) first. A resume
+    is checked against the run's settings and data, and loaded, before anything is written: a
     refused resume leaves output_dir as it was. Then output_dir is locked and claimed (an overwrite removes
     only what runs wrote), the trackers start with the resolved config, and the plan is logged.
     """
     training = args.get(TrainingArguments)
     if accelerator.num_processes > 1:  # first: DDP's Reducer holds the process group (see errors.run_to_end)
         DISTRIBUTED.append(model)
+    if args.get(DataArguments).pack_sequences:  # the loaders pack; the model learns to read packed batches
+        check_packable(accelerator.unwrap_model(model))
+        accept_packed(accelerator.unwrap_model(model))
     state = TrainState()
     if training.checkpointing_steps or training.resume_from_checkpoint:  # only checkpoints carry it
         state.fingerprint = fingerprint(args, data, accelerator.num_processes)
