@@ -8,6 +8,7 @@ repeats, each from the same initial weights, and every one is reported as a rati
 
     python benchmarks/throughput.py --steps 12 --repeats 3
     python benchmarks/throughput.py --max_length 512 --batch_size 8 --output benchmarks/results/throughput_512.json
+    python benchmarks/throughput.py --train_file benchmarks/results/trust/data/headlines/train.jsonl --max_length 64
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def plain_loop(model, data, tokenizer, batch_size: int, steps: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
-def recipe_loop(model, data, tokenizer, batch_size: int, steps: int, max_length: int = 128, **options) -> float:
+def recipe_loop(
+    model, data, tokenizer, batch_size: int, steps: int, max_length: int = 128, train_file=None, **options
+) -> float:
     """recipes/full_finetune.py's `main` on the same data (its own copy of the model, seeded); evaluation on
     8 texts only, so the time is the training's. Returns samples per second."""
     fresh_state()
@@ -84,6 +87,7 @@ def recipe_loop(model, data, tokenizer, batch_size: int, steps: int, max_length:
             ModelArguments(),
             DataArguments(
                 max_length=max_length,
+                train_file=train_file,
                 max_eval_samples=8,
                 group_by_length=options.get("group_by_length", False),
                 pack_sequences=options.get("pack_sequences", False),
@@ -106,21 +110,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--train_file", default=None, help="default: BBC News, embedded")
     parser.add_argument("--output", default="benchmarks/results/throughput.json")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     cli = parser.parse_args()
+    chosen = {name: VARIANTS[name] for name in ["plain loop", *cli.variants.split(",")] if name in VARIANTS}
 
-    model_args, data_args = ModelArguments(), DataArguments(max_length=cli.max_length)
+    model_args, data_args = ModelArguments(), DataArguments(max_length=cli.max_length, train_file=cli.train_file)
     tokenizer = build_tokenizer(model_args, data_args)
     data = build_datasets(data_args, tokenizer, seed=42)
     # A fresh copy per run: prepare() under mixed precision patches the model's forward in place.
     initial = build_model(model_args, [str(i) for i in range(5)])
 
-    speeds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    speeds: dict[str, list[float]] = {name: [] for name in chosen}
     for repeat in range(cli.repeats):
-        for name, options in VARIANTS.items():
+        for name, options in chosen.items():
             model = copy.deepcopy(initial)
             set_seed(repeat)
-            run = plain_loop if name == "plain loop" else functools.partial(recipe_loop, max_length=cli.max_length)
+            recipe = functools.partial(recipe_loop, max_length=cli.max_length, train_file=cli.train_file)
+            run = plain_loop if name == "plain loop" else recipe
             speed = run(model, data, tokenizer, cli.batch_size, cli.steps, **options)
             speeds[name].append(speed)
             print(f"repeat {repeat + 1}/{cli.repeats} {name:<26} {speed:7.2f} samples/s", flush=True)
@@ -142,7 +150,8 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     table = [
-        f"Batch {cli.batch_size}, max_length {cli.max_length}, {cli.steps} steps × {cli.repeats} repeats; {machine}",
+        f"{cli.train_file or 'BBC News'}, batch {cli.batch_size}, max_length {cli.max_length}, {cli.steps} steps × "
+        f"{cli.repeats} repeats; {machine}",
         "",
         "| variant | samples/s (median) | × plain loop (median, min–max) |",
         "|---|---:|---:|",
