@@ -110,7 +110,9 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_to_resume_from(tiny_args, tmp_
     process = start_stoppable(cmd)
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / "step_4").exists():
-        assert process.poll() is None and time.monotonic() < deadline
+        if process.poll() is not None or time.monotonic() > deadline:  # say where it stood
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError(f"no checkpoint step_4 (exit {process.poll()}):\n{process.communicate()[1][-3000:]}")
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGINT)
     stderr = process.communicate(timeout=120)[1]
