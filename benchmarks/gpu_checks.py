@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from gpu_base import LAUNCH_CONFIG, LEARNING_RATE, ROOT, Scale, last_line, port_of, row, slug
 
@@ -276,7 +277,7 @@ def packing_check(name: str, work: Path, scale: Scale) -> dict:
             "input_ids": torch.tensor([t + [pad] * (width - len(t)) for t in texts]),
             "attention_mask": torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in texts]),
         }
-        packed = PackedCollator(SimpleTokenizer(pad), scale.varlen_cap)([{"input_ids": t} for t in texts])
+        packed = PackedCollator(SimpleNamespace(pad_token_id=pad), scale.varlen_cap)([{"input_ids": t} for t in texts])
         accept_packed(model)
         for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             with torch.no_grad(), torch.autocast(device, dtype, enabled=precision == "bf16"):
@@ -294,10 +295,3 @@ def packing_check(name: str, work: Path, scale: Scale) -> dict:
     )
     return row(name, "FAILED" if problems else "ok", 0, f"{summary}; 64 texts in {metrics['bert_rows']} rows",
                "; ".join(problems), **metrics)  # fmt: skip
-
-
-class SimpleTokenizer:
-    """What PackedCollator reads of a tokenizer: its padding id."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
