@@ -109,10 +109,12 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_to_resume_from(tiny_args, tmp_
     cmd = [sys.executable, str(ROOT / "recipes" / "full_finetune.py"), *flags]
     process = start_stoppable(cmd)
     deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "step_4").exists():
+    # Any whole checkpoint, not one by name: the newest replaces the last every 2 steps, and on a loaded machine a
+    # poll missed step_4's few milliseconds and waited out the deadline while the run trained on.
+    while not list((out / "checkpoints").glob("step_*")):
         if process.poll() is not None or time.monotonic() > deadline:  # say where it stood
             os.killpg(process.pid, signal.SIGKILL)
-            raise AssertionError(f"no checkpoint step_4 (exit {process.poll()}):\n{process.communicate()[1][-3000:]}")
+            raise AssertionError(f"no checkpoint (exit {process.poll()}):\n{process.communicate()[1][-3000:]}")
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGINT)
     stderr = process.communicate(timeout=120)[1]
