@@ -145,7 +145,7 @@ def agreement(out: Path, recipe: str, validation: Path, scale: Scale) -> tuple[i
     import torch
     from transformers import AutoTokenizer, pipeline
 
-    from finetune_recipes.predict import load_classifier, predict
+    from finetune_recipes.tools.predict import load_classifier, predict
 
     texts = [r["text"] for r in csv.DictReader(validation.open())]
     device = torch.device("cuda" if torch.cuda.is_available() and not scale.dry_run else "cpu")

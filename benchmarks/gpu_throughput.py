@@ -152,11 +152,11 @@ def recipe_throughput(
 
     import torch
 
-    import finetune_recipes
+    from finetune_recipes import kit  # what the recipe imports its names from
 
     fresh_state()
     marks, counts = {}, {}
-    real_start, real_meter = finetune_recipes.start_training, finetune_recipes.LossMeter
+    real_start, real_meter = kit.start_training, kit.LossMeter
     mark = timing_hook(scale, marks, profiler)
 
     def timed_start(accelerator, model, *rest):
@@ -188,14 +188,14 @@ def recipe_throughput(
         torch.cuda.reset_peak_memory_stats()
     argv, environ = sys.argv, dict(os.environ)
     sys.argv = [str(ROOT / "recipes" / f"{recipe}.py"), *map(str, flags)]
-    finetune_recipes.start_training, finetune_recipes.LossMeter = timed_start, TimedMeter
+    kit.start_training, kit.LossMeter = timed_start, TimedMeter
     os.environ.update(env or {})
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
     except SystemExit as error:  # run_cli turns a UserError into exit code 2
         raise RuntimeError(f"{recipe} exited with code {error.code}") from None
     finally:
-        finetune_recipes.start_training, finetune_recipes.LossMeter, sys.argv = real_start, real_meter, argv
+        kit.start_training, kit.LossMeter, sys.argv = real_start, real_meter, argv
         os.environ.clear()
         os.environ.update(environ)
         shutil.rmtree(out, ignore_errors=True)
@@ -230,7 +230,7 @@ def plain_throughput(recipe: str, bs: int, model_path: Path, data: Path, scale: 
     if recipe == "lora":  # the recipe's adapters: the same targets, found the same way
         from peft import LoraConfig, TaskType, get_peft_model
 
-        from finetune_recipes import block_linears, discover_layers
+        from finetune_recipes.kit import block_linears, discover_layers
 
         layers = discover_layers(model)
         targets = block_linears(model, layers)["attention"]

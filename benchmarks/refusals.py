@@ -5,7 +5,8 @@ its wall time, and whether the folder it was told to write to was left as it was
 
 Every case here must end with exit code 2 and one `error:` line (a refusal) or exit 0 with a warning; the
 table shows what each does now. The seconds are the start-up cost the issue measured at 11-15 s for a
-refusal of bad data: they are wall time of a fresh process, so run this alone.
+refusal of bad data: they are wall time of a fresh process, so run this alone. First it times the plainest
+refusal, `python recipes/full_finetune.py --train_file nope.csv`, three times: what a typo in a path costs.
 """
 
 from __future__ import annotations
@@ -105,9 +106,23 @@ def run(name: str, cmd: list[str], out: Path) -> dict:
     }
 
 
+def missing_file_seconds(tmp: Path, repeats: int = 3) -> list[float]:
+    """Wall time of `python recipes/full_finetune.py --train_file nope.csv` (a refusal, exit code 2), each run."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        cmd = [*recipe("full_finetune"), "--train_file", "nope.csv", "--output_dir", str(tmp / "out")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=600)
+        times.append(round(time.perf_counter() - start, 2))
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error:"), proc.stderr
+    return times
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
+        missing = missing_file_seconds(tmp)
+        print(f"python recipes/full_finetune.py --train_file nope.csv: {', '.join(map(str, missing))} s (exit 2)\n")
         model = write_tiny_bert(tmp / "tiny-bert")
         train = write_csv(tmp / "train.csv", topic_rows(40, 0))
         dev = write_csv(tmp / "dev.csv", topic_rows(15, 1))
@@ -117,7 +132,8 @@ def main() -> None:
     for row in rows:
         print("| " + " | ".join(str(row[k]).replace("|", "\\|") for k in header) + " |")
     (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
-    (ROOT / "benchmarks" / "results" / "refusals.json").write_text(json.dumps(rows, indent=1) + "\n")
+    results = {"missing train file, seconds": missing, "cases": rows}
+    (ROOT / "benchmarks" / "results" / "refusals.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from finetune_recipes.compare import tfidf_baseline  # noqa: E402
 from finetune_recipes.data import load_bbc_news  # noqa: E402
+from finetune_recipes.tools.compare import tfidf_baseline  # noqa: E402
 
 FE, FT = "feature_extraction", "full_finetune"
 COMMON = ["--max_length", "128", "--seed", "42", "--per_device_eval_batch_size", "64"]

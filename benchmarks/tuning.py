@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from task_shapes import ROOT, articles, pools, write_jsonl  # noqa: E402
 
-from finetune_recipes.compare import ORDER  # noqa: E402
+from finetune_recipes.tools.compare import ORDER  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "finetune-recipes")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import AutoModel
 
-from finetune_recipes import (
+from finetune_recipes.kit import (
     DataArguments,
     LossMeter,
     ModelArguments,
@@ -96,7 +96,7 @@ class ContrastiveArguments:
 
 def main(model_args, data_args, training_args: TrainingArguments, pairs_args: ContrastiveArguments) -> dict:
     args = RunArgs.of(__file__, model_args, data_args, training_args, pairs_args)  # saved in recipe_config.yaml
-    check_outputs(training_args)  # output_dir and the Hub: refused now, not after the training
+    checked = check_outputs(args)  # output_dir and the Hub: refused now, not after the training
     accelerator = build_accelerator(training_args)
 
     # Tokenizer and data: labels fixed from train, a stratified validation split when none is given.
@@ -124,7 +124,7 @@ def main(model_args, data_args, training_args: TrainingArguments, pairs_args: Co
     )
 
     # The loop. A resume restores every state and skips the batches already trained on.
-    state, out = start_training(accelerator, body, data, schedule, args)
+    state, out = start_training(accelerator, body, data, schedule, args, checked)
     losses = LossMeter(accelerator)
     progress = tqdm(total=schedule.total_steps, initial=state.completed_steps, desc="pairs",
                     disable=not accelerator.is_local_main_process)  # fmt: skip

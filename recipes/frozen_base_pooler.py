@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding
 
-from finetune_recipes import (
+from finetune_recipes.kit import (
     DataArguments,
     EncodeArguments,
     LossMeter,
@@ -65,7 +65,7 @@ SEARCH_SPACE = {
 def main(model_args, data_args, training_args: TrainingArguments, cache: EncodeArguments | None = None) -> dict:
     cache = cache or EncodeArguments()
     args = RunArgs.of(__file__, model_args, data_args, training_args, cache)  # saved in recipe_config.yaml
-    check_outputs(training_args)  # output_dir and the Hub: refused now, not after the training
+    checked = check_outputs(args)  # output_dir and the Hub: refused now, not after the training
     accelerator = build_accelerator(training_args)
 
     # Tokenizer and data: labels fixed from train, a stratified validation split when none is given.
@@ -111,7 +111,7 @@ def main(model_args, data_args, training_args: TrainingArguments, cache: EncodeA
     )
 
     # The loop. A resume restores every state and skips the batches already trained on.
-    state, out = start_training(accelerator, model, data, schedule, args)
+    state, out = start_training(accelerator, model, data, schedule, args, checked)
     validation = Validation(accelerator, eval_loader, data.task, training_args, data_args.window_aggregation)
     losses = LossMeter(accelerator)
     progress = tqdm(total=schedule.total_steps, initial=state.completed_steps, desc="train",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from finetune_recipes import (
+from finetune_recipes.kit import (
     DataArguments,
     LossMeter,
     ModelArguments,
@@ -53,7 +53,7 @@ SEARCH_SPACE = {
 
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     args = RunArgs.of(__file__, model_args, data_args, training_args)  # saved in recipe_config.yaml
-    check_outputs(training_args)  # output_dir and the Hub: refused now, not after the training
+    checked = check_outputs(args)  # output_dir and the Hub: refused now, not after the training
     accelerator = build_accelerator(training_args)
 
     # Tokenizer and data: labels fixed from train, a stratified validation split when none is given.
@@ -74,7 +74,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     )
 
     # The loop. A resume restores every state and skips the batches already trained on.
-    state, out = start_training(accelerator, model, data, schedule, args)
+    state, out = start_training(accelerator, model, data, schedule, args, checked)
     validation = Validation(accelerator, eval_loader, data.task, training_args, data_args.window_aggregation)
     losses = LossMeter(accelerator)
     progress = tqdm(total=schedule.total_steps, initial=state.completed_steps, desc="train",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from finetune_recipes import (
+from finetune_recipes.kit import (
     DataArguments,
     LossMeter,
     ModelArguments,
@@ -72,7 +72,7 @@ class UnfreezeArguments:
 
 def main(model_args, data_args, training_args: TrainingArguments, unfreeze: UnfreezeArguments) -> dict:
     args = RunArgs.of(__file__, model_args, data_args, training_args, unfreeze)  # saved in recipe_config.yaml
-    check_outputs(training_args)  # output_dir and the Hub: refused now, not after the training
+    checked = check_outputs(args)  # output_dir and the Hub: refused now, not after the training
     # Strategy: which parameters get gradients changes mid-run, so DDP must not expect all of them every step.
     accelerator = build_accelerator(training_args, find_unused_parameters=True)
 
@@ -108,7 +108,7 @@ def main(model_args, data_args, training_args: TrainingArguments, unfreeze: Unfr
     )
 
     # The loop. A resume restores every state and skips the batches already trained on.
-    state, out = start_training(accelerator, model, data, schedule, args)
+    state, out = start_training(accelerator, model, data, schedule, args, checked)
     validation = Validation(accelerator, eval_loader, data.task, training_args, data_args.window_aggregation)
     losses = LossMeter(accelerator)
     progress = tqdm(total=schedule.total_steps, initial=state.completed_steps, desc="train",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from finetune_recipes import (
+from finetune_recipes.kit import (
     DataArguments,
     LossMeter,
     ModelArguments,
@@ -61,7 +61,7 @@ SEARCH_SPACE = {
 
 def main(model_args, data_args, training_args: TrainingArguments, static: StaticArguments) -> dict:
     args = RunArgs.of(__file__, model_args, data_args, training_args, static)  # saved in recipe_config.yaml
-    check_outputs(training_args)  # output_dir and the Hub: refused now, not after the training
+    checked = check_outputs(args)  # output_dir and the Hub: refused now, not after the training
     # Strategy: the vectors bring their tokenizer (word pieces or words), so they come before the data.
     vectors = load_vectors(model_args, data_args, training_args, static)
     accelerator = build_accelerator(training_args)
@@ -86,7 +86,7 @@ def main(model_args, data_args, training_args: TrainingArguments, static: Static
     )
 
     # The loop. A resume restores every state and skips the batches already trained on.
-    state, out = start_training(accelerator, model, data, schedule, args)
+    state, out = start_training(accelerator, model, data, schedule, args, checked)
     validation = Validation(accelerator, eval_loader, data.task, training_args, data_args.window_aggregation)
     losses = LossMeter(accelerator)
     progress = tqdm(total=schedule.total_steps, initial=state.completed_steps, desc="train",

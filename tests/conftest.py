@@ -53,7 +53,9 @@ def fp32(request, monkeypatch):
     hardware check says no bf16 here (in-process), and the tiny runs' flags say --mixed_precision no (for
     subprocesses). A test marked `bf16` keeps the machine's own answer."""
     if "bf16" not in request.keywords:
-        monkeypatch.setattr("finetune_recipes.hardware.bf16_supported", lambda device: False)
+        # accelerator first: importing it binds the real function, which the patch then restores
+        for where in ("finetune_recipes.training.accelerator", "finetune_recipes.modeling"):  # training, prediction
+            monkeypatch.setattr(f"{where}.bf16_supported", lambda device: False)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from conftest import run_inline
 from transformers import pipeline
 
 from finetune_recipes.calibration import calibration_metrics, fit_temperature, scaled_probabilities
-from finetune_recipes.problem_types import MULTI, SINGLE
+from finetune_recipes.config import MULTI, SINGLE
 
 
 def planted(temperature: float, n: int = 4000, classes: int = 4, seed: int = 0):
@@ -114,7 +114,7 @@ def test_calibrating_a_regression_is_refused_before_training(module_args, tmp_pa
 
 
 def test_the_card_report_and_reliability_diagram_show_before_and_after(runs):
-    from finetune_recipes.tables import cell
+    from finetune_recipes.rendering import cell
 
     calibrated, raw = runs / "calibrated", runs / "raw"
     results = json.loads((calibrated / "results.json").read_text())

@@ -13,8 +13,8 @@ import yaml
 from conftest import FP32, run_inline
 
 from finetune_recipes.catalog import copy_recipe, list_recipes
-from finetune_recipes.cli import main
-from finetune_recipes.predict import predict
+from finetune_recipes.tools.cli import main
+from finetune_recipes.tools.predict import predict
 
 RECIPES = {
     "contrastive",
@@ -201,7 +201,7 @@ def test_bad_input_leaves_every_file_as_it_was(argv, message, tiny_model, tmp_pa
 
 
 def test_compare_routes_a_recipe_flag_to_the_recipes_that_take_it(capsys):
-    from finetune_recipes.compare import route_flags
+    from finetune_recipes.tools.compare import route_flags
 
     routes = route_flags(["llrd", "full_finetune"], ["--layer_decay", "0.5", "--seed", "3", "--group_by_length"])
     assert routes == {
@@ -221,9 +221,9 @@ def test_compare_routes_a_recipe_flag_to_the_recipes_that_take_it(capsys):
 def test_compare_leaves_out_a_recipe_that_does_not_take_the_datas_task(tmp_path, capsys):
     from tiny import regression_rows, topic_rows, write_csv
 
-    from finetune_recipes.compare import for_the_task
     from finetune_recipes.config import DataArguments
     from finetune_recipes.errors import UserError
+    from finetune_recipes.tools.compare import for_the_task
 
     scores = write_csv(tmp_path / "scores.csv", regression_rows(30, 0))
     data = DataArguments(train_file=str(scores), label_column="score")
@@ -252,7 +252,7 @@ def test_compare_refuses_an_earlier_comparison_or_a_users_file(holding, message,
 def test_compare_takes_its_own_leftovers_as_its_own(tmp_path, capsys, monkeypatch):
     """A killed comparison's feature caches and temporary files are its own, removed; the feature_cache an older
     version wrote is taken as compare's but kept (it may be the user's --feature_cache_dir)."""
-    from finetune_recipes import compare
+    from finetune_recipes.tools import compare
 
     (tmp_path / "feature_cache").mkdir()
     (tmp_path / ".feature_cache_x1").mkdir()

@@ -75,7 +75,7 @@ def test_exponent_without_dot_is_a_float(write_yaml):
 def test_yaml_values_get_the_flag_type(write_yaml):
     text = "checkpointing_steps: 500\nnum_train_epochs: 3\nvalidation_split_percentage: 10\nsave_total_limit: 4\n"
     (_, data, train) = parse("--config", write_yaml(text))
-    assert train.checkpointing_steps == "500"  # a str flag: loop.py calls .isdigit() on it
+    assert train.checkpointing_steps == "500"  # a str flag: checkpoint_due calls .isdigit() on it
     assert isinstance(train.num_train_epochs, float) and train.num_train_epochs == 3.0
     assert isinstance(data.validation_split_percentage, float)
     assert train.save_total_limit == 4

@@ -16,10 +16,10 @@ from conftest import FP32, run_inline
 from tiny import FILLER, TOPICS, write_csv, write_sentence_pooling
 from transformers import AutoModel, AutoTokenizer, pipeline
 
+from finetune_recipes.config import MULTI, SINGLE
 from finetune_recipes.errors import UserError
-from finetune_recipes.predict import predict
-from finetune_recipes.problem_types import MULTI, SINGLE
 from finetune_recipes.sentence import SentenceClassifier, embed, sentence_pairs, sentence_pooling
+from finetune_recipes.tools.predict import predict
 
 
 def test_pairs_are_balanced_seeded_of_the_right_kind_and_never_of_an_example_with_itself():

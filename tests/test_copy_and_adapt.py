@@ -13,9 +13,9 @@ import torch
 from conftest import run_inline
 from safetensors.torch import load_file
 
-from finetune_recipes.cli import main as cli
 from finetune_recipes.config import DataArguments, ModelArguments, TrainingArguments
 from finetune_recipes.parsing import parse_config
+from finetune_recipes.tools.cli import main as cli
 
 LOSS = "loss = data.task.loss(model(**batch).logits, labels)  # cross-entropy, BCE or MSE; class-weighted\n"
 EVALUATE = 'if training_args.eval_strategy == "steps" and state.completed_steps % training_args.eval_steps == 0:\n'

@@ -19,11 +19,11 @@ import pytest
 from conftest import ROOT
 from tiny import write_csv
 
-from finetune_recipes.cli import main as cli_main
-from finetune_recipes.cv import assign_folds, check_folds
+from finetune_recipes.config import MULTI, REGRESSION, SINGLE
 from finetune_recipes.errors import UserError
-from finetune_recipes.problem_types import MULTI, REGRESSION, SINGLE
 from finetune_recipes.reporting.predictions import prediction_rows, scores_of
+from finetune_recipes.tools.cli import main as cli_main
+from finetune_recipes.tools.cv import assign_folds, check_folds
 
 CLI = str(Path(sys.executable).parent / "finetune-recipes")
 
@@ -75,7 +75,7 @@ def test_the_multi_label_audit_flags_label_sets_the_predictions_contradict():
         {**row, "id": i}
         for i, row in enumerate(prediction_rows(MULTI, names, probs, given, [f"t{i}" for i in range(90)]))
     ]
-    from finetune_recipes.audit import label_issues
+    from finetune_recipes.tools.audit import label_issues
 
     issues = label_issues(oof, {"problem_type": MULTI, "label_names": names})
     assert {r["id"] for r in issues[:3]} == {3, 17, 40}

@@ -12,7 +12,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from tiny import TOPICS, topic_rows, write_csv
 
-from finetune_recipes.config import DataArguments, ModelArguments, TrainingArguments
+from finetune_recipes.config import DataArguments, ModelArguments
 from finetune_recipes.data import (
     build_dataloader,
     build_datasets,
@@ -494,22 +494,3 @@ def test_validation_file_columns_take_the_train_files_types(tokenizer, tmp_path)
     validation.write_text('{"text": "123", "label": "1"}\n{"text": "456", "label": "2"}\n')
     data = build(tokenizer, train_file=train, validation_file=validation)
     assert data.label_names == ["1", "2"] and data.validation["labels"] == [0, 1]
-
-
-def test_the_run_reuses_the_splits_its_preflight_checked_once(tokenizer, tiny_data, monkeypatch):
-    import finetune_recipes.data as data
-
-    args = DataArguments(train_file=str(tiny_data["train"]), validation_file=str(tiny_data["validation"]))
-    calls = []
-    real = data.raw_splits
-    monkeypatch.setattr(data, "raw_splits", lambda *a: calls.append(a) or real(*a))
-    data.check_data(args, TrainingArguments(seed=7))
-    checked = data._CHECKED[data._checked_key(args, 7)]
-    first = data.build_datasets(args, tokenizer, 7)
-    assert len(calls) == 1 and first.task is checked[1]  # read once: the check's splits, not a second read
-    second = data.build_datasets(args, tokenizer, 7)
-    assert len(calls) == 2 and second.task is not first.task  # handed once: a second run reads afresh
-    assert second.task == first.task and second.train["input_ids"] == first.train["input_ids"]
-    data.check_data(args, TrainingArguments(seed=8))
-    data.build_datasets(args, tokenizer, 7)  # another seed's check is not this run's
-    assert len(calls) == 4 and not data._CHECKED

@@ -18,11 +18,12 @@ from test_recipes import RECIPES
 from test_task_shapes import SHAPE_FLAGS, shape_args, shapes  # noqa: F401  (shapes: a fixture)
 from tiny import blocked, topic_rows
 
-from finetune_recipes import features, predict
+from finetune_recipes import features
 from finetune_recipes.catalog import caches_features
-from finetune_recipes.cli import main as cli_main
 from finetune_recipes.errors import UserError
-from finetune_recipes.export import export_onnx
+from finetune_recipes.tools import predict
+from finetune_recipes.tools.cli import main as cli_main
+from finetune_recipes.tools.export import export_onnx
 
 CLI = str(Path(sys.executable).parent / "finetune-recipes")
 TEXTS = [row["text"] for row in topic_rows(40, seed=7)]
@@ -73,7 +74,8 @@ def test_the_export_serves_the_models_predictions_without_torch(trained, exporte
     assert_same_predictions(trained, exported, TEXTS)
     # The command line serves it importing neither torch nor transformers (their import alone takes seconds).
     code = (
-        "import sys; from finetune_recipes.cli import main; main(['predict', '--model', sys.argv[1], 'goal win']);"
+        "import sys; from finetune_recipes.tools.cli import main;"
+        "main(['predict', '--model', sys.argv[1], 'goal win']);"
         "assert not {'torch', 'transformers'} & set(sys.modules), sorted(sys.modules)"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(exported)], capture_output=True, text=True)

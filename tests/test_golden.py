@@ -12,7 +12,7 @@ from conftest import run_inline
 from test_task_shapes import shape_args, shapes  # noqa: F401  (shapes: a fixture)
 
 from finetune_recipes.catalog import caches_features, list_recipes
-from finetune_recipes.problem_types import METRICS
+from finetune_recipes.config import METRICS
 
 # Losses are logged rounded to 6 decimals. Two runs on one CPU gave the same digits; another CPU (AVX2 kernels
 # rather than AVX-512) may differ in the last bits of an fp32 matrix product, which training can carry further.

@@ -1,18 +1,22 @@
-"""The package's layers, read from its source: no import circle, the ground imports nothing heavy, and the tools
-(predict, export, tune, compare, cli) sit on top: nothing below them imports one."""
+"""The package's layers, read from its source: no import circle, the ground imports nothing heavy, the tools
+(finetune_recipes.tools) sit on top and nothing below them imports one; and the recipes import real objects,
+plainly, from finetune_recipes.kit."""
 
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / "src" / "finetune_recipes"
-TOOLS = {"predict", "export", "tune", "compare", "cv", "audit", "runs", "cli"}
-GROUND = {"errors", "atomic", "ownership", "problem_types", "tables"}  # the standard library only
+GROUND = {"errors", "atomic", "ownership", "processes"}  # the standard library only
+RECIPES = sorted((ROOT / "recipes").glob("[!_]*.py"))
 
 
 def module_name(path: Path) -> str:
@@ -81,17 +85,26 @@ def test_the_ground_imports_only_the_standard_library_and_nothing_imports_a_tool
         inside, outside = modules[f"finetune_recipes.{name}"]
         assert outside <= set(sys.stdlib_module_names) | {"__future__"}, (name, outside)
         assert {m.rsplit(".", 1)[-1] for m in inside} <= GROUND, (name, inside)
+    tools = {name for name in modules if name.startswith("finetune_recipes.tools")}
+    assert {"finetune_recipes.tools.cli", "finetune_recipes.tools.predict", "finetune_recipes.tools.cv"} <= tools
     for name, (inside, _) in modules.items():
-        short = name.removeprefix("finetune_recipes.")
-        if short not in TOOLS and short != "finetune_recipes":
-            assert not {m.rsplit(".", 1)[-1] for m in inside} & TOOLS, f"{short} imports a tool: {inside}"
+        if name not in tools:
+            assert not inside & tools, f"{name} imports a tool: {sorted(inside & tools)}"
+
+
+def test_the_package_root_the_command_line_and_the_onnx_path_load_no_torch():
+    code = (
+        "import sys, finetune_recipes, finetune_recipes.tools.cli, finetune_recipes.tools.predict;"
+        "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'sklearn') if m in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 def test_the_configuration_loads_no_metrics_and_the_training_helpers_no_tool():
     code = (
-        "import sys, finetune_recipes.config, finetune_recipes.training.save, finetune_recipes.training.resume;"
-        "print(sorted(m for m in ('sklearn', 'scipy', 'finetune_recipes.tune', 'finetune_recipes.compare',"
-        " 'finetune_recipes.predict', 'finetune_recipes.export', 'optuna', 'matplotlib') if m in sys.modules))"
+        "import sys, finetune_recipes.config, finetune_recipes.training.save, finetune_recipes.training.start;"
+        "print(sorted(m for m in sys.modules if m.startswith('finetune_recipes.tools')"
+        " or m.split('.')[0] in ('sklearn', 'scipy', 'optuna', 'matplotlib')))"
     )
     config_only = "import sys, finetune_recipes.config; print('sklearn' in sys.modules, 'scipy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", config_only], capture_output=True, text=True).stdout.split() == [
@@ -99,61 +112,70 @@ def test_the_configuration_loads_no_metrics_and_the_training_helpers_no_tool():
         "False",
     ]
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert loaded.strip() == "['scipy', 'sklearn']", loaded  # the metrics evaluation needs; no tool, no plotting
+    assert {m.split(".")[0] for m in eval(loaded)} == {"scipy", "sklearn"}, loaded  # the metrics; no tool, no plot
 
 
-LIGHT_IMPORTS = {"__future__", "dataclasses", "pathlib", "tqdm", "finetune_recipes"}
+def kit_imports(path: Path) -> tuple[set[str], set[str]]:
+    """(the names a recipe file imports from finetune_recipes.kit; the other finetune_recipes modules it imports)."""
+    names, others = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("finetune_recipes"):
+            if node.module == "finetune_recipes.kit":
+                names |= {a.name for a in node.names}
+            else:
+                others.add(node.module)
+        elif isinstance(node, ast.Import):
+            others |= {a.name for a in node.names if a.name.startswith("finetune_recipes")}
+    return names, others
 
 
-def recipes_importing_nothing_heavy() -> list[Path]:
-    """The recipes whose own imports are light: a recipe importing peft or a transformers model class loads
-    torch itself, as its reader sees on its first lines."""
-    found = []
-    for path in sorted((ROOT / "recipes").glob("[!_]*.py")):
-        tops = {n.module.split(".")[0] for n in ast.parse(path.read_text()).body if isinstance(n, ast.ImportFrom)}
-        tops |= {
-            a.name.split(".")[0] for n in ast.parse(path.read_text()).body if isinstance(n, ast.Import) for a in n.names
-        }
-        if tops <= LIGHT_IMPORTS:
-            found.append(path)
-    return found
+def test_the_kit_is_what_the_recipes_import_and_the_recipes_import_only_the_kit():
+    from finetune_recipes import kit
+
+    imported = set()
+    for recipe in RECIPES:
+        names, others = kit_imports(recipe)
+        assert names and not others, (recipe.name, others)
+        imported |= names
+    assert imported == set(kit.__all__), (sorted(imported - set(kit.__all__)), sorted(set(kit.__all__) - imported))
 
 
-def test_bad_data_is_refused_before_torch_and_transformers_load(tmp_path):
-    """What the issue measured at 11–15 s (imports, then the check): the flags, output_dir and data are checked
-    by run_cli before a builder's module loads. A real process, since what is loaded is the point."""
-    recipes = recipes_importing_nothing_heavy()
-    assert {p.stem for p in recipes} >= {"full_finetune", "llrd", "progressive_unfreezing", "static_embeddings"}
-    bad = tmp_path / "train.csv"
-    bad.write_text("text,label\nhello,a\nworld,b\n")
-    out = tmp_path / "out"
-    probe = (
-        "import atexit, runpy, sys\n"
-        "atexit.register(lambda: print('LOADED', [m for m in ('torch', 'accelerate', 'transformers.modeling_utils',"
-        " 'sklearn') if m in sys.modules], file=sys.stderr))\n"
-        "sys.argv = sys.argv[1:]\n"
-        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+def test_every_name_of_the_kit_is_the_real_object_with_its_own_signature_and_docs():
+    from finetune_recipes import kit
+
+    for name in kit.__all__:
+        value = getattr(kit, name)
+        if isinstance(value, str):  # ON_RESUME, a metadata key
+            continue
+        assert value.__module__.startswith("finetune_recipes.") and value.__module__ != kit.__name__, name
+        module_file = Path(inspect.getsourcefile(inspect.unwrap(value)))
+        assert module_file.stem in (value.__module__.rsplit(".", 1)[-1], "__init__"), name
+        assert value.__doc__, name
+        if inspect.isfunction(value):
+            assert "*args" not in str(inspect.signature(value)) or name == "run_cli", name
+    assert "model_args" in inspect.signature(kit.build_model).parameters
+
+
+def test_a_recipe_copied_before_the_kit_keeps_working_and_is_told_the_new_import():
+    """A recipe copied from 0.1 imports `from finetune_recipes import (...)`: the same objects, one warning each
+    naming the import to write."""
+    import finetune_recipes
+    from finetune_recipes import kit
+
+    names, _ = kit_imports(ROOT / "recipes" / "full_finetune.py")
+    old = f"from finetune_recipes import {', '.join(sorted(names))}"
+    namespace: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(old, namespace)
+    assert all(namespace[n] is getattr(kit, n) for n in names)
+    messages = {str(w.message) for w in caught if w.category is FutureWarning}
+    assert (
+        "`from finetune_recipes import build_model` is the import of recipes copied before 0.2.0; write "
+        "`from finetune_recipes.kit import build_model`" in messages
     )
-    for recipe in recipes:
-        args = [str(recipe), "--train_file", str(bad), "--label_column", "topic", "--output_dir", str(out)]
-        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2, (recipe.name, proc.stderr[-2000:])
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert errors == [
-            f"error: column 'topic' not in the train split ({bad}), whose columns are text, label; "
-            "pass --text_column/--text_pair_column/--label_column"
-        ], recipe.name
-        assert "LOADED []" in proc.stderr, (recipe.name, proc.stderr[-500:])
-        assert not out.exists()
+    with pytest.raises(AttributeError, match="finetune_recipes.kit"):
+        finetune_recipes.no_such_builder  # noqa: B018
+    from finetune_recipes import tools  # a subpackage is a submodule, not a moved name
 
-
-def test_a_deferred_builder_copies_and_pickles():
-    import copy
-    import pickle
-
-    from finetune_recipes import _Deferred
-    from finetune_recipes.modeling import build_model
-
-    deferred = _Deferred("build_model")
-    for twin in (copy.copy(deferred), pickle.loads(pickle.dumps(deferred))):  # no recursion before __init__ runs
-        assert twin._get() is build_model and twin.__name__ == "build_model"
+    assert tools.__name__ == "finetune_recipes.tools"

@@ -108,7 +108,7 @@ def test_fsdp2_wraps_the_blocks_but_not_the_module_holding_the_input_embedding()
     from peft import LoraConfig, TaskType, get_peft_model
     from tiny import build_tiny
 
-    from finetune_recipes.training.precision import wrap_blocks_not_embeddings
+    from finetune_recipes.training.accelerator import wrap_blocks_not_embeddings
 
     for model in (build_tiny("bert"), get_peft_model(build_tiny("bert"), LoraConfig(task_type=TaskType.SEQ_CLS))):
         plugin = SimpleNamespace(fsdp_version=2, transformer_cls_names_to_wrap=None)
@@ -122,7 +122,7 @@ def test_fsdp2_wraps_the_blocks_but_not_the_module_holding_the_input_embedding()
 def test_a_recipe_that_thaws_mid_run_refuses_fsdp_before_training(monkeypatch):
     from finetune_recipes.config import TrainingArguments
     from finetune_recipes.errors import UserError
-    from finetune_recipes.training import precision
+    from finetune_recipes.training import accelerator as precision
 
     class FsdpAccelerator(precision.Accelerator):
         distributed_type = precision.DistributedType.FSDP
@@ -140,13 +140,12 @@ def test_a_recipe_that_thaws_mid_run_refuses_fsdp_before_training(monkeypatch):
 def test_mixed_precision_auto_by_device(device, bf16, expected, monkeypatch):
     import torch
 
-    from finetune_recipes import hardware
-    from finetune_recipes.training import precision
+    from finetune_recipes.training import accelerator
 
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device(device))
-    monkeypatch.setattr(hardware, "bf16_supported", lambda d: bf16)
-    assert precision.resolve_mixed_precision("auto") == expected
-    assert precision.resolve_mixed_precision("fp16") == "fp16"  # what the user asked for stands
+    monkeypatch.setattr(accelerator, "bf16_supported", lambda d: bf16)
+    assert accelerator.resolve_mixed_precision("auto") == expected
+    assert accelerator.resolve_mixed_precision("fp16") == "fp16"  # what the user asked for stands
 
 
 @pytest.mark.parametrize(
@@ -162,7 +161,7 @@ def test_a_lone_process_of_a_multi_process_launch_refuses(env, refused, monkeypa
     from accelerate.utils import DistributedType
 
     from finetune_recipes.errors import UserError
-    from finetune_recipes.training import precision
+    from finetune_recipes.training import accelerator as precision
 
     for key in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)

@@ -206,6 +206,23 @@ def test_the_final_save_never_replaces_a_users_file_of_the_same_name(tiny_args, 
     assert (out / ".partial_outputs" / "model.safetensors").exists()  # the trained model is not lost
 
 
+def test_a_run_checks_its_output_dir_once_and_again_only_if_it_changed(tiny_args, tmp_path, monkeypatch):
+    from finetune_recipes.errors import UserError
+
+    calls = []
+    real = ownership.refuse_output_dir
+    monkeypatch.setattr(ownership, "refuse_output_dir", lambda *a: calls.append(a) or real(*a))
+    run_inline("full_finetune", *short(tiny_args))
+    assert len(calls) == 1  # at the start; the claim before the first write found it unchanged
+    fresh = TrainingArguments(output_dir=str(tmp_path / "fresh"))
+    checked = ownership.check_output_dir(fresh)
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "notes.txt").write_text("mine, written after the run's start")
+    with pytest.raises(UserError, match="is not empty"):
+        ownership.claim_output_dir(fresh, [], needed_mb=0, checked=checked)
+    assert len(calls) == 3 and (tmp_path / "fresh" / "notes.txt").read_text() == "mine, written after the run's start"
+
+
 def test_a_file_dropped_in_while_a_run_writes_is_never_the_runs(tmp_path):
     from finetune_recipes.ownership import claim_output_dir, entries, owned_entries
 
@@ -237,8 +254,8 @@ def test_a_tools_directory_in_use_names_the_tools_own_flag(tmp_path):
 
 
 def test_an_overwritten_comparison_drops_the_earlier_runs_it_does_not_redo(tmp_path):
-    from finetune_recipes.compare import drop_earlier_runs
     from finetune_recipes.ownership import write_manifest
+    from finetune_recipes.tools.compare import drop_earlier_runs
 
     for name in ("llrd", "lora", "full_finetune_seed43"):
         (tmp_path / name).mkdir()

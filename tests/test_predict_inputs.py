@@ -12,8 +12,8 @@ import pytest
 from conftest import run_inline
 from test_task_shapes import SHAPE_FLAGS, shape_args, shapes  # noqa: F401  (shapes: a fixture)
 
-from finetune_recipes.cli import main as cli
-from finetune_recipes.predict import predict
+from finetune_recipes.tools.cli import main as cli
+from finetune_recipes.tools.predict import predict
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from tiny import build_tiny, tiny_configs
 from transformers import AutoModelForSequenceClassification, pipeline
 
-from finetune_recipes import UserError, discover_layers, freeze, on_cached_states, set_trainable
 from finetune_recipes.catalog import caches_features, list_recipes
-from finetune_recipes.predict import predict
+from finetune_recipes.kit import UserError, discover_layers, freeze, on_cached_states, set_trainable
+from finetune_recipes.tools.predict import predict
 
 RECIPES = list(list_recipes())  # every installed recipe: a new one is tested by every test that takes this
 LABELS = {"business", "sport", "tech"}

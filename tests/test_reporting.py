@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from test_cli import snapshot
 from test_recipes import LABELS, RECIPES
 
-from finetune_recipes.cli import main as cli
+from finetune_recipes.tools.cli import main as cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -107,7 +107,7 @@ def test_push_uploads_the_run_but_not_its_checkpoints_and_never_writes_the_token
 
 def test_nothing_is_pushed_when_the_run_fails(tiny_args, tmp_path, monkeypatch, fake_hub):
     import finetune_recipes.training.save as save_module
-    from finetune_recipes import UserError
+    from finetune_recipes.errors import UserError
 
     def disk_full(*args, **kwargs):
         raise UserError("cannot save the outputs (disk full)")

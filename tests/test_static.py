@@ -17,7 +17,7 @@ from tiny import FILLER, TOPICS
 from transformers import AutoModelForSequenceClassification, pipeline
 
 import finetune_recipes.static as static
-from finetune_recipes.predict import predict
+from finetune_recipes.tools.predict import predict
 
 DIM = 8
 

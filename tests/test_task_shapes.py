@@ -35,7 +35,7 @@ from finetune_recipes.metrics import (
     tune_thresholds,
 )
 from finetune_recipes.modeling import target_head
-from finetune_recipes.predict import predict
+from finetune_recipes.tools.predict import predict
 from finetune_recipes.training.save import fold_into
 
 
@@ -423,7 +423,7 @@ def test_bad_task_input_is_one_line_exit_2_nothing_written(case, shapes, tiny_ar
 def test_compare_reports_each_shape_with_its_baseline_and_metrics(
     shape, baseline, columns, shapes, tiny_args, tmp_path
 ):
-    from finetune_recipes.compare import main as compare
+    from finetune_recipes.tools.compare import main as compare
 
     args = shape_args(tiny_args, shapes[shape], *SHAPE_FLAGS[shape], "--max_train_steps", "2")
     args = [a for a in args if a != str(tmp_path / "out")]

@@ -19,9 +19,9 @@ from test_cli import replace_flag, snapshot
 from test_distributed import TWO_PROCESSES
 
 from finetune_recipes.catalog import list_recipes, recipe_namespace, recipe_types, resolve_recipe
-from finetune_recipes.cli import main
 from finetune_recipes.config import SHARED_TYPES
-from finetune_recipes.search_space import check_space, search_space
+from finetune_recipes.tools.cli import main
+from finetune_recipes.tools.search_space import check_space, search_space
 
 CLI = str(Path(sys.executable).parent / "finetune-recipes")
 
@@ -231,7 +231,7 @@ def test_eval_steps_on_two_processes_counts_every_example_once_and_streams_metri
 
 
 def test_the_verdict_names_the_best_those_within_its_noise_the_cheapest_and_the_baseline():
-    from finetune_recipes.reporting.comparison import summarise, verdict
+    from finetune_recipes.tools.compare_report import summarise, verdict
 
     task = {"problem_type": "single_label_classification"}
     runs = [{"strategy": "tfidf_logreg", "test_accuracy": 0.8, "wall_time_s": 1.0, "status": "ok", "task": task}]
@@ -266,7 +266,7 @@ def test_best_yaml_keeps_what_the_users_config_file_set(tiny_args, tmp_path):
     """--config replaces the recipe's YAML, so best.yaml must carry that file's settings, not only the flags."""
     from types import SimpleNamespace
 
-    from finetune_recipes.tune import write_best_config
+    from finetune_recipes.tools.tune import write_best_config
 
     args = data_flags(tiny_args)
     mine = {args[i][2:]: args[i + 1] for i in range(0, len(args), 2)}
@@ -286,7 +286,7 @@ def test_a_study_resumes_only_on_the_data_it_began_with(tiny_args, tiny_data, tm
     import os
 
     from finetune_recipes.errors import UserError
-    from finetune_recipes.tune import Study, objective_metric
+    from finetune_recipes.tools.tune import Study, objective_metric
 
     recipe = resolve_recipe("full_finetune")
     types = (*SHARED_TYPES, *recipe_types(recipe))
@@ -307,7 +307,7 @@ def test_a_study_resumes_only_on_the_data_it_began_with(tiny_args, tiny_data, tm
 
 
 def test_the_verdict_says_when_strategies_finished_without_the_ranked_score():
-    from finetune_recipes.reporting.comparison import verdict
+    from finetune_recipes.tools.compare_report import verdict
 
     rows = [{"strategy": "tfidf_logreg", "status": "ok", "test_accuracy": 0.7}, {"strategy": "llrd", "status": "ok"}]
     assert (
@@ -319,7 +319,7 @@ def test_the_verdict_says_when_strategies_finished_without_the_ranked_score():
 
 
 def test_the_data_digest_takes_a_test_split_without_labels(tiny_args, tiny_data, tmp_path):
-    from finetune_recipes.tune import objective_metric
+    from finetune_recipes.tools.tune import objective_metric
 
     unlabelled = tmp_path / "test.csv"
     unlabelled.write_text(

@@ -16,7 +16,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_expit, log_softmax, softmax
 
-from .problem_types import SINGLE
+from .config import SINGLE
 
 logger = logging.getLogger(__name__)
 

@@ -69,7 +69,7 @@ def recipe_types(recipe: str | Path) -> tuple[type, ...]:
 def problem_types(recipe: str | Path) -> tuple[str, ...]:
     """The task shapes a recipe takes: its PROBLEM_TYPES when it declares them (contrastive: no regression),
     else every one."""
-    from .problem_types import METRICS
+    from .config import METRICS
 
     return tuple(recipe_namespace(resolve_recipe(recipe)).get("PROBLEM_TYPES", tuple(METRICS)))
 

@@ -1,4 +1,5 @@
-"""Recipe configuration: dataclasses parsed from a YAML file plus command-line overrides."""
+"""Recipe configuration: the three problem types and their metrics, and the dataclasses parsed from a YAML file
+plus command-line overrides."""
 
 from __future__ import annotations
 
@@ -9,9 +10,24 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import UserError
-from .problem_types import METRICS
 
 T = TypeVar("T")
+
+# The three problem types, the metrics each one reports (its first the primary: compare's column, tune's objective)
+# and which way each metric is better; the flags are checked against these names without loading scikit-learn.
+SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
+METRICS = {
+    SINGLE: ("accuracy", "f1_macro"),
+    MULTI: ("f1_micro", "f1_macro", "f1_samples", "subset_accuracy"),
+    REGRESSION: ("mse", "mae", "pearson", "spearman", "r2"),
+}
+LOWER_IS_BETTER = {"mse", "mae"}
+
+
+def greater_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
 # Field metadata of a flag a resumed run may change: where the run writes, how often it logs, evaluates or saves,
 # where its data comes from (the data itself is compared by content); none alters what the run computes.
 ON_RESUME = "may_change_on_resume"

@@ -43,6 +43,7 @@ def pool(outputs, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
 
 
 def check_pooling(encoder: PreTrainedModel, pooling: str) -> None:
+    """Refuses a --pooling the encoder cannot give: an unknown one, or `pooler` on a model without a pooler."""
     if pooling not in POOLINGS:
         raise UserError(f"pooling '{pooling}' is not one of {', '.join(POOLINGS)}")
     if pooling == "pooler" and getattr(encoder, "pooler", None) is None:

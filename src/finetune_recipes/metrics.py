@@ -15,7 +15,7 @@ from sklearn.metrics import (
     r2_score,
 )
 
-from .problem_types import LOWER_IS_BETTER, METRICS, MULTI, REGRESSION, SINGLE, greater_is_better  # noqa: F401
+from .config import LOWER_IS_BETTER, METRICS, MULTI, REGRESSION, SINGLE, greater_is_better  # noqa: F401
 
 
 def _array(values, what: str, ndim: int) -> np.ndarray:

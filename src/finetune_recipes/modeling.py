@@ -1,4 +1,5 @@
-"""Model loading: resolve a name offline when a package ships it, build the classifier with its labels."""
+"""Model loading: resolve a name offline when a package ships it, build the classifier with its labels; and what
+the machine computes natively, which training, encoding and prediction share."""
 
 from __future__ import annotations
 
@@ -172,3 +173,12 @@ def target_head(model: torch.nn.Module, outputs: int = 1) -> str:
             "regression scale into; give its head one, or pass --calibration none"
         )
     return trained[-1][0]
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 pays off on GPUs that have it and on CPUs with AVX-512 BF16 or AMX; elsewhere it is emulated."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False

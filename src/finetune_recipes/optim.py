@@ -13,8 +13,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from .errors import UserError
-from .figures import png, pyplot
-from .tables import markdown_table
+from .rendering import markdown_table, png, pyplot
 
 if TYPE_CHECKING:
     from .layers import LayerMap

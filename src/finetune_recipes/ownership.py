@@ -91,14 +91,27 @@ def inside(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
 
 
-def check_output_dir(args, inputs: Iterable[str] = ()) -> None:
+def check_output_dir(args, inputs: Iterable[str] = ()) -> str:
     """Refuses an output_dir (`args`: output_dir, overwrite_output_dir, resume_from_checkpoint) whose contents
-    the run would replace or remove without being told to.
+    the run would replace or remove without being told to; returns what it checked (`contents`), so that the
+    claim before the first write checks again only what changed since.
 
     A non-empty output_dir needs --overwrite_output_dir, which removes only what runs wrote there (its
     manifest says which) and never one of this run's `inputs`, or --resume_from_checkpoint with a checkpoint
     of that same directory.
     """
+    refuse_output_dir(args, inputs)
+    return contents(Path(args.output_dir))
+
+
+def contents(out: Path) -> str:
+    """A digest of what the output_dir check reads: the directory's entries and its manifest."""
+    manifest = out / MANIFEST
+    seen = [sorted(entries(out) - BOOKKEEPING), manifest.read_text() if manifest.is_file() else None]
+    return file_hash(json.dumps(seen))
+
+
+def refuse_output_dir(args, inputs: Iterable[str]) -> None:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file; pass --output_dir a directory")
@@ -143,14 +156,17 @@ class OutputDir:
         write_manifest(self.path, written, self.kept)
 
 
-def claim_output_dir(args, inputs: Iterable[str], needed_mb: float, ahead: Iterable[str] = ()) -> OutputDir:
+def claim_output_dir(
+    args, inputs: Iterable[str], needed_mb: float, ahead: Iterable[str] = (), checked: str | None = None
+) -> OutputDir:
     """Locks output_dir for this run and records what runs wrote there; on overwrite, removes only that.
 
-    Checked again here, just before the first write, because the directory may have changed since the start;
-    refused when the disk has not `needed_mb` free. The entries `ahead` are claimed before they exist, so a
-    run that dies after writing them still owns them."""
-    check_output_dir(args, inputs)
+    Checked here, just before the first write, unless `checked` (check_output_dir's answer at the run's start)
+    shows the directory unchanged since; refused when the disk has not `needed_mb` free. The entries `ahead`
+    are claimed before they exist, so a run that dies after writing them still owns them."""
     out = Path(args.output_dir)
+    if checked is None or contents(out) != checked:
+        check_output_dir(args, inputs)
     out.mkdir(parents=True, exist_ok=True)
     lock = lock_output_dir(out)
     try:

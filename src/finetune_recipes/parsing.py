@@ -18,8 +18,10 @@ from typing import Any, TypeVar
 import yaml
 from transformers import HfArgumentParser
 
-from .config import ON_RESUME, check_ranges
-from .errors import SAVED_SO_FAR, OneLineErrors, Parser, UserError, die_with_launcher, run_to_end
+from .config import ON_RESUME, DataArguments, check_ranges
+from .errors import SAVED_SO_FAR, OneLineErrors, Parser, UserError
+from .processes import die_with_launcher, run_to_end
+from .strategy_args import CacheArguments
 
 T = TypeVar("T")
 
@@ -64,9 +66,23 @@ def parse_config(
         raise
     except ValueError as error:  # "Some specified arguments are not used by the HfArgumentParser"
         raise UserError(f"{error}; run with --help to list the valid flags") from None
-    for config in parsed[: len(types)]:
+    configs = tuple(parsed[: len(types)])  # the rest is a namespace holding --config
+    for config in configs:
         check_ranges(config)  # nan and inf in a recipe's own float flags too
-    return tuple(parsed[: len(types)])  # the rest is a namespace holding --config
+    check_combination(configs)
+    return configs
+
+
+def check_combination(configs: tuple[Any, ...]) -> None:
+    """Flags of two dataclasses that contradict each other: --pack_sequences packs the batches an encoder trains
+    on, and a recipe that caches (CacheArguments) trains on what its frozen weights computed once; it would
+    otherwise say so only after encoding every text."""
+    packing = any(isinstance(c, DataArguments) and c.pack_sequences for c in configs)
+    if packing and any(isinstance(c, CacheArguments) for c in configs):
+        raise UserError(
+            "--pack_sequences packs the batches an encoder trains on; this recipe trains on what its frozen "
+            "weights computed once (the --feature_cache_dir kind): drop --pack_sequences"
+        )
 
 
 def _default_config(path: str | Path | None) -> Path | None:
@@ -117,40 +133,8 @@ def _coerce(key: str, value: Any, action: argparse.Action, path: Path) -> Any:
 def run_cli(main: Callable[..., T], *types: type, default_config: str | Path | None = None) -> T:
     """`python recipe.py FLAGS`: parses `types` (from `default_config`, --config and the flags) and calls
     `main(*parsed)`; a UserError anywhere becomes one line on stderr and exit code 2, and a process of a
-    multi-process run ends as errors.run_to_end says; under a launcher, the process ends with it."""
+    multi-process run ends as processes.run_to_end says; under a launcher, the process ends with it."""
     die_with_launcher()
     SAVED_SO_FAR[:] = ["nothing was saved"]  # what a Ctrl-C line reports: checkpoints add to it
 
-    def checked_run() -> T:
-        configs = parse_config(*types, default_config=default_config)
-        preflight(configs)
-        return main(*configs)
-
-    return run_to_end(checked_run)
-
-
-def preflight(configs: tuple[Any, ...]) -> None:
-    """What a recipe's main refuses first, checked before it imports torch and transformers: the output_dir
-    and the data (files, columns, labels, splits; the run reuses what was read). One process only: under a
-    launcher, each process checks in main, the main process first, as the data's cache wants."""
-    from .config import DataArguments, TrainingArguments
-    from .ownership import check_output_dir
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return
-    training = next((c for c in configs if isinstance(c, TrainingArguments)), None)
-    data = next((c for c in configs if isinstance(c, DataArguments)), None)
-    if training is not None:
-        check_output_dir(training)
-    if data is not None and data.pack_sequences:
-        from .strategy_args import CacheArguments
-
-        if any(isinstance(c, CacheArguments) for c in configs):  # it would say so only after encoding every text
-            raise UserError(
-                "--pack_sequences packs the batches an encoder trains on; this recipe trains on what its frozen "
-                "weights computed once (the --feature_cache_dir kind): drop --pack_sequences"
-            )
-    if training is not None and data is not None:
-        from .data import check_data
-
-        check_data(data, training)
+    return run_to_end(lambda: main(*parse_config(*types, default_config=default_config)))

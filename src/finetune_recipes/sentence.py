@@ -29,10 +29,10 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from .config import MULTI, REGRESSION
 from .errors import UserError
 from .features import encode, pool
 from .modeling import resolve_model_path
-from .problem_types import MULTI, REGRESSION
 
 MODEL_TYPE = "finetune_recipes_sentence"
 ST_POOLINGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}  # the two the recipe pools

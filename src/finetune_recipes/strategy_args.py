@@ -1,5 +1,5 @@
 """The flags of the recipes that take more than the shared three of config.py: the feature cache of the
-frozen recipes and the word-vector source of the static one. Light, like config: parsed before torch loads."""
+frozen recipes and the word-vector source of the static one. Light, like config: the tools parse them without torch."""
 
 from __future__ import annotations
 

@@ -7,41 +7,22 @@ split per task shape · tokens / windows: token ids · loaders: samplers and dat
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from datasets import Dataset, DatasetDict
+from transformers import PreTrainedTokenizerBase
 
-from ..config import DataArguments, ModelArguments
+from ..config import METRICS, REGRESSION, DataArguments, ModelArguments
 from ..errors import UserError
-from ..problem_types import METRICS, REGRESSION
 from .files import BBC_NEWS, check_columns, drop_absent_test_labels, labelled, load_bbc_news, load_raw_datasets
+from .loaders import EpochLengthGroupedSampler, EpochWeightedSampler, build_dataloader, build_dataloaders, train_sampler
 from .split import TEST_SPLIT_SEED, drop_duplicate_texts, split_validation, warn_overlap
 from .tasks import Task, constant_target, encode_task, fit_task
+from .tokens import build_tokenizer, content_digest, load_tokenizer, tokenize
+from .windows import aggregate_windows, check_windows, encode_windows
 
 UNDEFINED_WHEN_CONSTANT = ("pearson", "spearman", "r2")  # regression_metrics reports these as None there
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-# Reading, checking and splitting the data (above) needs neither torch nor transformers; tokens and batches
-# (below) do, and are imported on first use, so run_cli checks the data before they load.
-_HEAVY = {
-    "loaders": ("EpochLengthGroupedSampler", "EpochWeightedSampler", "build_dataloader", "build_dataloaders",
-                "train_sampler"),
-    "tokens": ("build_tokenizer", "content_digest", "load_tokenizer", "tokenize"),
-    "windows": ("aggregate_windows", "check_windows", "encode_windows"),
-}  # fmt: skip
-
-
-def __getattr__(name: str):
-    module = next((m for m, names in _HEAVY.items() if name in names), None)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
 @dataclass
@@ -73,9 +54,6 @@ def load_data(
     """(tokenizer, ClassificationData); the main process builds first, so the others read its cache. A
     `tokenizer` given (static word vectors bring their own) replaces the model's. Checks that the task computes
     --metric_for_best_model: now, not at the first evaluation."""
-    from .tokens import build_tokenizer
-    from .windows import check_windows
-
     if tokenizer is None:
         tokenizer = build_tokenizer(model_args, data_args)
     else:
@@ -105,31 +83,9 @@ def check_task_flags(training_args, problem_type: str, validation: Dataset) -> N
 
 def build_datasets(args: DataArguments, tokenizer: PreTrainedTokenizerBase, seed: int) -> ClassificationData:
     """Raw data → task and labels fixed from train → deduplicated validation split if missing → tokens."""
-    from .tokens import tokenize
-
-    checked = _CHECKED.pop(_checked_key(args, seed), None)
-    _CHECKED.clear()  # a check is for the run that follows it, never a later one
-    raw, task = checked or raw_splits(args, seed)
+    raw, task = raw_splits(args, seed)
     tokenized = tokenize(raw, tokenizer, args)
     return ClassificationData(tokenized["train"], tokenized["validation"], tokenized.get("test"), task, raw)
-
-
-# The splits run_cli read and checked before the heavy imports, handed once to the run's build_datasets.
-_CHECKED: dict[str, tuple[DatasetDict, Task]] = {}
-
-
-def _checked_key(args: DataArguments, seed: int) -> str:
-    return repr((dataclasses.asdict(args), seed))
-
-
-def check_data(args: DataArguments, training_args) -> None:
-    """Reads and checks the data as the run will (files, columns, labels, splits, the flags that depend on the
-    task), before torch and transformers load: a refusal then takes a second or two, not the imports of a whole
-    run. The run reuses what was read."""
-    _CHECKED.clear()
-    seed = training_args.seed
-    raw, task = _CHECKED[_checked_key(args, seed)] = raw_splits(args, seed)
-    check_task_flags(training_args, task.problem_type, raw["validation"])
 
 
 def raw_splits(args: DataArguments, seed: int) -> tuple[DatasetDict, Task]:
@@ -176,7 +132,6 @@ __all__ = [
     "build_datasets",
     "build_tokenizer",
     "check_columns",
-    "check_data",
     "content_digest",
     "drop_absent_test_labels",
     "drop_duplicate_texts",

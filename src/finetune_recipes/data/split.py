@@ -8,9 +8,8 @@ import logging
 import numpy as np
 from datasets import ClassLabel, Dataset
 
-from ..config import DataArguments
+from ..config import MULTI, REGRESSION, DataArguments
 from ..errors import UserError, first_line
-from ..problem_types import MULTI, REGRESSION
 
 logger = logging.getLogger(__name__)
 

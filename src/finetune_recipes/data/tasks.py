@@ -6,19 +6,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List, Sequence, Value
+from torch.nn import functional as F
 
-from ..config import DataArguments
+from ..config import METRICS, MULTI, REGRESSION, SINGLE, DataArguments
 from ..errors import UserError, listing
-from ..problem_types import METRICS, MULTI, REGRESSION, SINGLE
 from .files import check_no_missing, check_type, split_name
 from .weights import class_weights
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +52,6 @@ class Task:
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (single-label), BCE per label (multi-label) or MSE (regression), with the class
         weights when there are any; computed in float32 whatever the autocast precision."""
-        from torch.nn import functional as F
-
         logits = logits.float()
         weights = self._weight_tensor(logits.device)
         if self.problem_type == SINGLE:
@@ -66,8 +61,6 @@ class Task:
         return F.mse_loss(logits.squeeze(-1), labels.float())
 
     def _weight_tensor(self, device: torch.device) -> torch.Tensor | None:
-        import torch
-
         if self.class_weights is None:
             return None
         if device not in self._weights:  # made once per device, not once per step
@@ -76,8 +69,6 @@ class Task:
 
     def scores(self, logits) -> np.ndarray:
         """What a user reads from logits: class probabilities, per-label probabilities, or values in y's units."""
-        import torch
-
         logits = torch.as_tensor(logits).float()
         if self.problem_type == SINGLE:
             return logits.softmax(-1).numpy()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import MULTI, REGRESSION
 from ..errors import UserError, listing
-from ..problem_types import MULTI, REGRESSION
 
 
 def class_weights(labels: list, task, spec: str) -> list[float] | None:

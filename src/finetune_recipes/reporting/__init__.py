@@ -12,9 +12,9 @@ from pathlib import Path
 import yaml
 
 from ..atomic import atomic_write
+from ..config import REGRESSION
 from ..errors import UserError, first_line
 from ..ownership import file_hash, lock_output_dir, owned_entries, rendered_hashes, write_manifest
-from ..problem_types import REGRESSION
 from .card import render_card, render_report
 from .predictions import prediction_rows, read_csv, regression_pairs, to_csv
 

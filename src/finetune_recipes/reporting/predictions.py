@@ -8,8 +8,8 @@ import io
 
 import numpy as np
 
+from ..config import MULTI, SINGLE
 from ..errors import UserError
-from ..problem_types import MULTI, SINGLE
 
 
 def prediction_rows(

@@ -41,7 +41,7 @@ class TrainState:
     evals_without_improvement: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     loss_history: list[dict[str, float]] = field(default_factory=list)  # the logged training-loss means
-    fingerprint: dict[str, object] = field(default_factory=dict)  # what determines the run: see loop.fingerprint
+    fingerprint: dict[str, object] = field(default_factory=dict)  # what determines the run: see start.fingerprint
 
     def save(self, directory: Path) -> None:
         (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")

@@ -14,7 +14,7 @@ from ..calibration import calibration_metrics, fit_temperature, reliability_bins
 from ..data import Task, aggregate_windows
 from ..errors import UserError
 from ..metrics import MULTI, REGRESSION, greater_is_better, per_class_report, task_metrics, tune_thresholds
-from ..tables import cell
+from ..rendering import cell
 from .checkpoints import TrainState, load_best, prune_best, save_best
 from .tracking import refuse_diverged
 

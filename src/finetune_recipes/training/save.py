@@ -20,13 +20,12 @@ from accelerate.utils import broadcast_object_list
 
 from ..atomic import atomic_write
 from ..catalog import describe as describe_recipe
-from ..config import DataArguments, RunArgs, TrainingArguments
+from ..config import REGRESSION, DataArguments, RunArgs, TrainingArguments
 from ..data import ClassificationData
 from ..errors import UserError
 from ..freezing import count_parameters
 from ..modeling import load_adapter_classifier, target_head
 from ..ownership import OutputDir, check_output_dir, file_hash, owned_entries, write_manifest
-from ..problem_types import REGRESSION
 from ..reporting import prediction_rows, render_saved, to_csv
 from ..reporting.hub import check_hub, push
 from .evaluate import Evaluation
@@ -35,11 +34,14 @@ logger = logging.getLogger("finetune_recipes")
 T = TypeVar("T")
 
 
-def check_outputs(training_args: TrainingArguments) -> None:
+def check_outputs(args: RunArgs) -> str:
     """What the end of the run needs, refused now rather than after the training: an output_dir the run may
-    fill, and with --push_to_hub a reachable Hub and credentials."""
-    check_output_dir(training_args)
+    fill (none of the run's inputs removed by an overwrite), and with --push_to_hub a reachable Hub and
+    credentials. Returns what was checked of output_dir, for start_training's claim on it."""
+    training_args = args.get(TrainingArguments)
+    checked = check_output_dir(training_args, args.inputs())
     check_hub(training_args)
+    return checked
 
 
 def on_main(accelerator: Accelerator, work: Callable[[], T], failure: str) -> T | None:

@@ -11,10 +11,10 @@ from accelerate import Accelerator, skip_first_batches
 
 from ..config import DataArguments, RunArgs, TrainingArguments, resume_may_change
 from ..data import ClassificationData, content_digest
-from ..errors import DISTRIBUTED
 from ..optim import Schedule
 from ..ownership import OutputDir, claim_output_dir
 from ..packing import accept_packed, check_packable
+from ..processes import DISTRIBUTED
 from .checkpoints import TrainState, adopt_best, resolve_checkpoint, resume
 from .save import on_main
 from .tracking import TRACKER_PROJECT
@@ -23,18 +23,24 @@ logger = logging.getLogger("finetune_recipes")
 
 
 def start_training(
-    accelerator: Accelerator, model: torch.nn.Module, data: ClassificationData, schedule: Schedule, args: RunArgs
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    data: ClassificationData,
+    schedule: Schedule,
+    args: RunArgs,
+    checked: str | None = None,
 ) -> tuple[TrainState, OutputDir | None]:
     """Where the loop starts (a new TrainState, or a checkpoint's with --resume_from_checkpoint) and the run's
     claim on output_dir (on the main process; None on the others).
 
     With --pack_sequences, the model is checked and taught to read packed batches (packing.py) first. A resume
     is checked against the run's settings and data, and loaded, before anything is written: a
-    refused resume leaves output_dir as it was. Then output_dir is locked and claimed (an overwrite removes
+    refused resume leaves output_dir as it was. `checked` is check_outputs' answer at the run's start: the
+    claim checks output_dir again only if it changed since. Then output_dir is locked and claimed (an overwrite removes
     only what runs wrote), the trackers start with the resolved config, and the plan is logged.
     """
     training = args.get(TrainingArguments)
-    if accelerator.num_processes > 1:  # first: DDP's Reducer holds the process group (see errors.run_to_end)
+    if accelerator.num_processes > 1:  # first: DDP's Reducer holds the process group (see processes.run_to_end)
         DISTRIBUTED.append(model)
     if args.get(DataArguments).pack_sequences:  # the loaders pack; the model learns to read packed batches
         check_packable(accelerator.unwrap_model(model))
@@ -46,7 +52,7 @@ def start_training(
     if training.resume_from_checkpoint:
         path = resolve_checkpoint(training.output_dir, training.resume_from_checkpoint)
         state = resume(accelerator, path, state.fingerprint, training.allow_config_change_on_resume)
-    out = claim(accelerator, model, args)
+    out = claim(accelerator, model, args, checked)
     if path:
         adopt_best(accelerator, path, training.output_dir, state)
         logger.info("Resumed at step %d from %s", state.completed_steps, path)
@@ -73,14 +79,14 @@ def fingerprint(args: RunArgs, data: ClassificationData, processes: int) -> dict
     return {**settings, **digests, "recipe": args.recipe, "processes": processes}
 
 
-def claim(accelerator: Accelerator, model: torch.nn.Module, args: RunArgs) -> OutputDir | None:
-    """output_dir locked and claimed on the main process (checked again: it may have changed since the start);
+def claim(accelerator: Accelerator, model: torch.nn.Module, args: RunArgs, checked: str | None) -> OutputDir | None:
+    """output_dir locked and claimed on the main process (checked again if it changed since the start);
     refused when the disk has no room for the model, a warning when checkpoints may not fit."""
     training = args.get(TrainingArguments)
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
     def work() -> OutputDir:
-        out = claim_output_dir(training, args.inputs(), model_mb, ahead=("checkpoints", TRACKER_PROJECT))
+        out = claim_output_dir(training, args.inputs(), model_mb, ("checkpoints", TRACKER_PROJECT), checked)
         kept = training.save_total_limit or 1
         free_mb = shutil.disk_usage(out.path).free / 2**20
         if training.checkpointing_steps and free_mb < model_mb * (1 + 3 * kept):

@@ -11,9 +11,10 @@ import transformers
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, set_seed, str_to_bool
 
-from .. import hardware
 from ..config import TrainingArguments
-from ..errors import DISTRIBUTED, UserError
+from ..errors import UserError
+from ..modeling import bf16_supported
+from ..processes import DISTRIBUTED
 from .tracking import TRACKER_PROJECT, trackers
 
 logger = logging.getLogger("finetune_recipes")
@@ -25,7 +26,7 @@ def resolve_mixed_precision(requested: str | None) -> str | None:
     if requested != "auto":
         return requested
     device = torch.accelerator.current_accelerator() or torch.device("cpu")
-    if hardware.bf16_supported(device):
+    if bf16_supported(device):
         return "bf16"
     return "fp16" if device.type == "cuda" else "no"
 
@@ -73,7 +74,7 @@ def build_accelerator(args: TrainingArguments, find_unused_parameters: bool = Fa
     )
     check_launch(accelerator)
     if accelerator.num_processes > 1:
-        DISTRIBUTED.append(accelerator)  # its process group outlives the run: see errors.run_to_end
+        DISTRIBUTED.append(accelerator)  # its process group outlives the run: see processes.run_to_end
     if find_unused_parameters and accelerator.distributed_type == DistributedType.FSDP:
         # Measured on an H200 (torch 2.11, accelerate 1.15): a block thawed after FSDP2 has sharded the model
         # fails in backward ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype

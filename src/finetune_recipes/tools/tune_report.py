@@ -10,10 +10,9 @@ import yaml
 
 from ..atomic import atomic_write
 from ..catalog import as_flags, flag_groups, recipe_config
-from ..figures import png, pyplot
+from ..config import greater_is_better
 from ..parsing import parse_config
-from ..problem_types import greater_is_better
-from ..tables import csv_text, markdown_table
+from ..rendering import csv_text, markdown_table, png, pyplot
 
 
 def trial_rows(study, metric: str) -> list[dict]:

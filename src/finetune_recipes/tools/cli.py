@@ -8,8 +8,8 @@ import importlib
 import sys
 from pathlib import Path
 
-from .catalog import copy_recipe, list_recipes
-from .errors import Parser, UserError, entrypoint
+from ..catalog import copy_recipe, list_recipes
+from ..errors import Parser, UserError, entrypoint
 
 
 def read_texts(file: str | None, texts: list[str]) -> list[str]:
@@ -99,6 +99,6 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"wrote {', '.join(audit_main(args.cv_dir))} in {args.cv_dir}")
     elif args.command == "report":
-        from .reporting import report
+        from ..reporting import report
 
         print(f"wrote {', '.join(report(args.output_dir))} in {args.output_dir}")

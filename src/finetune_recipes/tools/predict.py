@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .documents import aggregate_rows
-from .errors import UserError, first_line, listing
+from ..documents import aggregate_rows
+from ..errors import UserError, first_line, listing
 
 MODEL_ONNX, HEAD_ONNX = "model.onnx", "head.onnx"  # what `export` writes
 # What features.FeatureClassifier saves beside its encoder; named here, not imported, since importing
@@ -181,13 +181,13 @@ def load_model(path: Path):
     config = path / "config.json"
     model_type = json.loads(config.read_text()).get("model_type", "") if config.exists() else ""
     if model_type.startswith("finetune_recipes_"):  # this package's own classifiers: static, sentence
-        importlib.import_module(f".{model_type.removeprefix('finetune_recipes_')}", __package__)  # registers it
+        importlib.import_module(f"finetune_recipes.{model_type.removeprefix('finetune_recipes_')}")  # registers it
     if (path / HEAD_CONFIG).exists():
-        from .features import FeatureClassifier
+        from ..features import FeatureClassifier
 
         model = FeatureClassifier.from_pretrained(path)
     elif (path / "adapter_config.json").exists():
-        from .modeling import load_adapter_classifier
+        from ..modeling import load_adapter_classifier
 
         model = load_adapter_classifier(path)
     else:
@@ -211,12 +211,12 @@ def torch_logits(path: Path, texts: list[str], settings: dict, batch_size: int, 
     import torch  # here, as in load_classifier
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from . import hardware
+    from ..modeling import bf16_supported
 
     model = load_classifier(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if settings["windows"]:
-        from .data.windows import encode_windows
+        from ..data.windows import encode_windows
 
         encoded = encode_windows(tokenizer, [texts], settings["max_length"], settings["stride"])
         documents = np.asarray(encoded.pop("overflow_to_sample_mapping"))
@@ -229,7 +229,7 @@ def torch_logits(path: Path, texts: list[str], settings: dict, batch_size: int, 
     features = (path / HEAD_CONFIG).exists() and settings["windows"]
     values = np.empty((len(rows), model.config.hidden_size if features else model.config.num_labels), np.float32)
     device = next(model.parameters()).device
-    bf16 = hardware.bf16_supported(device) if bf16 is None else bf16
+    bf16 = bf16_supported(device) if bf16 is None else bf16
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for indices in batches([len(r["input_ids"]) for r in rows], batch_size):
             batch = collator([rows[i] for i in indices])

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .problem_types import MULTI, REGRESSION, SINGLE
-from .tables import cell, markdown_table
+from ..config import MULTI, REGRESSION, SINGLE
+from ..errors import UserError
+from ..rendering import cell, markdown_table
 
 SHOWN = 20  # the worst, listed in cv.md
 
@@ -27,7 +27,7 @@ def import_cleanlab():
 def label_issues(oof: list[dict], plan: dict) -> list[dict]:
     """The examples whose given label the out-of-fold probabilities doubt, worst first: id, text, the given and
     the suggested label, and cleanlab's label quality score (0 worst, 1 best; regression: the residual)."""
-    from .reporting.cv import references, scores
+    from .cv_report import references, scores
 
     kind, names = plan["problem_type"], plan["label_names"]
     probs, given = scores(oof, kind, names), references(oof, kind, names)
@@ -98,8 +98,8 @@ def _short(text: str, width: int = 80) -> str:
 
 def main(cv_dir: str | Path) -> list[str]:
     """`finetune-recipes audit CV_DIR`: the audit of a finished cv, written into it (label_issues.csv, cv.md)."""
-    from .ownership import lock_output_dir
-    from .reporting.cv import read_plan, write_outputs
+    from ..ownership import lock_output_dir
+    from .cv_report import read_plan, write_outputs
 
     out = Path(cv_dir)
     plan, runs = read_plan(out)

@@ -1,5 +1,6 @@
-"""The one Markdown table writer and cell formatter of the card, the evaluation report, the comparison, the
-study's trials and the optimizer groups; and CSV text. The standard library only."""
+"""Rendering for people: the one Markdown table writer and cell formatter (the card, the evaluation report, the
+comparison, the study's trials, the optimizer groups), CSV text, and pictures as PNG bytes. The standard library
+only at import: matplotlib loads when a picture is drawn."""
 
 from __future__ import annotations
 
@@ -36,3 +37,23 @@ def csv_text(rows: list[dict], fieldnames: Sequence[str]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only: no display, also on a headless server), imported on
+    first use: what only reads or writes text never pays for it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def png(fig, dpi: int = 110) -> bytes:
+    """The figure laid out tight, as PNG bytes; the figure is closed."""
+    image = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(image, format="png", dpi=dpi)
+    pyplot().close(fig)
+    return image.getvalue()

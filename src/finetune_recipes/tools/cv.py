@@ -18,20 +18,22 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write, is_temporary, remove
-from .catalog import caches_features, given_names, list_recipes, recipe_types, resolve_recipe
-from .config import SHARED_TYPES
-from .errors import SAVED_SO_FAR, Parser, UserError
-from .ownership import LOCK, MANIFEST, claim_tool_dir, entries
-from .parsing import parse_config
-from .problem_types import MULTI, REGRESSION, SINGLE
-from .runs import run_recipe
+from ..atomic import atomic_write, is_temporary, remove
+from ..catalog import caches_features, given_names, list_recipes, recipe_types, recipes_dir, resolve_recipe
+from ..config import MULTI, REGRESSION, SHARED_TYPES, SINGLE
+from ..errors import SAVED_SO_FAR, Parser, UserError
+from ..ownership import LOCK, MANIFEST, claim_tool_dir, entries
+from ..parsing import parse_config
+from ..processes import PARENT, die_with_parent
 from .tune import refuse_hub_flags
 
 PLAN = "cv.json"
@@ -83,7 +85,7 @@ def pool_and_test(data_args, seed: int):
     or None). A seeded --max_train_samples sample of the pool keeps a quick cv quick."""
     from datasets import ClassLabel, DatasetDict, List, Value, concatenate_datasets
 
-    from .data import check_columns, drop_absent_test_labels, encode_task, load_raw_datasets
+    from ..data import check_columns, drop_absent_test_labels, encode_task, load_raw_datasets
 
     raw = load_raw_datasets(data_args)
     if "train" not in raw:
@@ -191,7 +193,7 @@ def digest_of(files: dict[str, str]) -> str:
 
 def fold_flags(flags: list[str], out: Path, k: int, has_test: bool) -> list[str]:
     """The recipe's flags for fold k: the user's, less where the data came from, plus the fold's files."""
-    from .catalog import flag_groups
+    from ..catalog import flag_groups
 
     kept = [t for name, tokens in flag_groups(flags) if name not in DATA_FLAGS for t in tokens]
     files = ["--train_file", str(out / "folds" / f"fold_{k}" / "train.jsonl"),
@@ -264,7 +266,7 @@ def run_cv(
         atomic_write(out / PLAN, json.dumps(plan, indent=1) + "\n")
         runs = run_folds(recipe, flags, out, k, test is not None, resume and not overwrite, launcher)
         from .audit import audit
-        from .reporting.cv import write_outputs
+        from .cv_report import write_outputs
 
         return runs, write_outputs(out, plan, runs, audit=audit if find_label_issues else None)
     finally:
@@ -300,3 +302,26 @@ def run_folds(recipe: Path, flags: list[str], out: Path, k: int, has_test: bool,
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def run_recipe(recipe: str, out: Path, folder: str, flags: list[str], overwrite: bool, launcher=()) -> dict:
+    """One recipe in its own process (clean memory peak, failures isolated), or under `launcher` (`accelerate
+    launch --config_file ...`); its results plus wall time."""
+    log = out / "logs" / f"{folder}.log"
+    with tempfile.TemporaryDirectory(dir=out, prefix=".feature_cache_") as cache:  # every encoding is paid for
+        given = "feature_cache_dir" in given_names(flags)  # the user's own cache is kept
+        extra = ["--feature_cache_dir", cache] if caches_features(recipe) and not given else []
+        cmd = [*(launcher or [sys.executable]), str(recipes_dir() / f"{recipe}.py"), *flags, *extra]
+        cmd += ["--output_dir", str(out / folder)]
+        cmd += ["--overwrite_output_dir"] if overwrite else []
+        start = time.perf_counter()
+        with log.open("w") as f:
+            env = {**os.environ, PARENT: str(os.getpid())}  # the run ends with compare: processes.die_with_launcher
+            code = subprocess.run(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
+            ).returncode
+        wall = round(time.perf_counter() - start, 1)
+    if code != 0:
+        return {"strategy": recipe, "wall_time_s": wall, "status": f"failed ({code}): see {log}"}
+    results = json.loads((out / folder / "results.json").read_text())
+    return {"strategy": recipe, **results, "wall_time_s": wall, "status": "ok"}

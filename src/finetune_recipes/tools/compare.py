@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .atomic import is_temporary, remove
-from .catalog import (
+from ..atomic import is_temporary, remove
+from ..catalog import (
     as_flags,
     flag_groups,
     given_names,
@@ -23,15 +23,15 @@ from .catalog import (
     recipes_dir,
     resolve_recipe,
 )
-from .config import SHARED_TYPES
-from .errors import SAVED_SO_FAR, Parser, UserError, listing
-from .metrics import MULTI, REGRESSION, SINGLE, task_metrics
-from .ownership import LOCK, MANIFEST, claim_tool_dir, entries, owned_entries
-from .parsing import parse_config
-from .reporting.comparison import plot, reported_split, summarise, table_metrics, write_table
-from .runs import run_recipe
+from ..config import SHARED_TYPES
+from ..errors import SAVED_SO_FAR, Parser, UserError, listing
+from ..metrics import MULTI, REGRESSION, SINGLE, task_metrics
+from ..ownership import LOCK, MANIFEST, claim_tool_dir, entries, owned_entries
+from ..parsing import parse_config
+from ..rendering import cell
+from .compare_report import plot, reported_split, summarise, table_metrics, write_table
+from .cv import run_recipe
 from .search_space import check_space, search_space
-from .tables import cell
 from .tune import import_optuna, refuse_hub_flags, run_study, with_test_split
 
 DEFAULT_CONFIG = recipes_dir() / "configs" / "full_finetune.yaml"  # the baseline's defaults (data, seed)
@@ -111,7 +111,7 @@ def tfidf_baseline(shared: list[str]) -> dict:
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.multiclass import OneVsRestClassifier
 
-    from .data import raw_splits
+    from ..data import raw_splits
 
     _, data_args, args = parse_config(*SHARED_TYPES, args=shared, default_config=DEFAULT_CONFIG, announce=False)
     start = time.perf_counter()
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
 def for_the_task(recipes: list[str], named: bool, data_args, seed: int) -> list[str]:
     """The recipes that take the data's task shape (a recipe's PROBLEM_TYPES): one that does not is refused when
     --recipes names it, and left out, saying so, from the default list."""
-    from .data import raw_splits
+    from ..data import raw_splits
 
     _, task = raw_splits(data_args, seed)
     misfits = {r: problem_types(r) for r in recipes if task.problem_type not in problem_types(r)}

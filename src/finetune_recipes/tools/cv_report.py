@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write
+from ..config import METRICS, MULTI, REGRESSION, SINGLE
 from ..errors import UserError
-from ..figures import png, pyplot
 from ..metrics import task_metrics
-from ..problem_types import METRICS, MULTI, REGRESSION, SINGLE
-from ..tables import cell, csv_text, markdown_table
-from .comparison import summarise
-from .predictions import read_csv, scores_of
+from ..rendering import cell, csv_text, markdown_table, png, pyplot
+from ..reporting.predictions import read_csv, scores_of
+from .compare_report import summarise
 
 OOF = "oof_predictions.csv"
 

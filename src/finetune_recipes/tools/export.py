@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, first_line
-from .features import FeatureClassifier
-from .ownership import MANIFEST, entries, lock_output_dir, write_manifest
+from ..errors import UserError, first_line
+from ..features import FeatureClassifier
+from ..ownership import MANIFEST, entries, lock_output_dir, write_manifest
 from .predict import HEAD_ONNX, MODEL_ONNX, check_model_dir, load_classifier
 
 logger = logging.getLogger(__name__)

@@ -10,9 +10,8 @@ import statistics
 from pathlib import Path
 
 from ..atomic import atomic_write
-from ..figures import png, pyplot
-from ..problem_types import MULTI, REGRESSION, SINGLE, greater_is_better
-from ..tables import cell, csv_text, markdown_table
+from ..config import MULTI, REGRESSION, SINGLE, greater_is_better
+from ..rendering import cell, csv_text, markdown_table, png, pyplot
 
 # The two metrics a table shows per problem type, the first the primary one (the plot's, and what a row says).
 TABLE_METRICS = {SINGLE: ("accuracy", "f1_macro"), MULTI: ("f1_micro", "f1_macro"), REGRESSION: ("mse", "r2")}

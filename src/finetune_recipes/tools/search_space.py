@@ -9,9 +9,9 @@ from typing import Any
 
 import yaml
 
-from .catalog import flag_value, recipe_namespace
-from .errors import UserError
-from .parsing import parse_config
+from ..catalog import flag_value, recipe_namespace
+from ..errors import UserError
+from ..parsing import parse_config
 
 
 def search_space(recipe: Path, file: str | None = None) -> dict[str, dict]:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .atomic import is_temporary
-from .catalog import (
+from ..atomic import is_temporary
+from ..catalog import (
     as_flags,
     caches_features,
     given_names,
@@ -31,13 +31,13 @@ from .catalog import (
     recipe_types,
     resolve_recipe,
 )
-from .config import SHARED_TYPES
-from .errors import PARENT, SAVED_SO_FAR, Parser, UserError, listing
-from .ownership import LOCK, MANIFEST, claim_tool_dir
-from .parsing import parse_config
-from .problem_types import greater_is_better
-from .reporting.study import plot_study, write_best_config, write_trials
+from ..config import SHARED_TYPES, greater_is_better
+from ..errors import SAVED_SO_FAR, Parser, UserError, listing
+from ..ownership import LOCK, MANIFEST, claim_tool_dir
+from ..parsing import parse_config
+from ..processes import PARENT
 from .search_space import check_space, search_space, suggest
+from .tune_report import plot_study, write_best_config, write_trials
 
 STUDY = "study.db"
 OUTPUTS = {STUDY, "best.yaml", "trials.csv", "trials.md", "tune.png", "logs", "feature_cache", MANIFEST, LOCK}
@@ -178,7 +178,7 @@ class Study:
         try:
             with log.open("w") as f:
                 # In tune's process group: Ctrl-C, or a kill of the group, stops the trial too; a kill of tune alone
-                # does through errors.die_with_launcher (Linux). The trial holds the study's lock as long as it
+                # does through processes.die_with_launcher (Linux). The trial holds the study's lock as long as it
                 # lives, so no resume can start beside a trial still training (on any platform).
                 env = {**os.environ, PARENT: str(os.getpid())}
                 process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, pass_fds=(self.lock,))
@@ -285,7 +285,7 @@ def claim_study_dir(directory: Path) -> int:
 def objective_metric(types: tuple[type, ...], flags: list[str], recipe: Path) -> tuple[str, dict[str, str]]:
     """--metric_for_best_model, else the task's primary metric (accuracy, micro-F1 or MSE), read from the data,
     which is checked here, before the first trial, with the flags every trial gets; and each split's digest."""
-    from .data import raw_splits
+    from ..data import raw_splits
 
     _, data_args, args, *_ = parse_config(*types, args=flags, default_config=recipe_config(recipe))
     splits, task = raw_splits(data_args, args.seed)
