@@ -1,2 +1,3 @@
-"""What the recipes' loops call: the accelerator and precision, the start of a run and its resume, evaluation,
-checkpoints, the loss meter and trackers, and saving."""
+"""What the recipes' loops call: the accelerator (mixed precision, launch checks, FSDP wrapping), the start of a run
+(resume, output_dir claimed, trackers) and its batches, evaluation, checkpoints and best weights, the loss meter
+and trackers, and saving."""

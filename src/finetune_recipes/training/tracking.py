@@ -1,5 +1,6 @@
-"""What a run logs: the training loss (LossMeter), and `--report_to jsonl`: every logged value as one JSON line
-per step, readable while the run goes on.
+"""What a run watches and logs: the training loss (LossMeter), the divergence guard that stops a run whose loss or
+weights are no longer finite (before they are scored, kept or saved), and `--report_to jsonl`: every logged value
+as one JSON line per step, readable while the run goes on.
 
 Accelerate's trackers (TensorBoard, W&B, ...) all need a package or a service; this one needs nothing, and a
 program can follow it with a plain read: `finetune-recipes tune` reads each trial's evaluations from it to
