@@ -151,6 +151,8 @@ class Validation:
                 results.update({f"test_{k}_tuned": v for k, v in tuned.items()})
             reports["test"] = per_class_report(task.problem_type, *astuple(test), task.label_names, cut)
         results.update(epochs=state.epoch, steps=state.completed_steps, history=state.history)
+        if self.args.metric_for_best_model:
+            results["best_step"] = state.best_step  # the step whose weights were saved
         results["loss_history"] = state.loss_history
         if self.patience_spent(state):
             results["stopped_early"] = True
