@@ -156,14 +156,16 @@ def recipe_throughput(
 
     fresh_state()
     marks, counts = {}, {}
-    real_start, real_meter = kit.start_training, kit.LossMeter
+    real_claim, real_trackers, real_meter = kit.claim_outputs, kit.start_trackers, kit.LossMeter
     mark = timing_hook(scale, marks, profiler)
 
-    def timed_start(accelerator, model, *rest):
+    def counted_claim(accelerator, model, *rest):  # the prepared model: its parameters, with and without embeddings
         counts.update(parameter_counts(accelerator.unwrap_model(model)))
-        started = real_start(accelerator, model, *rest)
+        return real_claim(accelerator, model, *rest)
+
+    def timed_trackers(*args):  # the recipe's last call before its loop: the clock starts
+        real_trackers(*args)
         marks[0] = time.perf_counter()
-        return started
 
     class TimedMeter(real_meter):  # the loop adds each batch's loss once its step is taken: the time after step N
         steps, losses = 0, []
@@ -188,14 +190,15 @@ def recipe_throughput(
         torch.cuda.reset_peak_memory_stats()
     argv, environ = sys.argv, dict(os.environ)
     sys.argv = [str(ROOT / "recipes" / f"{recipe}.py"), *map(str, flags)]
-    kit.start_training, kit.LossMeter = timed_start, TimedMeter
+    kit.claim_outputs, kit.start_trackers, kit.LossMeter = counted_claim, timed_trackers, TimedMeter
     os.environ.update(env or {})
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
     except SystemExit as error:  # run_cli turns a UserError into exit code 2
         raise RuntimeError(f"{recipe} exited with code {error.code}") from None
     finally:
-        kit.start_training, kit.LossMeter, sys.argv = real_start, real_meter, argv
+        kit.claim_outputs, kit.start_trackers, kit.LossMeter = real_claim, real_trackers, real_meter
+        sys.argv = argv
         os.environ.clear()
         os.environ.update(environ)
         shutil.rmtree(out, ignore_errors=True)

@@ -36,18 +36,19 @@ from finetune_recipes.kit import (
     RunArgs,
     TrainingArguments,
     UserError,
-    Validation,
     build_accelerator,
     build_dataloaders,
     build_model,
     build_optimizer,
     build_schedule,
+    calibrate,
     check_outputs,
     checkpoint_due,
+    claim_outputs,
     cosine_pair_loss,
     embed,
     embed_splits,
-    epoch_batches,
+    end_training,
     evaluate,
     fit_head,
     freeze,
@@ -55,13 +56,17 @@ from finetune_recipes.kit import (
     pair_dataloader,
     param_groups,
     push_to_hub,
+    record_evaluation,
+    resume_state,
     run_cli,
+    run_results,
     save_checkpoint,
     save_run,
     sentence_classifier,
     sentence_pairs,
     sentence_pooling,
-    start_training,
+    start_trackers,
+    train_batches,
 )
 
 CONFIG = Path(__file__).parent / "configs" / "contrastive.yaml"
@@ -110,86 +115,90 @@ def main(model_args, data_args, training_args: TrainingArguments, pairs_args: Co
                                    training_args.seed)  # fmt: skip
 
     # Model: the encoder alone; the head comes after the loop.
-    body = build_model(model_args, data.task, auto_class=AutoModel)
+    model = build_model(model_args, data.task, auto_class=AutoModel, pack_sequences=data_args.pack_sequences)
 
     # What trains: the whole encoder, on pairs; its pooler layer, if it has one, is not in a sentence embedding.
-    if getattr(body, "pooler", None) is not None:
-        freeze(body.pooler)  # (unused, it would also stop DDP, which expects a gradient for every trainable weight)
-    groups = param_groups(body, training_args.learning_rate, training_args.weight_decay)
+    if getattr(model, "pooler", None) is not None:
+        freeze(model.pooler)  # (unused, it would also stop DDP, which expects a gradient for every trainable weight)
+    groups = param_groups(model, training_args.learning_rate, training_args.weight_decay)
     optimizer = build_optimizer(groups, training_args.learning_rate)
     schedule = build_schedule(optimizer, train_loader, training_args, accelerator.num_processes)
 
-    body, optimizer, scheduler, train_loader, eval_loader, test_loader = accelerator.prepare(
-        body, optimizer, schedule.scheduler, train_loader, eval_loader, test_loader
+    model, optimizer, scheduler, train_loader, eval_loader, test_loader = accelerator.prepare(
+        model, optimizer, schedule.scheduler, train_loader, eval_loader, test_loader
     )
 
-    # The loop. A resume restores every state and skips the batches already trained on.
-    state, out = start_training(accelerator, body, data, schedule, args, checked)
+    # The loop: the batches of pairs of every epoch in turn, one optimizer step per gradient_accumulation_steps of
+    # them; after each step, logging, a checkpoint and the stop, each at the steps its condition names.
+    state, early_stopping = resume_state(accelerator, data, args)  # new, or a checkpoint's: every state restored
+    out = claim_outputs(accelerator, model, args, checked, early_stopping.best_step)  # output_dir locked, claimed
+    start_trackers(accelerator, args, schedule)  # --report_to; the plan logged
     losses = LossMeter(accelerator)
-    progress = tqdm(total=schedule.total_steps, initial=state.completed_steps, desc="pairs",
+    progress = tqdm(total=schedule.total_steps, initial=state.completed_steps, desc="train",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
-    for epoch in range(state.epoch, schedule.num_epochs):
-        if state.completed_steps >= schedule.total_steps:
-            break  # resumed from the run's last checkpoint
-        body.train()
-        for batch in epoch_batches(train_loader, epoch, state):
-            with accelerator.accumulate(body):
-                targets = batch.pop("labels")
-                first, second = embed(body, batch, pooling, normalize).chunk(2)  # both sides in one forward
-                loss = cosine_pair_loss(first, second, targets)  # (cos(a, b) - target)²
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:  # the accumulated micro-batches are in: one optimizer step
-                    if training_args.max_grad_norm:
-                        accelerator.clip_grad_norm_(body.parameters(), training_args.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            state.batches_in_epoch += 1
-            losses.add(loss, len(targets))
-            if not accelerator.sync_gradients:
-                continue
-            state.completed_steps += 1
-            progress.update()
-            if state.completed_steps % training_args.logging_steps == 0:
-                losses.log(state, scheduler, progress)
-            if checkpoint_due(training_args.checkpointing_steps, state.completed_steps):
-                save_checkpoint(accelerator, body, state, training_args.output_dir, training_args.save_total_limit)
-            if state.completed_steps >= schedule.total_steps:
-                break
-        state.epoch, state.batches_in_epoch = epoch + 1, 0
-        if training_args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, body, state, training_args.output_dir, training_args.save_total_limit)
+    model.train()
+    for batch in train_batches(train_loader, schedule, state.completed_steps):  # a resume skips what it trained on
+        if state.completed_steps >= schedule.total_steps or early_stopping.stop:
+            break
+        with accelerator.accumulate(model):
+            labels = batch.pop("labels")
+            first, second = embed(model, batch, pooling, normalize).chunk(2)  # Strategy: both sides in one forward
+            loss = cosine_pair_loss(first, second, labels)  # Strategy: (cos(a, b) - target)²
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:  # the accumulated micro-batches are in: one optimizer step
+                if training_args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()  # once per optimizer step (not per batch or process)
+                optimizer.zero_grad(set_to_none=True)
+        losses.add(loss, len(labels))
+        if not accelerator.sync_gradients:  # an epoch's last step may gather fewer batches
+            continue
+        state.completed_steps += 1
+        progress.update()
+        step = state.completed_steps  # Strategy: no epoch end to evaluate at
+        if step % training_args.logging_steps == 0:
+            losses.log(state, scheduler, progress)
+        # Strategy: no evaluation here; the classifier exists only once its head is fitted after the loop.
+        if checkpoint_due(training_args.checkpointing_steps, step, schedule.steps_per_epoch):
+            save_checkpoint(accelerator, model, state, early_stopping, training_args.output_dir,
+                            training_args.save_total_limit)  # fmt: skip
     progress.close()
     timing = losses.throughput()  # the training's time, not the head's or the scoring's below
 
     # Strategy, stage 2: the tuned encoder embeds the training texts once; logistic regression on them is the head.
-    model = sentence_classifier(accelerator.unwrap_model(body), data.task, pooling, normalize)
-    features = embed_splits(model, {"train": data.train}, tokenizer, accelerator, pairs_args.encode_batch_size)
-    fit_head(model, features["train"], data.train["labels"], data.task, training_args.seed)
-    model.to(accelerator.device).eval()
+    classifier = sentence_classifier(accelerator.unwrap_model(model), data.task, pooling, normalize)
+    features = embed_splits(classifier, {"train": data.train}, tokenizer, accelerator, pairs_args.encode_batch_size)
+    fit_head(classifier, features["train"], data.train["labels"], data.task, training_args.seed)
+    classifier.to(accelerator.device).eval()
 
-    # Final evaluation: the one evaluation of the whole classifier; then the test split.
-    validation = Validation(accelerator, eval_loader, data.task, training_args, data_args.window_aggregation)
-    final = validation.final(model, state)
-    test = evaluate(model, test_loader, data.task, accelerator, data_args.window_aggregation) if test_loader else None
-    results = {**validation.results(state, final, test), **timing}
+    # Final evaluation: the one evaluation of the whole classifier (Strategy: kept in the history); then the test.
+    final = evaluate(classifier, eval_loader, data.task, accelerator, data_args.window_aggregation)
+    record_evaluation(accelerator, classifier, state, final.metrics, schedule.steps_per_epoch)  # Strategy
+    early_stopping.update(state.completed_steps, final.metrics)  # Strategy: the one evaluation is the best
+    test = (
+        evaluate(classifier, test_loader, data.task, accelerator, data_args.window_aggregation) if test_loader else None
+    )
+
+    # Calibrate: a temperature fitted on validation (multi-label: thresholds tuned there), returned to be saved.
+    calibration = calibrate(data.task, {"validation": final, "test": test}, training_args.calibration)
+    results = {**run_results(data.task, state, early_stopping, calibration, schedule), **timing}
 
     # Save: encoder + pooling + head as one Transformers classifier, which pipeline() and predict load.
-    scored = {"validation": final, "test": test}
     results = save_run(
         accelerator,
         out,
         args,
-        model=model,
+        model=classifier,
         tokenizer=tokenizer,
         data=data,
         results=results,
-        scored=scored,
-        trained=body,
+        calibration=calibration,
+        trained=model,
     )
     if training_args.push_to_hub:
         push_to_hub(accelerator, out, training_args, results, data.task)
-    accelerator.end_training()
+    end_training(accelerator)  # the trackers finish; the process group lives to the process's end
     return results
 
 

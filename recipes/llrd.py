@@ -25,16 +25,17 @@ from finetune_recipes.kit import (
     ModelArguments,
     RunArgs,
     TrainingArguments,
-    Validation,
     build_accelerator,
     build_dataloaders,
     build_model,
     build_optimizer,
     build_schedule,
+    calibrate,
     check_outputs,
     checkpoint_due,
+    claim_outputs,
     discover_layers,
-    epoch_batches,
+    end_training,
     evaluate,
     format_groups,
     load_data,
@@ -42,10 +43,16 @@ from finetune_recipes.kit import (
     param_groups,
     plot_lr_schedule,
     push_to_hub,
+    record_evaluation,
+    restore_best,
+    resume_state,
     run_cli,
+    run_results,
+    save_best,
     save_checkpoint,
     save_run,
-    start_training,
+    start_trackers,
+    train_batches,
     wrap_blocks_not_embeddings,
 )
 
@@ -75,7 +82,7 @@ def main(model_args, data_args, training_args: TrainingArguments, llrd: LLRDArgu
     train_loader, eval_loader, test_loader = build_dataloaders(data, tokenizer, data_args, training_args, accelerator)
 
     # Model: the pretrained encoder with a new head sized to the labels.
-    model = build_model(model_args, data.task)
+    model = build_model(model_args, data.task, pack_sequences=data_args.pack_sequences)
 
     # Strategy: what trains is everything, lower layers slower. Depth 0 is the embeddings, 1..L the blocks,
     # L+1 the pooler and head; each depth below the top multiplies the rate by layer_decay.
@@ -99,64 +106,76 @@ def main(model_args, data_args, training_args: TrainingArguments, llrd: LLRDArgu
         model, optimizer, schedule.scheduler, train_loader, eval_loader, test_loader
     )
 
-    # The loop. A resume restores every state and skips the batches already trained on.
-    state, out = start_training(accelerator, model, data, schedule, args, checked)
-    validation = Validation(accelerator, eval_loader, data.task, training_args, data_args.window_aggregation)
+    # The loop: the batches of every epoch in turn, one optimizer step per gradient_accumulation_steps of them;
+    # after each step, logging, evaluation, a checkpoint and the stop, each at the steps its condition names.
+    state, early_stopping = resume_state(accelerator, data, args)  # new, or a checkpoint's: every state restored
+    out = claim_outputs(accelerator, model, args, checked, early_stopping.best_step)  # output_dir locked, claimed
+    start_trackers(accelerator, args, schedule)  # --report_to; the plan logged
     losses = LossMeter(accelerator)
     progress = tqdm(total=schedule.total_steps, initial=state.completed_steps, desc="train",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
-    for epoch in range(state.epoch, schedule.num_epochs):
-        if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
-            break  # resumed from the run's last checkpoint
-        model.train()
-        for batch in epoch_batches(train_loader, epoch, state):
-            with accelerator.accumulate(model):
-                labels = batch.pop("labels")
-                loss = data.task.loss(model(**batch).logits, labels)  # cross-entropy, BCE or MSE; class-weighted
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:  # the accumulated micro-batches are in: one optimizer step
-                    if training_args.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            state.batches_in_epoch += 1
-            losses.add(loss, len(labels))
-            if not accelerator.sync_gradients:
-                continue
-            state.completed_steps += 1
-            progress.update()
-            if state.completed_steps % training_args.logging_steps == 0:
-                losses.log(state, scheduler, progress)
-            if training_args.eval_strategy == "steps" and state.completed_steps % training_args.eval_steps == 0:
-                validation(model, state)  # logged; the best weights kept on disk; patience counted
-            if checkpoint_due(training_args.checkpointing_steps, state.completed_steps):
-                save_checkpoint(accelerator, model, state, training_args.output_dir, training_args.save_total_limit)
-            if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
-                break
-        state.epoch, state.batches_in_epoch = epoch + 1, 0
-        if training_args.eval_strategy == "epoch" or state.completed_steps >= schedule.total_steps:
-            validation(model, state)
-        if training_args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, model, state, training_args.output_dir, training_args.save_total_limit)
-        if state.completed_steps >= schedule.total_steps or validation.patience_spent(state):
+    model.train()
+    for batch in train_batches(train_loader, schedule, state.completed_steps):  # a resume skips what it trained on
+        if state.completed_steps >= schedule.total_steps or early_stopping.stop:
             break
+        with accelerator.accumulate(model):
+            labels = batch.pop("labels")
+            loss = data.task.loss(model(**batch).logits, labels)  # cross-entropy, BCE or MSE; class-weighted
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:  # the accumulated micro-batches are in: one optimizer step
+                if training_args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()  # once per optimizer step (not per batch or process)
+                optimizer.zero_grad(set_to_none=True)
+        losses.add(loss, len(labels))
+        if not accelerator.sync_gradients:  # an epoch's last step may gather fewer batches
+            continue
+        state.completed_steps += 1
+        progress.update()
+        step, epoch_end = state.completed_steps, state.completed_steps % schedule.steps_per_epoch == 0
+        if step % training_args.logging_steps == 0:
+            losses.log(state, scheduler, progress)
+        if (
+            (training_args.eval_strategy == "steps" and step % training_args.eval_steps == 0)
+            or (training_args.eval_strategy == "epoch" and epoch_end)
+            or step == schedule.total_steps
+        ):
+            metrics = evaluate(model, eval_loader, data.task, accelerator, data_args.window_aggregation).metrics
+            record_evaluation(accelerator, model, state, metrics, schedule.steps_per_epoch)  # history, trackers, log
+            if early_stopping.update(step, metrics):  # the best so far by --metric_for_best_model: keep its weights
+                save_best(accelerator, model, training_args.output_dir, step)
+        if checkpoint_due(training_args.checkpointing_steps, step, schedule.steps_per_epoch):
+            save_checkpoint(accelerator, model, state, early_stopping, training_args.output_dir,
+                            training_args.save_total_limit)  # fmt: skip
     progress.close()
     timing = losses.throughput()  # the training's time, not the scoring's below
 
-    # Final evaluation: the best evaluation (its weights restored) or the last; then the test split.
-    final = validation.final(model, state)
+    # Final evaluation: the best evaluation's weights restored (--metric_for_best_model), or the last ones kept.
+    if early_stopping.best_step is not None:
+        restore_best(accelerator, model, training_args, early_stopping.best_step)
+    final = evaluate(model, eval_loader, data.task, accelerator, data_args.window_aggregation)
     test = evaluate(model, test_loader, data.task, accelerator, data_args.window_aggregation) if test_loader else None
-    results = {**validation.results(state, final, test), **timing}
+
+    # Calibrate: a temperature fitted on validation (multi-label: thresholds tuned there), returned to be saved.
+    calibration = calibrate(data.task, {"validation": final, "test": test}, training_args.calibration)
+    results = {**run_results(data.task, state, early_stopping, calibration, schedule), **timing}
 
     # Save: model and tokenizer where pipeline() loads them, results, predictions, the card; then the Hub.
-    scored = {"validation": final, "test": test}
     results = save_run(
-        accelerator, out, args, model=model, tokenizer=tokenizer, data=data, results=results, scored=scored, files=files
+        accelerator,
+        out,
+        args,
+        model=model,
+        tokenizer=tokenizer,
+        data=data,
+        results=results,
+        calibration=calibration,
+        files=files,
     )
     if training_args.push_to_hub:
         push_to_hub(accelerator, out, training_args, results, data.task)
-    accelerator.end_training()
+    end_training(accelerator)  # the trackers finish; the process group lives to the process's end
     return results
 
 

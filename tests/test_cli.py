@@ -114,12 +114,12 @@ def test_a_copy_owns_its_loss_a_class_weighted_one_changes_the_result(tiny_args,
     # The user's edit, in the copied file only: cross-entropy where only the first label (business) counts.
     copy = copy_recipe("full_finetune", tmp_path / "mine")[0]
     source = copy.read_text()
-    own_loss = """                logits = model(**batch).logits
-                weight = torch.tensor([1.0, 0.0, 0.0], device=logits.device)
-                loss = torch.nn.functional.cross_entropy(logits, labels, weight=weight)
+    own_loss = """            logits = model(**batch).logits
+            weight = torch.tensor([1.0, 0.0, 0.0], device=logits.device)
+            loss = torch.nn.functional.cross_entropy(logits, labels, weight=weight)
 """
     theirs = "loss = data.task.loss(model(**batch).logits, labels)  # cross-entropy, BCE or MSE; class-weighted\n"
-    theirs = " " * 16 + theirs
+    theirs = " " * 12 + theirs
     assert source.count(theirs) == 1
     copy.write_text(
         source.replace(theirs, own_loss).replace(

@@ -18,7 +18,11 @@ from finetune_recipes.parsing import parse_config
 from finetune_recipes.tools.cli import main as cli
 
 LOSS = "loss = data.task.loss(model(**batch).logits, labels)  # cross-entropy, BCE or MSE; class-weighted\n"
-EVALUATE = 'if training_args.eval_strategy == "steps" and state.completed_steps % training_args.eval_steps == 0:\n'
+# The evaluation's condition, as the recipe writes it: three lines, one per reason to evaluate.
+EVALUATE = """            (training_args.eval_strategy == "steps" and step % training_args.eval_steps == 0)
+            or (training_args.eval_strategy == "epoch" and epoch_end)
+            or step == schedule.total_steps
+"""
 PREPARE = "model, optimizer, schedule.scheduler, train_loader, eval_loader, test_loader\n"
 STEPPED = "optimizer.zero_grad(set_to_none=True)\n"
 SAVED = "model=model, tokenizer=tokenizer"
@@ -71,12 +75,15 @@ def tiny_args_module(module_args):
 def test_evaluation_every_10_steps_and_at_a_step_of_my_choosing_is_one_edited_condition(
     plain, tiny_args_module, tmp_path
 ):
-    mine = "if state.completed_steps % 10 == 0 or state.completed_steps == 3:\n"
+    mine = "            step % 10 == 0 or step == 3\n"
     copy = copy_of("full_finetune", tmp_path / "mine", (EVALUATE, mine))
     run_inline(copy, *tiny_args_module, "--output_dir", tmp_path / "out")
-    # 12 steps an epoch: the edited condition at 3, 10, 20; the ends of epochs at 12 and 24; the run's end at 25.
-    assert [h["step"] for h in results(tmp_path / "out")["history"]] == [3, 10, 12, 20, 24, 25]
+    # Exactly the steps the edited condition names: one site decides, so the ends of epochs (12 and 24 of the
+    # plain run) and of the run (25) are no longer evaluated; the final evaluation scores the weights it ends with.
+    edited = results(tmp_path / "out")
+    assert [h["step"] for h in edited["history"]] == [3, 10, 20]
     assert [h["step"] for h in results(plain)["history"]] == [12, 24, 25]
+    assert edited["eval_accuracy"] == results(plain)["eval_accuracy"]  # the same final weights, scored once more
     assert results(tmp_path / "out")["loss_history"] == results(plain)["loss_history"]  # evaluating changes nothing
 
 
@@ -86,7 +93,7 @@ def test_an_l2_sp_penalty_keeps_the_encoder_near_its_pretrained_weights(plain, t
     penalty = (
         LOSS.rstrip("\n")
         + "\n"
-        + " " * 16
+        + " " * 12
         + ("loss = loss + 100.0 * sum(((p - start[n]) ** 2).sum() for n, p in model.named_parameters())\n")
     )
     copy = copy_of("full_finetune", tmp_path / "mine", (start, anchor + start), (LOSS, penalty))
@@ -124,7 +131,7 @@ def test_an_ema_of_the_weights_after_every_optimizer_step_is_saved_instead_of_th
         "        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.8), use_buffers=True\n"
         "    )\n"
     )
-    update = STEPPED + " " * 20 + "ema.update_parameters(model)\n"
+    update = STEPPED + " " * 16 + "ema.update_parameters(model)\n"
     copy = copy_of(
         "full_finetune",
         tmp_path / "mine",

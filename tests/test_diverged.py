@@ -29,7 +29,7 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing(flags, what, tiny_
     assert what in last and "lower --learning_rate" in last and "Traceback" not in proc.stderr
     assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
     for checkpoint in list_checkpoints(out):  # each one kept was written before the divergence
-        assert TrainState.load(checkpoint).completed_steps < int(last.split("by step ")[1].split()[0])
+        assert TrainState.load(checkpoint)[0].completed_steps < int(last.split("by step ")[1].split()[0])
 
 
 def test_a_run_that_stays_finite_is_untouched_by_the_checks(tiny_args, tmp_path):

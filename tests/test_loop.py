@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +14,15 @@ from finetune_recipes.config import TrainingArguments
 from finetune_recipes.errors import UserError
 from finetune_recipes.optim import build_schedule
 from finetune_recipes.ownership import check_output_dir, write_manifest
-from finetune_recipes.training.checkpoints import TrainState, list_checkpoints, resolve_checkpoint
-from finetune_recipes.training.evaluate import Evaluation, Validation
+from finetune_recipes.training.checkpoints import (
+    TrainState,
+    list_checkpoints,
+    resolve_checkpoint,
+    restore_best,
+    save_best,
+)
+from finetune_recipes.training.early_stopping import EarlyStopping
+from finetune_recipes.training.start import train_batches
 
 
 def test_steps_per_epoch_counts_each_process_share_and_accumulation():
@@ -35,40 +43,59 @@ def test_steps_per_epoch_counts_each_process_share_and_accumulation():
         schedule(10, 1, num_train_epochs=2, eval_strategy="steps", eval_steps=30)
 
 
-def test_best_weights_are_kept_and_early_stopping_counts_evaluations_without_improvement(tmp_path):
-    model = torch.nn.Linear(2, 2)
-    args = TrainingArguments(output_dir=str(tmp_path), metric_for_best_model="accuracy", early_stopping_patience=2)
-    validation = Validation(Accelerator(cpu=True), None, None, args, "mean")
-    state = TrainState()
-    for step, accuracy, stop in [(10, 0.5, False), (20, 0.8, False), (30, 0.7, False), (40, 0.8, True)]:
-        state.completed_steps = step
-        state.history.append({"step": step, "accuracy": accuracy})
-        if step == 20:
-            best = model.weight.detach().clone()
-        validation.last = Evaluation(None, None, {"accuracy": accuracy})
-        validation.track_best(model, state)
-        assert validation.patience_spent(state) is stop
+def test_early_stopping_ranks_evaluations_and_stops_after_patience_without_improvement():
+    stopping = EarlyStopping("accuracy", patience=2)
+    fed = [(10, 0.5, True, False), (20, 0.8, True, False), (30, 0.7, False, False), (40, 0.8, False, True)]
+    for step, accuracy, improved, stop in fed:
+        assert stopping.update(step, {"accuracy": accuracy}) is improved and stopping.stop is stop
+    assert (stopping.best_step, stopping.best_metric) == (20, 0.8)
+    lower = EarlyStopping("mse", patience=None)  # lower is better; no patience: the best kept, no stop
+    assert [lower.update(s, {"mse": v}) for s, v in [(1, 2.0), (2, 1.0), (3, 1.5), (4, 3.0)]] == [1, 1, 0, 0]
+    assert lower.best_step == 2 and not lower.stop
+    undefined = EarlyStopping("pearson", patience=1)  # a correlation of constant predictions never improves
+    assert not undefined.update(1, {"pearson": None}) and undefined.stop
+    nothing = EarlyStopping()  # no --metric_for_best_model: nothing ranked, nothing stops
+    assert not nothing.update(1, {"accuracy": 1.0}) and not nothing.stop and nothing.best_step is None
+    with pytest.raises(UserError, match="metric_for_best_model 'loss' is not one of accuracy"):
+        EarlyStopping("loss").update(1, {"accuracy": 0.5})
+
+
+def test_the_best_weights_are_kept_on_disk_and_restored_then_removed_when_no_checkpoint_needs_them(tmp_path):
+    model, accelerator = torch.nn.Linear(2, 2), Accelerator(cpu=True)
+    for step in (10, 20):
+        save_best(accelerator, model, str(tmp_path), step)
         with torch.no_grad():
             model.weight.add_(1.0)  # training moves on after each evaluation
-    assert state.best_step == 20 and state.best_metric == 0.8
-    # On disk, not in memory or in every checkpoint: only the best so far is kept.
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["best_step_20"]
-    torch.testing.assert_close(
-        load_file(tmp_path / "checkpoints" / "best_step_20" / "model.safetensors")["weight"], best
-    )
-    final = validation.final(model, state)  # the best evaluation's, its weights restored, not evaluated again
-    assert final.metrics == {"accuracy": 0.8}
-    torch.testing.assert_close(model.weight, best)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["best_step_20"]  # only the newest best
+    kept = load_file(tmp_path / "checkpoints" / "best_step_20" / "model.safetensors")["weight"]
+    assert not torch.equal(model.weight.detach(), kept)
+    restore_best(accelerator, model, TrainingArguments(output_dir=str(tmp_path)), 20)
+    torch.testing.assert_close(model.weight.detach(), kept)
     assert not (tmp_path / "checkpoints").exists()  # scratch when the run keeps no checkpoints
-    with pytest.raises(UserError, match="metric_for_best_model 'loss'"):
-        validation.args = TrainingArguments(metric_for_best_model="loss")
-        validation.track_best(model, state)
 
 
-def test_train_state_round_trips_through_its_json_file(tmp_path):
-    state = TrainState(completed_steps=5, epoch=1, batches_in_epoch=3, best_step=4, history=[{"accuracy": 0.5}])
-    state.save(tmp_path)
-    assert TrainState.load(tmp_path) == state
+def test_train_state_round_trips_through_its_json_file_with_the_early_stopping_counts(tmp_path):
+    state = TrainState(completed_steps=5, history=[{"accuracy": 0.5}], loss_history=[{"step": 5, "loss": 1.0}])
+    stopping = EarlyStopping("accuracy", 3, best_metric=0.5, best_step=4, evals_without_improvement=1)
+    state.save(tmp_path, stopping)
+    counts = {"best_metric": 0.5, "best_step": 4, "evals_without_improvement": 1}
+    assert TrainState.load(tmp_path) == (state, counts)
+    old = {"completed_steps": 5, "epoch": 1, "batches_in_epoch": 3, "best_metric": 0.5, "best_step": 4,
+           "evals_without_improvement": 1, "history": [], "loss_history": [], "fingerprint": {}}  # fmt: skip
+    (tmp_path / "trainer_state.json").write_text(json.dumps(old))  # a checkpoint of 0.1
+    assert TrainState.load(tmp_path) == (TrainState(completed_steps=5), counts)
+
+
+def test_the_batches_a_resumed_run_skips_follow_from_its_step_count():
+    loader = Accelerator(cpu=True).prepare(torch.utils.data.DataLoader(range(5)))  # 5 batches, 2 a step: 2, 2, 1
+    schedule = SimpleNamespace(steps_per_epoch=3, accumulation_steps=2, num_epochs=3)
+
+    def batches(completed_steps: int) -> list[int]:
+        return [int(b) for b in train_batches(loader, schedule, completed_steps)]
+
+    assert batches(0) == [*range(5)] * 3
+    assert batches(4) == [2, 3, 4, *range(5)]  # epoch 1, one step in: its first two batches skipped
+    assert batches(6) == [*range(5)]  # the last epoch from its start
 
 
 def test_latest_checkpoint_ignores_partial_saves_and_orders_numerically(tmp_path):

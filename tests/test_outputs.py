@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_inline
 
-import finetune_recipes
-from finetune_recipes import ownership
+from finetune_recipes import kit, ownership
 from finetune_recipes.config import TrainingArguments
 from finetune_recipes.ownership import LOCK, MANIFEST
 from finetune_recipes.training import save
@@ -136,7 +135,7 @@ def test_a_full_disk_at_the_final_save_leaves_no_half_written_model(tiny_args, t
 @pytest.mark.parametrize("errno_code", [errno.EROFS, errno.EACCES])
 def test_an_unwritable_output_dir_stops_before_training(errno_code, tiny_args, tmp_path, monkeypatch):
     monkeypatch.setattr(ownership, "lock_output_dir", fail_with(errno_code))  # the run's first write
-    monkeypatch.setattr(finetune_recipes, "epoch_batches", fail_with(errno.EIO))  # training must not start
+    monkeypatch.setattr(kit, "train_batches", fail_with(errno.EIO))  # training must not start
     proc = run_inline("full_finetune", *short(tiny_args), check=False)
     code, err = proc.returncode, proc.stderr
     last = err.strip().splitlines()[-1]
@@ -146,7 +145,7 @@ def test_an_unwritable_output_dir_stops_before_training(errno_code, tiny_args, t
 
 def test_too_little_disk_for_the_model_stops_before_training(tiny_args, tmp_path, monkeypatch):
     monkeypatch.setattr(ownership.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
-    monkeypatch.setattr(finetune_recipes, "epoch_batches", fail_with(errno.EIO))
+    monkeypatch.setattr(kit, "train_batches", fail_with(errno.EIO))
     proc = run_inline("full_finetune", *short(tiny_args), check=False)
     code, err = proc.returncode, proc.stderr
     last = err.strip().splitlines()[-1]

@@ -8,6 +8,7 @@ this and nothing heavy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import re
 import sys
@@ -45,8 +46,28 @@ def listing(items: list[Any], limit: int = 8) -> str:
     return shown if len(items) <= limit else f"{shown}, … ({len(items)} in all)"
 
 
-# What an interrupted command has kept, for its Ctrl-C line: a run's checkpoints say where it resumes.
-SAVED_SO_FAR = ["nothing was saved"]
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying what the interrupted command has kept (its first argument), for the one line it ends with."""
+
+
+@contextlib.contextmanager
+def on_interrupt(kept: str | Callable[[], str]):
+    """A Ctrl-C inside says what was kept: `kept` (or what it returns, asked when the Ctrl-C comes), unless a step
+    inside already said it (a cv run by compare names its folds)."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(kept if isinstance(kept, str) else kept()) from None
+
+
+def clear_frames(error: BaseException | None) -> None:
+    """Frees the locals of the frames `error` (and the errors it was raised during) unwound: a progress bar among
+    them writes its last line as it closes, before the error's one line, which stays the last a user sees."""
+    while error is not None:
+        traceback.clear_frames(error.__traceback__)
+        error = error.__context__
 
 
 def entrypoint(main: Callable[..., T]) -> Callable[..., T]:
@@ -58,13 +79,14 @@ def entrypoint(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except KeyboardInterrupt as interrupt:
-            traceback.clear_frames(interrupt.__traceback__)
-            print(f"error: interrupted (Ctrl-C); {SAVED_SO_FAR[-1]}", file=sys.stderr)
+            clear_frames(interrupt)
+            kept = interrupt.args[0] if isinstance(interrupt, Interrupted) else "nothing was saved"
+            print(f"error: interrupted (Ctrl-C); {kept}", file=sys.stderr)
             raise SystemExit(130) from None
         except UserError as error:
             # The failed run's locals go first: a progress bar closing as they are freed writes its last line
             # before this one, so the error stays the last line a user sees.
-            traceback.clear_frames(error.__traceback__)
+            clear_frames(error)
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
 

@@ -37,11 +37,11 @@ from .sentence import (
 )
 from .static import build_static_model, load_vectors
 from .strategy_args import EncodeArguments, StaticArguments
-from .training.accelerator import build_accelerator, wrap_blocks_not_embeddings
-from .training.checkpoints import checkpoint_due, save_checkpoint
-from .training.evaluate import Validation, evaluate
+from .training.accelerator import build_accelerator, end_training, wrap_blocks_not_embeddings
+from .training.checkpoints import checkpoint_due, restore_best, save_best, save_checkpoint
+from .training.evaluate import calibrate, evaluate, record_evaluation, run_results
 from .training.save import check_outputs, push_to_hub, save_merged, save_run
-from .training.start import epoch_batches, start_training
+from .training.start import claim_outputs, resume_state, start_trackers, train_batches
 from .training.tracking import LossMeter
 
 __all__ = sorted(name for name in dir() if not name.startswith("_"))

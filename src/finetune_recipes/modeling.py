@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, Pretrai
 
 from .config import ModelArguments
 from .errors import UserError, first_line, listing
+from .packing import accept_packed, check_packable
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +64,14 @@ ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")  
 
 
 def build_model(
-    model_args: ModelArguments | str, task, auto_class=AutoModelForSequenceClassification
+    model_args: ModelArguments | str, task, auto_class=AutoModelForSequenceClassification, pack_sequences=False
 ) -> PreTrainedModel:
     """A sequence classifier (or, with `auto_class=AutoModel`, the bare encoder) whose config maps ids to
     the task's label names and names its problem type, so pipelines apply softmax, sigmoid or nothing and
     predictions print the labels; with the attention kernel and attention dropout `model_args` asks for
     (by default none on a CPU: see ModelArguments.attention_dropout). `task` is a data.Task, or a list of
-    label names (single-label)."""
+    label names (single-label). With `pack_sequences` (--pack_sequences), the model is checked and taught to
+    read packed batches (packing.py), or refused in one line."""
     if isinstance(model_args, str | Path):
         model_args = ModelArguments(model_name_or_path=str(model_args))
     label_names = task if isinstance(task, list) else task.label_names
@@ -104,6 +106,9 @@ def build_model(
         raise UserError(f"{first_line(error)}; pass --attn_implementation auto or eager") from None
     if auto_class is AutoModelForSequenceClassification:
         new_head(model, base, config, name)
+    if pack_sequences:  # the loaders pack; the model learns to read packed batches
+        check_packable(model)
+        accept_packed(model)
     return model
 
 

@@ -127,6 +127,7 @@ class Schedule:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
     steps_per_epoch: int
+    accumulation_steps: int = 1  # batches per optimizer step (the last of an epoch may take fewer)
 
     @property
     def num_epochs(self) -> int:
@@ -146,7 +147,7 @@ def build_schedule(optimizer: torch.optim.Optimizer, train_loader, args, process
             "--eval_steps, or --eval_strategy epoch"
         )
     scheduler = build_scheduler(optimizer, args.lr_scheduler_type, steps, args.warmup_ratio, args.warmup_steps)
-    return Schedule(scheduler, steps, per_epoch)
+    return Schedule(scheduler, steps, per_epoch, args.gradient_accumulation_steps)
 
 
 def format_groups(groups: list[dict[str, Any]]) -> str:

@@ -10,7 +10,7 @@ start at 0 where RoBERTa's start at padding_idx + 1 (#47496). The block-diagonal
 implementation; a model whose output differs on a probe is refused in one line.
 
     collator = PackedCollator(tokenizer, capacity=128)  # loaders.build_dataloaders, with --pack_sequences
-    accept_packed(model)                                 # training.resume.start_training, with --pack_sequences
+    accept_packed(model)                                 # modeling.build_model, with --pack_sequences
 """
 
 from __future__ import annotations

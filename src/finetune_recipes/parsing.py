@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import yaml
 from transformers import HfArgumentParser
 
-from .config import ON_RESUME, DataArguments, check_ranges
-from .errors import SAVED_SO_FAR, OneLineErrors, Parser, UserError
+from .config import ON_RESUME, DataArguments, TrainingArguments, check_ranges
+from .errors import OneLineErrors, Parser, UserError, on_interrupt
 from .processes import die_with_launcher, run_to_end
 from .strategy_args import CacheArguments
 
@@ -71,6 +71,14 @@ def parse_config(
         check_ranges(config)  # nan and inf in a recipe's own float flags too
     check_combination(configs)
     return configs
+
+
+def kept(output_dir: str) -> str:
+    """What an interrupted run kept: its newest checkpoint, read from the disk when Ctrl-C comes. Imported here, not
+    at the top: the checkpoints module loads torch, and the tools parse flags with this module without it."""
+    from .training.checkpoints import kept_checkpoint
+
+    return kept_checkpoint(output_dir)
 
 
 def check_combination(configs: tuple[Any, ...]) -> None:
@@ -135,6 +143,11 @@ def run_cli(main: Callable[..., T], *types: type, default_config: str | Path | N
     `main(*parsed)`; a UserError anywhere becomes one line on stderr and exit code 2, and a process of a
     multi-process run ends as processes.run_to_end says; under a launcher, the process ends with it."""
     die_with_launcher()
-    SAVED_SO_FAR[:] = ["nothing was saved"]  # what a Ctrl-C line reports: checkpoints add to it
 
-    return run_to_end(lambda: main(*parse_config(*types, default_config=default_config)))
+    def run() -> T:
+        configs = parse_config(*types, default_config=default_config)
+        output_dir = next(c.output_dir for c in configs if isinstance(c, TrainingArguments))
+        with on_interrupt(lambda: kept(output_dir)):
+            return main(*configs)
+
+    return run_to_end(run)

@@ -11,25 +11,27 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from .errors import entrypoint
 
 T = TypeVar("T")
 
 
-# The accelerators and prepared (DDP) models of this process's multi-process runs, kept alive until
-# run_to_end ends the process. The accelerator alone is not enough: on CPUs (MULTI_CPU) Accelerate 1.15 does
-# not keep the DDP wrapper it returns, whose Reducer holds the process group.
-DISTRIBUTED: list[Any] = []
+def process_group_alive() -> bool:
+    """Whether this process belongs to a multi-process run's group (torch's own state: nothing is kept here). A
+    process that never imported torch.distributed (a tool, `ls`) has none."""
+    distributed = sys.modules.get("torch.distributed")
+    return bool(distributed and distributed.is_available() and distributed.is_initialized())
 
 
 def run_to_end(call: Callable[[], T]) -> T:
     """`entrypoint(call)()`, and a process of a multi-process (gloo/NCCL) run ends here with os._exit, once its
     outputs are written and its output flushed.
 
-    Its process group is never destructed: measured with torch 2.13 on a loaded 2-core machine,
-    ~ProcessGroupGloo (run when DDP's Reducer is freed as the run returns) joins gloo's worker thread while
+    Its process group is never destructed (training.accelerator.end_training leaves it alive): measured with
+    torch 2.13 on a loaded 2-core machine, ~ProcessGroupGloo (run when DDP's Reducer, its last holder once
+    Accelerate's end_training destroyed the group, is freed as the run returns) joins gloo's worker thread while
     holding the GIL, and that thread, freeing the last barrier's tensors, waits for the GIL: the process hung
     forever after its run was done (a CI timeout; stacks in the 2026-11-30 notes).
     """
@@ -37,15 +39,15 @@ def run_to_end(call: Callable[[], T]) -> T:
         result = entrypoint(call)()
         code = 0
     except SystemExit as exit_info:  # a UserError's exit code 2
-        if not DISTRIBUTED:
+        if not process_group_alive():
             raise
         code = exit_info.code if isinstance(exit_info.code, int) else 0 if exit_info.code is None else 1
     except BaseException:
-        if not DISTRIBUTED:
+        if not process_group_alive():
             raise
         traceback.print_exc()
         code = 1
-    if not DISTRIBUTED:
+    if not process_group_alive():
         return result
     try:
         sys.stdout.flush()

@@ -31,6 +31,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from .atomic import atomic_path
 from .errors import UserError
 from .features import ClassificationHead
+from .packing import check_packable
 from .strategy_args import StaticArguments  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -138,8 +139,11 @@ def load_vectors(model_args, data_args, training_args, args: StaticArguments) ->
         return encoder_table(model_args.model_name_or_path)
 
 
-def build_static_model(vectors: Vectors, task, args: StaticArguments) -> StaticEmbeddingsForSequenceClassification:
-    """The classifier over `vectors`, labelled for `task` (a data.Task), its vectors frozen unless asked."""
+def build_static_model(
+    vectors: Vectors, task, args: StaticArguments, pack_sequences: bool = False
+) -> StaticEmbeddingsForSequenceClassification:
+    """The classifier over `vectors`, labelled for `task` (a data.Task), its vectors frozen unless asked. Packed
+    batches (`pack_sequences`) are refused in one line, as build_model refuses them for a model they cannot serve."""
     num_labels = 1 if task.problem_type == "regression" else len(task.label_names)
     names = task.label_names[:num_labels]
     config = StaticConfig(
@@ -159,6 +163,8 @@ def build_static_model(vectors: Vectors, task, args: StaticArguments) -> StaticE
     with torch.no_grad():
         model.embeddings.weight.copy_(vectors.matrix)
     model.embeddings.weight.requires_grad_(not args.freeze_embeddings)
+    if pack_sequences:
+        check_packable(model)  # not a transformers sequence classifier: refused
     return model
 
 

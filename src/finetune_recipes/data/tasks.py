@@ -36,8 +36,6 @@ class Task:
     class_weights: list[float] | None = None
     target_mean: float = 0.0
     target_std: float = 1.0
-    thresholds: list[float] | None = None  # multi-label: tuned on validation at the end of training
-    temperature: list[float] | None = None  # fitted on validation at the end (one, or one per label); saved folded
     held_out_test: float | None = None  # the percentage of train held out as test, when the data had no test split
     _weights: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -93,11 +91,6 @@ class Task:
             out["target_mean"], out["target_std"] = self.target_mean, self.target_std
         if self.held_out_test:
             out["held_out_test"] = self.held_out_test
-        if self.thresholds is not None:
-            out["thresholds"] = dict(zip(self.label_names, self.thresholds, strict=True))
-        if self.temperature is not None:
-            names = self.label_names if len(self.temperature) > 1 else ["all"]
-            out["temperature"] = dict(zip(names, self.temperature, strict=True))
         return out
 
 

@@ -24,7 +24,7 @@ from ..catalog import (
     resolve_recipe,
 )
 from ..config import SHARED_TYPES
-from ..errors import SAVED_SO_FAR, Parser, UserError, listing
+from ..errors import Parser, UserError, listing, on_interrupt
 from ..metrics import MULTI, REGRESSION, SINGLE, task_metrics
 from ..ownership import LOCK, MANIFEST, claim_tool_dir, entries, owned_entries
 from ..parsing import parse_config
@@ -213,21 +213,26 @@ def main(argv: list[str] | None = None) -> None:
     lock = claim_compare_dir(out, known.overwrite_output_dir)
     planned = {r if len(seeds) == 1 else f"{r}_seed{s}" for r in recipes for s in seeds}
     drop_earlier_runs(out, planned)
-    SAVED_SO_FAR.append(f"the finished runs are kept in {out}; add --overwrite_output_dir to compare again")
-    if known.folds:
-        runs = cross_validate(recipes, routes, shared, known, out)
-    else:
-        runs = [] if known.no_baseline else [tfidf_baseline(shared)]
-        progress = tqdm(total=len(recipes) * len(seeds), desc="compare", unit="run")
-        for recipe in recipes:
-            runs += run_strategy(recipe, routes[recipe], seeds, known, out, progress, runs)
-        progress.close()
+    with on_interrupt(f"the finished runs are kept in {out}; add --overwrite_output_dir to compare again"):
+        runs = compare_runs(recipes, routes, shared, known, out, seeds)
     rows = summarise(runs, reported_split(runs), table_metrics(runs))
     command = "finetune-recipes compare " + " ".join(argv or [])
     print(write_table(rows, runs, out, command.strip(), known.folds or len(seeds)))
     plot(rows, out / "comparison.png")
     os.close(lock)
     print(f"Wrote {out / 'comparison.md'}, comparison.csv and comparison.png")
+
+
+def compare_runs(recipes: list[str], routes: dict, shared: list[str], known, out: Path, seeds: list[int]) -> list:
+    """Every strategy's runs: over the same folds (--folds), else once per seed with the TF-IDF baseline."""
+    if known.folds:
+        return cross_validate(recipes, routes, shared, known, out)
+    runs = [] if known.no_baseline else [tfidf_baseline(shared)]
+    progress = tqdm(total=len(recipes) * len(seeds), desc="compare", unit="run")
+    for recipe in recipes:
+        runs += run_strategy(recipe, routes[recipe], seeds, known, out, progress, runs)
+    progress.close()
+    return runs
 
 
 def for_the_task(recipes: list[str], named: bool, data_args, seed: int) -> list[str]:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_write, is_temporary, remove
 from ..catalog import caches_features, given_names, list_recipes, recipe_types, recipes_dir, resolve_recipe
 from ..config import MULTI, REGRESSION, SHARED_TYPES, SINGLE
-from ..errors import SAVED_SO_FAR, Parser, UserError
+from ..errors import Parser, UserError, on_interrupt
 from ..ownership import LOCK, MANIFEST, claim_tool_dir, entries
 from ..parsing import parse_config
 from ..processes import PARENT, die_with_parent
@@ -259,12 +259,12 @@ def run_cv(
             "fold_of": folds.tolist(), "text_column": data_args.text_column}  # fmt: skip
     lock, resume = claim_cv_dir(out, plan, overwrite)
     try:
-        SAVED_SO_FAR.append(f"the finished folds are kept in {out}; the same command resumes the cv")
         for path, text in files.items():
             (out / path).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(out / path, text)
         atomic_write(out / PLAN, json.dumps(plan, indent=1) + "\n")
-        runs = run_folds(recipe, flags, out, k, test is not None, resume and not overwrite, launcher)
+        with on_interrupt(f"the finished folds are kept in {out}; the same command resumes the cv"):
+            runs = run_folds(recipe, flags, out, k, test is not None, resume and not overwrite, launcher)
         from .audit import audit
         from .cv_report import write_outputs
 

@@ -32,7 +32,7 @@ from ..catalog import (
     resolve_recipe,
 )
 from ..config import SHARED_TYPES, greater_is_better
-from ..errors import SAVED_SO_FAR, Parser, UserError, listing
+from ..errors import Parser, UserError, listing, on_interrupt
 from ..ownership import LOCK, MANIFEST, claim_tool_dir
 from ..parsing import parse_config
 from ..processes import PARENT
@@ -358,9 +358,9 @@ def run_study(
     directory = Path(study_dir or Path("outputs") / "tune" / recipe.stem)
     options = {"pruner": pruner, "seed": study_seed, "n_trials": n_trials}
     study = Study(recipe, flags, space, directory, metric, data, options)
-    SAVED_SO_FAR.append(f"the finished trials are kept in {directory}; the same command resumes the study")
     try:
-        study.optimize(n_trials, timeout)
+        with on_interrupt(f"the finished trials are kept in {directory}; the same command resumes the study"):
+            study.optimize(n_trials, timeout)
         written = study.write(command.strip())
     finally:
         os.close(study.lock)

@@ -14,7 +14,6 @@ from accelerate.utils import DistributedType, set_seed, str_to_bool
 from ..config import TrainingArguments
 from ..errors import UserError
 from ..modeling import bf16_supported
-from ..processes import DISTRIBUTED
 from .tracking import TRACKER_PROJECT, trackers
 
 logger = logging.getLogger("finetune_recipes")
@@ -73,8 +72,6 @@ def build_accelerator(args: TrainingArguments, find_unused_parameters: bool = Fa
         kwargs_handlers=handlers,
     )
     check_launch(accelerator)
-    if accelerator.num_processes > 1:
-        DISTRIBUTED.append(accelerator)  # its process group outlives the run: see processes.run_to_end
     if find_unused_parameters and accelerator.distributed_type == DistributedType.FSDP:
         # Measured on an H200 (torch 2.11, accelerate 1.15): a block thawed after FSDP2 has sharded the model
         # fails in backward ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype
@@ -112,3 +109,12 @@ def wrap_blocks_not_embeddings(accelerator, model: torch.nn.Module) -> None:
     plugin.transformer_cls_names_to_wrap = [
         n for n in getattr(model, "_no_split_modules", None) or [] if n not in holders
     ]
+
+
+def end_training(accelerator: Accelerator) -> None:
+    """Accelerate's `end_training` but for its last act: the trackers finish, and the process group is left to the
+    process's end (processes.run_to_end ends a multi-process run with os._exit). Destroyed here, it would be
+    destructed when DDP's Reducer is freed as the recipe's main returns, and gloo's destructor hung there on a
+    loaded machine (see run_to_end)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()

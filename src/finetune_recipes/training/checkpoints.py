@@ -17,7 +17,8 @@ from accelerate import Accelerator
 from accelerate.utils import load_checkpoint_in_model
 from safetensors import SafetensorError
 
-from ..errors import SAVED_SO_FAR, UserError, first_line
+from ..errors import UserError, first_line
+from .early_stopping import EarlyStopping
 from .tracking import refuse_diverged
 
 logger = logging.getLogger("finetune_recipes")
@@ -31,29 +32,36 @@ INDEX_FILE = "index.json"  # written last: every file of the checkpoint and its 
 
 @dataclass
 class TrainState:
-    """Where a run is: written into every checkpoint as JSON, so a resumed run continues exactly here."""
+    """Where a run is: written into every checkpoint as JSON, with the early stopping's counts, so a resumed run
+    continues exactly here. The epoch and the batches into it follow from the step count (`train_batches`)."""
 
     completed_steps: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)  # the validation evaluations
     loss_history: list[dict[str, float]] = field(default_factory=list)  # the logged training-loss means
     fingerprint: dict[str, object] = field(default_factory=dict)  # what determines the run: see start.fingerprint
 
-    def save(self, directory: Path) -> None:
-        (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+    def save(self, directory: Path, early_stopping: EarlyStopping) -> None:
+        content = {**dataclasses.asdict(self), "early_stopping": early_stopping.state_dict()}
+        (directory / STATE_FILE).write_text(json.dumps(content, indent=1) + "\n")
 
-    @classmethod
-    def load(cls, directory: Path) -> TrainState:
-        return cls(**json.loads((directory / STATE_FILE).read_text()))
+    @staticmethod
+    def load(directory: Path) -> tuple[TrainState, dict]:
+        """The state and the early stopping's counts of a checkpoint (one of 0.1, whose counts stood beside the
+        step and which kept the epoch, too)."""
+        content = json.loads((directory / STATE_FILE).read_text())
+        stopping = content.pop("early_stopping", None)
+        if stopping is None:
+            stopping = {k: content.pop(k) for k in ("best_metric", "best_step", "evals_without_improvement")}
+        for derived in ("epoch", "batches_in_epoch"):
+            content.pop(derived, None)
+        return TrainState(**content), stopping
 
 
-def checkpoint_due(checkpointing_steps: str | None, step: int) -> bool:
-    """--checkpointing_steps N: after every N-th optimizer step ("epoch": at the ends of epochs instead)."""
-    return checkpointing_steps not in (None, "epoch") and step % int(checkpointing_steps) == 0
+def checkpoint_due(checkpointing_steps: str | None, step: int, steps_per_epoch: int) -> bool:
+    """--checkpointing_steps N: after every N-th optimizer step; "epoch": after an epoch's last step."""
+    if checkpointing_steps == "epoch":
+        return step % steps_per_epoch == 0
+    return checkpointing_steps is not None and step % int(checkpointing_steps) == 0
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -125,37 +133,47 @@ def write_atomically(accelerator: Accelerator, final: Path, write: Callable[[Pat
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(accelerator: Accelerator, model, state: TrainState, output_dir: str, keep: int | None) -> None:
-    """The whole training state (accelerator.save_state) and TrainState; only the newest `keep` are kept. A
-    diverged model is refused: the last good checkpoint stays the newest."""
+def save_checkpoint(
+    accelerator: Accelerator, model, state: TrainState, early_stopping: EarlyStopping, output_dir: str, keep: int | None
+) -> None:
+    """The whole training state (accelerator.save_state), TrainState and the early stopping's counts; only the
+    newest `keep` are kept. A diverged model is refused: the last good checkpoint stays the newest."""
     refuse_diverged(accelerator, model, state)
 
     def write(path: Path) -> None:
         accelerator.save_state(str(path))
         accelerator.wait_for_everyone()  # every process's RNG state is on disk before the index lists it
         if accelerator.is_main_process:
-            state.save(path)
+            state.save(path, early_stopping)
             write_index(path)
 
     write_atomically(accelerator, checkpoint_root(output_dir) / f"step_{state.completed_steps}", write)
-    SAVED_SO_FAR.append(
-        f"the last checkpoint is step {state.completed_steps} in {checkpoint_root(output_dir)}: the same command "
-        "with --resume_from_checkpoint latest goes on from there"
-    )
     if accelerator.is_main_process and keep:
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
-        prune_best(output_dir, state.best_step)
+        prune_best(output_dir, early_stopping.best_step)
 
 
-def resume(accelerator: Accelerator, path: Path, fingerprint: dict, allow_changes: bool) -> TrainState:
-    """Loads model, optimizer, scheduler and RNG states from a checkpoint; returns where the run stood.
+def kept_checkpoint(output_dir: str | Path) -> str:
+    """What an interrupted run has kept, for its Ctrl-C line: the newest whole checkpoint, read from the disk."""
+    found = list_checkpoints(output_dir)
+    if not found:
+        return "nothing was saved"
+    return (
+        f"the last checkpoint is {found[-1].name.replace('_', ' ')} in {checkpoint_root(output_dir)}: the same "
+        "command with --resume_from_checkpoint latest goes on from there"
+    )
+
+
+def resume(accelerator: Accelerator, path: Path, fingerprint: dict, allow_changes: bool) -> tuple[TrainState, dict]:
+    """Loads model, optimizer, scheduler and RNG states from a checkpoint; returns where the run stood and the
+    early stopping's counts.
 
     Refuses a checkpoint written with other settings or data (`fingerprint`) unless `allow_changes`.
     """
     try:
-        state = TrainState.load(path)
-    except (OSError, ValueError, TypeError):
+        state, stopping = TrainState.load(path)
+    except (OSError, ValueError, TypeError, KeyError):
         raise UserError(f"{path} has no readable {STATE_FILE}, so it is not a recipe's checkpoint") from None
     changed = [
         k for k in sorted(set(fingerprint) | set(state.fingerprint)) if fingerprint.get(k) != state.fingerprint.get(k)
@@ -173,32 +191,39 @@ def resume(accelerator: Accelerator, path: Path, fingerprint: dict, allow_change
             f"cannot load checkpoint {path} ({first_line(error)}); resume from another checkpoint"
         ) from None
     state.fingerprint = fingerprint
-    best = path.parent / BEST.format(state.best_step)
-    if state.best_step is not None and not best.is_dir():
+    best = path.parent / BEST.format(stopping["best_step"])
+    if stopping["best_step"] is not None and not best.is_dir():
         raise UserError(f"{path} names best weights {best} that do not exist; resume from another checkpoint")
-    return state
+    return state, stopping
 
 
-def adopt_best(accelerator: Accelerator, path: Path, output_dir: str, state: TrainState) -> None:
+def adopt_best(accelerator: Accelerator, path: Path, output_dir: str, best_step: int | None) -> None:
     """Copies the best weights of a checkpoint resumed from elsewhere beside this run's checkpoints."""
-    source = path.parent / BEST.format(state.best_step)
+    source = path.parent / BEST.format(best_step)
     target = checkpoint_root(output_dir) / source.name
-    if state.best_step is not None and not target.is_dir():
+    if best_step is not None and not target.is_dir():
         if accelerator.is_main_process:
             shutil.copytree(source, target)
         accelerator.wait_for_everyone()
 
 
-def save_best(accelerator: Accelerator, model, output_dir: str, state: TrainState) -> None:
-    """The weights of the best evaluation so far, on disk beside the checkpoints rather than in memory."""
-    final = checkpoint_root(output_dir) / BEST.format(state.best_step)
+def save_best(accelerator: Accelerator, model, output_dir: str, step: int) -> None:
+    """The weights of the best evaluation so far (at `step`), on disk beside the checkpoints, not in memory."""
+    final = checkpoint_root(output_dir) / BEST.format(step)
     write_atomically(accelerator, final, lambda path: accelerator.save_model(model, path))
     if accelerator.is_main_process:
-        prune_best(output_dir, state.best_step)
+        prune_best(output_dir, step)
 
 
-def load_best(accelerator: Accelerator, model, output_dir: str, step: int) -> None:
-    load_checkpoint_in_model(accelerator.unwrap_model(model), str(checkpoint_root(output_dir) / BEST.format(step)))
+def restore_best(accelerator: Accelerator, model, training_args, step: int) -> None:
+    """The best evaluation's weights (at `step`) back into `model`; without checkpoints to resume from, the best
+    weights were scratch and are removed."""
+    root = checkpoint_root(training_args.output_dir)
+    load_checkpoint_in_model(accelerator.unwrap_model(model), str(root / BEST.format(step)))
+    logger.info("Restored the best weights: those of step %d", step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not training_args.checkpointing_steps:
+        prune_best(training_args.output_dir, None)
 
 
 def prune_best(output_dir: str | Path, current: int | None) -> None:
@@ -207,7 +232,7 @@ def prune_best(output_dir: str | Path, current: int | None) -> None:
     With `current` None and no checkpoint kept, that is all of them, and an emptied checkpoints/ goes too.
     """
     root = checkpoint_root(output_dir)
-    wanted = {current} | {TrainState.load(c).best_step for c in list_checkpoints(output_dir)}
+    wanted = {current} | {TrainState.load(c)[1]["best_step"] for c in list_checkpoints(output_dir)}
     for path in root.glob(BEST.format("*")):
         if path.name not in {BEST.format(step) for step in wanted}:
             shutil.rmtree(path)

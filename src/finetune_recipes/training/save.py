@@ -28,7 +28,7 @@ from ..modeling import load_adapter_classifier, target_head
 from ..ownership import OutputDir, check_output_dir, file_hash, owned_entries, write_manifest
 from ..reporting import prediction_rows, render_saved, to_csv
 from ..reporting.hub import check_hub, push
-from .evaluate import Evaluation
+from .evaluate import Calibration, Evaluation
 
 logger = logging.getLogger("finetune_recipes")
 T = TypeVar("T")
@@ -37,7 +37,7 @@ T = TypeVar("T")
 def check_outputs(args: RunArgs) -> str:
     """What the end of the run needs, refused now rather than after the training: an output_dir the run may
     fill (none of the run's inputs removed by an overwrite), and with --push_to_hub a reachable Hub and
-    credentials. Returns what was checked of output_dir, for start_training's claim on it."""
+    credentials. Returns what was checked of output_dir, for claim_outputs' claim on it."""
     training_args = args.get(TrainingArguments)
     checked = check_output_dir(training_args, args.inputs())
     check_hub(training_args)
@@ -71,7 +71,7 @@ def save_run(
     tokenizer,
     data: ClassificationData,
     results: dict[str, Any],
-    scored: dict[str, Evaluation | None],
+    calibration: Calibration,
     trained: torch.nn.Module | None = None,
     files: dict[str, str | bytes] | None = None,
 ) -> dict[str, Any]:
@@ -79,30 +79,32 @@ def save_run(
     what the card says besides the metrics: the recipe, the examples, the hardware, the parameters, memory.
 
     `model` is what is saved: the prepared model itself, or a model built around what trained (`trained`: the
-    feature head inside encoder + pooling + head). `scored` holds the final evaluations of validation and
-    test, whose predictions files are written from the same numbers as the metrics. A regression model is
-    saved predicting in the target's units, a classifier with its temperature (its output layer scaled in the
-    saved copy: the live model is left as it trained). All of it is staged and moved into place once whole, so
-    a full disk or a permission error leaves no config.json without its weights; the card and pictures are
-    then drawn from the saved files.
+    feature head inside encoder + pooling + head). `calibration` (what `calibrate` returned) holds the final
+    evaluations of validation and test, whose predictions files are written from the same numbers as the
+    metrics, the temperature and the multi-label thresholds: what is saved depends only on these arguments. A
+    regression model is saved predicting in the target's units, a classifier with its temperature (its output
+    layer scaled in the saved copy: the live model is left as it trained). All of it is staged and moved into
+    place once whole, so a full disk or a permission error leaves no config.json without its weights; the card
+    and pictures are then drawn from the saved files.
     """
     task, training = data.task, args.get(TrainingArguments)
     state_dict = gathered_state(accelerator, model, trained if trained is not None else model)  # every process
     unwrapped = accelerator.unwrap_model(model)
     if task.problem_type == REGRESSION and state_dict:
         fold_into(state_dict, target_head(unwrapped), task.target_mean, task.target_std)
-    if task.temperature is not None and state_dict:  # logits / T: the calibrated probabilities
-        fold_into(state_dict, target_head(unwrapped, task.num_labels), 0.0, [1 / t for t in task.temperature])
+    temperature, thresholds = calibration.temperature, calibration.thresholds
+    if temperature is not None and state_dict:  # logits / T: the calibrated probabilities
+        fold_into(state_dict, target_head(unwrapped, task.num_labels), 0.0, [1 / t for t in temperature])
     results = {**results, **describe(accelerator, args, len(data.train), unwrapped)}
     files = {
         "recipe_config.yaml": yaml.safe_dump(args.resolved(), sort_keys=False),
         "results.json": json.dumps(results, indent=2) + "\n",
-        **prediction_files(data, args, scored),
+        **prediction_files(data, args, calibration.scored, thresholds),
         **(files or {}),
     }
-    if task.thresholds is not None:  # predict reads them back
-        thresholds = dict(zip(task.label_names, task.thresholds, strict=True))
-        files["thresholds.json"] = json.dumps(thresholds, indent=2) + "\n"
+    if thresholds is not None:  # predict reads them back
+        by_name = dict(zip(task.label_names, thresholds, strict=True))
+        files["thresholds.json"] = json.dumps(by_name, indent=2) + "\n"
 
     def write(staging: Path) -> None:
         unwrapped.save_pretrained(staging, save_function=accelerator.save, state_dict=state_dict)
@@ -150,8 +152,11 @@ def write_report(out: OutputDir, staging: Path) -> None:
     write_manifest(out.path, [], out.kept, rendered)  # what `report` may redraw: these, while unedited
 
 
-def prediction_files(data: ClassificationData, args: RunArgs, scored: dict[str, Evaluation | None]) -> dict:
-    """predictions_<split>.csv of every scored split: one row per document, in the split's order."""
+def prediction_files(
+    data: ClassificationData, args: RunArgs, scored: dict[str, Evaluation | None], thresholds: list[float] | None
+) -> dict:
+    """predictions_<split>.csv of every scored split: one row per document, in the split's order; multi-label
+    decisions at `thresholds` (0.5 without)."""
     files = {}
     for split, evaluation in scored.items():
         if evaluation is None or data.raw is None:
@@ -160,7 +165,7 @@ def prediction_files(data: ClassificationData, args: RunArgs, scored: dict[str, 
         if len(texts) == len(evaluation.references):
             task = data.task
             rows = prediction_rows(
-                task.problem_type, task.label_names, evaluation.scores, evaluation.references, texts, task.thresholds
+                task.problem_type, task.label_names, evaluation.scores, evaluation.references, texts, thresholds
             )
             files[f"predictions_{split}.csv"] = to_csv(rows)
     return files
