@@ -20,7 +20,7 @@ demo: $(VENV)
 		"MPs voted on the government's new education bill"
 
 # Everything, slow tests included (2-process runs, kill-and-resume), on every core (pytest-xdist), the 15 slowest
-# named at the end: about 5 minutes on 2 cores (README, Quick start).
+# named at the end: about 8 minutes on 2 cores (README, Quick start).
 test: $(VENV)
 	.venv/bin/python -m pytest -q -m "slow or not slow" --durations=15
 
