@@ -60,6 +60,14 @@ def test_a_bad_thresholds_file_is_one_line_and_exit_2(case, multi, tmp_path, cap
     assert message in lines[0] and "restore the file the run wrote" in lines[0], lines[0]
 
 
+def test_a_file_of_texts_is_one_text_per_newline_whatever_else_breaks_a_line(multi, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"  # U+2028 and NEL inside texts, a Windows line end, a blank line
+    texts.write_bytes("goal \u2028 win\r\nmarket\x85bank\n\n   \nvote\n".encode())
+    cli(["predict", "--model", str(multi), "--file", str(texts), "--format", "jsonl"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().split("\n")]
+    assert [r["text"] for r in rows] == ["goal \u2028 win", "market\x85bank", "vote"]
+
+
 def test_the_thresholds_the_run_wrote_are_the_ones_predict_applies(multi):
     saved = json.loads((multi / "thresholds.json").read_text())
     rows = list(csv.DictReader((multi / "predictions_validation.csv").open()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import sys
 from pathlib import Path
 
@@ -13,15 +14,21 @@ from ..errors import Parser, UserError, entrypoint
 
 
 def read_texts(file: str | None, texts: list[str]) -> list[str]:
-    """Texts from the command line, or one per line from a file ('-' for standard input)."""
+    """Texts from the command line, or one per line from a file ('-' for standard input). Lines end at "\n" only
+    (a "\r" before it is dropped): a line break of Unicode's inside a text (U+2028, NEL) is part of the text, as
+    in the training files. Blank lines are left out."""
     if file:
         try:
-            lines = (sys.stdin if file == "-" else open(file, encoding="utf-8")).read().splitlines()  # noqa: SIM115
+            if file == "-":
+                content = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="").read()
+            else:
+                content = Path(file).read_bytes().decode("utf-8")
         except OSError as error:
             raise UserError(f"cannot read {file}: {error.strerror}; pass a readable text file") from None
         except UnicodeDecodeError:
             raise UserError(f"{file} is not UTF-8 text; convert it (iconv -t UTF-8) or pass another file") from None
-        texts = [line for line in lines if line.strip()]
+        texts = [line.removesuffix("\r") for line in content.split("\n")]
+        texts = [text for text in texts if text.strip()]
     if not texts:
         raise UserError("no text to classify: pass texts as arguments or --file FILE (one text per line)")
     return texts

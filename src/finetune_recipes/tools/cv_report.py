@@ -31,7 +31,8 @@ def out_of_fold(out: Path, plan: dict) -> list[dict]:
         members = np.flatnonzero(fold_of == fold)
         held = [
             json.loads(line)[plan["text_column"]]
-            for line in _read(out / "folds" / f"fold_{fold}" / "validation.jsonl").splitlines()
+            for line in _read(out / "folds" / f"fold_{fold}" / "validation.jsonl").split("\n")
+            if line
         ]
         predicted = read_csv(_read(out / f"fold_{fold}" / "predictions_validation.csv"))
         if len(predicted) != len(members) or [r["text"] for r in predicted] != held:
@@ -45,9 +46,11 @@ def out_of_fold(out: Path, plan: dict) -> list[dict]:
 
 
 def _read(path: Path) -> str:
+    """A file cv wrote, as written: no newline translation (a text's own "\r\n" inside a CSV field stays)."""
     if not path.is_file():
         raise UserError(f"{path} is missing: the cv folder is incomplete; run cv again with --overwrite_output_dir")
-    return path.read_text()
+    with path.open(encoding="utf-8", newline="") as file:
+        return file.read()
 
 
 def references(rows: list[dict], problem_type: str, names: list[str]) -> np.ndarray:
