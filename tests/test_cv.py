@@ -21,7 +21,7 @@ from tiny import write_csv
 
 from finetune_recipes.config import MULTI, REGRESSION, SINGLE
 from finetune_recipes.errors import UserError
-from finetune_recipes.reporting.predictions import prediction_rows, scores_of
+from finetune_recipes.reporting.predictions import prediction_rows, read_csv, scores_of, to_csv
 from finetune_recipes.tools.cli import main as cli_main
 from finetune_recipes.tools.cv import assign_folds, check_folds
 
@@ -66,7 +66,7 @@ def test_scores_read_back_for_label_names_with_spaces_and_colons():
 
 
 def test_the_multi_label_audit_flags_label_sets_the_predictions_contradict():
-    rng, names = np.random.default_rng(0), ["a", "b", "c"]
+    rng, names = np.random.default_rng(0), ["a", "bad|worse", "c"]  # a name holding the old list separator
     truth = rng.random((90, 3)) < 0.4
     probs = np.where(truth, rng.uniform(0.8, 0.99, truth.shape), rng.uniform(0.01, 0.2, truth.shape))
     given = truth.copy()
@@ -75,11 +75,18 @@ def test_the_multi_label_audit_flags_label_sets_the_predictions_contradict():
         {**row, "id": i}
         for i, row in enumerate(prediction_rows(MULTI, names, probs, given, [f"t{i}" for i in range(90)]))
     ]
-    from finetune_recipes.tools.audit import label_issues
+    from finetune_recipes.tools.audit import issues_section, label_issues
+    from finetune_recipes.tools.cv_report import references
 
-    issues = label_issues(oof, {"problem_type": MULTI, "label_names": names})
+    written = read_csv(to_csv(oof))  # as cv writes oof_predictions.csv and reads it back
+    assert (references(written, MULTI, names) == given).all()  # each truth read back as it was
+    plan = {"problem_type": MULTI, "label_names": names}
+    issues = label_issues(oof, plan)
     assert {r["id"] for r in issues[:3]} == {3, 17, 40}
-    assert issues[0]["suggested"] == "|".join(n for n, t in zip(names, truth[issues[0]["id"]], strict=True) if t)
+    suggested = json.loads(issues[0]["suggested"])
+    assert suggested == [n for n, t in zip(names, truth[issues[0]["id"]], strict=True) if t]
+    counted = issues_section(issues, plan).split("| flagged |")[1].split("\n\n")[0]  # per given label
+    assert [line.split(" | ")[0] for line in counted.strip().splitlines()[1:]] == ["| a", "| bad\\|worse", "| c"]
 
 
 def test_folds_are_refused_by_distinct_texts_not_by_copies():

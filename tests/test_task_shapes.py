@@ -261,7 +261,7 @@ def test_every_recipe_runs_every_shape(recipe, shape, shapes, tiny_args, tmp_pat
             # steps a label's scores can sit within 1e-5 of its threshold, where that decides. Elsewhere: equal.
             scores = dict(pair.split(":") for pair in row["scores"].split())
             clear = {n for n, t in thresholds.items() if abs(float(scores[n]) - t) > 1e-4}
-            assert set(row["predicted"].split("|")) & clear == set(prediction["labels"]) & clear
+            assert set(json.loads(row["predicted"])) & clear == set(prediction["labels"]) & clear
         elif shape == "regression":
             assert float(row["predicted"]) == pytest.approx(prediction["value"], abs=1e-3)
         else:

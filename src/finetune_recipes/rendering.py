@@ -26,8 +26,13 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence], right: Seque
     right-aligned, as numbers read best."""
     rule = "|" + "".join("---:|" if i in right else "---|" for i in range(len(header)))
     lines = ["| " + " | ".join(header) + " |", rule]
-    lines += ["| " + " | ".join(v if isinstance(v, str) else cell(v, fmt) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(escape(v) if isinstance(v, str) else cell(v, fmt) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def escape(text: str) -> str:
+    """A cell's text with its `|` escaped, which would otherwise end the cell (a label name may hold one)."""
+    return text.replace("|", "\\|")
 
 
 def csv_text(rows: list[dict], fieldnames: Sequence[str]) -> str:

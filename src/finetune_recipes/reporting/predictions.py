@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import numpy as np
 
@@ -34,8 +35,8 @@ def prediction_rows(
             truth = {n for n, v in zip(label_names, references[i], strict=True) if v > 0.5}
             predicted = {n for n, s, t in zip(label_names, scores[i], cut, strict=True) if s >= t}
             row |= {
-                "labels": "|".join(sorted(truth)),
-                "predicted": "|".join(sorted(predicted)),
+                "labels": label_list(truth),
+                "predicted": label_list(predicted),
                 "scores": " ".join(f"{n}:{s:.4f}" for n, s in zip(label_names, scores[i], strict=True)),
                 "correct": int(truth == predicted),
             }
@@ -47,6 +48,17 @@ def prediction_rows(
             }
         rows.append(row)
     return rows
+
+
+def label_list(names) -> str:
+    """A multi-label cell: the names as a JSON list, sorted, which survives any character a name holds (a `|`
+    joined names that held one into others that do not exist)."""
+    return json.dumps(sorted(names), ensure_ascii=False)
+
+
+def read_label_list(cell: str) -> list[str]:
+    """The names of a multi-label cell that label_list wrote."""
+    return json.loads(cell)
 
 
 def to_csv(rows: list[dict[str, object]]) -> str:

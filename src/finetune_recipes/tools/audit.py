@@ -12,6 +12,7 @@ import numpy as np
 from ..config import MULTI, REGRESSION, SINGLE
 from ..errors import UserError
 from ..rendering import cell, markdown_table
+from ..reporting.predictions import label_list, read_label_list
 
 SHOWN = 20  # the worst, listed in cv.md
 
@@ -54,7 +55,7 @@ def label_issues(oof: list[dict], plan: dict) -> list[dict]:
         labels = [list(np.flatnonzero(row > 0.5)) for row in given]
         flagged = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
         quality = get_label_quality_scores(labels, probs)
-        suggested = ["|".join(n for n, p in zip(names, row, strict=True) if p >= 0.5) for row in probs]
+        suggested = [label_list(n for n, p in zip(names, row, strict=True) if p >= 0.5) for row in probs]
         given_names = [oof[j]["labels"] for j in range(len(oof))]
     return [_row(i + 1, oof[j], given_names[j], suggested[j], float(quality[j])) for i, j in enumerate(flagged)]
 
@@ -80,7 +81,7 @@ def issues_section(issues: list[dict], plan: dict) -> str:
         title = f"## Label issues: {len(issues)} examples whose label the out-of-fold predictions doubt (cleanlab)"
         per = {n: 0 for n in plan["label_names"]}
         for row in issues:
-            for name in str(row["given"]).split("|") if kind == MULTI else [row["given"]]:
+            for name in read_label_list(row["given"]) if kind == MULTI else [row["given"]]:
                 per[name] = per.get(name, 0) + 1
         counts = markdown_table(["given label", "flagged"], [[n, c] for n, c in per.items()], right=(1,)) + "\n\n"
     shown = [

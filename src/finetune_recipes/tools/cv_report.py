@@ -15,7 +15,7 @@ from ..config import METRICS, MULTI, REGRESSION, SINGLE
 from ..errors import UserError
 from ..metrics import task_metrics
 from ..rendering import cell, csv_text, markdown_table, png, pyplot
-from ..reporting.predictions import read_csv, scores_of
+from ..reporting.predictions import read_csv, read_label_list, scores_of
 from .compare_report import summarise
 
 OOF = "oof_predictions.csv"
@@ -58,7 +58,7 @@ def references(rows: list[dict], problem_type: str, names: list[str]) -> np.ndar
     if problem_type == SINGLE:
         return np.array([names.index(r["label"]) for r in rows])
     if problem_type == MULTI:
-        return np.array([[float(n in r["labels"].split("|")) for n in names] for r in rows])
+        return np.array([[float(n in read_label_list(r["labels"])) for n in names] for r in rows])
     return np.array([float(r["target"]) for r in rows])
 
 
