@@ -156,9 +156,9 @@ def test_every_name_of_the_kit_is_the_real_object_with_its_own_signature_and_doc
     assert "model_args" in inspect.signature(kit.build_model).parameters
 
 
-def test_a_recipe_copied_before_the_kit_keeps_working_and_is_told_the_new_import():
-    """A recipe copied from 0.1 imports `from finetune_recipes import (...)`: the same objects, one warning each
-    naming the import to write."""
+def test_code_importing_from_the_package_root_keeps_working_and_is_told_the_new_import():
+    """Code written before 0.2.0 imports the recipes' names from the package root: the same objects, one warning
+    each naming the import to write."""
     import finetune_recipes
     from finetune_recipes import kit
 
@@ -179,3 +179,19 @@ def test_a_recipe_copied_before_the_kit_keeps_working_and_is_told_the_new_import
     from finetune_recipes import tools  # a subpackage is a submodule, not a moved name
 
     assert tools.__name__ == "finetune_recipes.tools"
+
+
+# The import block of recipes/full_finetune.py at 0.1 (commit 9318c45), as a copy made then holds it.
+IMPORTS_OF_0_1 = (
+    "DataArguments, LossMeter, ModelArguments, RunArgs, TrainingArguments, Validation, build_accelerator, "
+    "build_dataloaders, build_model, build_optimizer, build_schedule, check_outputs, checkpoint_due, epoch_batches, "
+    "evaluate, load_data, param_groups, push_to_hub, run_cli, save_checkpoint, save_run, start_training, "
+    "wrap_blocks_not_embeddings"
+)
+
+
+def test_a_recipe_copied_from_0_1_stops_at_its_imports_saying_to_copy_it_again():
+    with pytest.raises(ImportError) as refused:
+        exec(f"from finetune_recipes import ({IMPORTS_OF_0_1})", {})
+    assert str(refused.value).startswith("finetune_recipes.Validation (a recipe copied from 0.1) was replaced in ")
+    assert "copy the recipe again (finetune-recipes cp RECIPE DEST)" in str(refused.value)

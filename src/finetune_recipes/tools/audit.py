@@ -61,7 +61,7 @@ def label_issues(oof: list[dict], plan: dict) -> list[dict]:
 
 
 def audit(oof: list[dict], plan: dict) -> tuple[list[dict], str]:
-    """(label issue rows, their section of cv.md): what reporting.cv.write_outputs takes as its `audit`."""
+    """(label issue rows, their section of cv.md): what cv_report.write_outputs takes as its `audit`."""
     issues = label_issues(oof, plan)
     return issues, issues_section(issues, plan)
 

@@ -46,14 +46,14 @@ class TrainState:
 
     @staticmethod
     def load(directory: Path) -> tuple[TrainState, dict]:
-        """The state and the early stopping's counts of a checkpoint (one of 0.1, whose counts stood beside the
-        step and which kept the epoch, too)."""
+        """The state and the early stopping's counts of a checkpoint."""
         content = json.loads((directory / STATE_FILE).read_text())
-        stopping = content.pop("early_stopping", None)
-        if stopping is None:
-            stopping = {k: content.pop(k) for k in ("best_metric", "best_step", "evals_without_improvement")}
-        for derived in ("epoch", "batches_in_epoch"):
-            content.pop(derived, None)
+        if "early_stopping" not in content:  # 0.1 saved mid-epoch before an epoch's evaluation: not this loop's
+            raise UserError(
+                f"checkpoint {directory} was written by finetune-recipes 0.1, whose loop checkpointed and evaluated "
+                "in another order; resume it with 0.1, or start the run again without --resume_from_checkpoint"
+            )
+        stopping = content.pop("early_stopping")
         return TrainState(**content), stopping
 
 
@@ -155,12 +155,12 @@ def save_checkpoint(
 
 
 def kept_checkpoint(output_dir: str | Path) -> str:
-    """What an interrupted run has kept, for its Ctrl-C line: the newest whole checkpoint, read from the disk."""
-    found = list_checkpoints(output_dir)
-    if not found:
+    """What an interrupted run has kept, for its Ctrl-C line: the newest complete checkpoint, read from the disk."""
+    whole = [path for path in list_checkpoints(output_dir) if incomplete(path) is None]
+    if not whole:
         return "nothing was saved"
     return (
-        f"the last checkpoint is {found[-1].name.replace('_', ' ')} in {checkpoint_root(output_dir)}: the same "
+        f"the last checkpoint is {whole[-1].name.replace('_', ' ')} in {checkpoint_root(output_dir)}: the same "
         "command with --resume_from_checkpoint latest goes on from there"
     )
 
@@ -173,6 +173,8 @@ def resume(accelerator: Accelerator, path: Path, fingerprint: dict, allow_change
     """
     try:
         state, stopping = TrainState.load(path)
+    except UserError:
+        raise
     except (OSError, ValueError, TypeError, KeyError):
         raise UserError(f"{path} has no readable {STATE_FILE}, so it is not a recipe's checkpoint") from None
     changed = [

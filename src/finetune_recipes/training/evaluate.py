@@ -112,7 +112,7 @@ def run_results(task: Task, state: TrainState, early_stopping: EarlyStopping, ca
     results.update(epochs=epochs, steps=state.completed_steps, history=state.history)
     results["loss_history"] = state.loss_history
     if early_stopping.metric:
-        results["best_step"] = early_stopping.best_step  # the step whose weights were saved
+        results["best_step"] = early_stopping.best_step  # the step whose weights the run ends with and saves
     if early_stopping.stop:
         results["stopped_early"] = True
     summary = {**task.summary(), **calibration.summary(task.label_names)}

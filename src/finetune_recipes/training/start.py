@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator, skip_first_batches
@@ -72,9 +73,8 @@ def claim_outputs(
 
     failure = f"cannot write to output_dir {training.output_dir} ({{reason}}); pass a writable --output_dir"
     out = on_main(accelerator, work, failure)
-    if training.resume_from_checkpoint:
-        path = resolve_checkpoint(training.output_dir, training.resume_from_checkpoint)
-        adopt_best(accelerator, path, training.output_dir, best_step)
+    if training.resume_from_checkpoint not in (None, "latest"):  # a path: maybe another directory's checkpoint
+        adopt_best(accelerator, Path(training.resume_from_checkpoint), training.output_dir, best_step)
     return out
 
 
