@@ -89,6 +89,25 @@ def test_the_multi_label_audit_flags_label_sets_the_predictions_contradict():
     assert [line.split(" | ")[0] for line in counted.strip().splitlines()[1:]] == ["| a", "| bad\\|worse", "| c"]
 
 
+def test_cv_never_writes_over_its_own_input(module_args, tmp_path, capsys):
+    """Issue 39, item 1: a training file named as cv's own results table, inside --cv_dir."""
+    folder = tmp_path / "u3"
+    folder.mkdir()
+    train = folder / "cv.csv"
+    flags = [str(a) for a in module_args]
+    train.write_text(Path(flags[flags.index("--train_file") + 1]).read_text())
+    before = train.read_text()
+    flags[flags.index("--train_file") + 1] = str(train)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["cv", "full_finetune", "--folds", "2", "--cv_dir", str(folder), *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and lines[-1] == (
+        f"error: {train}, an input of this cv, is where cv writes in --cv_dir {folder}; move it out of {folder} or "
+        "pass another --cv_dir"
+    )
+    assert train.read_text() == before and sorted(p.name for p in folder.iterdir()) == ["cv.csv"]
+
+
 def test_folds_are_refused_by_distinct_texts_not_by_copies():
     task = SimpleNamespace(problem_type=SINGLE, label_names=["a", "b"])
     texts, labels = ["same a"] * 6 + [f"b {i}" for i in range(6)], [0] * 6 + [1] * 6

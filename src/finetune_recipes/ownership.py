@@ -194,12 +194,22 @@ def claim_tool_dir(
     owned: Callable[[str], bool],
     leftover: Callable[[str], bool],
     earlier: str = "",
+    inputs: Iterable[str] = (),
 ) -> int:
-    """A directory that `tool` (tune, compare) fills with many runs: refused when it is a file or holds an entry
-    that is not `owned` (what the tool writes), and, when `earlier` (the message) is given, when it holds
+    """A directory that `tool` (tune, compare, cv) fills with many runs: refused when it is a file, holds an
+    entry that is not `owned` (what the tool writes), or holds one of the tool's `inputs` where the tool writes
+    or clears (its data file named as its own table); and, when `earlier` (the message) is given, when it holds
     anything; then locked, and cleared of a killed session's `leftover` entries. Returns the lock."""
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{flag} {directory} is a file; pass --{flag} a directory")
+    for path in inputs:
+        if directory.is_dir() and inside(Path(path), directory) and Path(path).resolve() != directory.resolve():
+            entry = Path(path).resolve().relative_to(directory.resolve()).parts[0]
+            if owned(entry) or leftover(entry):
+                raise UserError(
+                    f"{path}, an input of this {tool}, is where {tool} writes in --{flag} {directory}; move it "
+                    f"out of {directory} or pass another --{flag}"
+                )
     present = sorted(entries(directory) - BOOKKEEPING)
     leftovers = [n for n in present if leftover(n)]
     foreign = [n for n in present if not owned(n) and n not in leftovers]

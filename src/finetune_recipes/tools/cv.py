@@ -201,14 +201,14 @@ def fold_flags(flags: list[str], out: Path, k: int, has_test: bool) -> list[str]
     return [*kept, *files, *(["--test_file", str(out / "folds" / "test.jsonl")] if has_test else [])]
 
 
-def claim_cv_dir(out: Path, plan: dict, overwrite: bool) -> tuple[int, bool]:
+def claim_cv_dir(out: Path, plan: dict, overwrite: bool, inputs: list[str]) -> tuple[int, bool]:
     """Locks the cv folder (refusing what cv did not write); (the lock, whether an earlier cv of the same plan,
     data and folds included, is there to resume). An earlier cv of another plan needs --overwrite_output_dir,
     and then everything it wrote but the bookkeeping is removed first, so no fold of it is read back."""
     earlier = json.loads((out / PLAN).read_text()) if (out / PLAN).is_file() else None
     owned = lambda n: n in OUTPUTS or re.fullmatch(r"fold_\d+", n) is not None  # noqa: E731
     leftover = lambda n: fnmatch.fnmatch(n, ".feature_cache_*") or is_temporary(n)  # noqa: E731 (a killed fold's)
-    lock = claim_tool_dir(out, "cv", "cv_dir", owned, leftover)
+    lock = claim_tool_dir(out, "cv", "cv_dir", owned, leftover, inputs=inputs)
     same = earlier is not None and {k: earlier.get(k) for k in plan} == plan
     if earlier is not None and not same:
         if not overwrite:
@@ -240,7 +240,7 @@ def run_cv(
     """The cv of `recipe` with `flags` in `out`, each fold under `launcher` when given: (each fold's results row,
     the names of the files written). `compare --folds` calls this once per strategy."""
     config = recipe.parent / "configs" / f"{recipe.stem}.yaml"
-    _, data_args, training_args, *_ = parse_config(
+    model_args, data_args, training_args, *_ = parse_config(
         *SHARED_TYPES, *recipe_types(recipe), args=flags, default_config=config, announce=False
     )
     for flag, value in (
@@ -257,7 +257,8 @@ def run_cv(
     plan = {"recipe": recipe.stem, "folds": k, "flags": flags, "problem_type": task.problem_type,
             "label_names": task.label_names, "seed": training_args.seed, "data": digest_of(files),
             "fold_of": folds.tolist(), "text_column": data_args.text_column}  # fmt: skip
-    lock, resume = claim_cv_dir(out, plan, overwrite)
+    inputs = [data_args.train_file, data_args.validation_file, data_args.test_file, model_args.model_name_or_path]
+    lock, resume = claim_cv_dir(out, plan, overwrite, [p for p in inputs if p])
     try:
         for path, text in files.items():
             (out / path).parent.mkdir(parents=True, exist_ok=True)
