@@ -155,12 +155,14 @@ def save_checkpoint(
 
 
 def kept_checkpoint(output_dir: str | Path) -> str:
-    """What an interrupted run has kept, for its Ctrl-C line: the newest complete checkpoint, read from the disk."""
-    whole = [path for path in list_checkpoints(output_dir) if incomplete(path) is None]
-    if not whole:
+    """What an interrupted run has kept, for its Ctrl-C line: the checkpoint `--resume_from_checkpoint latest`
+    would resume from (the newest complete one), read from the disk."""
+    try:
+        newest = resolve_checkpoint(output_dir, "latest")
+    except UserError:  # none, or none complete
         return "nothing was saved"
     return (
-        f"the last checkpoint is {whole[-1].name.replace('_', ' ')} in {checkpoint_root(output_dir)}: the same "
+        f"the last checkpoint is {newest.name.replace('_', ' ')} in {checkpoint_root(output_dir)}: the same "
         "command with --resume_from_checkpoint latest goes on from there"
     )
 
