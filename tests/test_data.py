@@ -118,6 +118,27 @@ def test_integer_labels_sort_numerically(tokenizer, tmp_path):
     assert data.validation["labels"] == [1]
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_labels_are_read_as_written(tokenizer, tmp_path, suffix):
+    """Labels 01, 1 and 10 are three classes in a CSV as in JSON Lines; 'NA' and 'None' are labels, not missing."""
+    labels = ["01", "1", "10", "NA", "None", "2"]
+    rows = [{"text": f"{w} {label}", "label": label} for label in labels for w in ("goal", "match")]
+    frame = pd.DataFrame(rows)
+    train = write_frame(frame, tmp_path / f"train{suffix}")
+    val = write_frame(pd.DataFrame([{"text": "NA", "label": "01"}, {"text": "None", "label": "NA"}]), tmp_path / f"v{suffix}")
+    data = build(tokenizer, train_file=train, validation_file=val)
+    assert data.label_names == ["01", "1", "2", "10", "NA", "None"]  # numbers by value, then the names
+    assert data.validation["labels"] == [0, 4]
+    assert data.raw["validation"]["text"] == ["NA", "None"]  # texts too
+
+
+def test_decimal_labels_in_a_csv_are_a_regression(tokenizer, tmp_path):
+    rows = [{"text": f"goal {i}", "label": f"{i / 4:.2f}"} for i in range(8)]
+    data = build(tokenizer, train_file=write_csv(tmp_path / "train.csv", rows), validation_file=write_csv(tmp_path / "v.csv", rows[:2]))
+    assert data.task.problem_type == "regression"
+    assert data.task.target_mean == pytest.approx(sum(i / 4 for i in range(8)) / 8)
+
+
 def test_class_label_feature_keeps_its_names(tokenizer, tmp_path):
     features = Features({"text": Value("string"), "label": ClassLabel(names=["zebra", "apple"])})
     Dataset.from_dict({"text": ["goal", "chip", "bank"], "label": [1, 0, 1]}, features=features).to_parquet(

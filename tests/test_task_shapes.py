@@ -365,7 +365,7 @@ def bad_shapes(tmp: Path, shapes: dict) -> dict[str, tuple[list, str]]:
                                 "--problem_type", "regression"], "label 'high' (example 1 of the train split"),
         "nan target": ([*same_file(tmp / "nan.csv"), "--label_column", "score"], "is not finite"),
         "a target beyond float32": ([*same_file(tmp / "huge.csv"), "--label_column", "score"],
-                                    "target 1e+300 (example 1 of the train split"),
+                                    "target '1e300' (example 1 of the train split"),
         "regression of strings": (["--problem_type", "regression"], "label 'business' (example 0"),
         "missing label column": (["--label_columns", "sport,weather"], "column 'sport' not in the train split"),
         "non 0/1 column": ([*same_file(tmp / "cols.csv"), "--label_columns", "a,b"], "holds 2, not 0 or 1"),

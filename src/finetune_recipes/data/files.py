@@ -42,7 +42,7 @@ def load_raw_datasets(args: DataArguments) -> DatasetDict:
     files = {split: f for split, f in given if f}
     try:
         if files:
-            return _load_files(files)
+            return _load_files(files, as_written(args))
         if args.dataset_name == BBC_NEWS:
             return load_bbc_news()
         if args.dataset_name:
@@ -63,7 +63,14 @@ def _load_error_reason(error: BaseException) -> str:
     return f"{error.__class__.__name__}: {first_line(error)}"
 
 
-def _load_files(files: dict[str, str]) -> DatasetDict:
+def as_written(args: DataArguments) -> list[str]:
+    """The columns read from a CSV as the strings written there: texts and a label column (0/1 label columns
+    are numbers)."""
+    columns = [args.text_column, args.text_pair_column, None if args.label_columns else args.label_column]
+    return [c for c in columns if c]
+
+
+def _load_files(files: dict[str, str], strings: list[str]) -> DatasetDict:
     """Each split from its own file, read on its own: a file missing a column is named, not cast to the others'."""
     suffixes = {Path(f).suffix.lower() for f in files.values()}
     builders = {FILE_BUILDERS.get(s) for s in suffixes}
@@ -75,7 +82,10 @@ def _load_files(files: dict[str, str]) -> DatasetDict:
         if not Path(path).is_file():
             raise UserError(f"data file {path} does not exist; check --train_file/--validation_file/--test_file")
     kind = builders.pop()
-    splits = {split: _load_file(kind, split, path) for split, path in files.items()}
+    # pandas would read labels 01, 1 and 10 as two numbers, and a cell 'NA' or 'None' as missing: in a CSV,
+    # the `strings` columns keep what was written, and only an empty cell is missing.
+    options = {"converters": dict.fromkeys(strings, str), "keep_default_na": False, "na_values": [""]}
+    splits = {split: _load_file(kind, split, path, options if kind == "csv" else {}) for split, path in files.items()}
     if "train" in splits:  # each file typed on its own: give the others train's column types
         splits = {split: _like(ds, splits["train"]) for split, ds in splits.items()}
     return DatasetDict(splits)
@@ -92,9 +102,9 @@ def _like(ds: Dataset, train: Dataset) -> Dataset:
     return ds
 
 
-def _load_file(kind: str, split: str, path: str) -> Dataset:
+def _load_file(kind: str, split: str, path: str, options: dict) -> Dataset:
     # load_dataset in steps: reading a split of no rows fails with "Instruction ... corresponds to no data!".
-    builder = datasets.load_dataset_builder(kind, data_files={split: path})
+    builder = datasets.load_dataset_builder(kind, data_files={split: path}, **options)
     try:
         builder.download_and_prepare()
     except StopIteration:  # the JSON reader's way of saying the file holds no record

@@ -118,8 +118,11 @@ def problem_type_of(train: Dataset, args: DataArguments) -> str:
         )
     if asked:
         return asked
-    if isinstance(feature, Value) and feature.dtype.startswith("float"):
-        values = np.asarray([v for v in train[args.label_column] if v is not None], dtype=np.float64)
+    # Numbers written in a CSV are read as the strings written (labels 01 and 1 stay two classes).
+    labels = [v for v in train[args.label_column] if v is not None]
+    numeric = isinstance(feature, Value) and (feature.dtype.startswith("float") or all(map(_reads_as_float, labels)))
+    if numeric and labels:
+        values = np.asarray(labels, dtype=np.float64)
         if np.any(values != np.round(values)):
             logger.info("Labels hold non-integer numbers: regression (pass --problem_type single_label for classes)")
             return REGRESSION
@@ -162,7 +165,7 @@ def encode_single_label(raw: DatasetDict, args: DataArguments) -> tuple[DatasetD
         names = list(feature.names)
         values = list(range(len(names)))
     else:
-        values = sorted(set(raw["train"][column]))
+        values = sorted(set(raw["train"][column]), key=label_order)
         names = [str(v) for v in values]
     if len(raw["train"]) >= 20 and len(names) > len(raw["train"]) / 2:
         logger.warning(
@@ -195,12 +198,25 @@ def _refuse_unseen(seen: set[str], known: list[str], split: str, names: list[str
         )
 
 
-def _is_number(label) -> bool:
+def label_order(label) -> tuple:
+    """Labels in order: numbers by value, then as written ('2' before '10', '01' beside '1'), then the rest."""
+    return (0, float(label), str(label)) if _is_number(label) else (1, 0.0, str(label))
+
+
+def _reads_as_float(label) -> bool:
     try:
         float(label)
     except (TypeError, ValueError):
         return False
     return True
+
+
+def _is_number(label) -> bool:
+    """A finite number, or a string that reads as one ('NaN' and 'inf' are names here, not numbers)."""
+    try:
+        return math.isfinite(float(label))
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def encode_multi_label(raw: DatasetDict, args: DataArguments) -> tuple[DatasetDict, Task]:
