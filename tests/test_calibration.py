@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -97,6 +98,34 @@ def test_the_saved_model_gives_the_calibrated_scores_and_the_same_labels(runs):
     raw_results = json.loads((raw / "results.json").read_text())
     assert "temperature" not in raw_results["task"] and "eval_ece_uncalibrated" not in raw_results
     assert raw_results["eval_ece"] == pytest.approx(results["eval_ece_uncalibrated"], abs=1e-6)
+
+
+def card_scores(out, texts: list[str], snippet: str | None = None) -> list[dict[str, float]]:
+    """Each text's scores by label through the card's own `pipeline()` snippet (or `snippet`)."""
+    card = (out / "README.md").read_text()
+    snippet = snippet or next(b for b in re.findall(r"```python\n(.*?)```", card, re.S) if "pipeline(" in b)
+    scope: dict = {}
+    exec(snippet.replace('classifier("Your text here")', ""), scope)
+    return [{s["label"]: s["score"] for s in piped} for piped in scope["classifier"](texts, top_k=None)]
+
+
+def test_the_cards_pipeline_snippet_reproduces_the_predictions_file(module_args, tmp_path):
+    """The card's snippet truncates as the run did (max_length 6 cuts most tiny texts): its scores are the
+    predictions file's, where `pipeline()` without it reads whole texts and gives others."""
+    out = tmp_path / "short"
+    args = [*module_args, "--max_length", "6", "--num_train_epochs", "3", "--learning_rate", "3e-3"]
+    run_inline("full_finetune", *args, "--output_dir", out)
+    validation = rows(out)
+    texts = [r["text"] for r in validation]
+    saved = [{n: float(v) for n, v in (p.split(":") for p in r["scores"].split())} for r in validation]
+    through_card = card_scores(out, texts)
+    for got, want in zip(through_card, saved, strict=True):
+        assert got == pytest.approx(want, abs=2e-4)
+    assert len({max(w, key=w.get) for w in saved}) > 1  # it learned something: the check has teeth
+    plain = f'from transformers import pipeline\nclassifier = pipeline("text-classification", model="{out}")'
+    whole = card_scores(out, texts, plain)
+    gap = max(abs(w[n] - scores[n]) for w, scores in zip(whole, saved, strict=True) for n in scores)
+    assert gap > 0.01
 
 
 def test_calibrating_a_regression_is_refused_before_training(module_args, tmp_path):

@@ -107,8 +107,9 @@ def per_class_table(results: dict) -> str:
     return f"Per class ({split} split):\n\n" + table(["label", "precision", "recall", "F1", "support"], rows)
 
 
-def usage(results: dict, files: set[str], path: str) -> str:
-    """Snippets that work on this directory, by what it holds."""
+def usage(results: dict, config: dict, files: set[str], path: str) -> str:
+    """Snippets that work on this directory, by what it holds; `pipeline()` reads a text as the run did (its
+    truncation at max_length), so it gives the scores the card reports."""
     problem_type = results["task"]["problem_type"]
     cli = f'finetune-recipes predict --model {path} "Your text here"'
     if "feature_head.json" in files or "adapter_config.json" in files:
@@ -124,7 +125,14 @@ def usage(results: dict, files: set[str], path: str) -> str:
             f'```bash\n{cli}\n```\n\nFrom Python:\n\n```python\n{load}("{path}")\n```'
         )
     extra = {MULTI: ", top_k=None", REGRESSION: ', function_to_apply="none"'}.get(problem_type, "")
-    note = {
+    if config.get("max_length"):
+        extra += f", truncation=True, max_length={config['max_length']}"
+    windows = (
+        "\n\nThe run read long documents as overlapping windows of max_length tokens; `pipeline()` reads a "
+        "document's first window only, `finetune-recipes predict` all of them, as the scores above were computed."
+        if config.get("long_documents") == "windows" else ""
+    )  # fmt: skip
+    note = windows + {
         MULTI: "\n\n`top_k=None` gives every label's sigmoid score; `predict` applies the per-label thresholds "
         "tuned on validation (`thresholds.json`).",
         REGRESSION: "\n\nThe score is the predicted value, in the target's own units.",
@@ -184,7 +192,7 @@ device {hardware.get("device", "?")}, {hardware.get("precision", "fp32")}; peak 
 
 ## How to use
 
-{usage(results, files, path)}
+{usage(results, config, files, path)}
 
 ## Limits
 
