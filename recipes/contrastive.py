@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel
 
 from finetune_recipes.kit import (
+    RANGE,
     DataArguments,
     LossMeter,
     ModelArguments,
@@ -84,17 +85,16 @@ class ContrastiveArguments:
     num_iterations: int = field(
         default=20,
         metadata={
-            "help": "Rounds of pairs (SetFit's default 20): each gives every example one alike and one unlike partner."
+            RANGE: (1, 1000),
+            "help": "Rounds of pairs (SetFit's default 20): each gives every example one alike and one unlike partner.",
         },
     )
     pooling: str | None = field(
         default=None, metadata={"help": "cls or mean; default: the model's own (its 1_Pooling), else refused."}
     )
-    encode_batch_size: int = 64
+    encode_batch_size: int = field(default=64, metadata={RANGE: (1, 2**16)})
 
     def __post_init__(self) -> None:
-        if self.num_iterations < 1:
-            raise UserError(f"--num_iterations must be at least 1, not {self.num_iterations}")
         if self.pooling not in (None, "cls", "mean"):
             raise UserError(f"pooling '{self.pooling}' is not one of cls, mean")
 
@@ -109,7 +109,10 @@ def main(model_args, data_args, training_args: TrainingArguments, pairs_args: Co
     _, eval_loader, test_loader = build_dataloaders(data, tokenizer, data_args, training_args, accelerator)
 
     # Strategy: pairs of training examples, alike (target 1) or unlike (target 0), seeded and balanced.
-    pairs = sentence_pairs(data.train["labels"], data.task.problem_type, pairs_args.num_iterations, training_args.seed)
+    pairs = sentence_pairs(
+        data.train["labels"], data.task.problem_type, pairs_args.num_iterations, training_args.seed,
+        progress=accelerator.is_local_main_process,
+    )  # fmt: skip
     pooling, normalize = sentence_pooling(model_args.model_name_or_path, pairs_args.pooling)
     train_loader = pair_dataloader(data.train, pairs, tokenizer, training_args.per_device_train_batch_size,
                                    training_args.seed)  # fmt: skip

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, DataCollatorWithPadding
 
 from finetune_recipes.kit import (
+    RANGE,
     ClassificationHead,
     DataArguments,
     EncodeArguments,
@@ -70,8 +71,10 @@ SEARCH_SPACE = {
 @dataclass
 class FeatureArguments(EncodeArguments):  # + --encode_batch_size, --feature_cache_dir
     pooling: str = field(default="mean", metadata={"help": "cls, mean (over real tokens) or pooler."})
-    head_hidden_size: int = field(default=0, metadata={"help": "0: a linear head; else an MLP of this width."})
-    head_dropout: float = 0.1
+    head_hidden_size: int = field(
+        default=0, metadata={RANGE: (0, 2**16), "help": "0: a linear head; else an MLP of this width."}
+    )
+    head_dropout: float = field(default=0.1, metadata={RANGE: (0, 0.99)})
 
 
 def main(model_args, data_args, training_args: TrainingArguments, feats: FeatureArguments) -> dict:

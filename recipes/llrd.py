@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from finetune_recipes.kit import (
     ON_RESUME,
+    RANGE,
     DataArguments,
     LossMeter,
     ModelArguments,
@@ -67,8 +68,12 @@ SEARCH_SPACE = {
 
 @dataclass
 class LLRDArguments:
-    layer_decay: float = field(default=0.85, metadata={"help": "lr_i = learning_rate × layer_decay^(top − i)."})
-    head_lr: float | None = field(default=None, metadata={"help": "The head's rate; default learning_rate."})
+    layer_decay: float = field(
+        default=0.85, metadata={RANGE: (0, 1), "help": "lr_i = learning_rate × layer_decay^(top − i)."}
+    )
+    head_lr: float | None = field(
+        default=None, metadata={RANGE: (0, None), "help": "The head's rate; default learning_rate."}
+    )
     plot_lr: bool = field(default=False, metadata={ON_RESUME: True, "help": "Write lr_schedule.png to output_dir."})
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from finetune_recipes.kit import (
     ON_RESUME,
+    RANGE,
     DataArguments,
     LossMeter,
     ModelArguments,
@@ -34,7 +35,6 @@ from finetune_recipes.kit import (
     build_schedule,
     calibrate,
     check_outputs,
-    check_ranges,
     checkpoint_due,
     claim_outputs,
     discover_layers,
@@ -69,16 +69,13 @@ SEARCH_SPACE = {
 
 @dataclass
 class LoraArguments:
-    lora_r: int = 8
-    lora_alpha: int = 32  # tuned with the rate in configs/lora.yaml (benchmarks/README.md)
-    lora_dropout: float = 0.1
+    lora_r: int = field(default=8, metadata={RANGE: (1, 2**16)})
+    lora_alpha: int = field(default=32, metadata={RANGE: (1, None)})  # tuned with the rate in configs/lora.yaml
+    lora_dropout: float = field(default=0.1, metadata={RANGE: (0, 0.99)})
     lora_feed_forward: bool = field(default=False, metadata={"help": "Adapt the feed-forward projections too."})
     merge_adapter: bool = field(
         default=False, metadata={ON_RESUME: True, "help": "Also save a merged plain model in merged/."}
     )
-
-    def __post_init__(self) -> None:
-        check_ranges(self, lora_r=(1, None), lora_alpha=(1, None), lora_dropout=(0, 0.99))
 
 
 def main(model_args, data_args, training_args: TrainingArguments, lora: LoraArguments) -> dict:

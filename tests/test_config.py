@@ -286,3 +286,21 @@ def test_a_recipe_copied_without_its_yaml_falls_back_to_the_packaged_one(tmp_pat
     missing = tmp_path / "configs" / "full_finetune.yaml"
     _, _, args = parse_config(ModelArguments, DataArguments, TrainingArguments, args=[], default_config=missing)
     assert args.output_dir == "outputs/full_finetune" and args.mixed_precision == "auto"
+
+
+def test_every_numeric_flag_has_bounds():
+    """A new int or float flag of any recipe declares its range in its field's metadata, so a value that would
+    exhaust memory or time (or make no sense) is one line before the run starts."""
+    import typing
+
+    from finetune_recipes.catalog import list_recipes, recipe_types
+    from finetune_recipes.config import RANGE, SHARED_TYPES
+
+    types = {*SHARED_TYPES, *(t for recipe in list_recipes() for t in recipe_types(recipe))}
+    unbounded = [
+        f"{t.__name__}.{f.name}"
+        for t in types
+        for f in dataclasses.fields(t)
+        if re.search(r"\b(int|float)\b", str(typing.get_type_hints(t)[f.name])) and RANGE not in f.metadata
+    ]
+    assert len(types) > 5 and not unbounded

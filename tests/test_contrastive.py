@@ -45,6 +45,8 @@ def test_pairs_refuse_what_cannot_be_paired():
         sentence_pairs([0, 0, 1, 1], SINGLE, 0, 0)
     with pytest.raises(UserError, match="the training data has one class"):
         sentence_pairs([2, 2, 2], SINGLE, 1, 0)
+    with pytest.raises(UserError, match="makes 20,002,000 pairs, .* pass at most --num_iterations 999"):
+        sentence_pairs([0, 1] * 5_000 + [0], SINGLE, 1000, 0)  # refused before a pair is drawn
 
 
 def test_the_pooling_is_read_from_the_model_folder(tmp_path):
@@ -126,7 +128,8 @@ def test_the_saved_classifier_loads_in_pipeline_and_predict_alike(tuned):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--num_iterations", "0"], "--num_iterations must be at least 1, not 0"),
+        (["--num_iterations", "0"], "num_iterations is 0; pass a value between 1 and 1,000"),
+        (["--num_iterations", "1000000000"], "num_iterations is 1000000000; pass a value between 1 and 1,000"),
         (["--label_column", "score"], "a regression target has none; run full_finetune"),
         (["--pooling", "max"], "pooling 'max' is not one of cls, mean"),
         (["lonely"], "1 class(es) have one training example"),

@@ -125,7 +125,9 @@ def test_labels_are_read_as_written(tokenizer, tmp_path, suffix):
     rows = [{"text": f"{w} {label}", "label": label} for label in labels for w in ("goal", "match")]
     frame = pd.DataFrame(rows)
     train = write_frame(frame, tmp_path / f"train{suffix}")
-    val = write_frame(pd.DataFrame([{"text": "NA", "label": "01"}, {"text": "None", "label": "NA"}]), tmp_path / f"v{suffix}")
+    val = write_frame(
+        pd.DataFrame([{"text": "NA", "label": "01"}, {"text": "None", "label": "NA"}]), tmp_path / f"v{suffix}"
+    )
     data = build(tokenizer, train_file=train, validation_file=val)
     assert data.label_names == ["01", "1", "2", "10", "NA", "None"]  # numbers by value, then the names
     assert data.validation["labels"] == [0, 4]
@@ -134,7 +136,11 @@ def test_labels_are_read_as_written(tokenizer, tmp_path, suffix):
 
 def test_decimal_labels_in_a_csv_are_a_regression(tokenizer, tmp_path):
     rows = [{"text": f"goal {i}", "label": f"{i / 4:.2f}"} for i in range(8)]
-    data = build(tokenizer, train_file=write_csv(tmp_path / "train.csv", rows), validation_file=write_csv(tmp_path / "v.csv", rows[:2]))
+    data = build(
+        tokenizer,
+        train_file=write_csv(tmp_path / "train.csv", rows),
+        validation_file=write_csv(tmp_path / "v.csv", rows[:2]),
+    )
     assert data.task.problem_type == "regression"
     assert data.task.target_mean == pytest.approx(sum(i / 4 for i in range(8)) / 8)
 
@@ -395,10 +401,12 @@ def test_max_samples(tokenizer, tiny_data):
 # --- tokenizer and max_length ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("max_length", [0, 65, 512])
+@pytest.mark.parametrize("max_length", [65, 512])
 def test_max_length_outside_model_limit(tiny_model, max_length):
     with pytest.raises(UserError, match=rf"max_length {max_length} is outside 1\.\.64"):
         build_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)), DataArguments(max_length=max_length))
+    with pytest.raises(UserError, match="max_length is 0; pass a value at least 1"):
+        DataArguments(max_length=0)
 
 
 def test_max_length_truncates(tokenizer, tiny_data):

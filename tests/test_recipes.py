@@ -153,7 +153,8 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
     (tmp / "unseen.csv").write_text("text,label\nmarket bank,business\ngoal team,weather\n")
     (tmp / "typo.yaml").write_text("learning_rate: 1e-3\nlearnig_rate: 2e-3\n")
     (tmp / "one_class.csv").write_text("text,label\nmarket bank,business\nshares rose,business\n")
-    (tmp / "numbers.csv").write_text("text,label\n1,business\n2,sport\n3,business\n4,sport\n")
+    # A CSV's cells are texts as written ('1' is a text); JSON says which values are numbers.
+    (tmp / "numbers.jsonl").write_text("".join(f'{{"text": {i}, "label": "sport"}}\n' for i in range(4)))
     (tmp / "pairs.jsonl").write_text('{"text": ["a", "b"], "label": "sport"}\n{"text": ["c", "d"], "label": "tech"}\n')
     (tmp / "mixed.jsonl").write_text('{"text": 5, "label": "sport"}\n{"text": "goal", "label": "tech"}\n')
     (tmp / "nolabel.csv").write_text("text\nmarket bank\ngoal team\n")
@@ -180,7 +181,7 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
             ],
             "garbage.parquet (ArrowInvalid",
         ),
-        "numbers as text": ("full_finetune", [("--train_file", tmp / "numbers.csv")], "holds int64 values, not text"),
+        "numbers as text": ("full_finetune", same_file(tmp / "numbers.jsonl"), "holds int64 values, not text"),
         "lists as text": (
             "full_finetune",
             same_file(tmp / "pairs.jsonl"),
@@ -206,7 +207,7 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
         "label column is the text": ("full_finetune", ["--label_column", "text"], "… (96 in all)"),
         "max_length over limit": ("full_finetune", [("--max_length", 1000)], "max_length 1000 is outside 1..64"),
         "unseen validation label": ("full_finetune", [("--validation_file", tmp / "unseen.csv")], "label 'weather'"),
-        "layer_decay": ("llrd", ["--layer_decay", "1.5"], "layer_decay 1.5 is outside (0, 1]"),
+        "layer_decay": ("llrd", ["--layer_decay", "1.5"], "layer_decay is 1.5; pass a value between 0 and 1"),
         "negative learning rate": ("llrd", ["--learning_rate=-1e-3"], "learning_rate is -0.001; pass a rate above 0"),
         "pooling without pooler": ("feature_extraction", ["--pooling", "max"], "pooling 'max' is not one of"),
         "bad unfreeze schedule": ("progressive_unfreezing", ["--unfreeze_schedule", "5,3"], "unfreeze_schedule"),

@@ -31,6 +31,9 @@ def greater_is_better(metric: str) -> bool:
 # Field metadata of a flag a resumed run may change: where the run writes, how often it logs, evaluates or saves,
 # where its data comes from (the data itself is compared by content); none alters what the run computes.
 ON_RESUME = "may_change_on_resume"
+# Field metadata of a numeric flag: its (low, high) bounds, None for no bound; every numeric flag has one (a test
+# says so), bounded above where a larger value would exhaust memory or time before anything is learned.
+RANGE = "range"
 
 
 @dataclass
@@ -53,14 +56,15 @@ class ModelArguments:
     attention_dropout: float | None = field(
         default=None,
         metadata={
+            RANGE: (0, 0.99),
             "help": "Overrides the model config's attention-probability dropout (hidden dropout stays). Default: "
             "0 when training on a CPU, where dropout pushes SDPA off its fused kernel (1.2x slower at 128 "
-            "tokens, 2.9x at 512, no accuracy gained: benchmarks/README.md); the model's own on GPUs."
+            "tokens, 2.9x at 512, no accuracy gained: benchmarks/README.md); the model's own on GPUs.",
         },
     )
 
     def __post_init__(self) -> None:
-        check_ranges(self, attention_dropout=(0, 0.99))
+        check_ranges(self)
         if self.attn_implementation not in ("auto", "sdpa", "eager"):
             raise UserError(f"attn_implementation '{self.attn_implementation}' is not one of auto, sdpa, eager")
 
@@ -80,19 +84,20 @@ class DataArguments:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
-    max_length: int = 128
+    max_length: int = field(default=128, metadata={RANGE: (1, None)})
     validation_split_percentage: float = field(
-        default=10.0, metadata={"help": "Held out, stratified, when the data has no validation split."}
+        default=10.0, metadata={RANGE: (0, 100), "help": "Held out, stratified, when the data has no validation split."}
     )
     test_split_percentage: float = field(
         default=0.0,
         metadata={
+            RANGE: (0, 50),
             "help": "Held out, stratified, from train before anything else sees it, when the data has no test split "
-            "(tune and compare hold out 10%); drawn with a fixed seed, so every seed and trial is tested on it."
+            "(tune and compare hold out 10%); drawn with a fixed seed, so every seed and trial is tested on it.",
         },
     )
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    max_train_samples: int | None = field(default=None, metadata={RANGE: (1, None)})
+    max_eval_samples: int | None = field(default=None, metadata={RANGE: (1, None)})
     group_by_length: bool = field(default=False, metadata={"help": "Batch texts of similar length together."})
     pack_sequences: bool = field(
         default=False,
@@ -138,22 +143,23 @@ class DataArguments:
         metadata={"help": "truncate at max_length, or windows: overlapping windows, predictions per document."},
     )
     window_stride: int = field(
-        default=32, metadata={"help": "Windows: tokens each window shares with the one before (below max_length)."}
+        default=32,
+        metadata={
+            RANGE: (0, None),
+            "help": "Windows: tokens each window shares with the one before (below max_length).",
+        },
     )
     window_aggregation: str = field(default="mean", metadata={"help": "Windows → document: mean or max of logits."})
     max_windows_per_document: int | None = field(
-        default=None, metadata={"help": "Windows: keep a document's first N windows (the dropped ones are counted)."}
+        default=None,
+        metadata={
+            RANGE: (1, None),
+            "help": "Windows: keep a document's first N windows (the dropped ones are counted).",
+        },
     )
 
     def __post_init__(self) -> None:
-        check_ranges(
-            self,
-            max_train_samples=(1, None),
-            max_eval_samples=(1, None),
-            window_stride=(0, None),
-            max_windows_per_document=(1, None),
-            test_split_percentage=(0, 50),
-        )
+        check_ranges(self)
         choices = {
             "problem_type": (None, "single_label", "multi_label", "regression"),
             "sampler": ("random", "weighted"),
@@ -198,28 +204,30 @@ class DataArguments:
 class TrainingArguments:
     output_dir: str = field(default="outputs/run", metadata={ON_RESUME: True})
     overwrite_output_dir: bool = False
-    per_device_train_batch_size: int = 32
-    per_device_eval_batch_size: int = field(default=64, metadata={ON_RESUME: True})
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    num_train_epochs: float = 3.0
-    max_train_steps: int | None = field(default=None, metadata={"help": "Overrides num_train_epochs."})
-    gradient_accumulation_steps: int = 1
+    per_device_train_batch_size: int = field(default=32, metadata={RANGE: (1, 2**16)})
+    per_device_eval_batch_size: int = field(default=64, metadata={RANGE: (1, 2**16), ON_RESUME: True})
+    learning_rate: float = field(default=5e-5, metadata={RANGE: (0, None)})
+    weight_decay: float = field(default=0.01, metadata={RANGE: (0, None)})
+    max_grad_norm: float = field(default=1.0, metadata={RANGE: (0, None)})
+    num_train_epochs: float = field(default=3.0, metadata={RANGE: (0, 10**6)})
+    max_train_steps: int | None = field(
+        default=None, metadata={RANGE: (1, None), "help": "Overrides num_train_epochs."}
+    )
+    gradient_accumulation_steps: int = field(default=1, metadata={RANGE: (1, 2**16)})
     lr_scheduler_type: str = "linear"
-    warmup_ratio: float = 0.1
-    warmup_steps: int | None = field(default=None, metadata={"help": "Overrides warmup_ratio."})
-    seed: int = 42
+    warmup_ratio: float = field(default=0.1, metadata={RANGE: (0, 1)})
+    warmup_steps: int | None = field(default=None, metadata={RANGE: (0, None), "help": "Overrides warmup_ratio."})
+    seed: int = field(default=42, metadata={RANGE: (0, 2**32 - 1)})
     mixed_precision: str | None = field(
         default=None,
         metadata={"help": "no, bf16, fp16, or auto (bf16 where the hardware has it); default: accelerate launch's."},
     )
-    logging_steps: int = field(default=20, metadata={ON_RESUME: True})
+    logging_steps: int = field(default=20, metadata={RANGE: (1, None), ON_RESUME: True})
     eval_strategy: str = field(
         default="epoch", metadata={ON_RESUME: True, "help": "epoch, or steps (every eval_steps); also at the end."}
     )
     eval_steps: int | None = field(
-        default=None, metadata={ON_RESUME: True, "help": "Optimizer steps between evaluations."}
+        default=None, metadata={RANGE: (1, None), ON_RESUME: True, "help": "Optimizer steps between evaluations."}
     )
     report_to: str | None = field(
         default=None,
@@ -235,7 +243,7 @@ class TrainingArguments:
         metadata={ON_RESUME: True, "help": "Resume although settings or data differ from the checkpoint's."},
     )
     save_total_limit: int | None = field(
-        default=2, metadata={ON_RESUME: True, "help": "Checkpoints kept in output_dir."}
+        default=2, metadata={RANGE: (1, None), ON_RESUME: True, "help": "Checkpoints kept in output_dir."}
     )
     metric_for_best_model: str | None = field(
         default=None,
@@ -255,7 +263,8 @@ class TrainingArguments:
         },
     )
     early_stopping_patience: int | None = field(
-        default=None, metadata={ON_RESUME: True, "help": "Stop after this many evaluations without improvement."}
+        default=None,
+        metadata={RANGE: (1, None), ON_RESUME: True, "help": "Stop after this many evaluations without improvement."},
     )
     push_to_hub: bool = field(
         default=False,
@@ -270,26 +279,9 @@ class TrainingArguments:
     )
 
     def __post_init__(self) -> None:
-        at_least_one = (1, None)
-        check_ranges(
-            self,
-            per_device_train_batch_size=at_least_one,
-            per_device_eval_batch_size=at_least_one,
-            gradient_accumulation_steps=at_least_one,
-            logging_steps=at_least_one,
-            max_train_steps=at_least_one,
-            eval_steps=at_least_one,
-            save_total_limit=at_least_one,
-            early_stopping_patience=at_least_one,
-            warmup_steps=(0, None),
-            num_train_epochs=(0, None),
-            weight_decay=(0, None),
-            max_grad_norm=(0, None),  # 0 turns clipping off; below 0 would ascend the gradient
-            warmup_ratio=(0, 1),
-            seed=(0, 2**32 - 1),
-        )
-        if not self.learning_rate > 0:
+        if self.learning_rate <= 0:  # (nan is refused as not finite)
             raise UserError(f"learning_rate is {self.learning_rate}; pass a rate above 0")
+        check_ranges(self)
         for tracker in self.report_to.split(",") if self.report_to is not None else []:
             from accelerate.utils import LoggerType  # imports torch: only for a run that names a tracker
 
@@ -321,17 +313,16 @@ class TrainingArguments:
 SHARED_TYPES = (ModelArguments, DataArguments, TrainingArguments)  # the flags every recipe takes
 
 
-def check_ranges(config: Any, **limits: tuple[float | None, float | None]) -> None:
-    """Every float field of `config` finite; each field named in `limits` (when set) within [low, high]."""
+def check_ranges(config: Any) -> None:
+    """Every float field of `config` finite, and each field (when set) within its RANGE."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{f.name} is {value}; pass a finite number")
-    for name, (low, high) in limits.items():
-        value = getattr(config, name)
+        low, high = f.metadata.get(RANGE, (None, None))
         if value is not None and not ((low is None or value >= low) and (high is None or value <= high)):
-            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise UserError(f"{name} is {value}; pass a value {bounds}")
+            bounds = f"at least {low}" if high is None else f"between {low} and {high:,}"
+            raise UserError(f"{f.name} is {value}; pass a value {bounds}")
 
 
 RUN_CONTROL = ("overwrite_output_dir", "resume_from_checkpoint", "allow_config_change_on_resume")

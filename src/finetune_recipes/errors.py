@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import re
 import sys
@@ -44,6 +45,30 @@ def listing(items: list[Any], limit: int = 8) -> str:
     """Items joined by commas, the first `limit` only, so a message stays one readable line."""
     shown = ", ".join(t if len(t := str(i)) <= 32 else t[:31] + "…" for i in items[:limit])
     return shown if len(items) <= limit else f"{shown}, … ({len(items)} in all)"
+
+
+# The write failures a user can fix. Libraries written in Rust or C++ lose the errno on the way: tokenizers raises a
+# plain Exception, safetensors a SafetensorError and torch.save a RuntimeError, each with the system's words.
+FIXABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+FIXABLE_WORDS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied",
+                 "file write failed")  # fmt: skip
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed when a user can fix it (a full disk, a read-only or forbidden folder), else None."""
+    if isinstance(error, OSError) and error.errno in FIXABLE_ERRNOS:
+        return error.strerror
+    return next((words for words in FIXABLE_WORDS if words in str(error)), None)
+
+
+def fixable(error: BaseException) -> str | None:
+    """One line for a full disk or a forbidden path met anywhere (else None): what every command prints for
+    what it did not foresee; a command that knows what it was writing says more."""
+    reason = write_failure(error)
+    if reason is None:
+        return None
+    where = getattr(error, "filename", None) or "a file"
+    return f"{where}: {reason}; free space or fix permissions, then run the same command again"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -83,11 +108,14 @@ def entrypoint(main: Callable[..., T]) -> Callable[..., T]:
             kept = interrupt.args[0] if isinstance(interrupt, Interrupted) else "nothing was saved"
             print(f"error: interrupted (Ctrl-C); {kept}", file=sys.stderr)
             raise SystemExit(130) from None
-        except UserError as error:
+        except Exception as error:
             # The failed run's locals go first: a progress bar closing as they are freed writes its last line
             # before this one, so the error stays the last line a user sees.
+            message = str(error) if isinstance(error, UserError) else fixable(error)
+            if message is None:  # a bug: its traceback
+                raise
             clear_frames(error)
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return run

@@ -9,7 +9,7 @@ tests/test_imports.py checks that it is exactly what the recipes import.
 # The names below are re-exports, this module's whole interface:
 # ruff: noqa: F401
 
-from .config import ON_RESUME, DataArguments, ModelArguments, RunArgs, TrainingArguments, check_ranges
+from .config import ON_RESUME, RANGE, DataArguments, ModelArguments, RunArgs, TrainingArguments
 from .data import build_dataloaders, load_data
 from .errors import UserError
 from .features import (

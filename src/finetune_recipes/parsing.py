@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import yaml
 from transformers import HfArgumentParser
 
-from .config import ON_RESUME, DataArguments, TrainingArguments, check_ranges
+from .config import ON_RESUME, RANGE, DataArguments, TrainingArguments, check_ranges
 from .errors import OneLineErrors, Parser, UserError, on_interrupt
 from .processes import die_with_launcher, run_to_end
 from .strategy_args import CacheArguments
@@ -29,9 +29,14 @@ T = TypeVar("T")
 class DataclassParser(OneLineErrors, HfArgumentParser):
     @staticmethod
     def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
-        # HfArgumentParser hands a field's metadata to add_argument as keywords: ON_RESUME is ours, not argparse's,
-        # and argparse formats a help text with %, so a plain "10%" would break --help.
-        metadata = {k: v for k, v in field.metadata.items() if k != ON_RESUME}
+        # HfArgumentParser hands a field's metadata to add_argument as keywords: ON_RESUME and RANGE are ours, not
+        # argparse's (the range goes into the help), and argparse formats a help text with %, so a plain "10%"
+        # would break --help.
+        metadata = {k: v for k, v in field.metadata.items() if k not in (ON_RESUME, RANGE)}
+        if RANGE in field.metadata:
+            low, high = field.metadata[RANGE]
+            bounds = f"at least {low}" if high is None else f"{low} to {high:,}"
+            metadata["help"] = f"{metadata.get('help', '')} ({bounds})".lstrip()
         if "help" in metadata:
             metadata["help"] = metadata["help"].replace("%", "%%")
         if metadata != dict(field.metadata):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -59,18 +60,30 @@ def sentence_pooling(name_or_path: str, given: str | None) -> tuple[str, bool]:
     )
 
 
-def sentence_pairs(labels: list, problem_type: str, num_iterations: int, seed: int) -> list[tuple[int, int, float]]:
+MAX_PAIRS = 20_000_000  # about 2 GB of Python tuples, built before the first step
+
+
+def sentence_pairs(
+    labels: list, problem_type: str, num_iterations: int, seed: int, progress: bool = False
+) -> list[tuple[int, int, float]]:
     """SetFit's pairs: for each of `num_iterations` rounds and each example, one partner of the same label
     (target 1) and one of another (target 0), drawn with a seeded generator; never an example with itself.
     Multi-label: a partner is alike when the two label sets share a label, unlike when they share none; an
-    example without an alike (or unlike) partner gets no such pair. Returns (i, j, target) triples."""
+    example without an alike (or unlike) partner gets no such pair. Returns (i, j, target) triples; `progress`
+    shows a bar over the rounds."""
     if problem_type == REGRESSION:
         raise UserError("contrastive pairs need classes: a regression target has none; run full_finetune")
     if num_iterations < 1:
         raise UserError(f"--num_iterations must be at least 1, not {num_iterations}")
+    if 2 * len(labels) * num_iterations > MAX_PAIRS:
+        raise UserError(
+            f"--num_iterations {num_iterations} on {len(labels):,} training examples makes "
+            f"{2 * len(labels) * num_iterations:,} pairs, more than the {MAX_PAIRS:,} held in memory; pass at most "
+            f"--num_iterations {max(1, MAX_PAIRS // (2 * len(labels)))}"
+        )
     rng, pairs = random.Random(seed), []
     alike, unlike = _partners(labels, problem_type, rng)
-    for _ in range(num_iterations):
+    for _ in tqdm(range(num_iterations), desc="Building pairs", disable=not progress):
         for i in range(len(labels)):
             pairs += [(i, j, 1.0) for j in alike(i)] + [(i, j, 0.0) for j in unlike(i)]
     rng.shuffle(pairs)

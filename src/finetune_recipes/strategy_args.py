@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ON_RESUME
+from .config import ON_RESUME, RANGE
 from .errors import UserError
 
 
@@ -33,7 +33,7 @@ class CacheArguments:
 class EncodeArguments(CacheArguments):
     """The flags of the recipes that encode every split once with a frozen encoder."""
 
-    encode_batch_size: int = field(default=64, metadata={ON_RESUME: True})
+    encode_batch_size: int = field(default=64, metadata={RANGE: (1, 2**16), ON_RESUME: True})
 
 
 ENCODERS = ("bag", "lstm")
@@ -57,20 +57,23 @@ class StaticArguments(CacheArguments):  # + --feature_cache_dir: the reduced vec
     lowercase: bool = field(default=True, metadata={"help": "--embeddings_file: lowercase words before lookup."})
     min_coverage: float = field(
         default=0.5,
-        metadata={"help": "--embeddings_file: refuse when the file has fewer than this share of training tokens."},
+        metadata={
+            RANGE: (0, 1),
+            "help": "--embeddings_file: refuse when the file has fewer than this share of training tokens.",
+        },
     )
     freeze_embeddings: bool = field(default=True, metadata={"help": "Keep the vectors fixed; train the rest."})
     encoder: str = field(default="bag", metadata={"help": "bag (mean of vectors) or lstm (a bidirectional LSTM)."})
-    lstm_hidden_size: int = 128
-    head_hidden_size: int = field(default=256, metadata={"help": "0: a linear head; else an MLP of this width."})
-    dropout: float = 0.1
+    lstm_hidden_size: int = field(default=128, metadata={RANGE: (1, 2**16)})
+    head_hidden_size: int = field(
+        default=256, metadata={RANGE: (0, 2**16), "help": "0: a linear head; else an MLP of this width."}
+    )
+    dropout: float = field(default=0.1, metadata={RANGE: (0, 0.99)})
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
             raise UserError(f"encoder '{self.encoder}' is not one of {', '.join(ENCODERS)}")
         if self.embeddings not in SOURCES:
             raise UserError(f"embeddings '{self.embeddings}' is not one of {', '.join(SOURCES)}")
-        if not 0 <= self.min_coverage <= 1:
-            raise UserError(f"min_coverage {self.min_coverage} is outside 0..1; pass a share such as 0.5")
         if self.embeddings_file is not None and not Path(self.embeddings_file).is_file():
             raise UserError(f"embeddings_file {self.embeddings_file} does not exist; pass a GloVe or .vec file")

@@ -34,9 +34,12 @@ from ..errors import Parser, UserError, on_interrupt
 from ..ownership import LOCK, MANIFEST, claim_tool_dir, entries
 from ..parsing import parse_config
 from ..processes import PARENT, die_with_parent
-from .tune import refuse_hub_flags
+from ..readback import read_json
+from .tune import error_line, refuse_hub_flags
 
 PLAN = "cv.json"
+RERUN = "run the same command with --overwrite_output_dir to redo the cv"
+REFUSED = "failed (2)"  # a recipe's refusal of its input: the other folds, on the same flags, would be refused too
 OUTPUTS = ("cv.md", "cv.csv", "cv.png", PLAN, "oof_predictions.csv", "label_issues.csv", "folds", "logs")
 OUTPUTS += ("feature_cache",)  # what frozen weights computed, shared by the folds
 OUTPUTS += (MANIFEST, LOCK)
@@ -205,7 +208,13 @@ def claim_cv_dir(out: Path, plan: dict, overwrite: bool, inputs: list[str]) -> t
     """Locks the cv folder (refusing what cv did not write); (the lock, whether an earlier cv of the same plan,
     data and folds included, is there to resume). An earlier cv of another plan needs --overwrite_output_dir,
     and then everything it wrote but the bookkeeping is removed first, so no fold of it is read back."""
-    earlier = json.loads((out / PLAN).read_text()) if (out / PLAN).is_file() else None
+    try:
+        fix = "pass --overwrite_output_dir to run the cv again there, or another --cv_dir"
+        earlier = read_json(out / PLAN, fix) if (out / PLAN).is_file() else None
+    except UserError:
+        if not overwrite:
+            raise
+        earlier = {}  # damaged: replaced like a cv of another plan
     owned = lambda n: n in OUTPUTS or re.fullmatch(r"fold_\d+", n) is not None  # noqa: E731
     leftover = lambda n: fnmatch.fnmatch(n, ".feature_cache_*") or is_temporary(n)  # noqa: E731 (a killed fold's)
     lock = claim_tool_dir(out, "cv", "cv_dir", owned, leftover, inputs=inputs)
@@ -285,7 +294,7 @@ def run_folds(recipe: Path, flags: list[str], out: Path, k: int, has_test: bool,
     for fold in range(k):
         folder = out / f"fold_{fold}"
         if resume and (folder / "results.json").is_file():
-            row = {"strategy": recipe.stem, **json.loads((folder / "results.json").read_text()), "status": "ok"}
+            row = {"strategy": recipe.stem, **read_json(folder / "results.json", RERUN), "status": "ok"}
             row["resumed"] = True
         else:
             progress.set_postfix_str(f"fold {fold}")
@@ -294,6 +303,8 @@ def run_folds(recipe: Path, flags: list[str], out: Path, k: int, has_test: bool,
         rows.append({**row, "fold": fold})
         progress.update()
         tqdm.write(f"fold {fold}: {row['status']}" + (" (finished earlier)" if row.get("resumed") else ""))
+        if row["status"].startswith(REFUSED):
+            break
     progress.close()
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
@@ -323,6 +334,8 @@ def run_recipe(recipe: str, out: Path, folder: str, flags: list[str], overwrite:
             ).returncode
         wall = round(time.perf_counter() - start, 1)
     if code != 0:
-        return {"strategy": recipe, "wall_time_s": wall, "status": f"failed ({code}): see {log}"}
-    results = json.loads((out / folder / "results.json").read_text())
+        cause = error_line(log)  # the run's own one line, else "see LOG"
+        status = f"failed ({code}): " + (f"{cause[7:]} (log: {log})" if cause.startswith("error: ") else cause)
+        return {"strategy": recipe, "wall_time_s": wall, "status": status}
+    results = read_json(out / folder / "results.json", RERUN)
     return {"strategy": recipe, **results, "wall_time_s": wall, "status": "ok"}

@@ -14,6 +14,7 @@ from ..atomic import atomic_write
 from ..config import METRICS, MULTI, REGRESSION, SINGLE
 from ..errors import UserError
 from ..metrics import task_metrics
+from ..readback import read_json
 from ..rendering import cell, csv_text, markdown_table, png, pyplot
 from ..reporting.predictions import read_csv, read_label_list, scores_of
 from .compare_report import summarise
@@ -170,11 +171,12 @@ def read_plan(out: Path) -> tuple[dict, list[dict]]:
     plan_file = out / "cv.json"
     if not plan_file.is_file():
         raise UserError(f"{out} holds no cv (no cv.json); pass audit the --cv_dir of a finished `finetune-recipes cv`")
-    plan = json.loads(plan_file.read_text())
+    fix = "run its cv again (the same command with --overwrite_output_dir)"
+    plan = read_json(plan_file, fix)
     runs = []
     for fold in range(plan["folds"]):
         results = out / f"fold_{fold}" / "results.json"
         if not results.is_file():
             raise UserError(f"{out} holds an unfinished cv (fold {fold} has no results); finish it with its command")
-        runs.append({"strategy": plan["recipe"], **json.loads(results.read_text()), "status": "ok", "fold": fold})
+        runs.append({"strategy": plan["recipe"], **read_json(results, fix), "status": "ok", "fold": fold})
     return plan, runs

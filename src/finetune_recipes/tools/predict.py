@@ -12,15 +12,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ..documents import aggregate_rows
 from ..errors import UserError, first_line, listing
+from ..readback import read_json, read_yaml
 
 MODEL_ONNX, HEAD_ONNX = "model.onnx", "head.onnx"  # what `export` writes
 # What features.FeatureClassifier saves beside its encoder; named here, not imported, since importing
 # features loads torch, which the ONNX path never needs.
 HEAD_CONFIG = "feature_head.json"
+RESTORE = "restore it, or train (and export) again"
+# The files a model folder is read with besides its weights, each read back checked: a damaged one is one line.
+READ_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "recipe_config.yaml", "results.json")
 
 
 def check_model_dir(path: Path) -> None:
@@ -36,6 +39,9 @@ def check_model_dir(path: Path) -> None:
     missing = next((name for name in weight_files(path) if not (path / name).is_file()), None)
     if missing:
         raise UserError(f"{path} has no {missing}, the model's weights; restore it, or train and export again")
+    for name in READ_FILES:
+        if (path / name).exists():
+            (read_yaml if name.endswith(".yaml") else read_json)(path / name, RESTORE)
 
 
 def weight_files(path: Path) -> list[str]:
@@ -69,8 +75,8 @@ def damaged(path: Path, error: BaseException, name: str | None = None) -> UserEr
 def recipe_settings(path: Path) -> dict:
     """How the model read its texts in training (max_length, windows), from its recipe config when there."""
     config = path / "recipe_config.yaml"
-    saved = yaml.safe_load(config.read_text()) if config.exists() else {}
-    tokenizer = json.loads((path / "tokenizer_config.json").read_text())
+    saved = read_yaml(config, RESTORE) if config.exists() else {}
+    tokenizer = read_json(path / "tokenizer_config.json", RESTORE)
     return {
         "max_length": int(saved.get("max_length") or min(tokenizer.get("model_max_length") or 512, 512)),
         "windows": saved.get("long_documents") == "windows",
@@ -131,7 +137,7 @@ def predict(
     if not texts:
         return []
     settings = recipe_settings(path)
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json", RESTORE)
     kind, id2label = config.get("problem_type"), config.get("id2label") or {}
     names = [id2label[str(i)] for i in range(len(id2label))] if id2label else ["LABEL_0"]
     thresholds = thresholds_of(path, names, kind)  # checked before the model loads
@@ -179,7 +185,7 @@ def load_model(path: Path):
     from transformers import AutoModelForSequenceClassification
 
     config = path / "config.json"
-    model_type = json.loads(config.read_text()).get("model_type", "") if config.exists() else ""
+    model_type = read_json(config, RESTORE).get("model_type", "") if config.exists() else ""
     if model_type.startswith("finetune_recipes_"):  # this package's own classifiers: static, sentence
         importlib.import_module(f"finetune_recipes.{model_type.removeprefix('finetune_recipes_')}")  # registers it
     if (path / HEAD_CONFIG).exists():
@@ -293,7 +299,7 @@ def pad(encodings: list, pad_id: int) -> dict[str, np.ndarray]:
 
 def pad_token_id(path: Path, tokenizer) -> int:
     """The id of the tokenizer's padding token (tokenizer_config.json names it)."""
-    token = json.loads((path / "tokenizer_config.json").read_text()).get("pad_token")
+    token = read_json(path / "tokenizer_config.json", RESTORE).get("pad_token")
     token = token.get("content") if isinstance(token, dict) else token
     pad_id = tokenizer.token_to_id(token) if token else None
     return 0 if pad_id is None else pad_id

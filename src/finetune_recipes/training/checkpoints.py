@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import load_checkpoint_in_model
 from safetensors import SafetensorError
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, write_failure
 from .early_stopping import EarlyStopping
 from .tracking import refuse_diverged
 
@@ -125,7 +125,17 @@ def write_atomically(accelerator: Accelerator, final: Path, write: Callable[[Pat
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    write(partial)
+    try:
+        write(partial)
+    except Exception as error:  # a full disk or a forbidden folder: one line, and no half-written checkpoint
+        if (reason := write_failure(error)) is None:
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+        output_dir = final.parent.parent
+        raise UserError(
+            f"cannot save {final.name} in {final.parent} ({reason}); {kept_checkpoint(output_dir)}: free space, "
+            "then run again"
+        ) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)

@@ -22,7 +22,7 @@ from ..atomic import atomic_write
 from ..catalog import describe as describe_recipe
 from ..config import REGRESSION, DataArguments, RunArgs, TrainingArguments
 from ..data import ClassificationData
-from ..errors import UserError
+from ..errors import UserError, write_failure
 from ..freezing import count_parameters
 from ..modeling import load_adapter_classifier, target_head
 from ..ownership import OutputDir, check_output_dir, file_hash, owned_entries, write_manifest
@@ -45,17 +45,19 @@ def check_outputs(args: RunArgs) -> str:
 
 
 def on_main(accelerator: Accelerator, work: Callable[[], T], failure: str) -> T | None:
-    """Runs `work` on the main process and returns its result there (None on the others); its UserError, or an
-    OSError (disk full, read-only, no permission) as `failure` with {reason} filled in, stops every process
-    with that one line."""
+    """Runs `work` on the main process and returns its result there (None on the others); its UserError, or a
+    write failure (disk full, read-only, no permission: errors.write_failure) as `failure` with {reason} filled
+    in, stops every process with that one line."""
     problem, result = None, None
     if accelerator.is_main_process:
         try:
             result = work()
         except UserError as error:
             problem = str(error)
-        except OSError as error:
-            problem = failure.format(reason=error.strerror or error.__class__.__name__)
+        except Exception as error:
+            if (reason := write_failure(error)) is None:
+                raise
+            problem = failure.format(reason=reason)
     [problem] = broadcast_object_list([problem])  # every process stops, not only the one that found it
     if problem:
         raise UserError(problem)
@@ -130,8 +132,9 @@ def publish_report(out: OutputDir) -> None:
     """The card and pictures, drawn from the saved run and moved in whole; a failure says the model is saved."""
     try:
         publish(out, lambda staging: write_report(out, staging))
-    except OSError as error:
-        reason = error.strerror or error.__class__.__name__
+    except Exception as error:
+        if (reason := write_failure(error)) is None:
+            raise
         raise UserError(
             f"the model and results are saved in {out.path}, the card and pictures not ({reason}); free "
             f"space, then run `finetune-recipes report {out.path}`"
@@ -231,17 +234,18 @@ def publish(out: OutputDir, write: Callable[[Path], None]) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         write(staging)
-    except OSError:
+        published = [path.name for path in staging.iterdir()]
+        clash = sorted(set(published) & out.kept)
+        if not clash:
+            out.record(*published)  # first: a run that dies while moving them still owns them
+    except BaseException:  # a full disk (whatever a library raises for it), Ctrl-C: nothing half-written stays
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    clash = sorted({p.name for p in staging.iterdir()} & out.kept)
     if clash:  # never replace a user's file, and never lose the trained outputs either
         raise UserError(
             f"{out.path / clash[0]} is not a run's output and the save would replace it; the outputs are in "
             f"{staging}: move {clash[0]} away, then move them into {out.path}"
         )
-    published = [path.name for path in staging.iterdir()]
-    out.record(*published)  # first: a run that dies while moving them still owns them
     for name in published:
         if (out.path / name).is_dir():  # merged/ of an earlier save
             shutil.rmtree(out.path / name)
@@ -278,7 +282,8 @@ def save_merged(accelerator: Accelerator, out: OutputDir | None, tokenizer, name
 
     try:
         publish(out, write)
-    except OSError as error:
-        reason = error.strerror or error.__class__.__name__
+    except Exception as error:
+        if (reason := write_failure(error)) is None:
+            raise
         raise UserError(f"cannot save the merged model to {out.path / name} ({reason}); the adapter is saved") from None
     logger.info("Saved the merged model to %s", out.path / name)
