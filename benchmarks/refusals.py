@@ -72,13 +72,13 @@ def cases(tmp: Path, model: Path, train: Path, dev: Path) -> dict[str, list[str]
         "gzip vectors file": [*recipe("static_embeddings"), *base, "--embeddings_file", str(tmp / "vectors.vec.gz")],
         "tune: space with a negative rate": [
             CLI, "tune", "full_finetune", "--search_space", str(tmp / "space.yaml"), *base[:-2],
-            "--study_dir", str(tmp / "out")],
+            "--output_dir", str(tmp / "out")],
         "tune: space naming output_dir": [
             CLI, "tune", "full_finetune", "--search_space", str(tmp / "space_out.yaml"), *base[:-2],
-            "--study_dir", str(tmp / "out")],
+            "--output_dir", str(tmp / "out")],
         "tune: space with an unknown key": [
             CLI, "tune", "full_finetune", "--search_space", str(tmp / "space_key.yaml"), *base[:-2],
-            "--study_dir", str(tmp / "out")],
+            "--output_dir", str(tmp / "out")],
         "compare --recipes a,a": [CLI, "compare", "--recipes", "llrd,llrd", *base],
         "predict --model FILE": [CLI, "predict", "--model", str(train), "goal win"],
         "predict: no model directory": [CLI, "predict", "--model", str(tmp / "none"), "goal win"],

@@ -77,7 +77,7 @@ def cv_against_seeds(out: Path, flags: list[str]) -> list[dict]:
     rows = []
     for recipe in (FE, FT):  # cv pools train + validation; every fold model scores the test pool
         start = time.perf_counter()
-        cmd = [CLI, "cv", recipe, "--folds", "5", "--cv_dir", str(out / "cv" / recipe), "--overwrite_output_dir",
+        cmd = [CLI, "cv", recipe, "--folds", "5", "--output_dir", str(out / "cv" / recipe), "--overwrite_output_dir",
                *COMMON, *flags]  # fmt: skip
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cv_wall = time.perf_counter() - start
@@ -133,7 +133,7 @@ def audit(out: Path, share: float = 0.05) -> dict:
         rows[i]["label"] = rng.choice([t for t in topics if t != rows[i]["label"]])
     train = write_jsonl(out / "data" / "flipped" / "train.jsonl", rows)
     start = time.perf_counter()
-    cmd = [CLI, "cv", FE, "--folds", "5", "--cv_dir", str(out / "cv" / "audit"), "--overwrite_output_dir",
+    cmd = [CLI, "cv", FE, "--folds", "5", "--output_dir", str(out / "cv" / "audit"), "--overwrite_output_dir",
            "--find_label_issues", *COMMON, "--train_file", str(train), *cache(out, FE)]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     flagged = {int(r["id"]) for r in csv.DictReader((out / "cv" / "audit" / "label_issues.csv").open())}

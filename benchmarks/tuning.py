@@ -72,7 +72,7 @@ def main() -> None:
         where = out / key
         if args.phase in ("studies", "all"):
             for recipe in args.recipes.split(","):
-                study = ["--n_trials", str(args.trials), "--study_dir", str(where / "studies" / recipe)]
+                study = ["--n_trials", str(args.trials), "--output_dir", str(where / "studies" / recipe)]
                 subprocess.run([CLI, "tune", recipe, *study, *flags], check=False)
         if args.phase in ("compare", "all"):
             cmd = [CLI, "compare", "--recipes", args.recipes, "--output_dir", str(where), "--overwrite_output_dir"]

@@ -90,7 +90,7 @@ def test_the_multi_label_audit_flags_label_sets_the_predictions_contradict():
 
 
 def test_cv_never_writes_over_its_own_input(module_args, tmp_path, capsys):
-    """Issue 39, item 1: a training file named as cv's own results table, inside --cv_dir."""
+    """Issue 39, item 1: a training file named as cv's own results table, inside cv's --output_dir."""
     folder = tmp_path / "u3"
     folder.mkdir()
     train = folder / "cv.csv"
@@ -99,11 +99,11 @@ def test_cv_never_writes_over_its_own_input(module_args, tmp_path, capsys):
     before = train.read_text()
     flags[flags.index("--train_file") + 1] = str(train)
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["cv", "full_finetune", "--folds", "2", "--cv_dir", str(folder), *flags])
+        cli_main(["cv", "full_finetune", "--folds", "2", "--output_dir", str(folder), *flags])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and lines[-1] == (
-        f"error: {train}, an input of this cv, is where cv writes in --cv_dir {folder}; move it out of {folder} or "
-        "pass another --cv_dir"
+        f"error: {train}, an input of this cv, is where cv writes in --output_dir {folder}; move it out of {folder} "
+        "or pass another --output_dir"
     )
     assert train.read_text() == before and sorted(p.name for p in folder.iterdir()) == ["cv.csv"]
 
@@ -123,15 +123,16 @@ def test_folds_are_refused_by_distinct_texts_not_by_copies():
         (["--folds", "1000"], "distinct text(s), fewer than --folds 1000"),  # train and validation pooled
         (["--folds", "60"], "distinct example(s), fewer than --folds 60; pass --folds"),  # about 42 a topic
         (["--max_eval_samples", "5"], "--max_eval_samples is not taken by cv: every held-out example is predicted"),
-        (["--output_dir", "x"], "--output_dir is not taken by cv: cv sets each fold's"),
+        (["--output_dir", ""], "--output_dir is empty; pass a folder, or drop it for outputs/cv/full_finetune"),
     ],
 )
-def test_bad_cv_input_is_one_line_and_writes_nothing(argv, message, module_args, tmp_path, capsys):
+def test_bad_cv_input_is_one_line_and_writes_nothing(argv, message, module_args, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an empty --output_dir must not become the working directory either
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["cv", "full_finetune", "--cv_dir", str(tmp_path / "cv"), *module_args, *argv])
+        cli_main(["cv", "full_finetune", "--output_dir", str(tmp_path / "cv"), *module_args, *argv])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and message in lines[-1], lines
-    assert not (tmp_path / "cv").exists()
+    assert not (tmp_path / "cv").exists() and not (tmp_path / "outputs").exists() and not (tmp_path / "logs").exists()
 
 
 def flipped_data(tiny_data, root: Path, share: float = 0.08) -> tuple[Path, set[int]]:
@@ -161,7 +162,7 @@ def audited(module_args, tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("cv")
     train, moved = flipped_data(tiny_data, root)
     flags = cv_flags(module_args, train, tiny_data["test"])
-    cli_main(["cv", "full_finetune", "--folds", "3", "--cv_dir", str(root / "cv"), "--find_label_issues", *flags])
+    cli_main(["cv", "full_finetune", "--folds", "3", "--output_dir", str(root / "cv"), "--find_label_issues", *flags])
     return root / "cv", moved, flags
 
 
@@ -219,7 +220,7 @@ def test_a_cv_of_other_data_or_broken_folds_is_refused_not_mixed_in(audited, tmp
     flags = [str(train) if f == flags[flags.index("--train_file") + 1] else f for f in flags]
     before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.name != ".lock"}
     for argv, message in (
-        (["cv", "full_finetune", "--folds", "3", "--cv_dir", str(copy), *flags], "holds a cv of other data"),
+        (["cv", "full_finetune", "--folds", "3", "--output_dir", str(copy), *flags], "holds a cv of other data"),
         (["audit", str(copy / "missing")], "holds no cv"),
     ):
         with pytest.raises(SystemExit) as exit_info:
@@ -243,7 +244,9 @@ def test_a_two_process_cv_predicts_each_example_once_and_encodes_the_pool_once(a
     _, _, flags = audited
     config = str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")
     cv = tmp_path / "cv"
-    cli_main(["cv", "feature_extraction", "--folds", "3", "--cv_dir", str(cv), "--accelerate_config", config, *flags])
+    cli_main(
+        ["cv", "feature_extraction", "--folds", "3", "--output_dir", str(cv), "--accelerate_config", config, *flags]
+    )
     oof = list(csv.DictReader((cv / "oof_predictions.csv").open()))
     assert sorted(int(r["id"]) for r in oof) == list(range(96))  # none twice, though 32 rows split into 2 × 16
     logs = [(cv / "logs" / f"fold_{k}.log").read_text() for k in range(3)]
@@ -256,7 +259,17 @@ def test_a_two_process_cv_predicts_each_example_once_and_encodes_the_pool_once(a
 @pytest.mark.slow
 def test_a_killed_cv_resumes_without_training_a_finished_fold_again(audited, tmp_path):
     cv, _, flags = audited
-    cmd = [CLI, "cv", "full_finetune", "--folds", "3", "--cv_dir", str(tmp_path / "cv"), "--find_label_issues", *flags]
+    cmd = [
+        CLI,
+        "cv",
+        "full_finetune",
+        "--folds",
+        "3",
+        "--output_dir",
+        str(tmp_path / "cv"),
+        "--find_label_issues",
+        *flags,
+    ]
     process = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

@@ -240,13 +240,11 @@ def test_a_tools_directory_in_use_names_the_tools_own_flag(tmp_path):
     from finetune_recipes.ownership import claim_tool_dir
 
     def claim():
-        return claim_tool_dir(tmp_path, "tune", "study_dir", lambda n: True, lambda n: False)
+        return claim_tool_dir(tmp_path, "tune", "output_dir", lambda n: True, lambda n: False)
 
     first = claim()
     try:
-        with pytest.raises(
-            UserError, match=r"^study_dir .* is in use by the run of pid \d+ .*pass another --study_dir$"
-        ):
+        with pytest.raises(UserError, match=r"^\S+ is in use by the run of pid \d+ .*pass another --output_dir$"):
             claim()
     finally:
         os.close(first)

@@ -65,7 +65,7 @@ def test_a_sigkill_of_the_launcher_alone_ends_its_workers(tiny_args, tmp_path):
 def test_a_sigkill_of_tune_ends_its_trial_and_the_study_then_resumes(tiny_args, tmp_path):
     study = tmp_path / "study"
     data = without(tiny_args, "--output_dir", "--learning_rate", "--num_train_epochs")  # the last two: tuned
-    cmd = [CLI, "tune", "static_embeddings", "--n_trials", "1", "--study_dir", str(study), *data]
+    cmd = [CLI, "tune", "static_embeddings", "--n_trials", "1", "--output_dir", str(study), *data]
     long = ["--max_train_steps", "100000", "--checkpointing_steps", "2"]
     tune = start_and_wait_for([*cmd, *long], study / ".trial_0" / "checkpoints", timeout=300)
     os.kill(tune.pid, signal.SIGKILL)

@@ -80,7 +80,7 @@ def test_bad_tune_and_compare_input_is_one_line_and_writes_nothing(space, argv, 
     if space is not None:
         (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
         argv = ["tune", "full_finetune", "--search_space", str(tmp_path / "space.yaml"), *argv]
-    argv = [*argv, "--study_dir" if argv[0] == "tune" else "--output_dir", str(tmp_path / "out")]
+    argv = [*argv, "--output_dir", str(tmp_path / "out")]
     before = snapshot(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -98,7 +98,7 @@ def test_a_study_of_another_recipe_or_a_users_folder_is_refused(tiny_args, tmp_p
     before = snapshot(tmp_path)
     for folder, message in (("study", "holds a study of llrd"), ("yours", "holds 'notes.txt', which tune did not")):
         with pytest.raises(SystemExit) as exit_info:
-            main(["tune", "feature_extraction", "--study_dir", str(tmp_path / folder), *data_flags(tiny_args)])
+            main(["tune", "feature_extraction", "--output_dir", str(tmp_path / folder), *data_flags(tiny_args)])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and message in err[-1], err
     assert snapshot(tmp_path) == before
@@ -115,7 +115,7 @@ def tune_learning_rate(low: float, high: float, study: Path, tiny_args: list, *a
     """`finetune-recipes tune full_finetune` over the learning rate alone (log scale), on the tiny task."""
     space = study.parent / "space.yaml"
     space.write_text(yaml.safe_dump({"learning_rate": {"low": low, "high": high, "log": True}}))
-    cmd = [CLI, "tune", "full_finetune", "--study_dir", str(study), "--search_space", str(space), *argv]
+    cmd = [CLI, "tune", "full_finetune", "--output_dir", str(study), "--search_space", str(space), *argv]
     proc = subprocess.run([*cmd, *learning(tiny_args)], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -168,7 +168,7 @@ def test_pruning_stops_a_hopeless_trial_at_its_first_evaluation(tiny_args, tmp_p
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl_c"])
 def test_an_interrupted_study_resumes_with_the_same_command(stop, tiny_args, tmp_path):
     study = tmp_path / "study"
-    cmd = [CLI, "tune", "static_embeddings", "--n_trials", "2", "--study_dir", str(study), *data_flags(tiny_args)]
+    cmd = [CLI, "tune", "static_embeddings", "--n_trials", "2", "--output_dir", str(study), *data_flags(tiny_args)]
     process = start_stoppable(cmd)
     deadline = time.monotonic() + 600
     while not (study / ".trial_1").exists() and time.monotonic() < deadline:  # trial 1 has begun writing

@@ -66,7 +66,7 @@ def file_hash(content: str | bytes) -> str:
     return hashlib.sha256(content.encode() if isinstance(content, str) else content).hexdigest()
 
 
-def lock_output_dir(out: Path, flag: str = "--output_dir") -> int:
+def lock_output_dir(out: Path, flag: str | None = "--output_dir") -> int:
     """An exclusive lock on `out` until its file descriptor is closed: by the run, or by the process's end.
 
     flock is released by the kernel however the process ends (SIGKILL included), so a dead run never
@@ -78,9 +78,8 @@ def lock_output_dir(out: Path, flag: str = "--output_dir") -> int:
     except BlockingIOError:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "another run"
         os.close(fd)
-        raise UserError(
-            f"{flag.removeprefix('--')} {out} is in use by {holder}; wait for it to end or pass another {flag}"
-        ) from None
+        other = f" or pass another {flag}" if flag else ""  # audit and report write into what they read
+        raise UserError(f"{out} is in use by {holder}; wait for it to end{other}") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"the run of pid {os.getpid()} on {socket.gethostname()}".encode())
     return fd

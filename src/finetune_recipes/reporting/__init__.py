@@ -83,7 +83,7 @@ def report(path: str | Path) -> list[str]:
     """Redraws the card, report and pictures of a finished run in `path`; returns the names written."""
     out = Path(path)
     rendered = render_saved(out)
-    lock = lock_output_dir(out)  # no run may be writing there meanwhile
+    lock = lock_output_dir(out, None)  # no run may be writing there meanwhile
     try:
         owned, hashes = owned_entries(out), rendered_hashes(out)
         theirs = sorted(n for n in rendered if (out / n).exists() and n not in owned)

@@ -105,7 +105,7 @@ def main(cv_dir: str | Path) -> list[str]:
     out = Path(cv_dir)
     plan, runs = read_plan(out)
     import_cleanlab()
-    lock = lock_output_dir(out, "--cv_dir")
+    lock = lock_output_dir(out, None)
     try:
         return write_outputs(out, plan, runs, audit=audit)
     finally:

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("tune", help="an Optuna study over a recipe's SEARCH_SPACE; writes best.yaml", add_help=False)
     commands.add_parser("cv", help="k-fold cross-validation: out-of-fold predictions, mean ± std", add_help=False)
     audit = commands.add_parser("audit", help="the labels a finished cv's out-of-fold predictions doubt (cleanlab)")
-    audit.add_argument("cv_dir", help="the --cv_dir of a finished `finetune-recipes cv`")
+    audit.add_argument("cv_dir", help="the --output_dir of a finished `finetune-recipes cv`")
     return parser
 
 

@@ -32,7 +32,7 @@ from ..rendering import cell
 from .compare_report import plot, reported_split, summarise, table_metrics, write_table
 from .cv import run_recipe
 from .search_space import check_space, search_space
-from .tune import import_optuna, refuse_hub_flags, run_study, with_test_split
+from .tune import import_optuna, refuse_hub_flags, run_study, tool_dir, with_test_split
 
 DEFAULT_CONFIG = recipes_dir() / "configs" / "full_finetune.yaml"  # the baseline's defaults (data, seed)
 SHARED_FLAGS = {f.name for t in SHARED_TYPES for f in fields(t)} | {"config"}
@@ -162,13 +162,13 @@ def parse_args(argv: list[str] | None):
         description="Runs recipes one after another on the same data, seed and budget. Any other flag "
         "(--model_name_or_path, --train_file, --num_train_epochs, --seed, ...) goes to every recipe that "
         "takes it (--layer_decay to llrd and progressive_unfreezing only). Without a test split in the data, "
-        "10%% of train is held out as test (--test_split_percentage) and the table reports on it.",
+        "10% of train is held out as test (--test_split_percentage) and the table reports on it.",
         allow_abbrev=False,
     )
     parser.add_argument(
         "--recipes", default=None, help="comma-separated recipe names (default: every one that takes the data's task)"
     )
-    parser.add_argument("--output_dir", default="outputs/compare")
+    parser.add_argument("--output_dir", help="default outputs/compare; each strategy's runs in a folder of its own")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier comparison there")
     parser.add_argument("--no_baseline", action="store_true", help="skip the TF-IDF baseline row")
     parser.add_argument("--seeds", type=int, default=1, help="runs per strategy (seeds --seed, --seed+1, ...)")
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     _, data_args, training = parse_config(*SHARED_TYPES, args=shared, default_config=DEFAULT_CONFIG, announce=False)
     seeds = [training.seed + i for i in range(known.seeds)]
     recipes = for_the_task(recipes, known.named, data_args, training.seed)
-    out = Path(known.output_dir)
+    out = tool_dir(known.output_dir, "compare", "")
     lock = claim_compare_dir(out, known.overwrite_output_dir)
     planned = {r if len(seeds) == 1 else f"{r}_seed{s}" for r in recipes for s in seeds}
     drop_earlier_runs(out, planned)
@@ -277,7 +277,7 @@ def run_strategy(recipe: str, flags: list[str], seeds: list[int], known, out: Pa
     if known.trials:
         progress.set_postfix_str(f"{recipe}: tuning")
         study = out / "studies" / recipe
-        tuned = run_study(recipe, flags, known.trials, study_dir=str(study)) or {}
+        tuned = run_study(recipe, flags, known.trials, output_dir=str(study)) or {}
         if not tuned:
             progress.update(len(seeds))
             return [{"strategy": recipe, "seed": s, "status": f"no trial finished: see {study}/logs"} for s in seeds]

@@ -13,6 +13,7 @@ does; a killed cv resumes with the same command and does not train a finished fo
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import hashlib
 import json
@@ -35,11 +36,11 @@ from ..ownership import LOCK, MANIFEST, claim_tool_dir, entries
 from ..parsing import parse_config
 from ..processes import PARENT, die_with_parent
 from ..readback import read_json
-from .tune import error_line, refuse_hub_flags
+from .tune import error_line, old_name, refuse_hub_flags, tool_dir
 
 PLAN = "cv.json"
 RERUN = "run the same command with --overwrite_output_dir to redo the cv"
-REFUSED = "failed (2)"  # a recipe's refusal of its input: the other folds, on the same flags, would be refused too
+A_REFUSAL = "failed (2)"  # a recipe's refusal of its input: the other folds, on the same flags, would be refused too
 OUTPUTS = ("cv.md", "cv.csv", "cv.png", PLAN, "oof_predictions.csv", "label_issues.csv", "folds", "logs")
 OUTPUTS += ("feature_cache",)  # what frozen weights computed, shared by the folds
 OUTPUTS += (MANIFEST, LOCK)
@@ -49,7 +50,6 @@ REFUSED = {  # flags that would break "every example predicted once", with what 
     "max_eval_samples": "every held-out example is predicted; drop --max_eval_samples",
     "validation_split_percentage": "each fold is the validation split of its run; drop it",
     "test_split_percentage": "cv holds no test out of train; pass --test_file to score one",
-    "output_dir": "cv sets each fold's; pass cv's own --output_dir before the recipe's flags",
 }
 
 
@@ -57,16 +57,18 @@ def parse_args(argv: list[str] | None):
     parser = Parser(
         prog="finetune-recipes cv",
         description="K-fold cross-validation of a recipe: one run per fold, out-of-fold predictions of every "
-        "training example, each fold's metrics with mean, std and a 95%% interval. Other flags go to the recipe.",
+        "training example, each fold's metrics with mean, std and a 95% interval. Other flags go to the recipe.",
         allow_abbrev=False,
     )
     parser.add_argument("recipe", help=f"one of {', '.join(list_recipes())}")
     parser.add_argument("--folds", type=int, default=5, help="K: runs, each holding out one fold")
-    parser.add_argument("--cv_dir", help="default outputs/cv/RECIPE; an unfinished cv there resumes")
+    parser.add_argument("--output_dir", help="default outputs/cv/RECIPE; fold K's run is its fold_K/; an unfinished "
+                        "cv there resumes")  # fmt: skip
+    parser.add_argument("--cv_dir", dest="output_dir", help=argparse.SUPPRESS)  # its 0.1 name: old_name() warns
     parser.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier cv of other data")
     parser.add_argument("--find_label_issues", action="store_true", help="audit the labels with cleanlab after")
     parser.add_argument("--accelerate_config", help="run each fold with `accelerate launch --config_file` this file")
-    known, rest = parser.parse_known_args(argv)
+    known, rest = parser.parse_known_args(old_name(argv, "--cv_dir"))
     if known.folds < 2:
         raise UserError(f"--folds must be at least 2, not {known.folds}")
     given = given_names(rest)
@@ -79,7 +81,7 @@ def parse_args(argv: list[str] | None):
     known.recipe_file = resolve_recipe(known.recipe)
     if known.accelerate_config and not Path(known.accelerate_config).is_file():
         raise UserError(f"--accelerate_config {known.accelerate_config} is not a file; pass an accelerate config")
-    known.cv_dir = Path(known.cv_dir or Path("outputs") / "cv" / known.recipe_file.stem)
+    known.output_dir = tool_dir(known.output_dir, "cv", known.recipe_file.stem)
     return known, rest
 
 
@@ -209,7 +211,7 @@ def claim_cv_dir(out: Path, plan: dict, overwrite: bool, inputs: list[str]) -> t
     data and folds included, is there to resume). An earlier cv of another plan needs --overwrite_output_dir,
     and then everything it wrote but the bookkeeping is removed first, so no fold of it is read back."""
     try:
-        fix = "pass --overwrite_output_dir to run the cv again there, or another --cv_dir"
+        fix = "pass --overwrite_output_dir to run the cv again there, or another --output_dir"
         earlier = read_json(out / PLAN, fix) if (out / PLAN).is_file() else None
     except UserError:
         if not overwrite:
@@ -217,14 +219,14 @@ def claim_cv_dir(out: Path, plan: dict, overwrite: bool, inputs: list[str]) -> t
         earlier = {}  # damaged: replaced like a cv of another plan
     owned = lambda n: n in OUTPUTS or re.fullmatch(r"fold_\d+", n) is not None  # noqa: E731
     leftover = lambda n: fnmatch.fnmatch(n, ".feature_cache_*") or is_temporary(n)  # noqa: E731 (a killed fold's)
-    lock = claim_tool_dir(out, "cv", "cv_dir", owned, leftover, inputs=inputs)
+    lock = claim_tool_dir(out, "cv", "output_dir", owned, leftover, inputs=inputs)
     same = earlier is not None and {k: earlier.get(k) for k in plan} == plan
     if earlier is not None and not same:
         if not overwrite:
             os.close(lock)
             raise UserError(
-                f"--cv_dir {out} holds a cv of other data, folds or flags; pass --overwrite_output_dir to replace "
-                "it or another --cv_dir"
+                f"--output_dir {out} holds a cv of other data, folds or flags; pass --overwrite_output_dir to "
+                "replace it or another --output_dir"
             )
         for name in sorted(entries(out) - {MANIFEST, LOCK, "logs"}):
             remove(out / name)
@@ -238,9 +240,9 @@ def main(argv: list[str] | None = None) -> None:
 
         import_cleanlab()  # before anything runs
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", known.accelerate_config]
-    written = run_cv(known.recipe_file, flags, known.cv_dir, known.folds, known.overwrite_output_dir,
+    written = run_cv(known.recipe_file, flags, known.output_dir, known.folds, known.overwrite_output_dir,
                      known.find_label_issues, launcher if known.accelerate_config else ())[1]  # fmt: skip
-    print(f"Wrote {', '.join(written)} in {known.cv_dir}")
+    print(f"Wrote {', '.join(written)} in {known.output_dir}")
 
 
 def run_cv(
@@ -303,7 +305,7 @@ def run_folds(recipe: Path, flags: list[str], out: Path, k: int, has_test: bool,
         rows.append({**row, "fold": fold})
         progress.update()
         tqdm.write(f"fold {fold}: {row['status']}" + (" (finished earlier)" if row.get("resumed") else ""))
-        if row["status"].startswith(REFUSED):
+        if row["status"].startswith(A_REFUSAL):
             break
     progress.close()
     failed = [r for r in rows if r["status"] != "ok"]

@@ -170,7 +170,9 @@ def read_plan(out: Path) -> tuple[dict, list[dict]]:
     """A finished cv's plan and its folds' results, for `audit` (and a redraw)."""
     plan_file = out / "cv.json"
     if not plan_file.is_file():
-        raise UserError(f"{out} holds no cv (no cv.json); pass audit the --cv_dir of a finished `finetune-recipes cv`")
+        raise UserError(
+            f"{out} holds no cv (no cv.json); pass audit the --output_dir of a finished `finetune-recipes cv`"
+        )
     fix = "run its cv again (the same command with --overwrite_output_dir)"
     plan = read_json(plan_file, fix)
     runs = []

@@ -109,7 +109,7 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path | None = None, qua
     # Inside a run's output_dir, the export becomes the run's: an --overwrite_output_dir run that retrains
     # removes it with the rest, so a stale export never sits beside a new model. No run may write meanwhile.
     owned = (model_dir / MANIFEST).exists() and out.parent.resolve() == model_dir.resolve()
-    lock = lock_output_dir(model_dir) if owned else None
+    lock = lock_output_dir(model_dir, None) if owned else None
     try:
         write_export(model, tokenizer, model_dir, out, quantize, features)
         if owned:

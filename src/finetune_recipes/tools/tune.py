@@ -10,6 +10,7 @@ an interrupted study and Optuna's own tools can read it.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -74,7 +75,7 @@ class Study:
         if (directory / STUDY).is_file():  # checked before anything is written there
             names = optuna.get_all_study_names(storage)
             if recipe.stem not in names:
-                raise UserError(f"{directory} holds a study of {listing(names)}; pass another --study_dir")
+                raise UserError(f"{directory} holds a study of {listing(names)}; pass another --output_dir")
         self.lock = claim_study_dir(directory)
         self.pruner_name = options["pruner"]
         self.study = optuna.create_study(
@@ -102,7 +103,7 @@ class Study:
                 self.study.set_user_attr(key, value)
             return
         if attrs.get("recipe") != self.recipe.stem:
-            raise UserError(f"{self.dir} holds a study of {attrs.get('recipe')}; pass another --study_dir")
+            raise UserError(f"{self.dir} holds a study of {attrs.get('recipe')}; pass another --output_dir")
         changed = [k for k in ("flags", "space", "metric") if attrs.get(k) != mine[k]]
         attrs_data = attrs.get("data")
         if attrs_data is None:  # a study begun before data was fingerprinted: resumed on trust, fingerprinted now
@@ -112,12 +113,12 @@ class Study:
         if splits and not changed:
             raise UserError(
                 f"{self.dir} holds a study begun on other data (its {' and '.join(splits)} split changed since); "
-                "resume it on the same data, or pass another --study_dir"
+                "resume it on the same data, or pass another --output_dir"
             )
         if changed:
             raise UserError(
                 f"{self.dir} holds a study begun with other {' and '.join(changed)} ({attrs.get(changed[0])}); "
-                "resume it with the same ones, or pass another --study_dir"
+                "resume it with the same ones, or pass another --output_dir"
             )
         interrupted = self.study.get_trials(states=(self.optuna.trial.TrialState.RUNNING,))
         for trial in interrupted:
@@ -265,6 +266,23 @@ def with_test_split(flags: list[str]) -> list[str]:
     return [*flags, "--test_split_percentage", str(TEST_SPLIT_PERCENTAGE)]
 
 
+def old_name(argv: list[str] | None, flag: str) -> list[str]:
+    """`argv`, after a warning when it uses `flag`, the 0.1 name of the tool's --output_dir (argparse reads both)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == flag or a.startswith(f"{flag}=") for a in argv):
+        print(f"warning: {flag} is now --output_dir, as in every command; {flag} goes in 0.3", file=sys.stderr)
+    return argv
+
+
+def tool_dir(given: str | None, tool: str, recipe: str) -> Path:
+    """The folder a tool fills: --output_dir, by default outputs/TOOL/RECIPE; an empty one is refused (Path("")
+    would be the working directory)."""
+    default = Path("outputs") / tool / recipe
+    if given is not None and not given.strip():
+        raise UserError(f"--output_dir is empty; pass a folder, or drop it for {default}")
+    return Path(given or default)
+
+
 def error_line(log: Path) -> str:
     """The trial's own one-line error (a recipe's `error: ...`), else where to read what went wrong."""
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
@@ -276,9 +294,9 @@ def trial_dir(directory: Path, number: int) -> Path:
 
 
 def claim_study_dir(directory: Path) -> int:
-    """Refuses a study_dir holding what tune did not write; locks it; removes a killed session's trial folders."""
+    """Refuses an output_dir holding what tune did not write; locks it; removes a killed session's trial folders."""
     return claim_tool_dir(
-        directory, "tune", "study_dir", OUTPUTS.__contains__, lambda n: n.startswith(".trial_") or is_temporary(n)
+        directory, "tune", "output_dir", OUTPUTS.__contains__, lambda n: n.startswith(".trial_") or is_temporary(n)
     )
 
 
@@ -309,20 +327,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = Parser(
         prog="finetune-recipes tune",
         description="Searches a recipe's declared SEARCH_SPACE with Optuna (TPE, pruning on each evaluation). Any "
-        "other flag goes to the recipe and stays fixed. With no test split in the data, 10%% of train is held out "
+        "other flag goes to the recipe and stays fixed. With no test split in the data, 10% of train is held out "
         "as test (--test_split_percentage), so what the study reports was never used to choose.",
         allow_abbrev=False,
     )
     parser.add_argument("recipe", help="a recipe name (finetune-recipes ls) or the path of a recipe file")
     parser.add_argument("--n_trials", type=int, default=8, help="finished trials the study should hold")
     parser.add_argument("--timeout", type=float, help="seconds; no trial starts after them")
-    parser.add_argument("--study_dir", help="default outputs/tune/RECIPE; an existing study there resumes")
+    parser.add_argument("--output_dir", help="default outputs/tune/RECIPE; trial N's run is its .trial_N/ while it "
+                        "runs; an existing study there resumes")  # fmt: skip
+    parser.add_argument("--study_dir", dest="output_dir", help=argparse.SUPPRESS)  # its 0.1 name: old_name() warns
     parser.add_argument("--pruner", choices=["median", "halving", "none"], default="median")
     parser.add_argument("--search_space", help="YAML file replacing the recipe's SEARCH_SPACE")
     parser.add_argument("--study_seed", type=int, default=0, help="the TPE sampler's seed")
-    known, rest = parser.parse_known_args(argv)
+    known, rest = parser.parse_known_args(old_name(argv, "--study_dir"))
     best = run_study(
-        known.recipe, rest, known.n_trials, known.timeout, known.study_dir, known.pruner, known.search_space,
+        known.recipe, rest, known.n_trials, known.timeout, known.output_dir, known.pruner, known.search_space,
         known.study_seed, command="finetune-recipes tune " + " ".join(argv or []),
     )  # fmt: skip
     if best is None:
@@ -334,7 +354,7 @@ def run_study(
     flags: list[str],
     n_trials: int = 8,
     timeout: float | None = None,
-    study_dir: str | None = None,
+    output_dir: str | None = None,
     pruner: str = "median",
     space_file: str | None = None,
     study_seed: int = 0,
@@ -349,13 +369,13 @@ def run_study(
     flags = with_test_split(flags)
     types = (*SHARED_TYPES, *recipe_types(recipe))
     given = given_names(flags)
-    if "output_dir" in given or "report_to" in given:
-        raise UserError("tune sets each trial's --output_dir and --report_to; pass --study_dir instead")
+    if "report_to" in given:
+        raise UserError("tune sets each trial's --report_to (its metrics drive the pruning); drop --report_to")
     refuse_hub_flags(given, f"tune's trials do not push; push the best with python {recipe.name} --config best.yaml")
     space = search_space(recipe, space_file)
     check_space(space, types, given, recipe.stem)
     metric, data = objective_metric(types, flags, recipe)
-    directory = Path(study_dir or Path("outputs") / "tune" / recipe.stem)
+    directory = tool_dir(output_dir, "tune", recipe.stem)
     options = {"pruner": pruner, "seed": study_seed, "n_trials": n_trials}
     study = Study(recipe, flags, space, directory, metric, data, options)
     try:
