@@ -239,27 +239,41 @@ def test_compare_leaves_out_a_recipe_that_does_not_take_the_datas_task(tmp_path,
 
 
 @pytest.mark.parametrize(
-    "holding, message", [("comparison.md", "holds an earlier comparison"), ("notes.txt", "notes.txt")]
+    "holding, recorded, message",
+    [
+        ("comparison.md", True, "holds an earlier comparison"),
+        ("comparison.md", False, "holds 'comparison.md', which compare did not write"),  # the name proves nothing
+        ("notes.txt", False, "holds 'notes.txt', which compare did not write"),
+    ],
 )
-def test_compare_refuses_an_earlier_comparison_or_a_users_file(holding, message, tmp_path, capsys):
+def test_compare_refuses_an_earlier_comparison_or_a_users_file(holding, recorded, message, tmp_path, capsys):
+    from finetune_recipes.ownership import write_manifest
+
     (tmp_path / holding).write_text("mine")
+    if recorded:
+        write_manifest(tmp_path, [holding], set())
+    before = snapshot(tmp_path)
     with pytest.raises(SystemExit):
         main(["compare", "--output_dir", str(tmp_path), "--recipes", "full_finetune"])
     assert message in capsys.readouterr().err
-    assert snapshot(tmp_path) == {holding: b"mine"}
+    assert snapshot(tmp_path) == before
 
 
 def test_compare_takes_its_own_leftovers_as_its_own(tmp_path, capsys, monkeypatch):
-    """A killed comparison's feature caches and temporary files are its own, removed; the feature_cache an older
-    version wrote is taken as compare's but kept (it may be the user's --feature_cache_dir)."""
+    """What the manifest lists is compare's; a killed comparison's temporary names (its feature caches, a table
+    half-written) are removed; the feature_cache it wrote is kept (the next runs read it)."""
+    from finetune_recipes.ownership import write_manifest
     from finetune_recipes.tools import compare
 
     (tmp_path / "feature_cache").mkdir()
-    (tmp_path / ".feature_cache_x1").mkdir()
+    write_manifest(tmp_path, ["feature_cache"], set())
+    (tmp_path / ".feature_cache_x1.tmp").mkdir()
     (tmp_path / ".comparison.md.tmp").write_text("half")
     with pytest.raises(SystemExit):
         main(["compare", "--output_dir", str(tmp_path), "--recipes", "full_finetune"])
     assert "holds an earlier comparison" in capsys.readouterr().err  # not "which compare did not write"
-    lock = compare.claim_compare_dir(tmp_path, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".finetune_recipes.lock", "feature_cache", "logs"]
+    lock = compare.claim_compare_dir(tmp_path, True, {"full_finetune"}, [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".finetune_recipes.json", ".finetune_recipes.lock", "feature_cache", "logs"
+    ]
     os.close(lock)

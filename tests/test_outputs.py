@@ -16,7 +16,7 @@ from conftest import ROOT, run_inline
 
 from finetune_recipes import kit, ownership
 from finetune_recipes.config import TrainingArguments
-from finetune_recipes.ownership import LOCK, MANIFEST
+from finetune_recipes.ownership import LOCK, MANIFEST, write_manifest
 from finetune_recipes.training import save
 
 
@@ -95,7 +95,8 @@ def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_holder(tiny_
 def test_compare_keeps_a_users_file_in_a_recipes_directory(tiny_args, tmp_path):
     out = tmp_path / "compare"
     (out / "full_finetune").mkdir(parents=True)
-    (out / "full_finetune" / "mine.txt").write_text("mine")
+    (out / "full_finetune" / "mine.txt").write_text("mine")  # in the folder of an earlier comparison's run
+    write_manifest(out, ["full_finetune"], set())
     flags = [a for a in short(tiny_args)]
     flags = flags[: flags.index("--output_dir")] + flags[flags.index("--output_dir") + 2 :]
     cli = Path(sys.executable).parent / "finetune-recipes"
@@ -240,7 +241,7 @@ def test_a_tools_directory_in_use_names_the_tools_own_flag(tmp_path):
     from finetune_recipes.ownership import claim_tool_dir
 
     def claim():
-        return claim_tool_dir(tmp_path, "tune", "output_dir", lambda n: True, lambda n: False)
+        return claim_tool_dir(tmp_path, "tune", ["study.db"])
 
     first = claim()
     try:

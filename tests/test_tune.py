@@ -20,6 +20,7 @@ from test_distributed import TWO_PROCESSES
 
 from finetune_recipes.catalog import list_recipes, recipe_namespace, recipe_types, resolve_recipe
 from finetune_recipes.config import SHARED_TYPES
+from finetune_recipes.ownership import write_manifest
 from finetune_recipes.tools.cli import main
 from finetune_recipes.tools.search_space import check_space, search_space
 
@@ -126,6 +127,7 @@ def test_a_study_finds_where_the_tiny_model_learns_and_its_best_yaml_reproduces_
     study = tmp_path / "study"
     tune_learning_rate(1e-5, 3e-2, study, tiny_args, "--n_trials", "4", "--pruner", "none")
     assert sorted(p.name for p in study.iterdir()) == [
+        ".finetune_recipes.json",
         ".finetune_recipes.lock",
         "best.yaml",
         "logs",
@@ -157,6 +159,7 @@ def test_pruning_stops_a_hopeless_trial_at_its_first_evaluation(tiny_args, tmp_p
     )
     for lr in (3e-3, 3e-3, 1e-7):  # two that learn, then one that cannot move in eight epochs
         study.enqueue_trial({"learning_rate": lr})
+    write_manifest(study_dir, ["study.db"], set())  # as an earlier tune there would have
     tune_learning_rate(1e-7, 1e-2, study_dir, tiny_args, "--n_trials", "3", "--pruner", "median")
     trials = list(csv.DictReader((study_dir / "trials.csv").open()))
     assert [t["state"] for t in trials] == ["complete", "complete", "pruned"]

@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .atomic import atomic_write, remove
+from .atomic import atomic_write, is_temporary, remove
 from .errors import UserError
 
 MANIFEST = ".finetune_recipes.json"  # the entries of output_dir that runs wrote: all that a run may remove
@@ -189,35 +189,63 @@ def claim_output_dir(
 def claim_tool_dir(
     directory: Path,
     tool: str,
-    flag: str,
-    owned: Callable[[str], bool],
-    leftover: Callable[[str], bool],
+    writes: Iterable[str],
     earlier: str = "",
     inputs: Iterable[str] = (),
+    leftover: Callable[[str], bool] = lambda name: False,
 ) -> int:
-    """A directory that `tool` (tune, compare, cv) fills with many runs: refused when it is a file, holds an
-    entry that is not `owned` (what the tool writes), or holds one of the tool's `inputs` where the tool writes
-    or clears (its data file named as its own table); and, when `earlier` (the message) is given, when it holds
-    anything; then locked, and cleared of a killed session's `leftover` entries. Returns the lock."""
+    """The folder `tool` (cv, tune, compare) fills with many runs, its --output_dir, claimed by a run's rule: its
+    manifest says what the tool wrote there, and nothing else is ever written over or removed, whatever its name.
+
+    Refused when it is a file; holds one of the tool's `inputs` inside an entry the tool writes or owns; holds an
+    entry its manifest does not list (a user's `cv.md` as much as their `notes.txt`); or, when `earlier` (the
+    message) is given, holds anything. Then locked, the entries it `writes` recorded before they exist (a killed
+    tool still owns them), and a killed session's temporary names, and the owned entries `leftover` says are a
+    killed session's, removed. Returns the lock."""
     if directory.exists() and not directory.is_dir():
-        raise UserError(f"{flag} {directory} is a file; pass --{flag} a directory")
+        raise UserError(f"output_dir {directory} is a file; pass --output_dir a directory")
+    writes = {*writes, "logs"}
+    owned, present = owned_entries(directory), sorted(entries(directory) - BOOKKEEPING)
     for path in inputs:
-        if directory.is_dir() and inside(Path(path), directory) and Path(path).resolve() != directory.resolve():
-            entry = Path(path).resolve().relative_to(directory.resolve()).parts[0]
-            if owned(entry) or leftover(entry):
-                raise UserError(
-                    f"{path}, an input of this {tool}, is where {tool} writes in --{flag} {directory}; move it "
-                    f"out of {directory} or pass another --{flag}"
-                )
-    present = sorted(entries(directory) - BOOKKEEPING)
-    leftovers = [n for n in present if leftover(n)]
-    foreign = [n for n in present if not owned(n) and n not in leftovers]
+        within = inside(Path(path), directory) and Path(path).resolve() != directory.resolve()
+        if within and Path(path).resolve().relative_to(directory.resolve()).parts[0] in owned | writes:
+            raise UserError(
+                f"{path}, an input of this {tool}, is where {tool} writes in --output_dir {directory}; move it "
+                f"out of {directory} or pass another --output_dir"
+            )
+    foreign = [n for n in present if n not in owned and not is_temporary(n)]
     if foreign:
-        raise UserError(f"{flag} {directory} holds '{foreign[0]}', which {tool} did not write; pass another --{flag}")
+        raise UserError(
+            f"output_dir {directory} holds '{foreign[0]}', which {tool} did not write (its {MANIFEST} lists what "
+            "it wrote); pass another --output_dir"
+        )
     if present and earlier:
         raise UserError(earlier)
-    (directory / "logs").mkdir(parents=True, exist_ok=True)
-    lock = lock_output_dir(directory, f"--{flag}")
-    for name in leftovers:
-        remove(directory / name)
+    lock = None
+    try:
+        (directory / "logs").mkdir(parents=True, exist_ok=True)
+        lock = lock_output_dir(directory)
+        write_manifest(directory, writes, set())
+    except OSError as error:
+        if lock is not None:
+            os.close(lock)
+        raise UserError(
+            f"cannot write in --output_dir {directory} ({error.strerror}); fix its permissions or pass another "
+            "--output_dir"
+        ) from None
+    for name in present:
+        if is_temporary(name) or (name in owned and leftover(name)):
+            remove(directory / name)
     return lock
+
+
+def refuse_unowned(directory: Path, names: Iterable[str], command: str) -> None:
+    """Refuses to write `names` into `directory` where one is there and its manifest does not list it: a file a
+    user put there since (an `audit` after the cv) is theirs."""
+    owned = owned_entries(directory)
+    theirs = sorted(n for n in names if (directory / n).exists() and n not in owned)
+    if theirs:
+        raise UserError(
+            f"{directory / theirs[0]} is not a finetune-recipes output and {command} would replace it; move it "
+            f"away, then run {command} again"
+        )

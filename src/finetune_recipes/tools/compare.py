@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..atomic import is_temporary, remove
+from ..atomic import remove
 from ..catalog import (
     as_flags,
     flag_groups,
@@ -32,7 +31,7 @@ from ..rendering import cell
 from .compare_report import plot, reported_split, summarise, table_metrics, write_table
 from .cv import run_recipe
 from .search_space import check_space, search_space
-from .tune import import_optuna, refuse_hub_flags, run_study, tool_dir, with_test_split
+from .tune import flag_inputs, import_optuna, refuse_hub_flags, run_study, tool_dir, with_test_split
 
 DEFAULT_CONFIG = recipes_dir() / "configs" / "full_finetune.yaml"  # the baseline's defaults (data, seed)
 SHARED_FLAGS = {f.name for t in SHARED_TYPES for f in fields(t)} | {"config"}
@@ -65,22 +64,17 @@ def route_flags(recipes: list[str], argv: list[str]) -> dict[str, list[str]]:
     return routes
 
 
-def claim_compare_dir(out: Path, overwrite: bool) -> int:
-    """Refuses an output_dir holding anything but an earlier comparison, and that too without
-    --overwrite_output_dir; locks it for this comparison. Nothing is removed here: each recipe's own
-    overwrite removes only what its runs wrote, and the tables are replaced file by file."""
-    runs = {*list_recipes(), *(f"{r}_seed{s}" for r in list_recipes() for s in seeds_in(out, r))}
+def claim_compare_dir(out: Path, overwrite: bool, planned: set[str], inputs: list[str]) -> int:
+    """Refuses an output_dir holding anything but an earlier comparison (its manifest says), and that too without
+    --overwrite_output_dir, or holding one of the runs' `inputs` where compare writes; locks it for this
+    comparison. Nothing is removed here: each recipe's own overwrite removes only what its runs wrote, and the
+    tables are replaced file by file."""
     earlier = (
         f"output_dir {out} holds an earlier comparison; pass --overwrite_output_dir to replace it "
         "(a recipe's folder loses only what its run wrote; tuning studies resume) or another --output_dir"
     )
-    # compare's own leftovers: a killed run's feature caches and temporary files (an older version's
-    # feature_cache stays: it may be the user's --feature_cache_dir).
-    return claim_tool_dir(
-        out, "compare", "output_dir", lambda n: n in OUTPUTS or n in runs or n == "feature_cache",
-        lambda n: fnmatch.fnmatch(n, ".feature_cache_*") or is_temporary(n),
-        "" if overwrite else earlier,
-    )  # fmt: skip
+    writes = [*OUTPUTS, *planned, "feature_cache"]  # feature_cache: what frozen weights computed, shared
+    return claim_tool_dir(out, "compare", writes, "" if overwrite else earlier, inputs)
 
 
 def drop_earlier_runs(out: Path, planned: set[str]) -> None:
@@ -210,8 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [training.seed + i for i in range(known.seeds)]
     recipes = for_the_task(recipes, known.named, data_args, training.seed)
     out = tool_dir(known.output_dir, "compare", "")
-    lock = claim_compare_dir(out, known.overwrite_output_dir)
     planned = {r if len(seeds) == 1 else f"{r}_seed{s}" for r in recipes for s in seeds}
+    inputs = [path for recipe in recipes for path in flag_inputs(resolve_recipe(recipe), routes[recipe])]
+    lock = claim_compare_dir(out, known.overwrite_output_dir, planned, inputs)
     drop_earlier_runs(out, planned)
     with on_interrupt(f"the finished runs are kept in {out}; add --overwrite_output_dir to compare again"):
         runs = compare_runs(recipes, routes, shared, known, out, seeds)

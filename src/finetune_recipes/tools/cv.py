@@ -14,11 +14,9 @@ does; a killed cv resumes with the same command and does not train a finished fo
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -28,11 +26,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write, is_temporary, remove
+from ..atomic import atomic_write, remove
 from ..catalog import caches_features, given_names, list_recipes, recipe_types, recipes_dir, resolve_recipe
 from ..config import MULTI, REGRESSION, SHARED_TYPES, SINGLE
 from ..errors import Parser, UserError, on_interrupt
-from ..ownership import LOCK, MANIFEST, claim_tool_dir, entries
+from ..ownership import LOCK, MANIFEST, claim_tool_dir, entries, owned_entries
 from ..parsing import parse_config
 from ..processes import PARENT, die_with_parent
 from ..readback import read_json
@@ -217,9 +215,8 @@ def claim_cv_dir(out: Path, plan: dict, overwrite: bool, inputs: list[str]) -> t
         if not overwrite:
             raise
         earlier = {}  # damaged: replaced like a cv of another plan
-    owned = lambda n: n in OUTPUTS or re.fullmatch(r"fold_\d+", n) is not None  # noqa: E731
-    leftover = lambda n: fnmatch.fnmatch(n, ".feature_cache_*") or is_temporary(n)  # noqa: E731 (a killed fold's)
-    lock = claim_tool_dir(out, "cv", "output_dir", owned, leftover, inputs=inputs)
+    writes = [*OUTPUTS, *(f"fold_{k}" for k in range(plan["folds"]))]
+    lock = claim_tool_dir(out, "cv", writes, inputs=inputs)
     same = earlier is not None and {k: earlier.get(k) for k in plan} == plan
     if earlier is not None and not same:
         if not overwrite:
@@ -228,7 +225,7 @@ def claim_cv_dir(out: Path, plan: dict, overwrite: bool, inputs: list[str]) -> t
                 f"--output_dir {out} holds a cv of other data, folds or flags; pass --overwrite_output_dir to "
                 "replace it or another --output_dir"
             )
-        for name in sorted(entries(out) - {MANIFEST, LOCK, "logs"}):
+        for name in sorted((owned_entries(out) & entries(out)) - {MANIFEST, LOCK, "logs"}):
             remove(out / name)
     return lock, same
 
@@ -322,7 +319,8 @@ def run_recipe(recipe: str, out: Path, folder: str, flags: list[str], overwrite:
     """One recipe in its own process (clean memory peak, failures isolated), or under `launcher` (`accelerate
     launch --config_file ...`); its results plus wall time."""
     log = out / "logs" / f"{folder}.log"
-    with tempfile.TemporaryDirectory(dir=out, prefix=".feature_cache_") as cache:  # every encoding is paid for
+    # Every encoding is paid for; a killed run's cache has a temporary name (atomic.is_temporary) a later claim removes.
+    with tempfile.TemporaryDirectory(dir=out, prefix=".feature_cache_", suffix=".tmp") as cache:
         given = "feature_cache_dir" in given_names(flags)  # the user's own cache is kept
         extra = ["--feature_cache_dir", cache] if caches_features(recipe) and not given else []
         cmd = [*(launcher or [sys.executable]), str(recipes_dir() / f"{recipe}.py"), *flags, *extra]

@@ -14,6 +14,7 @@ from ..atomic import atomic_write
 from ..config import METRICS, MULTI, REGRESSION, SINGLE
 from ..errors import UserError
 from ..metrics import task_metrics
+from ..ownership import refuse_unowned
 from ..readback import read_json
 from ..rendering import cell, csv_text, markdown_table, png, pyplot
 from ..reporting.predictions import read_csv, read_label_list, scores_of
@@ -135,6 +136,7 @@ def write_outputs(out: Path, plan: dict, runs: list[dict], audit: Callable | Non
     files["cv.png"] = spread_png(runs, METRICS[plan["problem_type"]][0])
     ensemble = ensemble_test(out, plan) if "test_samples" in runs[0] else {}
     files["cv.md"] = cv_markdown(plan, table, oof, ensemble, section)
+    refuse_unowned(out, files, "audit" if audit is not None else "cv")
     for name, content in files.items():
         atomic_write(out / name, content)
     return list(files)

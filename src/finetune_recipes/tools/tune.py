@@ -23,7 +23,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..atomic import is_temporary
 from ..catalog import (
     as_flags,
     caches_features,
@@ -32,9 +31,9 @@ from ..catalog import (
     recipe_types,
     resolve_recipe,
 )
-from ..config import SHARED_TYPES, greater_is_better
+from ..config import SHARED_TYPES, RunArgs, greater_is_better
 from ..errors import Parser, UserError, listing, on_interrupt
-from ..ownership import LOCK, MANIFEST, claim_tool_dir
+from ..ownership import LOCK, MANIFEST, claim_tool_dir, write_manifest
 from ..parsing import parse_config
 from ..processes import PARENT
 from .search_space import check_space, search_space, suggest
@@ -67,6 +66,7 @@ class Study:
     """One recipe's Optuna study in `directory`: claimed, locked, resumed, run trial by trial, written out."""
 
     def __init__(self, recipe: Path, flags: list, space: dict, directory: Path, metric: str, data: dict, options: dict):
+        inputs = flag_inputs(recipe, flags)
         self.optuna = optuna = import_optuna()
         self.recipe, self.flags, self.space, self.dir, self.metric = recipe, flags, space, directory, metric
         self.data = data  # each split's digest: a study resumes on the data it began with
@@ -76,7 +76,7 @@ class Study:
             names = optuna.get_all_study_names(storage)
             if recipe.stem not in names:
                 raise UserError(f"{directory} holds a study of {listing(names)}; pass another --output_dir")
-        self.lock = claim_study_dir(directory)
+        self.lock = claim_study_dir(directory, inputs)
         self.pruner_name = options["pruner"]
         self.study = optuna.create_study(
             storage=storage,
@@ -169,6 +169,9 @@ class Study:
         """(state, value, a line for the log): the recipe on `params` in its own process, its evaluations
         reported to the pruner as they come; its folder removed whatever the outcome."""
         out, log = trial_dir(self.dir, trial.number), self.dir / "logs" / f"trial_{trial.number}.log"
+        # Recorded before it exists (a killed tune's trial folder is removed on resume), with what tune writes at
+        # the end, which the manifest keeps listing only while it is there or named again.
+        write_manifest(self.dir, [out.name, *OUTPUTS], set())
         given = "feature_cache_dir" in given_names(self.flags)
         cache = ["--feature_cache_dir", str(self.dir / "feature_cache")] if caches_features(self.recipe) else []
         cmd = [sys.executable, str(self.recipe), *self.flags, *as_flags(params), *([] if given else cache)]
@@ -293,11 +296,17 @@ def trial_dir(directory: Path, number: int) -> Path:
     return directory / f".trial_{number}"
 
 
-def claim_study_dir(directory: Path) -> int:
+def claim_study_dir(directory: Path, inputs: list[str]) -> int:
     """Refuses an output_dir holding what tune did not write; locks it; removes a killed session's trial folders."""
-    return claim_tool_dir(
-        directory, "tune", "output_dir", OUTPUTS.__contains__, lambda n: n.startswith(".trial_") or is_temporary(n)
-    )
+    return claim_tool_dir(directory, "tune", OUTPUTS, inputs=inputs, leftover=lambda n: n.startswith(".trial_"))
+
+
+def flag_inputs(recipe: Path, flags: list[str]) -> list[str]:
+    """The paths a run of `recipe` on `flags` reads (data files, a local model, a vectors file), resolved before
+    anything runs, so that a tool never writes where one lies."""
+    configs = parse_config(*SHARED_TYPES, *recipe_types(recipe), args=flags, default_config=recipe_config(recipe),
+                           announce=False)  # fmt: skip
+    return RunArgs.of(recipe, *configs[: len(SHARED_TYPES) + len(recipe_types(recipe))]).inputs()
 
 
 def objective_metric(types: tuple[type, ...], flags: list[str], recipe: Path) -> tuple[str, dict[str, str]]:
