@@ -315,3 +315,85 @@ def test_compare_with_folds_ranks_strategies_over_the_same_held_out_folds(module
     assert Counter(r["strategy"] for r in rows) == {"tfidf_logreg": 3, "feature_extraction": 3, "static_embeddings": 3}
     table = (out / "comparison.md").read_text()
     assert "validation accuracy (mean ± std)" in table and "| feature_extraction | " in table
+
+
+# Issue 39, items 7 and 10: a damaged plan, an unwritable or full folder, a failing fold: one line each.
+def one_line(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and lines[-1].startswith("error: ") and "Traceback" not in "\n".join(lines)
+    return lines[-1]
+
+
+def test_a_truncated_plan_is_one_line_for_audit_and_cv(audited, tmp_path, capsys):
+    import shutil
+
+    cv, _, flags = audited
+    copy = tmp_path / "copy"
+    shutil.copytree(cv, copy)
+    plan = copy / "cv.json"
+    plan.write_text(plan.read_text()[:100])
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.name != ".finetune_recipes.lock"}
+    last = one_line(["audit", str(copy)], capsys)
+    assert last.startswith(f"error: {plan} is damaged (") and last.endswith("with --overwrite_output_dir)")
+    last = one_line(["cv", "full_finetune", "--folds", "3", "--output_dir", str(copy), *flags], capsys)
+    assert last.startswith(f"error: {plan} is damaged (") and "pass --overwrite_output_dir" in last
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_an_audit_on_a_full_disk_is_one_line(audited, tmp_path, capsys, monkeypatch):
+    import errno
+    import shutil
+
+    from finetune_recipes.tools import cv_report
+
+    cv, _, _ = audited
+    copy = tmp_path / "copy"
+    shutil.copytree(cv, copy)
+
+    def full_disk(path, content):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(cv_report, "atomic_write", full_disk)
+    last = one_line(["audit", str(copy)], capsys)
+    assert last == f"error: {copy / 'oof_predictions.csv'}: No space left on device; free space or fix permissions, " \
+        "then run the same command again"  # fmt: skip
+
+
+def test_cv_on_an_unwritable_or_full_folder_is_one_line_before_training(module_args, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from finetune_recipes import ownership
+
+    out = tmp_path / "cv"
+    argv = ["cv", "full_finetune", "--folds", "2", "--output_dir", str(out), *module_args]
+    with monkeypatch.context() as patch:  # an immutable folder or a read-only file system, as root cannot make one
+        patch.setattr(
+            ownership, "lock_output_dir", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+        )
+        last = one_line(argv, capsys)
+    assert last == f"error: cannot write in --output_dir {out} (Permission denied); fix its permissions or pass " \
+        "another --output_dir"  # fmt: skip
+    write_text = Path.write_text
+
+    def full_at_fold_1(path, *args, **kwargs):
+        if "fold_1" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_at_fold_1)
+    last = one_line(argv, capsys)
+    assert last == f"error: cannot write the folds' files into {out} (No space left on device); none was kept: free " \
+        "space, then run the same command again"  # fmt: skip
+    assert not [p.name for p in out.iterdir() if "folds" in p.name]  # fold_0's files went with the rest
+    assert not (out / "logs" / "fold_0.log").exists()  # no fold ran
+
+
+def test_a_fold_refused_by_its_recipe_says_why_and_stops_the_cv(module_args, tmp_path, capsys):
+    out = tmp_path / "cv"
+    argv = ["cv", "full_finetune", "--folds", "3", "--output_dir", str(out), *module_args]
+    last = one_line([*argv, "--eval_strategy", "steps", "--eval_steps", "1000"], capsys)
+    assert last.startswith("error: fold 0 failed (2): eval_steps 1000 is more than the run's ")
+    assert f"(log: {out / 'logs' / 'fold_0.log'}); fix it and run the same command again" in last
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["fold_0.log"]  # folds 1 and 2 never started

@@ -384,8 +384,13 @@ def test_split_validation_on_raw_text_pairs():
 def test_unsplittable_pool(tokenizer, tmp_path):
     rows = unique_rows({"business": 20, "sport": 1})
     train = write_csv(tmp_path / "train.csv", rows)
-    with pytest.raises(UserError, match=r"cannot hold out 10.0% of 21 .*pass --validation_file"):
+    with pytest.raises(UserError, match="class 'sport' has one unique training example, .*: add examples of 'sport', "
+                       "or pass --validation_file"):  # fmt: skip
         build(tokenizer, train_file=train)
+    few = write_csv(tmp_path / "few.csv", unique_rows({"business": 6, "sport": 6, "tech": 6}))
+    with pytest.raises(UserError, match="--validation_split_percentage 5 holds out 1 of 18 unique examples, fewer than "
+                       "the 3 classes; pass --validation_split_percentage 17 or more"):  # fmt: skip
+        build(tokenizer, train_file=few, validation_split_percentage=5)
     with pytest.raises(UserError, match="cannot hold out 0"):
         build(tokenizer, train_file=write_csv(tmp_path / "t2.csv", unique_rows(COUNTS)), validation_split_percentage=0)
 
@@ -489,6 +494,19 @@ def test_group_by_length_order_depends_on_seed_and_epoch(tokenizer, varied):
 def test_no_shuffle_keeps_order(tokenizer, varied):
     loader = build_dataloader(varied, tokenizer, batch_size=8)
     assert list(loader.sampler) == list(range(len(varied)))
+
+
+def test_a_text_with_conflicting_labels_in_train_is_said(tokenizer, tmp_path, caplog):
+    """Issue 39, item 10: 20 copies of one text under two labels trained without a word."""
+    rows = unique_rows({"business": 10, "sport": 10}) + [{"text": "goal bank", "label": ("sport", "business")[i % 2]}
+                                                           for i in range(20)]  # fmt: skip
+    build(
+        tokenizer,
+        train_file=write_csv(tmp_path / "t.csv", rows),
+        validation_file=write_csv(tmp_path / "v.csv", rows[:4]),
+    )
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "1 text(s) of the train split occur with different labels (the first: 'goal bank')" in " ".join(said)
 
 
 def test_validation_texts_also_in_train_are_counted_in_a_warning(tokenizer, tmp_path, caplog):

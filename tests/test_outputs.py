@@ -150,7 +150,7 @@ def test_too_little_disk_for_the_model_stops_before_training(tiny_args, tmp_path
     proc = run_inline("full_finetune", *short(tiny_args), check=False)
     code, err = proc.returncode, proc.stderr
     last = err.strip().splitlines()[-1]
-    assert code == 2 and "has 0 MB free and the model alone needs" in last, last
+    assert code == 2 and "has 0 MB free and the saved model alone needs" in last, last
 
 
 def checkpointed(tiny_args: list, out: Path) -> list:
@@ -264,3 +264,56 @@ def test_an_overwritten_comparison_drops_the_earlier_runs_it_does_not_redo(tmp_p
     assert (tmp_path / "llrd" / "config.json").exists()  # this comparison's own: its run replaces it
     assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == ["mine.txt"]
     assert not (tmp_path / "full_finetune_seed43").exists()
+
+
+# Issue 39, item 8: a full disk met inside a library that loses the errno (tokenizers raises a plain Exception,
+# safetensors a SafetensorError), at the final save and at a checkpoint.
+def test_a_full_disk_in_the_tokenizer_library_leaves_no_staged_outputs(tiny_args, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    def full_disk(self, *args, **kwargs):
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
+    out = tmp_path / "out"
+    proc = run_inline("full_finetune", *short(tiny_args), check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last == f"error: cannot save the outputs to {out} (No space left on device); " \
+        "none was written: free space or fix permissions, then run again"  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK, MANIFEST])  # no .partial_outputs left
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_whole_one(tiny_args, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    from safetensors import SafetensorError
+
+    save_state = Accelerator.save_state
+
+    def full_at_step_4(self, output_dir=None, **kwargs):
+        save_state(self, output_dir, **kwargs)  # the weights written, then the disk was full
+        if "step_4" in str(output_dir):
+            message = 'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+            raise SafetensorError(f"Error while serializing: {message}")
+
+    monkeypatch.setattr(Accelerator, "save_state", full_at_step_4)
+    out = tmp_path / "out"
+    args = [*map(str, tiny_args), "--max_train_steps", "4", "--checkpointing_steps", "2", "--save_total_limit", "5"]
+    proc = run_inline("full_finetune", *args, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith(f"error: cannot save step_4 in {out / 'checkpoints'} (No space left on device), so free")
+    assert "the last checkpoint is step 2" in last and "--resume_from_checkpoint latest" in last
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]  # no .partial_step_4
+
+
+def test_the_space_check_counts_what_the_run_saves(tiny_args, tiny_model, tmp_path, monkeypatch):
+    """A LoRA run saves its adapter (kilobytes), not the frozen model: a disk with room for the one and not the
+    other refuses full fine-tuning before training and lets LoRA train."""
+    model_mb = (tiny_model / "model.safetensors").stat().st_size / 2**20
+    free = int(model_mb / 2 * 2**20)
+    monkeypatch.setattr(ownership.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(free, 0, free))
+    monkeypatch.setattr(kit, "train_batches", fail_with(errno.EIO))  # stops either run where training starts
+    refused = run_inline("full_finetune", *short(tiny_args), check=False)
+    assert "the saved model alone needs" in refused.stderr.strip().splitlines()[-1]
+    with pytest.raises(OSError, match=os.strerror(errno.EIO)):  # it got to its training
+        run_inline("lora", *short(tiny_args), "--output_dir", tmp_path / "lora", check=False)

@@ -64,8 +64,44 @@ def test_a_file_of_texts_is_one_text_per_newline_whatever_else_breaks_a_line(mul
     texts = tmp_path / "texts.txt"  # U+2028 and NEL inside texts, a Windows line end, a blank line
     texts.write_bytes("goal \u2028 win\r\nmarket\x85bank\n\n   \nvote\n".encode())
     cli(["predict", "--model", str(multi), "--file", str(texts), "--format", "jsonl"])
-    rows = [json.loads(line) for line in capsys.readouterr().out.strip().split("\n")]
+    said = capsys.readouterr()
+    rows = [json.loads(line) for line in said.out.strip().split("\n")]
     assert [r["text"] for r in rows] == ["goal \u2028 win", "market\x85bank", "vote"]
+    assert f"{texts}: 2 blank line(s) skipped" in said.err.splitlines()
+
+
+def test_a_blank_text_argument_is_refused_not_classified(multi, capsys):
+    """Issue 39, item 10: a blank line of --file is skipped (and counted); a blank argument was classified."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["predict", "--model", str(multi), "goal win", "  "])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and lines == [
+        "error: text 2 of the arguments is blank; pass a text to classify, or leave it out"
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("config.json", '{"architectures": ["BertForSeq'),
+        ("tokenizer_config.json", ""),
+        ("tokenizer.json", '{"version": "1.0", "trunc'),
+        ("recipe_config.yaml", "max_length: [32\n"),
+        ("results.json", "[1, 2]"),
+    ],
+)
+def test_a_damaged_model_file_is_one_line_naming_it(name, damage, multi, tmp_path, capsys):
+    """Issue 39, item 7: only damaged weights were one line; each file predict reads back now is."""
+    model = tmp_path / "model"
+    shutil.copytree(multi, model)
+    (model / name).write_text(damage)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["predict", "--model", str(model), "goal win"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {model / name} is damaged (") and lines[0].endswith(
+        "; restore it, or train (and export) again"
+    )
 
 
 def test_the_thresholds_the_run_wrote_are_the_ones_predict_applies(multi):

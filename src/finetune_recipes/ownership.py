@@ -172,7 +172,7 @@ def claim_output_dir(
         free_mb = shutil.disk_usage(out).free / 2**20
         if free_mb < needed_mb:
             raise UserError(
-                f"output_dir {out} has {free_mb:,.0f} MB free and the model alone needs {needed_mb:,.0f} MB; "
+                f"output_dir {out} has {free_mb:,.0f} MB free and the saved model alone needs {needed_mb:,.1f} MB; "
                 "free space or pass another --output_dir"
             )
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
@@ -223,9 +223,10 @@ def claim_tool_dir(
         raise UserError(earlier)
     lock = None
     try:
-        (directory / "logs").mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
         lock = lock_output_dir(directory)
-        write_manifest(directory, writes, set())
+        write_manifest(directory, writes, set())  # before anything it lists is written
+        (directory / "logs").mkdir(exist_ok=True)
     except OSError as error:
         if lock is not None:
             os.close(lock)

@@ -17,7 +17,7 @@ from ..config import METRICS, REGRESSION, DataArguments, ModelArguments
 from ..errors import UserError
 from .files import BBC_NEWS, check_columns, drop_absent_test_labels, labelled, load_bbc_news, load_raw_datasets
 from .loaders import EpochLengthGroupedSampler, EpochWeightedSampler, build_dataloader, build_dataloaders, train_sampler
-from .split import TEST_SPLIT_SEED, drop_duplicate_texts, split_validation, warn_overlap
+from .split import TEST_SPLIT_SEED, drop_duplicate_texts, split_validation, warn_conflicts, warn_overlap
 from .tasks import Task, constant_target, encode_task, fit_task
 from .tokens import build_tokenizer, content_digest, load_tokenizer, tokenize
 from .windows import aggregate_windows, check_windows, encode_windows
@@ -98,6 +98,7 @@ def raw_splits(args: DataArguments, seed: int) -> tuple[DatasetDict, Task]:
     check_columns(raw, args)
     text_columns = [c for c in (args.text_column, args.text_pair_column) if c]
     raw, task = encode_task(raw, args)
+    warn_conflicts(raw["train"], text_columns)
     if "test" not in raw and args.test_split_percentage:
         raw["train"], raw["test"] = split_validation(
             raw["train"], text_columns, args, TEST_SPLIT_SEED, task.problem_type, split="test"
@@ -147,5 +148,6 @@ __all__ = [
     "split_validation",
     "tokenize",
     "train_sampler",
+    "warn_conflicts",
     "warn_overlap",
 ]

@@ -4,6 +4,7 @@ class, keeping every label on both sides, or by quantile bins of the target), ov
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 from datasets import ClassLabel, Dataset
@@ -29,6 +30,21 @@ def drop_duplicate_texts(ds: Dataset, columns: list[str]) -> Dataset:
 
 def _key(label) -> object:
     return tuple(label) if isinstance(label, list) else label
+
+
+def warn_conflicts(train: Dataset, columns: list[str]) -> None:
+    """Warns when the same text occurs in train under different labels: the model is asked to learn both (the
+    first copy is all a held-out split keeps of it; `finetune-recipes cv --find_label_issues` ranks such rows)."""
+    labels: dict[tuple, set] = {}
+    for *key, label in zip(*(train[c] for c in columns), train["labels"], strict=True):
+        labels.setdefault(tuple(key), set()).add(_key(label))
+    conflicting = [key for key, seen in labels.items() if len(seen) > 1]
+    if conflicting:
+        logger.warning(
+            "%d text(s) of the train split occur with different labels (the first: %r); fix their labels or "
+            "drop the copies",
+            len(conflicting), " / ".join(conflicting[0])[:60],
+        )  # fmt: skip
 
 
 def warn_overlap(train: Dataset, validation: Dataset, columns: list[str]) -> None:
@@ -73,6 +89,8 @@ def split_validation(
     column = "labels"
     if problem_type == REGRESSION:
         pool, column = with_quantile_bins(pool, percentage / 100), "_target_bin"
+    if problem_type != REGRESSION:
+        check_stratifiable(pool, percentage, split)
     try:
         if column == "_target_bin" and pool.features[column].num_classes < 2:
             split = pool.train_test_split(test_size=percentage / 100, seed=seed)
@@ -88,6 +106,26 @@ def split_validation(
     if column == "_target_bin":
         train_part, validation = train_part.remove_columns(column), validation.remove_columns(column)
     return train_part, validation
+
+
+def check_stratifiable(pool: Dataset, percentage: float, split: str) -> None:
+    """A stratified hold-out needs two unique examples of every class and one held-out example per class: said
+    with the class and the flag that fixes it, not in scikit-learn's words."""
+    names = pool.features["labels"].names
+    counts = np.bincount(np.asarray(pool["labels"], dtype=np.int64), minlength=len(names))
+    rare = [i for i in np.argsort(counts, kind="stable") if 0 < counts[i] < 2]
+    if rare:
+        raise UserError(
+            f"class '{names[rare[0]]}' has one unique training example, and holding out a stratified {split} split "
+            f"needs two of each class: add examples of '{names[rare[0]]}', or pass --{split}_file"
+        )
+    held_out, classes = round(len(pool) * percentage / 100), int((counts > 0).sum())
+    if 0 < held_out < classes:
+        least = math.ceil(100 * classes / len(pool))
+        raise UserError(
+            f"--{split}_split_percentage {percentage:g} holds out {held_out} of {len(pool)} unique examples, fewer "
+            f"than the {classes} classes; pass --{split}_split_percentage {least} or more, or --{split}_file"
+        )
 
 
 def with_quantile_bins(pool: Dataset, fraction: float, most: int = 10) -> Dataset:

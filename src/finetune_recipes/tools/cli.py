@@ -16,7 +16,8 @@ from ..errors import Parser, UserError, entrypoint
 def read_texts(file: str | None, texts: list[str]) -> list[str]:
     """Texts from the command line, or one per line from a file ('-' for standard input). Lines end at "\n" only
     (a "\r" before it is dropped): a line break of Unicode's inside a text (U+2028, NEL) is part of the text, as
-    in the training files. Blank lines are left out."""
+    in the training files. Blank lines are left out, and counted on stderr; a blank text argument is refused (its
+    prediction would be the model's guess at nothing)."""
     if file:
         try:
             if file == "-":
@@ -27,8 +28,14 @@ def read_texts(file: str | None, texts: list[str]) -> list[str]:
             raise UserError(f"cannot read {file}: {error.strerror}; pass a readable text file") from None
         except UnicodeDecodeError:
             raise UserError(f"{file} is not UTF-8 text; convert it (iconv -t UTF-8) or pass another file") from None
-        texts = [line.removesuffix("\r") for line in content.split("\n")]
-        texts = [text for text in texts if text.strip()]
+        lines = [line.removesuffix("\r") for line in content.split("\n")]
+        texts = [text for text in lines if text.strip()]
+        blank = len(lines) - len(texts) - (lines[-1] == "")  # the line break ending the file ends no line
+        if blank:
+            print(f"{file}: {blank} blank line(s) skipped", file=sys.stderr)
+    empty = next((i for i, text in enumerate(texts) if not text.strip()), None)
+    if empty is not None:
+        raise UserError(f"text {empty + 1} of the arguments is blank; pass a text to classify, or leave it out")
     if not texts:
         raise UserError("no text to classify: pass texts as arguments or --file FILE (one text per line)")
     return texts

@@ -26,15 +26,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write, remove
+from ..atomic import atomic_path, atomic_write, remove
 from ..catalog import caches_features, given_names, list_recipes, recipe_types, recipes_dir, resolve_recipe
 from ..config import MULTI, REGRESSION, SHARED_TYPES, SINGLE
-from ..errors import Parser, UserError, on_interrupt
+from ..errors import Parser, UserError, on_interrupt, write_failure
 from ..ownership import LOCK, MANIFEST, claim_tool_dir, entries, owned_entries
 from ..parsing import parse_config
 from ..processes import PARENT, die_with_parent
 from ..readback import read_json
-from .tune import error_line, old_name, refuse_hub_flags, tool_dir
+from .tune import error_line, flag_inputs, old_name, refuse_hub_flags, tool_dir
 
 PLAN = "cv.json"
 RERUN = "run the same command with --overwrite_output_dir to redo the cv"
@@ -187,6 +187,25 @@ def fold_files(pool, folds: np.ndarray, test) -> dict[str, str]:
     return files
 
 
+def write_folds(out: Path, files: dict[str, str]) -> None:
+    """The fold files (`files`: by their path under folds/), all or none: written under a temporary name and moved
+    into place whole; a full disk is one line and leaves none of them."""
+    remove(out / "folds")  # an earlier session's: the same plan, so the same content
+    try:
+        with atomic_path(out / "folds") as staging:
+            for path, text in files.items():
+                target = staging / Path(path).relative_to("folds")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text, encoding="utf-8")
+    except OSError as error:
+        if (reason := write_failure(error)) is None:
+            raise
+        raise UserError(
+            f"cannot write the folds' files into {out} ({reason}); none was kept: free space, then run the same "
+            "command again"
+        ) from None
+
+
 def digest_of(files: dict[str, str]) -> str:
     digest = hashlib.sha256()
     for path, text in sorted(files.items()):
@@ -265,12 +284,9 @@ def run_cv(
     plan = {"recipe": recipe.stem, "folds": k, "flags": flags, "problem_type": task.problem_type,
             "label_names": task.label_names, "seed": training_args.seed, "data": digest_of(files),
             "fold_of": folds.tolist(), "text_column": data_args.text_column}  # fmt: skip
-    inputs = [data_args.train_file, data_args.validation_file, data_args.test_file, model_args.model_name_or_path]
-    lock, resume = claim_cv_dir(out, plan, overwrite, [p for p in inputs if p])
+    lock, resume = claim_cv_dir(out, plan, overwrite, flag_inputs(recipe, flags))
     try:
-        for path, text in files.items():
-            (out / path).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(out / path, text)
+        write_folds(out, files)
         atomic_write(out / PLAN, json.dumps(plan, indent=1) + "\n")
         with on_interrupt(f"the finished folds are kept in {out}; the same command resumes the cv"):
             runs = run_folds(recipe, flags, out, k, test is not None, resume and not overwrite, launcher)

@@ -60,14 +60,18 @@ def claim_outputs(
     brings its best weights (`best_step`) along."""
     training = args.get(TrainingArguments)
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    trained_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
+    peft = hasattr(accelerator.unwrap_model(model), "get_base_model")
+    saved_mb = trained_mb if peft else model_mb  # a peft model saves its adapter (and head) only
+    checkpoint_mb = model_mb + 2 * trained_mb  # the whole model, and the optimizer's two moments of what trains
 
     def work() -> OutputDir:
-        out = claim_output_dir(training, args.inputs(), model_mb, ("checkpoints", TRACKER_PROJECT), checked)
+        out = claim_output_dir(training, args.inputs(), saved_mb, ("checkpoints", TRACKER_PROJECT), checked)
         kept = training.save_total_limit or 1
         free_mb = shutil.disk_usage(out.path).free / 2**20
-        if training.checkpointing_steps and free_mb < model_mb * (1 + 3 * kept):
+        if training.checkpointing_steps and free_mb < saved_mb + checkpoint_mb * kept:
             logger.warning(
-                "%s has %.0f MB free; %d checkpoints may need %.0f MB", out.path, free_mb, kept, 3 * kept * model_mb
+                "%s has %.0f MB free; %d checkpoints may need %.0f MB", out.path, free_mb, kept, checkpoint_mb * kept
             )
         return out
 
