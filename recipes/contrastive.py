@@ -118,7 +118,10 @@ def main(model_args, data_args, training_args: TrainingArguments, pairs_args: Co
                                    training_args.seed)  # fmt: skip
 
     # Model: the encoder alone; the head comes after the loop.
-    model = build_model(model_args, data.task, auto_class=AutoModel, pack_sequences=data_args.pack_sequences)
+    model = build_model(
+        model_args, data.task, auto_class=AutoModel, pack_sequences=data_args.pack_sequences,
+        gradient_checkpointing=training_args.gradient_checkpointing,
+    )  # fmt: skip
 
     # What trains: the whole encoder, on pairs; its pooler layer, if it has one, is not in a sentence embedding.
     if getattr(model, "pooler", None) is not None:

@@ -70,7 +70,13 @@ SEARCH_SPACE = {
 
 @dataclass
 class FeatureArguments(EncodeArguments):  # + --encode_batch_size, --feature_cache_dir
-    pooling: str = field(default="mean", metadata={"help": "cls, mean (over real tokens) or pooler."})
+    pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "cls, mean (over real tokens), last (each text's last real token) or pooler; default: last "
+            "for a decoder (Llama, Qwen, Gemma, GPT-2), mean for an encoder."
+        },
+    )
     head_hidden_size: int = field(
         default=0, metadata={RANGE: (0, 2**16), "help": "0: a linear head; else an MLP of this width."}
     )
@@ -88,7 +94,7 @@ def main(model_args, data_args, training_args: TrainingArguments, feats: Feature
     # Strategy: the encoder never trains. It encodes every split once, in inference mode, or the cache is read;
     # a long document's windows are averaged to one row; the train split shuffled or class-weighted.
     encoder = build_model(model_args, data.task, auto_class=AutoModel, pack_sequences=data_args.pack_sequences)
-    check_pooling(encoder, feats.pooling)
+    pooling = check_pooling(encoder, feats.pooling)  # the model's kind decides the default
     freeze(encoder)
     encoder.to(accelerator.device)
     splits = data.labelled_splits()
@@ -99,7 +105,7 @@ def main(model_args, data_args, training_args: TrainingArguments, feats: Feature
         splits,
         collator,
         accelerator,
-        f.pooling,
+        pooling,
         data_args.max_length,
         f.feature_cache_dir,
         f.encode_batch_size,
@@ -172,7 +178,7 @@ def main(model_args, data_args, training_args: TrainingArguments, feats: Feature
     results = {**run_results(data.task, state, early_stopping, calibration, schedule), **timing}
 
     # Save: encoder + pooling + head (Strategy), which `finetune-recipes predict` runs on raw text.
-    saved = FeatureClassifier(encoder, accelerator.unwrap_model(model), feats.pooling)
+    saved = FeatureClassifier(encoder, accelerator.unwrap_model(model), pooling)
     results = save_run(
         accelerator,
         out,

@@ -68,7 +68,12 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     train_loader, eval_loader, test_loader = build_dataloaders(data, tokenizer, data_args, training_args, accelerator)
 
     # Model: the pretrained encoder with a new head sized to the labels.
-    model = build_model(model_args, data.task, pack_sequences=data_args.pack_sequences)
+    model = build_model(
+        model_args,
+        data.task,
+        pack_sequences=data_args.pack_sequences,
+        gradient_checkpointing=training_args.gradient_checkpointing,
+    )
 
     # What trains: everything, at one learning rate; no weight decay on biases and norms.
     groups = param_groups(model, training_args.learning_rate, training_args.weight_decay)

@@ -87,7 +87,12 @@ def main(model_args, data_args, training_args: TrainingArguments, llrd: LLRDArgu
     train_loader, eval_loader, test_loader = build_dataloaders(data, tokenizer, data_args, training_args, accelerator)
 
     # Model: the pretrained encoder with a new head sized to the labels.
-    model = build_model(model_args, data.task, pack_sequences=data_args.pack_sequences)
+    model = build_model(
+        model_args,
+        data.task,
+        pack_sequences=data_args.pack_sequences,
+        gradient_checkpointing=training_args.gradient_checkpointing,
+    )
 
     # Strategy: what trains is everything, lower layers slower. Depth 0 is the embeddings, 1..L the blocks,
     # L+1 the pooler and head; each depth below the top multiplies the rate by layer_decay.

@@ -54,6 +54,7 @@ from finetune_recipes.kit import (
     save_merged,
     save_run,
     start_trackers,
+    stored_transposed,
     train_batches,
     wrap_blocks_not_embeddings,
 )
@@ -88,18 +89,25 @@ def main(model_args, data_args, training_args: TrainingArguments, lora: LoraArgu
     train_loader, eval_loader, test_loader = build_dataloaders(data, tokenizer, data_args, training_args, accelerator)
 
     # Model: the pretrained encoder with a new head sized to the labels.
-    model = build_model(model_args, data.task, pack_sequences=data_args.pack_sequences)
+    model = build_model(
+        model_args,
+        data.task,
+        pack_sequences=data_args.pack_sequences,
+        gradient_checkpointing=training_args.gradient_checkpointing,
+    )
 
     # Strategy: what trains is rank-r adapters on the blocks' attention (and optionally feed-forward)
     # projections, found by layer discovery rather than by name, and the new head in full (modules_to_save).
     layers = discover_layers(model, model_args.layer_mapping)
     linears = block_linears(model, layers)
+    targets = linears["attention"] + (linears["feed_forward"] if lora.lora_feed_forward else [])
     lora_config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=lora.lora_r,
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
-        target_modules=linears["attention"] + (linears["feed_forward"] if lora.lora_feed_forward else []),
+        target_modules=targets,
+        fan_in_fan_out=stored_transposed(model, targets),  # GPT-2's Conv1D projections keep (in, out) weights
         modules_to_save=sorted({name.split(".")[0] for name, _ in layers.head}),
     )
     # Adapters in the base weights' dtype: under DeepSpeed ZeRO-3 the base loads in bf16, and peft's default

@@ -95,7 +95,12 @@ def main(model_args, data_args, training_args: TrainingArguments, unfreeze: Unfr
     train_loader, eval_loader, test_loader = build_dataloaders(data, tokenizer, data_args, training_args, accelerator)
 
     # Model: the pretrained encoder with a new head sized to the labels.
-    model = build_model(model_args, data.task, pack_sequences=data_args.pack_sequences)
+    model = build_model(
+        model_args,
+        data.task,
+        pack_sequences=data_args.pack_sequences,
+        gradient_checkpointing=training_args.gradient_checkpointing,
+    )
 
     # Strategy: what trains, and when. Stage 0 is the pooler and head; stage k adds the k-th block from the
     # top; the last stage adds the embeddings. Every parameter is in the optimizer from the start, at its own

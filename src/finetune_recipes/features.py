@@ -23,31 +23,46 @@ from .atomic import atomic_path
 from .config import DataArguments, TrainingArguments
 from .data import EpochWeightedSampler, aggregate_windows
 from .errors import UserError
+from .modeling import is_decoder
 from .strategy_args import CacheArguments, EncodeArguments  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
-POOLINGS = ("cls", "mean", "pooler")
+POOLINGS = ("cls", "mean", "pooler", "last")
 HEAD_FILE, HEAD_CONFIG = "feature_head.safetensors", "feature_head.json"
 
 
 def pool(outputs, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """One vector per text: the first token, the mean over real tokens, or the model's pooler output."""
+    """One vector per text: the first token, the mean over real tokens, the last real token (read from the
+    attention mask: right or left padding), or the model's pooler output."""
     if pooling == "pooler":
         return outputs.pooler_output
     hidden = outputs.last_hidden_state
     if pooling == "cls":
         return hidden[:, 0]
+    if pooling == "last":
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).to(torch.int64).argmax(-1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def check_pooling(encoder: PreTrainedModel, pooling: str) -> None:
-    """Refuses a --pooling the encoder cannot give: an unknown one, or `pooler` on a model without a pooler."""
+def check_pooling(encoder: PreTrainedModel, pooling: str | None) -> str:
+    """The pooling to use: --pooling, or by default `last` for a decoder (the only token that has read the whole
+    text) and `mean` for an encoder. Refuses one the model cannot give: an unknown one, `pooler` on a model
+    without a pooler, `cls` or `pooler` on a decoder (its first token has seen nothing after it)."""
+    decoder = is_decoder(encoder.config)
+    pooling = pooling or ("last" if decoder else "mean")
     if pooling not in POOLINGS:
         raise UserError(f"pooling '{pooling}' is not one of {', '.join(POOLINGS)}")
+    if decoder and pooling in ("cls", "pooler"):
+        raise UserError(
+            f"{type(encoder).__name__} is a decoder: its first token has read nothing after it and it has no "
+            f"pooler; pass --pooling last (the default) or --pooling mean"
+        )
     if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
         raise UserError(f"{type(encoder).__name__} has no pooler; pass --pooling mean or --pooling cls")
+    return pooling
 
 
 def encoding_digest(encoder: PreTrainedModel, pooling: str, max_length: int, dtype: str) -> hashlib._Hash:
@@ -297,6 +312,11 @@ def on_cached_states(model: PreTrainedModel) -> PreTrainedModel:
     (set by `set_trainable`) would not be in `top`: a layer between the encoder and its first-token state;
     or when the head pools more than the first token.
     """
+    if is_decoder(model.config):
+        raise UserError(
+            f"{type(model).__name__} is a decoder: it has no pooler and classifies from its last token, not a "
+            "first-token state; run feature_extraction (it pools the last token) or lora"
+        )
     pooling = getattr(model.config, "classifier_pooling", "cls")  # ModernBERT's head may pool every token
     if pooling != "cls":
         raise UserError(

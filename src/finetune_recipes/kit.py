@@ -21,7 +21,7 @@ from .features import (
     on_cached_states,
 )
 from .freezing import Thaw, count_parameters, format_trainable, freeze, set_trainable, stage_starts, unfreezing_stages
-from .layers import block_linears, discover_layers
+from .layers import block_linears, discover_layers, stored_transposed
 from .modeling import build_model
 from .optim import build_optimizer, build_schedule, format_groups, lr_trajectory, param_groups, plot_lr_schedule
 from .parsing import run_cli

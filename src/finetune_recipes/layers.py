@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .errors import UserError
 
@@ -274,7 +275,8 @@ def _numel(module: nn.Module) -> int:
 
 
 def block_linears(model: nn.Module, layer_map: LayerMap) -> dict[str, list[str]]:
-    """Names of the Linear layers inside the blocks, split into attention and feed-forward projections.
+    """Names of the Linear layers inside the blocks (GPT-2's Conv1D projections too), split into attention and
+    feed-forward projections.
 
     A projection is attention when one of the modules holding it is an attention module by class
     (BertAttention, MultiHeadSelfAttention, DisentangledSelfAttention, ModernBertAttention, ...), so the
@@ -284,7 +286,16 @@ def block_linears(model: nn.Module, layer_map: LayerMap) -> dict[str, list[str]]
     attention_paths = [name for name, m in model.named_modules() if "attention" in type(m).__name__.lower()]
     found: dict[str, list[str]] = {"attention": [], "feed_forward": []}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and id(module.weight) in in_blocks:
+        if isinstance(module, (nn.Linear, Conv1D)) and id(module.weight) in in_blocks:
             kind = "attention" if any(_inside(name, path) for path in attention_paths) else "feed_forward"
             found[kind].append(name)
     return found
+
+
+def stored_transposed(model: nn.Module, names: list[str]) -> bool:
+    """Whether the layers `names` keep their weights as (in, out), as transformers' Conv1D does (GPT-2's
+    projections): peft's LoRA must then be told (`fan_in_fan_out`). A model mixing both kinds is refused."""
+    kinds = {isinstance(model.get_submodule(name), Conv1D) for name in names}
+    if len(kinds) > 1:
+        raise UserError(f"{type(model).__name__} mixes Conv1D and Linear projections; pass LoRA targets of one kind")
+    return kinds == {True}

@@ -10,7 +10,14 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .config import ModelArguments
 from .errors import UserError, first_line, listing
@@ -60,18 +67,79 @@ def load_config(name_or_path: str, **kwargs) -> PretrainedConfig:
     return from_pretrained(AutoConfig, name_or_path, "model", "--model_name_or_path", **kwargs)
 
 
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, able to pad: a decoder's (Llama, GPT-2, Qwen) often has no pad token, and pads
+    with its end-of-sequence token here, as transformers#27172 suggests; the saved tokenizer keeps it, so
+    `pipeline()` batches too. Which token a decoder classifies from is read from the attention mask (see
+    pool_last_real_token), so a pad equal to end-of-sequence never moves it."""
+    tokenizer = from_pretrained(AutoTokenizer, name_or_path, "tokenizer", "--tokenizer_name")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(
+                f"the tokenizer of {name_or_path} has no padding token and no end-of-sequence token to pad with; "
+                "save it with a pad token (tokenizer.add_special_tokens) and pass --tokenizer_name that folder"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info(
+            "%s has no padding token: it pads with its end-of-sequence token %r", name_or_path, tokenizer.eos_token
+        )
+    return tokenizer
+
+
+def pool_last_real_token(model: PreTrainedModel) -> None:
+    """A decoder classifier (its head `score` reads every position) scores each text by its last token, which
+    transformers finds as the last one that is not the pad token: wrong where the pad token is end-of-sequence
+    and a text holds one (transformers#35352 for left padding). Hooks read the last real token from the
+    attention mask instead, under right and left padding alike, so `model(**batch).logits` has one row per text
+    taken where the text ends. The saved model needs none of it: `pipeline()` pads texts that hold no pad token."""
+    per_token: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        per_token[:] = [output]
+
+    def pool(module, args, kwargs, output):
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2 or not per_token:
+            return output
+        last = mask.shape[1] - 1 - mask.flip(-1).to(torch.int64).argmax(-1)
+        logits = per_token.pop()
+        output.logits = logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
+        return output
+
+    model.score.register_forward_hook(keep)
+    model.register_forward_hook(pool, with_kwargs=True)
+
+
+def is_decoder(config: PretrainedConfig) -> bool:
+    """A decoder-only language model (Llama, Qwen, Gemma, GPT-2, Mistral, ...): transformers has a causal LM of its
+    model type and no masked LM (BERT, RoBERTa and ELECTRA have both; DeBERTa, ModernBERT a masked LM only)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = config.model_type
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")  # BERT family; DistilBERT, ModernBERT
 
 
 def build_model(
-    model_args: ModelArguments | str, task, auto_class=AutoModelForSequenceClassification, pack_sequences=False
+    model_args: ModelArguments | str,
+    task,
+    auto_class=AutoModelForSequenceClassification,
+    pack_sequences=False,
+    gradient_checkpointing=False,
 ) -> PreTrainedModel:
     """A sequence classifier (or, with `auto_class=AutoModel`, the bare encoder) whose config maps ids to
     the task's label names and names its problem type, so pipelines apply softmax, sigmoid or nothing and
     predictions print the labels; with the attention kernel and attention dropout `model_args` asks for
     (by default none on a CPU: see ModelArguments.attention_dropout). `task` is a data.Task, or a list of
     label names (single-label). With `pack_sequences` (--pack_sequences), the model is checked and taught to
-    read packed batches (packing.py), or refused in one line."""
+    read packed batches (packing.py), or refused in one line. A decoder gets its tokenizer's pad token in its
+    config (Qwen's configs have none) and classifies from each text's last real token; `gradient_checkpointing`
+    recomputes the blocks' activations in the backward pass (non-reentrant: it works with LoRA and DDP)."""
     if isinstance(model_args, str | Path):
         model_args = ModelArguments(model_name_or_path=str(model_args))
     label_names = task if isinstance(task, list) else task.label_names
@@ -80,6 +148,7 @@ def build_model(
     name = model_args.model_name_or_path
     overrides = {}
     base = load_config(name)
+    check_classifiable(base, name, auto_class)
     keys = [k for k in ATTENTION_DROPOUT_KEYS if hasattr(base, k)]
     if model_args.attention_dropout is not None:
         if not keys:
@@ -90,6 +159,8 @@ def build_model(
         overrides = {k: model_args.attention_dropout for k in keys}
     elif not torch.accelerator.is_available():  # the default on CPUs (see ModelArguments.attention_dropout)
         overrides = dict.fromkeys(keys, 0.0)
+    if getattr(base, "pad_token_id", 0) is None:  # a decoder's config: batches beyond 1 need it
+        overrides["pad_token_id"] = load_tokenizer(model_args.tokenizer_name or name).pad_token_id
     config = load_config(
         name,
         id2label=dict(enumerate(label_names[:num_labels])),
@@ -106,10 +177,29 @@ def build_model(
         raise UserError(f"{first_line(error)}; pass --attn_implementation auto or eager") from None
     if auto_class is AutoModelForSequenceClassification:
         new_head(model, base, config, name)
+    if is_decoder(config) and auto_class is AutoModelForSequenceClassification:
+        pool_last_real_token(model)
+    if gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise UserError(f"{type(model).__name__} cannot checkpoint its activations; drop --gradient_checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if pack_sequences:  # the loaders pack; the model learns to read packed batches
         check_packable(model)
         accept_packed(model)
     return model
+
+
+def check_classifiable(config: PretrainedConfig, name: str, auto_class) -> None:
+    """Refuses, before any weight loads, a model type transformers has no sequence classifier for."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    kind = config.model_type
+    if auto_class is AutoModelForSequenceClassification and kind not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        family = type(config).__name__.removesuffix("Config")
+        raise UserError(
+            f"{name} is a {kind} model, and transformers has no sequence classifier for it (it would need a "
+            f"{family}ForSequenceClassification); pick a model of another family (Llama, Qwen, Gemma, GPT-2, BERT)"
+        )
 
 
 def new_head(model: PreTrainedModel, base: PretrainedConfig, config: PretrainedConfig, name: str) -> None:

@@ -91,10 +91,16 @@ def check_combination(configs: tuple[Any, ...]) -> None:
     on, and a recipe that caches (CacheArguments) trains on what its frozen weights computed once; it would
     otherwise say so only after encoding every text."""
     packing = any(isinstance(c, DataArguments) and c.pack_sequences for c in configs)
-    if packing and any(isinstance(c, CacheArguments) for c in configs):
+    frozen = any(isinstance(c, CacheArguments) for c in configs)
+    if packing and frozen:
         raise UserError(
             "--pack_sequences packs the batches an encoder trains on; this recipe trains on what its frozen "
             "weights computed once (the --feature_cache_dir kind): drop --pack_sequences"
+        )
+    if frozen and any(isinstance(c, TrainingArguments) and c.gradient_checkpointing for c in configs):
+        raise UserError(
+            "--gradient_checkpointing saves memory in a backward pass through the model, and this recipe never "
+            "runs one (it trains on what its frozen weights computed once): drop --gradient_checkpointing"
         )
 
 

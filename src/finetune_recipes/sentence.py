@@ -33,7 +33,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from .config import MULTI, REGRESSION
 from .errors import UserError
 from .features import encode, pool
-from .modeling import resolve_model_path
+from .modeling import is_decoder, load_config, resolve_model_path
 
 MODEL_TYPE = "finetune_recipes_sentence"
 ST_POOLINGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}  # the two the recipe pools
@@ -43,6 +43,12 @@ def sentence_pooling(name_or_path: str, given: str | None) -> tuple[str, bool]:
     """(pooling, normalize) of a sentence-transformers model folder: its modules.json names a Pooling module
     (cls or mean) and maybe a Normalize one. `given` (--pooling) wins; a folder without them needs it."""
     folder = Path(resolve_model_path(name_or_path))
+    has_config = not folder.is_dir() or (folder / "config.json").is_file()  # a Hub id, or a model folder
+    if has_config and is_decoder(load_config(name_or_path)):
+        raise UserError(
+            f"{name_or_path} is a decoder, and contrastive is SetFit's method for sentence encoders; run lora or "
+            "feature_extraction (it pools a decoder's last token)"
+        )
     modules_file = folder / "modules.json"
     modules = json.loads(modules_file.read_text()) if modules_file.is_file() else []
     normalize = any(m.get("type", "").endswith("Normalize") for m in modules)

@@ -121,3 +121,36 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+DECODERS = ("llama", "qwen3", "gemma3_text", "gpt2")  # the decoder families the tests build
+
+
+def write_tiny_decoder(path: Path, family: str = "llama") -> Path:
+    """A 2-layer causal LM of `family` with random weights (seed 0), saved as its pretrained LM is, with a word-level
+    tokenizer over the topic words that has an end-of-sequence token and, like Llama's, GPT-2's and Qwen's own,
+    no padding token: what a user's Hub decoder looks like, nothing downloaded."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [w for w in TOPIC_WORDS if not w.startswith("[")] + ["<unk>", "<eos>"]
+    vocab = {w: i for i, w in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", model_max_length=64
+    )
+    sizes = dict(vocab_size=len(words), eos_token_id=vocab["<eos>"], bos_token_id=None, pad_token_id=None)
+    decoder = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=2, max_position_embeddings=64, **sizes)  # fmt: skip
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**decoder),
+        "qwen3": lambda: transformers.Qwen3Config(head_dim=16, **decoder),
+        "gemma3_text": lambda: transformers.Gemma3TextConfig(head_dim=16, sliding_window=16, **decoder),
+        "gpt2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **sizes),
+    }[family]()
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

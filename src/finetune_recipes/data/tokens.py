@@ -6,11 +6,11 @@ import hashlib
 
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from ..config import DataArguments, ModelArguments
 from ..errors import UserError
-from ..modeling import from_pretrained, load_config, max_positions
+from ..modeling import load_config, load_tokenizer, max_positions
 from .windows import check_windows, tokenize_windows
 
 
@@ -27,10 +27,6 @@ def build_tokenizer(model_args: ModelArguments, data_args: DataArguments) -> Pre
         )
     check_windows(tokenizer, data_args)
     return tokenizer
-
-
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    return from_pretrained(AutoTokenizer, name_or_path, "tokenizer", "--tokenizer_name")
 
 
 def tokenize(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, args: DataArguments) -> DatasetDict:
