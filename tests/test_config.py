@@ -265,7 +265,6 @@ def test_entrypoint_lets_other_errors_through(capsys):
         ("logging_steps", 0, "logging_steps is 0"),
         ("mixed_precision", "fp32", "mixed_precision 'fp32'"),
         ("checkpointing_steps", "steps", "checkpointing_steps 'steps'"),
-        ("metric_for_best_model", "loss", "metric_for_best_model 'loss'"),
         ("early_stopping_patience", 2, "needs --metric_for_best_model"),
         ("eval_strategy", "no", "eval_strategy 'no' is not one of epoch, steps"),
         ("eval_strategy", "steps", "eval_strategy steps needs --eval_steps"),
@@ -304,3 +303,13 @@ def test_every_numeric_flag_has_bounds():
         if re.search(r"\b(int|float)\b", str(typing.get_type_hints(t)[f.name])) and RANGE not in f.metadata
     ]
     assert len(types) > 5 and not unbounded
+
+
+def test_an_unknown_metric_for_best_model_is_refused_at_parse_time_unless_a_metric_name_may_report_it():
+    from finetune_recipes.config import DataArguments, TrainingArguments
+    from finetune_recipes.errors import UserError
+    from finetune_recipes.parsing import check_combination
+
+    with pytest.raises(UserError, match="metric_for_best_model 'loss' is not one of accuracy, f1_macro"):
+        check_combination((DataArguments(), TrainingArguments(metric_for_best_model="loss")))
+    check_combination((DataArguments(metric_name="mcc.py"), TrainingArguments(metric_for_best_model="mcc")))

@@ -25,7 +25,9 @@ LOWER_IS_BETTER = {"mse", "mae"}
 
 
 def greater_is_better(metric: str) -> bool:
-    return metric not in LOWER_IS_BETTER
+    """Which way a metric improves: the built-in errors (mse, mae) and, for an `evaluate` metric (--metric_name),
+    a name ending in "loss" (transformers' Trainer rule) or holding "error" go down; every other goes up."""
+    return metric not in LOWER_IS_BETTER and not metric.endswith("loss") and "error" not in metric
 
 
 # Field metadata of a flag a resumed run may change: where the run writes, how often it logs, evaluates or saves,
@@ -121,6 +123,15 @@ class DataArguments:
     label_delimiter: str | None = field(
         default=None, metadata={"help": "Multi-label from one text column: the separator between labels, e.g. '|'."}
     )
+    metric_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hugging Face `evaluate` metrics computed beside the built-in ones, on validation and test: a "
+            "Hub name (online) or a local metric script's path, several comma-separated; usable as "
+            "--metric_for_best_model (a result named *loss or *error* is minimised, any other maximised). Needs "
+            "the evaluate extra."
+        },
+    )
     allow_empty_labels: bool = field(
         default=True, metadata={"help": "Multi-label: a text may have no label (pass false to refuse such rows)."}
     )
@@ -191,6 +202,11 @@ class DataArguments:
                 f"window_stride {self.window_stride} is not below max_length {self.max_length}; windows would not "
                 "advance: pass a smaller --window_stride (e.g. max_length / 4)"
             )
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """--metric_name, split at commas."""
+        return tuple(n.strip() for n in (self.metric_name or "").split(",") if n.strip())
 
     @property
     def label_sources(self) -> list[str]:
@@ -308,9 +324,6 @@ class TrainingArguments:
         steps = self.checkpointing_steps
         if steps is not None and steps != "epoch" and not (str(steps).isdigit() and int(steps) > 0):
             raise UserError(f"checkpointing_steps '{steps}' must be a positive integer or 'epoch'")
-        known = sorted({m for names in METRICS.values() for m in names})
-        if self.metric_for_best_model not in (None, *known):
-            raise UserError(f"metric_for_best_model '{self.metric_for_best_model}' is not one of {', '.join(known)}")
         if self.push_to_hub and not self.hub_model_id:
             raise UserError("push_to_hub needs --hub_model_id user/name, the Hub repo to push to")
         if self.early_stopping_patience is not None and not self.metric_for_best_model:

@@ -3,6 +3,8 @@ from every process (one row per document), plus the per-class report and multi-l
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import (
@@ -16,6 +18,7 @@ from sklearn.metrics import (
 )
 
 from .config import LOWER_IS_BETTER, METRICS, MULTI, REGRESSION, SINGLE, greater_is_better  # noqa: F401
+from .errors import UserError, first_line
 
 
 def _array(values, what: str, ndim: int) -> np.ndarray:
@@ -147,3 +150,91 @@ def per_class_report(problem_type: str, scores, references, label_names: list[st
     if problem_type == SINGLE:
         report["confusion_matrix"] = confusion_matrix(refs, preds, labels=labels).tolist()
     return report
+
+
+# --metric_name: any Hugging Face `evaluate` metric beside the built-in ones (run_classification.py's flag).
+@functools.cache
+def load_metric(name: str):
+    """The `evaluate` metric `name` (a Hub name, or a local metric script's path), loaded once per process."""
+    try:
+        import evaluate
+    except ImportError:
+        raise UserError("--metric_name needs Hugging Face evaluate: pip install 'finetune-recipes[evaluate]'") from None
+    try:
+        return evaluate.load(name)
+    except Exception as error:  # FileNotFoundError, ConnectionError, the Hub's own: one line whatever it is
+        raise UserError(
+            f"cannot load metric '{name}' ({first_line(error)}); pass --metric_name a local metric script or a "
+            "name reachable from this machine"
+        ) from None
+
+
+def metric_inputs(problem_type: str, scores, references, thresholds=0.5) -> tuple[list, list]:
+    """(predictions, references) as `evaluate` metrics take them: class ids (single-label), 0/1 rows at the
+    thresholds (multi-label), or values in the target's units (regression)."""
+    if problem_type == SINGLE:
+        return _array(scores, "scores", 2).argmax(-1).tolist(), _label_ids(references, "references").tolist()
+    if problem_type == MULTI:
+        predicted = (_array(scores, "scores", 2) >= np.asarray(thresholds)).astype(int)
+        return predicted.tolist(), _array(references, "references", 2).round().astype(int).tolist()
+    return np.asarray(scores, dtype=float).reshape(-1).tolist(), np.asarray(references, dtype=float).tolist()
+
+
+def evaluate_metrics(names: tuple[str, ...], problem_type: str, scores, references, thresholds=0.5) -> dict:
+    """The numbers each metric of `names` reports on these predictions; a key a built-in metric already has
+    (evaluate's `accuracy`) keeps the built-in value."""
+    predictions, refs = metric_inputs(problem_type, scores, references, thresholds)
+    out: dict = {}
+    for name in names:
+        computed = load_metric(name).compute(predictions=predictions, references=refs) or {}
+        out |= {
+            k: float(v) for k, v in computed.items() if isinstance(v, int | float) and k not in METRICS[problem_type]
+        }
+    return out
+
+
+def probe_metrics(names: tuple[str, ...], problem_type: str, references) -> tuple[str, ...]:
+    """What `names` report, found by scoring `references` against themselves before any training: a metric that
+    cannot load, or does not take this task's predictions (a regression metric on classes), is one line now."""
+    kind = problem_type.replace("_classification", "").replace("_", "-")
+    keys: list[str] = []
+    for name in names:
+        # Told by its declared inputs, as `datasets` would cast 1.37 to class 1 without a word.
+        takes = _prediction_kinds(load_metric(name))
+        wanted = "f" if problem_type == REGRESSION else "i"
+        if takes and wanted not in takes:
+            what = "numbers" if "f" in takes else "class ids"
+            raise UserError(
+                f"metric '{name}' compares {what}, and a {kind} task predicts "
+                f"{'numbers' if wanted == 'f' else 'class ids'}; drop it or pass one for this task"
+            )
+        try:
+            keys += evaluate_metrics((name,), problem_type, *_perfect(problem_type, references))
+        except UserError:
+            raise
+        except Exception as error:
+            raise UserError(
+                f"metric '{name}' does not take a {kind} task's predictions ({first_line(error)}); drop it"
+            ) from None
+    return tuple(dict.fromkeys(keys))
+
+
+def _prediction_kinds(metric) -> set[str]:
+    """The kinds of number a metric's `predictions` take, by its declared features: 'i' (integers, booleans)
+    and/or 'f' (floats); empty when it declares none."""
+    kinds = set()
+    for features in metric.features if isinstance(metric.features, list) else [metric.features]:
+        feature = features.get("predictions") if features else None
+        while feature is not None and not hasattr(feature, "dtype") and hasattr(feature, "feature"):
+            feature = feature.feature  # a Sequence or List of values (multi-label rows)
+        dtype = getattr(feature, "dtype", "")
+        kinds |= {"f"} if dtype.startswith("float") else {"i"} if dtype.startswith(("int", "uint", "bool")) else set()
+    return kinds
+
+
+def _perfect(problem_type: str, references) -> tuple:
+    """Scores that predict `references` exactly, and the references."""
+    if problem_type == SINGLE:
+        ids = _label_ids(references, "references")
+        return np.eye(int(ids.max()) + 1)[ids], ids
+    return references, references

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import yaml
 from transformers import HfArgumentParser
 
-from .config import ON_RESUME, RANGE, DataArguments, TrainingArguments, check_ranges
+from .config import METRICS, ON_RESUME, RANGE, DataArguments, TrainingArguments, check_ranges
 from .errors import OneLineErrors, Parser, UserError, on_interrupt
 from .processes import die_with_launcher, run_to_end
 from .strategy_args import CacheArguments
@@ -97,6 +97,12 @@ def check_combination(configs: tuple[Any, ...]) -> None:
             "--pack_sequences packs the batches an encoder trains on; this recipe trains on what its frozen "
             "weights computed once (the --feature_cache_dir kind): drop --pack_sequences"
         )
+    training = next((c for c in configs if isinstance(c, TrainingArguments)), None)
+    data = next((c for c in configs if isinstance(c, DataArguments)), None)
+    known = sorted({m for names in METRICS.values() for m in names})
+    best = training.metric_for_best_model if training else None
+    if best and best not in known and not (data and data.metric_names):  # --metric_name's are known once loaded
+        raise UserError(f"metric_for_best_model '{best}' is not one of {', '.join(known)} (or a --metric_name's)")
     if frozen and any(isinstance(c, TrainingArguments) and c.gradient_checkpointing for c in configs):
         raise UserError(
             "--gradient_checkpointing saves memory in a backward pass through the model, and this recipe never "

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
-from ..config import METRICS, REGRESSION, DataArguments, ModelArguments
+from ..config import REGRESSION, DataArguments, ModelArguments
 from ..errors import UserError
+from ..metrics import probe_metrics
 from .files import BBC_NEWS, check_columns, drop_absent_test_labels, labelled, load_bbc_news, load_raw_datasets
 from .loaders import EpochLengthGroupedSampler, EpochWeightedSampler, build_dataloader, build_dataloaders, train_sampler
 from .split import TEST_SPLIT_SEED, drop_duplicate_texts, split_validation, warn_conflicts, warn_overlap
@@ -60,19 +61,21 @@ def load_data(
         check_windows(tokenizer, data_args)
     with accelerator.main_process_first():
         data = build_datasets(data_args, tokenizer, training_args.seed)
-    check_task_flags(training_args, data.task.problem_type, data.validation)
+    check_task_flags(training_args, data.task, data.validation)
     return tokenizer, data
 
 
-def check_task_flags(training_args, problem_type: str, validation: Dataset) -> None:
-    """The training flags that depend on the task: metric_for_best_model must be one it computes and defined on
-    this validation split; --calibration temperature needs classes (the default skips regression)."""
+def check_task_flags(training_args, task: Task, validation: Dataset) -> None:
+    """The training flags that depend on the task: metric_for_best_model must be one it computes (--metric_name's
+    included) and defined on this validation split; --calibration temperature needs classes (the default skips
+    regression)."""
+    problem_type = task.problem_type
     if training_args.calibration == "temperature" and problem_type == REGRESSION:
         raise UserError("calibration temperature scales class probabilities, and regression has none; drop it")
     name = training_args.metric_for_best_model
-    if name and name not in METRICS[problem_type]:
+    if name and name not in task.metrics:
         kind = problem_type.replace("_classification", "").replace("_", "-")
-        known = ", ".join(METRICS[problem_type])
+        known = ", ".join(task.metrics)
         raise UserError(f"metric_for_best_model '{name}' is not computed for a {kind} task; pass one of {known}")
     if name in UNDEFINED_WHEN_CONSTANT and problem_type == REGRESSION and constant_target(validation) is not None:
         raise UserError(
@@ -98,6 +101,10 @@ def raw_splits(args: DataArguments, seed: int) -> tuple[DatasetDict, Task]:
     check_columns(raw, args)
     text_columns = [c for c in (args.text_column, args.text_pair_column) if c]
     raw, task = encode_task(raw, args)
+    if args.metric_names:  # loaded and tried on the labels now, so a metric that cannot serve stops no training
+        task.metric_names = args.metric_names
+        labelled = raw["validation"] if "validation" in raw else raw["train"]
+        task.extra_metrics = probe_metrics(args.metric_names, task.problem_type, labelled["labels"])
     warn_conflicts(raw["train"], text_columns)
     if "test" not in raw and args.test_split_percentage:
         raw["train"], raw["test"] = split_validation(

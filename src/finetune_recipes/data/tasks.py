@@ -37,6 +37,8 @@ class Task:
     target_mean: float = 0.0
     target_std: float = 1.0
     held_out_test: float | None = None  # the percentage of train held out as test, when the data had no test split
+    metric_names: tuple[str, ...] = ()  # --metric_name: `evaluate` metrics, loaded by metrics.load_metric
+    extra_metrics: tuple[str, ...] = ()  # what they report (their result keys), beside the built-in ones
     _weights: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -46,6 +48,11 @@ class Task:
     @property
     def primary_metric(self) -> str:
         return METRICS[self.problem_type][0]
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Every metric an evaluation reports: the built-in ones of the problem type, then --metric_name's."""
+        return (*METRICS[self.problem_type], *self.extra_metrics)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (single-label), BCE per label (multi-label) or MSE (regression), with the class
@@ -83,7 +90,7 @@ class Task:
 
     def summary(self) -> dict:
         """For results.json and the logs: the problem type, and the weights or scale the loss used."""
-        out: dict = {"problem_type": self.problem_type, "num_labels": self.num_labels}
+        out: dict = {"problem_type": self.problem_type, "num_labels": self.num_labels, "metrics": list(self.metrics)}
         if self.class_weights is not None:
             kind = "pos_weight" if self.problem_type == MULTI else "class_weights"
             out[kind] = {n: round(w, 4) for n, w in zip(self.label_names, self.class_weights, strict=True)}

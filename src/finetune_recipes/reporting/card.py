@@ -28,7 +28,6 @@ HYPERPARAMETERS = (
 
 def front_matter(results: dict, config: dict, name: str, adapter: bool) -> ModelCardData:
     """library, pipeline tag, base model, data set when it is a Hub id, metrics, and a model-index."""
-    problem_type = results["task"]["problem_type"]
     dataset = config.get("dataset_name") if not config.get("train_file") else None
     hub_dataset = dataset if dataset and "/" in dataset else None
     dataset_name = dataset or (Path(config["train_file"]).name if config.get("train_file") else "local files")
@@ -43,7 +42,7 @@ def front_matter(results: dict, config: dict, name: str, adapter: bool) -> Model
             metric_value=results[f"{prefix}_{metric}"],
         )
         for split, prefix in (("validation", "eval"), ("test", "test"))
-        for metric in METRICS[problem_type]
+        for metric in metrics_of(results)
         if results.get(f"{prefix}_{metric}") is not None  # None: undefined (a constant target), not a score
     ]
     base = config.get("model_name_or_path")
@@ -53,17 +52,23 @@ def front_matter(results: dict, config: dict, name: str, adapter: bool) -> Model
         pipeline_tag="text-classification",
         base_model=base if base and "/" in base and not base.startswith((".", "/", "~")) else None,
         datasets=hub_dataset,
-        metrics=list(METRICS[problem_type]),
+        metrics=list(metrics_of(results)),
         tags=["finetune-recipes", results.get("strategy", "text-classification")],
         eval_results=evals or None,
     )
 
 
+def metrics_of(results: dict) -> list[str]:
+    """The metrics a run reported: its problem type's, then --metric_name's (`evaluate`), as results.json lists."""
+    task = results["task"]
+    return task.get("metrics") or list(METRICS[task["problem_type"]])
+
+
 def metrics_table(results: dict) -> str:
-    problem_type = results["task"]["problem_type"]
+    metrics = metrics_of(results)
     columns = [("validation", "eval", ""), ("test", "test", ""), ("test, tuned thresholds", "test", "_tuned")]
-    columns = [c for c in columns if any(f"{c[1]}_{m}{c[2]}" in results for m in METRICS[problem_type])]
-    rows = [[m, *(results.get(f"{p}_{m}{s}") for _, p, s in columns)] for m in METRICS[problem_type]]
+    columns = [c for c in columns if any(f"{c[1]}_{m}{c[2]}" in results for m in metrics)]
+    rows = [[m, *(results.get(f"{p}_{m}{s}") for _, p, s in columns)] for m in metrics]
     return table(["metric", *(c[0] for c in columns)], rows)
 
 

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 from ..atomic import atomic_write
-from ..config import MULTI, REGRESSION, SINGLE, greater_is_better
+from ..config import METRICS, MULTI, REGRESSION, SINGLE, greater_is_better
 from ..rendering import cell, csv_text, markdown_table, png, pyplot
 
 # The two metrics a table shows per problem type, the first the primary one (the plot's, and what a row says).
@@ -28,9 +28,11 @@ COLUMNS = [  # results key, title, format; the metric columns go after the strat
 
 
 def table_metrics(rows: list[dict]) -> tuple[str, ...]:
-    """The metrics to show: those of the problem type the rows report (single-label when none ran)."""
+    """The metrics to show: those of the problem type the rows report (single-label when none ran), then any
+    `evaluate` metric a run computed (--metric_name)."""
     problem_type = next((r["task"]["problem_type"] for r in rows if r.get("task")), SINGLE)
-    return TABLE_METRICS[problem_type]
+    extra = [m for r in rows if r.get("task") for m in r["task"].get("metrics", []) if m not in METRICS[problem_type]]
+    return (*TABLE_METRICS[problem_type], *dict.fromkeys(extra))
 
 
 def reported_split(rows: list[dict]) -> str:

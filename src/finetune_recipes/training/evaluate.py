@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from ..calibration import calibration_metrics, fit_temperature, reliability_bins, scaled_probabilities
 from ..data import Task, aggregate_windows
-from ..metrics import MULTI, REGRESSION, per_class_report, task_metrics, tune_thresholds
+from ..metrics import MULTI, REGRESSION, evaluate_metrics, per_class_report, task_metrics, tune_thresholds
 from ..rendering import cell
 from .checkpoints import TrainState
 from .early_stopping import EarlyStopping
@@ -53,7 +53,10 @@ def evaluate(model, loader, task: Task, accelerator: Accelerator, window_aggrega
     if "document" in gathered:
         logits, labels = aggregate_windows(logits, labels, torch.cat(gathered["document"]), window_aggregation)
     scores, references = task.scores(logits), task.references(labels)
-    metrics = {**task_metrics(task.problem_type, scores, references), "samples": len(references)}
+    metrics = task_metrics(task.problem_type, scores, references)
+    if task.metric_names:  # --metric_name: evaluate's metrics beside them
+        metrics |= evaluate_metrics(task.metric_names, task.problem_type, scores, references)
+    metrics["samples"] = len(references)
     return Evaluation(scores, references, metrics, logits.numpy())
 
 
