@@ -397,3 +397,15 @@ def test_a_fold_refused_by_its_recipe_says_why_and_stops_the_cv(module_args, tmp
     assert last.startswith("error: fold 0 failed (2): eval_steps 1000 is more than the run's ")
     assert f"(log: {out / 'logs' / 'fold_0.log'}); fix it and run the same command again" in last
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["fold_0.log"]  # folds 1 and 2 never started
+
+
+def test_a_folder_of_the_users_named_like_cvs_outputs_is_refused(module_args, tmp_path, capsys):
+    """Issue 39, item 1: cv decided by name, and took over a folder holding the user's cv.md and logs/mine.log."""
+    folder = tmp_path / "mine"
+    (folder / "logs").mkdir(parents=True)
+    (folder / "cv.md").write_text("my notes")
+    (folder / "logs" / "mine.log").write_text("my log")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    last = one_line(["cv", "full_finetune", "--folds", "2", "--output_dir", str(folder), *module_args], capsys)
+    assert f"output_dir {folder} holds 'cv.md', which cv did not write" in last
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before

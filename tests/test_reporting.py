@@ -223,3 +223,25 @@ def test_report_keeps_a_card_the_user_edited_and_redraws_the_rest(tiny_args, tmp
     assert (out / "README.md").read_text() == card
     cli(["report", str(out)])  # unedited since report drew it: redrawn, without a word
     assert "edited" not in capsys.readouterr().err
+
+
+def test_report_on_a_full_disk_is_one_line(tiny_args, tmp_path, capsys, monkeypatch):
+    """Issue 39, item 7: a traceback before; each file is written whole (atomic) or not at all."""
+    import errno
+    import os
+
+    from finetune_recipes import reporting
+
+    run_inline("full_finetune", *tiny_args, "--max_train_steps", "2")
+    out = tmp_path / "out"
+    (out / "README.md").unlink()
+
+    def full_disk(path, content):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(reporting, "atomic_write", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["report", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and lines[-1].startswith(f"error: {out / 'README.md'}: No space left on device")
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name == "README.md"]

@@ -332,3 +332,23 @@ def test_the_data_digest_takes_a_test_split_without_labels(tiny_args, tiny_data,
     recipe = resolve_recipe("full_finetune")
     metric, data = objective_metric((*SHARED_TYPES, *recipe_types(recipe)), flags, recipe)
     assert metric == "accuracy" and {"train", "validation"} <= set(data)
+
+
+def test_tune_refuses_an_input_of_its_runs_where_it_writes(tiny_args, tmp_path, capsys):
+    """Issue 39, item 1, for tune: its inputs are read from the recipe's flags before anything runs."""
+    study = tmp_path / "study"
+    (study / "logs").mkdir(parents=True)
+    train = study / "logs" / "train.csv"
+    flags = data_flags(tiny_args)
+    train.write_text(Path(flags[flags.index("--train_file") + 1]).read_text())
+    flags[flags.index("--train_file") + 1] = str(train)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "full_finetune", "--output_dir", str(study), "--search_space", str(space), *flags])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and last == (
+        f"error: {train}, an input of this tune, is where tune writes in --output_dir {study}; move it out of "
+        f"{study} or pass another --output_dir"
+    )
+    assert sorted(p.name for p in study.rglob("*")) == ["logs", "train.csv"]
