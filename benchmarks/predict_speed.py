@@ -55,7 +55,7 @@ def timed(cmd: list[str]) -> float:
 
 def labels_of(model: Path | str, file: Path) -> list[str]:
     cmd = [str(BIN / "finetune-recipes"), "predict", "--model", str(model), "--file", str(file), "--format", "jsonl"]
-    cmd += ["--fp32"]  # the reference: the model's own precision (no effect on an ONNX export)
+    cmd += ["--mixed_precision", "no"]  # the reference: the model's own precision (no effect on an ONNX export)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return [json.loads(line)["label"] for line in proc.stdout.splitlines()]
 

@@ -297,12 +297,12 @@ def test_every_flag_a_message_or_help_names_exists():
     from finetune_recipes.config import SHARED_TYPES
 
     types = {*SHARED_TYPES, *(t for recipe in list_recipes() for t in recipe_types(recipe))}
-    known = {f"--{f.name}" for t in types for f in dataclasses.fields(t)}
+    known = {f"--{f.name}" for t in types for f in dataclasses.fields(t)} | {"--config"}  # every recipe's FILE
     for command in ["predict", "export", "report", "audit", "ls", "cp", "cv llrd", "tune llrd", "compare"]:
         shown = io.StringIO()
         with contextlib.redirect_stdout(shown), pytest.raises(SystemExit):
             main([*command.split(), "--help"])
-        known |= set(re.findall(r"--[a-z_]+", shown.getvalue()))
+        known |= set(re.findall(r"--[a-z0-9_]+", shown.getvalue()))
         assert "%%" not in shown.getvalue(), command  # help renders as written (issue 42): 95%, not 95%%
     package = Path(__import__("finetune_recipes").__file__).parent
     named: dict[str, str] = {}
@@ -315,8 +315,20 @@ def test_every_flag_a_message_or_help_names_exists():
         }  # fmt: skip
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-                for flag in re.findall(r"(?<![\w-])--[a-z][a-z_]+", node.value):
+                for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9_]+", node.value):
                     named.setdefault(flag, path.name)
     unknown = {flag: where for flag, where in named.items() if flag not in known}
-    assert unknown == {"--cv_dir": "cv.py", "--study_dir": "tune.py", "--flag": "catalog.py"}
+    assert unknown == {"--cv_dir": "cv.py", "--study_dir": "tune.py", "--fp32": "cli.py", "--flag": "catalog.py"}
     assert len(named) > 60  # the search finds the flags the messages name
+
+
+def test_the_0_1_names_still_work_with_a_warning(trained, tmp_path, capsys):
+    """Issue 42, item 1: one name for one concept. `cp --config` (copy the YAML) read like every other command's
+    --config FILE, and predict's --fp32 was the recipes' --mixed_precision no: both renamed, the old kept."""
+    main(["cp", "llrd", str(tmp_path / "a"), "--config"])
+    assert (tmp_path / "a" / "configs" / "llrd.yaml").is_file()
+    assert "warning: --config is now --with_config" in capsys.readouterr().err
+    main(["predict", "--model", str(trained), "--fp32", "goal team win"])
+    old = capsys.readouterr()
+    main(["predict", "--model", str(trained), "--mixed_precision", "no", "goal team win"])
+    assert capsys.readouterr().out == old.out and "warning: --fp32 is now --mixed_precision no" in old.err

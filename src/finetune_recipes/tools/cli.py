@@ -41,6 +41,13 @@ def read_texts(file: str | None, texts: list[str]) -> list[str]:
     return texts
 
 
+def warn_old_names(argv: list[str], renamed: dict[str, str]) -> None:
+    """One warning per 0.1 flag name used (one name for one concept across the commands since 0.2)."""
+    for old, new in renamed.items():
+        if old in argv:
+            print(f"warning: {old} is now {new}, as in every command; {old} goes in 0.3", file=sys.stderr)
+
+
 def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"'{text}' is not a positive integer")
@@ -54,13 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     cp = commands.add_parser("cp", help="copy a recipe out to adapt it")
     cp.add_argument("recipe")
     cp.add_argument("dest")
-    cp.add_argument("--config", action="store_true", help="also copy its YAML config to DEST/configs/")
+    cp.add_argument("--with_config", action="store_true", help="also copy its YAML config to DEST/configs/")
+    # --config reads a config file in every other command; 0.1's `cp --config` still works, with a warning.
+    cp.add_argument("--config", dest="with_config", action="store_true", help=argparse.SUPPRESS)
     predict = commands.add_parser("predict", help="labels and scores for raw texts")
     predict.add_argument("--model", required=True, help="a recipe's output_dir")
     predict.add_argument("--file", help="one text per line; '-' reads standard input")
     predict.add_argument("--batch_size", type=positive_int, default=64)
     predict.add_argument("--format", choices=["table", "jsonl"], default="table")
-    predict.add_argument("--fp32", action="store_true", help="fp32 even where the CPU or GPU has native bf16")
+    predict.add_argument(
+        "--mixed_precision", choices=["auto", "bf16", "no"], default="auto",
+        help="auto: the run's own precision, bf16 where the CPU or GPU computes it natively; no: fp32",
+    )  # fmt: skip
+    predict.add_argument("--fp32", dest="mixed_precision", action="store_const", const="no", help=argparse.SUPPRESS)
     predict.add_argument("texts", nargs="*")
     export = commands.add_parser("export", help="a trained model as ONNX for ONNX Runtime (optionally int8)")
     export.add_argument("--model", required=True, help="a recipe's output_dir")
@@ -93,13 +106,16 @@ def main(argv: list[str] | None = None) -> None:
         width = max(map(len, recipes))
         print("\n".join(f"{name:<{width}}  {doc}" for name, doc in recipes.items()))
     elif args.command == "cp":
-        for path in copy_recipe(args.recipe, args.dest, args.config):
+        warn_old_names(argv, {"--config": "--with_config"})
+        for path in copy_recipe(args.recipe, args.dest, args.with_config):
             print(f"copied {path}")
     elif args.command == "predict":
         from .predict import format_jsonl, format_table, predict
 
+        warn_old_names(argv, {"--fp32": "--mixed_precision no"})
         texts = read_texts(args.file, args.texts)
-        results = predict(args.model, texts, args.batch_size, bf16=False if args.fp32 else None)
+        bf16 = {"auto": None, "bf16": True, "no": False}[args.mixed_precision]  # the recipes' flag and values
+        results = predict(args.model, texts, args.batch_size, bf16=bf16)
         print(format_table(results) if args.format == "table" else format_jsonl(results))
     elif args.command == "export":
         from .predict import check_model_dir
