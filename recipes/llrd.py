@@ -69,10 +69,10 @@ SEARCH_SPACE = {
 @dataclass
 class LLRDArguments:
     layer_decay: float = field(
-        default=0.85, metadata={RANGE: (0, 1), "help": "lr_i = learning_rate × layer_decay^(top − i)."}
+        default=0.85, metadata={RANGE: (0, 1, "above"), "help": "lr_i = learning_rate × layer_decay^(top − i)."}
     )
     head_lr: float | None = field(
-        default=None, metadata={RANGE: (0, None), "help": "The head's rate; default learning_rate."}
+        default=None, metadata={RANGE: (0, None, "above"), "help": "The head's rate; default learning_rate."}
     )
     plot_lr: bool = field(default=False, metadata={ON_RESUME: True, "help": "Write lr_schedule.png to output_dir."})
 

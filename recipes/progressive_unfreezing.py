@@ -72,15 +72,15 @@ class UnfreezeArguments:
     # of MiniLM's 6 blocks train by the end of the second epoch, whatever the data's size (in steps, a fixed
     # count left a 400-text set's encoder frozen for its whole run: benchmarks/README.md, tuning).
     unfreeze_every: float = field(
-        default=0.25, metadata={RANGE: (0, None), "help": "Thaw the next group every this many units."}
+        default=0.25, metadata={RANGE: (0, None, "above"), "help": "Thaw the next group every this many units."}
     )
     unfreeze_unit: str = field(default="epoch", metadata={"help": "epoch or step."})
     unfreeze_schedule: str | None = field(default=None, metadata={"help": "Steps where stages 1, 2, ... begin."})
     layer_decay: float = field(
-        default=1.0, metadata={RANGE: (0, 1), "help": "Compose with LLRD (ULMFiT's discriminative rates)."}
+        default=1.0, metadata={RANGE: (0, 1, "above"), "help": "Compose with LLRD (ULMFiT's discriminative rates)."}
     )
     head_lr: float | None = field(
-        default=5e-3, metadata={RANGE: (0, None), "help": "The new head's rate; the rest learning_rate."}
+        default=5e-3, metadata={RANGE: (0, None, "above"), "help": "The new head's rate; the rest learning_rate."}
     )
 
 

@@ -141,9 +141,12 @@ def test_a_copy_owns_its_loss_a_class_weighted_one_changes_the_result(tiny_args,
 def test_a_copy_owns_its_defaults_an_edit_takes_effect(tiny_args, tmp_path):
     copy = copy_recipe("llrd", tmp_path / "mine")[0]
     source = copy.read_text()
-    assert source.count("        default=0.85, metadata={RANGE: (0, 1)") == 1
+    assert source.count('        default=0.85, metadata={RANGE: (0, 1, "above")') == 1
     copy.write_text(
-        source.replace("        default=0.85, metadata={RANGE: (0, 1)", "        default=0.5, metadata={RANGE: (0, 1)")
+        source.replace(
+            '        default=0.85, metadata={RANGE: (0, 1, "above")',
+            '        default=0.5, metadata={RANGE: (0, 1, "above")',
+        )
     )
     args = replace_flag(tiny_args, "--num_train_epochs", "1")
     proc = run_inline(copy, *args)

@@ -129,8 +129,9 @@ def test_labels_are_read_as_written(tokenizer, tmp_path, suffix):
         pd.DataFrame([{"text": "NA", "label": "01"}, {"text": "None", "label": "NA"}]), tmp_path / f"v{suffix}"
     )
     data = build(tokenizer, train_file=train, validation_file=val)
-    assert data.label_names == ["01", "1", "2", "10", "NA", "None"]  # numbers by value, then the names
-    assert data.validation["labels"] == [0, 4]
+    # A CSV's numbers by value (as pandas' numbers sorted before), then the names; JSON's strings as strings.
+    assert data.label_names == (["01", "1", "2", "10"] if suffix == ".csv" else ["01", "1", "10", "2"]) + ["NA", "None"]
+    assert [data.label_names[i] for i in data.validation["labels"]] == ["01", "NA"]
     assert data.raw["validation"]["text"] == ["NA", "None"]  # texts too
 
 
@@ -541,3 +542,18 @@ def test_validation_file_columns_take_the_train_files_types(tokenizer, tmp_path)
     validation.write_text('{"text": "123", "label": "1"}\n{"text": "456", "label": "2"}\n')
     data = build(tokenizer, train_file=train, validation_file=validation)
     assert data.label_names == ["1", "2"] and data.validation["labels"] == [0, 1]
+
+
+def test_a_regression_csv_with_a_cell_that_is_no_number_is_refused_not_made_classes(tokenizer, tmp_path):
+    """Reading a CSV as written must not turn a score column with one 'NA' into 9 classes."""
+    rows = [{"text": f"goal {i}", "label": f"{i / 4:.2f}"} for i in range(8)] + [{"text": "bank", "label": "NA"}]
+    with pytest.raises(UserError, match=r"holds numbers such as 0.25 and 'NA' \(example 8 of the train split\)"):
+        build(tokenizer, train_file=write_csv(tmp_path / "t.csv", rows))
+
+
+def test_json_labels_keep_their_order_and_kind(tokenizer, tmp_path):
+    """Strings in JSON are strings: "1".."10" sort as before (ids unchanged), "0.5" is a class."""
+    rows = [{"text": f"goal {w}", "label": label} for label in ["1", "2", "10", "0.5"] for w in ("win", "cup")]
+    train = write_frame(pd.DataFrame(rows), tmp_path / "t.jsonl")
+    data = build(tokenizer, train_file=train, validation_file=train)
+    assert data.task.problem_type == "single_label_classification" and data.label_names == ["0.5", "1", "10", "2"]

@@ -185,3 +185,17 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family, decode
     assert not family.endswith("lora") or sum("lora_A" in name for name in grads) == 8  # every adapter learns
     for name, grad in grads.items():
         assert torch.allclose(grad, grads_checkpointed[name], atol=1e-6), name
+
+
+def test_a_tokenizer_that_ends_texts_with_eos_and_has_no_pad_is_refused(decoders, tmp_path):
+    """Padding with the end-of-sequence token a tokenizer appends to every text would let pipeline() and predict
+    (transformers' pooling: the last token that is not the pad) read each text one token early."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(decoders["llama"])
+    eos = tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", eos)])
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="ends every text with its end-of-sequence token and has no padding token"):
+        load_tokenizer(str(tmp_path))

@@ -216,6 +216,6 @@ def test_the_flags_a_resume_may_change_are_marked_on_their_fields():
         "output_dir", "logging_steps", "report_to", "per_device_eval_batch_size", "checkpointing_steps",
         "save_total_limit", "eval_strategy", "eval_steps", "metric_for_best_model", "early_stopping_patience",
         "feature_cache_dir", "encode_batch_size", "merge_adapter", "plot_lr", "allow_config_change_on_resume",
-        "push_to_hub", "hub_model_id", "hub_private_repo", "calibration",
+        "gradient_checkpointing", "push_to_hub", "hub_model_id", "hub_private_repo", "calibration",
         "dataset_name", "dataset_config_name", "train_file", "validation_file", "test_file",
     }  # fmt: skip

@@ -301,7 +301,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_whole_one(ti
     proc = run_inline("full_finetune", *args, check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert last.startswith(f"error: cannot save step_4 in {out / 'checkpoints'} (No space left on device), so free")
+    assert last.startswith(f"error: cannot save step_4 in {out / 'checkpoints'} (No space left on device): free")
     assert "the last checkpoint is step 2" in last and "--resume_from_checkpoint latest" in last
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]  # no .partial_step_4
 
@@ -317,3 +317,31 @@ def test_the_space_check_counts_what_the_run_saves(tiny_args, tiny_model, tmp_pa
     assert "the saved model alone needs" in refused.stderr.strip().splitlines()[-1]
     with pytest.raises(OSError, match=os.strerror(errno.EIO)):  # it got to its training
         run_inline("lora", *short(tiny_args), "--output_dir", tmp_path / "lora", check=False)
+
+
+def test_a_tools_folder_from_before_its_manifest_is_adopted_once_and_only_whole(tmp_path, capsys):
+    """cv, tune and compare kept no manifest before 2026-12-06: their folders are taken as theirs once, when they
+    hold the signature file and nothing else than what they wrote by name then; a user's file there blocks it."""
+    from finetune_recipes.errors import UserError
+    from finetune_recipes.ownership import claim_tool_dir, owned_entries
+    from finetune_recipes.tools.cv import claim_cv_dir
+
+    earlier = tmp_path / "earlier"
+    for name in ("fold_0", "fold_1", "logs", "folds"):
+        (earlier / name).mkdir(parents=True)
+    (earlier / "cv.json").write_text("{}")
+    (earlier / "cv.md").write_text("| fold |")
+    lock, resume = claim_cv_dir(earlier, {"folds": 2}, True, [])
+    os.close(lock)
+    assert "was written by an earlier cv" in capsys.readouterr().err
+    assert {"fold_0", "fold_1", "logs"} <= owned_entries(earlier)  # adopted, then replaced (another plan)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "cv.json").write_text("{}")
+    (mixed / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds 'cv.json', which cv did not write"):
+        claim_cv_dir(mixed, {"folds": 2}, True, [])
+    assert (mixed / "notes.txt").read_text() == "mine" and not (mixed / MANIFEST).exists()
+    with pytest.raises(UserError, match="holds 'x', which tune did not write"):
+        (tmp_path / "t" / "x").mkdir(parents=True)
+        claim_tool_dir(tmp_path / "t", "tune", ["study.db"])

@@ -207,7 +207,7 @@ def bad_inputs(tmp: Path, data: dict[str, Path]) -> dict[str, tuple[str, list, s
         "label column is the text": ("full_finetune", ["--label_column", "text"], "… (96 in all)"),
         "max_length over limit": ("full_finetune", [("--max_length", 1000)], "max_length 1000 is outside 1..64"),
         "unseen validation label": ("full_finetune", [("--validation_file", tmp / "unseen.csv")], "label 'weather'"),
-        "layer_decay": ("llrd", ["--layer_decay", "1.5"], "layer_decay is 1.5; pass a value between 0 and 1"),
+        "layer_decay": ("llrd", ["--layer_decay", "1.5"], "layer_decay is 1.5; pass a value above 0 and at most 1"),
         "negative learning rate": ("llrd", ["--learning_rate=-1e-3"], "learning_rate is -0.001; pass a rate above 0"),
         "pooling without pooler": ("feature_extraction", ["--pooling", "max"], "pooling 'max' is not one of"),
         "bad unfreeze schedule": ("progressive_unfreezing", ["--unfreeze_schedule", "5,3"], "unfreeze_schedule"),

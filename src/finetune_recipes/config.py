@@ -21,11 +21,12 @@ METRICS = {
     MULTI: ("f1_micro", "f1_macro", "f1_samples", "subset_accuracy"),
     REGRESSION: ("mse", "mae", "pearson", "spearman", "r2"),
 }
-LOWER_IS_BETTER = {"mse", "mae"}
+# Lower is better: the built-in errors, and the `evaluate` metrics that are errors without saying so in their name.
+LOWER_IS_BETTER = {"mse", "mae", "rmse", "mape", "smape", "wer", "cer", "ter", "brier_score", "perplexity"}
 
 
 def greater_is_better(metric: str) -> bool:
-    """Which way a metric improves: the built-in errors (mse, mae) and, for an `evaluate` metric (--metric_name),
+    """Which way a metric improves: the errors of LOWER_IS_BETTER and, for another `evaluate` metric (--metric_name),
     a name ending in "loss" (transformers' Trainer rule) or holding "error" go down; every other goes up."""
     return metric not in LOWER_IS_BETTER and not metric.endswith("loss") and "error" not in metric
 
@@ -33,9 +34,20 @@ def greater_is_better(metric: str) -> bool:
 # Field metadata of a flag a resumed run may change: where the run writes, how often it logs, evaluates or saves,
 # where its data comes from (the data itself is compared by content); none alters what the run computes.
 ON_RESUME = "may_change_on_resume"
-# Field metadata of a numeric flag: its (low, high) bounds, None for no bound; every numeric flag has one (a test
-# says so), bounded above where a larger value would exhaust memory or time before anything is learned.
+# Field metadata of a numeric flag: its (low, high) bounds, None for no bound, and "above" third where low itself is
+# out (a rate, a decay); every numeric flag has one (a test says so), bounded above where a larger value would
+# exhaust memory or time before anything is learned.
 RANGE = "range"
+
+
+def range_text(bounds: tuple) -> str:
+    """'at least 1', 'above 0', 'between 0 and 1', 'above 0 and at most 1': a RANGE in words, for messages and
+    --help."""
+    low, high, *above = bounds
+    start = f"above {low}" if above else f"at least {low}"
+    if high is None:
+        return start
+    return f"{start} and at most {high:,}" if above else f"between {low} and {high:,}"
 
 
 @dataclass
@@ -128,8 +140,8 @@ class DataArguments:
         metadata={
             "help": "Hugging Face `evaluate` metrics computed beside the built-in ones, on validation and test: a "
             "Hub name (online) or a local metric script's path, several comma-separated; usable as "
-            "--metric_for_best_model (a result named *loss or *error* is minimised, any other maximised). Needs "
-            "the evaluate extra."
+            "--metric_for_best_model (an error such as mse, mape or wer, or a result named *loss or *error*, is "
+            "minimised; any other maximised). Needs the evaluate extra."
         },
     )
     allow_empty_labels: bool = field(
@@ -222,7 +234,7 @@ class TrainingArguments:
     overwrite_output_dir: bool = False
     per_device_train_batch_size: int = field(default=32, metadata={RANGE: (1, 2**16)})
     per_device_eval_batch_size: int = field(default=64, metadata={RANGE: (1, 2**16), ON_RESUME: True})
-    learning_rate: float = field(default=5e-5, metadata={RANGE: (0, None)})
+    learning_rate: float = field(default=5e-5, metadata={RANGE: (0, None, "above")})
     weight_decay: float = field(default=0.01, metadata={RANGE: (0, None)})
     max_grad_norm: float = field(default=1.0, metadata={RANGE: (0, None)})
     num_train_epochs: float = field(default=3.0, metadata={RANGE: (0, 10**6)})
@@ -273,8 +285,9 @@ class TrainingArguments:
     gradient_checkpointing: bool = field(
         default=False,
         metadata={
+            ON_RESUME: True,  # the same loss and gradients (tests/test_decoders.py): resume in less memory
             "help": "Recompute the blocks' activations in the backward pass instead of keeping them: less memory "
-            "(a decoder LLM's long inputs), about a third more compute; the same loss and gradients."
+            "(a decoder LLM's long inputs), about a third more compute; the same loss and gradients.",
         },
     )
     calibration: str | None = field(
@@ -339,10 +352,11 @@ def check_ranges(config: Any) -> None:
         value = getattr(config, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{f.name} is {value}; pass a finite number")
-        low, high = f.metadata.get(RANGE, (None, None))
-        if value is not None and not ((low is None or value >= low) and (high is None or value <= high)):
-            bounds = f"at least {low}" if high is None else f"between {low} and {high:,}"
-            raise UserError(f"{f.name} is {value}; pass a value {bounds}")
+        if value is None or RANGE not in f.metadata:
+            continue
+        low, high, *above = f.metadata[RANGE]
+        if (low is not None and (value <= low if above else value < low)) or (high is not None and value > high):
+            raise UserError(f"{f.name} is {value}; pass a value {range_text(f.metadata[RANGE])}")
 
 
 RUN_CONTROL = ("overwrite_output_dir", "resume_from_checkpoint", "allow_config_change_on_resume")

@@ -4,6 +4,7 @@ from every process (one row per document), plus the per-class report and multi-l
 from __future__ import annotations
 
 import functools
+import logging
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
@@ -19,6 +20,8 @@ from sklearn.metrics import (
 
 from .config import LOWER_IS_BETTER, METRICS, MULTI, REGRESSION, SINGLE, greater_is_better  # noqa: F401
 from .errors import UserError, first_line
+
+logger = logging.getLogger(__name__)
 
 
 def _array(values, what: str, ndim: int) -> np.ndarray:
@@ -161,7 +164,7 @@ def load_metric(name: str):
     except ImportError:
         raise UserError("--metric_name needs Hugging Face evaluate: pip install 'finetune-recipes[evaluate]'") from None
     try:
-        return evaluate.load(name)
+        return evaluate.load(name, keep_in_memory=True)  # no cache files: processes do not queue for a lock
     except Exception as error:  # FileNotFoundError, ConnectionError, the Hub's own: one line whatever it is
         raise UserError(
             f"cannot load metric '{name}' ({first_line(error)}); pass --metric_name a local metric script or a "
@@ -180,13 +183,24 @@ def metric_inputs(problem_type: str, scores, references, thresholds=0.5) -> tupl
     return np.asarray(scores, dtype=float).reshape(-1).tolist(), np.asarray(references, dtype=float).tolist()
 
 
-def evaluate_metrics(names: tuple[str, ...], problem_type: str, scores, references, thresholds=0.5) -> dict:
+def evaluate_metrics(
+    names: tuple[str, ...], problem_type: str, scores, references, thresholds=0.5, catch: bool = True
+) -> dict:
     """The numbers each metric of `names` reports on these predictions; a key a built-in metric already has
-    (evaluate's `accuracy`) keeps the built-in value."""
+    (evaluate's `accuracy`) keeps the built-in value. A metric that fails is left out with a warning (`catch`),
+    as the probe before training has shown it takes this task's predictions."""
     predictions, refs = metric_inputs(problem_type, scores, references, thresholds)
     out: dict = {}
     for name in names:
-        computed = load_metric(name).compute(predictions=predictions, references=refs) or {}
+        try:
+            computed = load_metric(name).compute(predictions=predictions, references=refs) or {}
+        except Exception as error:  # a metric failing on real predictions must not end a trained run
+            if not catch:
+                raise
+            logger.warning(
+                "metric %s failed on these predictions (%s); its results are left out", name, first_line(error)
+            )
+            continue
         out |= {
             k: float(v) for k, v in computed.items() if isinstance(v, int | float) and k not in METRICS[problem_type]
         }
@@ -209,7 +223,7 @@ def probe_metrics(names: tuple[str, ...], problem_type: str, references) -> tupl
                 f"{'numbers' if wanted == 'f' else 'class ids'}; drop it or pass one for this task"
             )
         try:
-            keys += evaluate_metrics((name,), problem_type, *_perfect(problem_type, references))
+            keys += evaluate_metrics((name,), problem_type, *_perfect(problem_type, references), catch=False)
         except UserError:
             raise
         except Exception as error:

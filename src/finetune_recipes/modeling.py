@@ -80,6 +80,14 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
                 "save it with a pad token (tokenizer.add_special_tokens) and pass --tokenizer_name that folder"
             )
         tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer("a")["input_ids"][-1:] == [tokenizer.eos_token_id]:
+            # Every text would end in the pad token: transformers' pooling (pipeline(), predict) would read each
+            # one a token early, where training read the attention mask.
+            raise UserError(
+                f"the tokenizer of {name_or_path} ends every text with its end-of-sequence token and has no padding "
+                "token, so padding with that token would hide where texts end; save it with a pad token of its own "
+                "(tokenizer.add_special_tokens) and pass --tokenizer_name that folder"
+            )
         logger.info(
             "%s has no padding token: it pads with its end-of-sequence token %r", name_or_path, tokenizer.eos_token
         )
@@ -159,7 +167,7 @@ def build_model(
         overrides = {k: model_args.attention_dropout for k in keys}
     elif not torch.accelerator.is_available():  # the default on CPUs (see ModelArguments.attention_dropout)
         overrides = dict.fromkeys(keys, 0.0)
-    if getattr(base, "pad_token_id", 0) is None:  # a decoder's config: batches beyond 1 need it
+    if is_decoder(base):  # it pads as its tokenizer does (Qwen's configs have no pad id, some another one)
         overrides["pad_token_id"] = load_tokenizer(model_args.tokenizer_name or name).pad_token_id
     config = load_config(
         name,
@@ -190,11 +198,16 @@ def build_model(
 
 
 def check_classifiable(config: PretrainedConfig, name: str, auto_class) -> None:
-    """Refuses, before any weight loads, a model type transformers has no sequence classifier for."""
+    """Refuses, before any weight loads, a model type transformers has no sequence classifier for (registered ones
+    and a model's own code, `auto_map`, count)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     kind = config.model_type
-    if auto_class is AutoModelForSequenceClassification and kind not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+    remote = "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
+    known = kind in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES or type(config) in (
+        AutoModelForSequenceClassification._model_mapping
+    )
+    if auto_class is AutoModelForSequenceClassification and not known and not remote:
         family = type(config).__name__.removesuffix("Config")
         raise UserError(
             f"{name} is a {kind} model, and transformers has no sequence classifier for it (it would need a "

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -184,6 +185,19 @@ def claim_output_dir(
     claim = OutputDir(out, entries(out) - owned_entries(out), lock)
     claim.record(*(entries(out) - claim.kept - BOOKKEEPING), *ahead)
     return claim
+
+
+def adopt_earlier(directory: Path, tool: str, signature: tuple[str, ...], named: Callable[[str], bool]) -> None:
+    """A folder the same tool filled before it kept a manifest (0.2.0 before 2026-12-06): its `signature` entries
+    all there and every entry of the names it writes (`named`: the rule it went by then) make it the tool's,
+    once, said in a line; the manifest decides from then on. Anything else leaves the folder as it is."""
+    present = entries(directory) - BOOKKEEPING
+    if (directory / MANIFEST).exists() or not set(signature) <= present or not all(map(named, present)):
+        return
+    write_manifest(directory, present, set())
+    print(
+        f"{tool}: {directory} was written by an earlier {tool}: its entries are recorded as {tool}'s", file=sys.stderr
+    )
 
 
 def claim_tool_dir(

@@ -172,6 +172,11 @@ def check_packable(model: nn.Module) -> None:
             f"--pack_sequences packs the batches of a transformers sequence classifier; this recipe's model is "
             f"{name}: drop --pack_sequences"
         )
+    if getattr(hf, "score", None) is not None and not hasattr(hf, "classifier"):  # modeling.is_decoder's models
+        raise UserError(
+            f"--pack_sequences packs texts for an encoder's pooled first token; {name} is a decoder, which reads "
+            "each text's last one: drop --pack_sequences"
+        )
     config = copy.deepcopy(hf.config)
     config.num_hidden_layers = 1
     if hasattr(config, "initializer_range"):  # at the usual 0.02, a leaking mask moves random logits by only 1e-5

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import yaml
 from transformers import HfArgumentParser
 
-from .config import METRICS, ON_RESUME, RANGE, DataArguments, TrainingArguments, check_ranges
+from .config import METRICS, ON_RESUME, RANGE, DataArguments, TrainingArguments, check_ranges, range_text
 from .errors import OneLineErrors, Parser, UserError, on_interrupt
 from .processes import die_with_launcher, run_to_end
 from .strategy_args import CacheArguments
@@ -34,9 +34,7 @@ class DataclassParser(OneLineErrors, HfArgumentParser):
         # would break --help.
         metadata = {k: v for k, v in field.metadata.items() if k not in (ON_RESUME, RANGE)}
         if RANGE in field.metadata:
-            low, high = field.metadata[RANGE]
-            bounds = f"at least {low}" if high is None else f"{low} to {high:,}"
-            metadata["help"] = f"{metadata.get('help', '')} ({bounds})".lstrip()
+            metadata["help"] = f"{metadata.get('help', '')} ({range_text(field.metadata[RANGE])})".lstrip()
         if "help" in metadata:
             metadata["help"] = metadata["help"].replace("%", "%%")
         if metadata != dict(field.metadata):

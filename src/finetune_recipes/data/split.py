@@ -119,7 +119,8 @@ def check_stratifiable(pool: Dataset, percentage: float, split: str) -> None:
             f"class '{names[rare[0]]}' has one unique training example, and holding out a stratified {split} split "
             f"needs two of each class: add examples of '{names[rare[0]]}', or pass --{split}_file"
         )
-    held_out, classes = round(len(pool) * percentage / 100), int((counts > 0).sum())
+    # datasets holds out ceil(n · share), as scikit-learn's train_test_split does
+    held_out, classes = math.ceil(percentage / 100 * len(pool)), int((counts > 0).sum())
     if 0 < held_out < classes:
         least = math.ceil(100 * classes / len(pool))
         raise UserError(

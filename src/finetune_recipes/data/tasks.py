@@ -125,9 +125,21 @@ def problem_type_of(train: Dataset, args: DataArguments) -> str:
         )
     if asked:
         return asked
-    # Numbers written in a CSV are read as the strings written (labels 01 and 1 stay two classes).
-    labels = [v for v in train[args.label_column] if v is not None]
-    numeric = isinstance(feature, Value) and (feature.dtype.startswith("float") or all(map(_reads_as_float, labels)))
+    # A CSV's labels are the strings written (labels 01 and 1 stay two classes): their numbers are read here, as
+    # pandas read them before; JSON and Parquet say themselves which values are numbers.
+    cells = train[args.label_column]
+    labels = [v for v in cells if v is not None]
+    numeric = isinstance(feature, Value) and feature.dtype.startswith("float")
+    if from_csv(args) and labels and not numeric:
+        readable = [_reads_as_float(v) for v in labels]
+        decimals = [v for v, ok in zip(labels, readable, strict=True) if ok and not float(v).is_integer()]
+        if decimals and not all(readable):  # a regression's column with a cell that is no number ('NA', 'high')
+            i = next(i for i, v in enumerate(cells) if v is not None and not _reads_as_float(v))
+            raise UserError(
+                f"column '{args.label_column}' holds numbers such as {decimals[0]} and {cells[i]!r} (example {i} "
+                "of the train split); fill in or drop that row, or pass --problem_type single_label for classes"
+            )
+        numeric = all(readable)
     if numeric and labels:
         values = np.asarray(labels, dtype=np.float64)
         if np.any(values != np.round(values)):
@@ -172,7 +184,7 @@ def encode_single_label(raw: DatasetDict, args: DataArguments) -> tuple[DatasetD
         names = list(feature.names)
         values = list(range(len(names)))
     else:
-        values = sorted(set(raw["train"][column]), key=label_order)
+        values = sorted(set(raw["train"][column]), key=label_order if from_csv(args) else None)
         names = [str(v) for v in values]
     if len(raw["train"]) >= 20 and len(names) > len(raw["train"]) / 2:
         logger.warning(
@@ -205,8 +217,13 @@ def _refuse_unseen(seen: set[str], known: list[str], split: str, names: list[str
         )
 
 
+def from_csv(args: DataArguments) -> bool:
+    return (args.train_file or "").lower().endswith(".csv")
+
+
 def label_order(label) -> tuple:
-    """Labels in order: numbers by value, then as written ('2' before '10', '01' beside '1'), then the rest."""
+    """A CSV's labels in order: numbers by value, as pandas' numbers sorted before they were read as written ('2'
+    before '10', '01' beside '1'), then the rest."""
     return (0, float(label), str(label)) if _is_number(label) else (1, 0.0, str(label))
 
 

@@ -99,11 +99,14 @@ def _short(text: str, width: int = 80) -> str:
 
 def main(cv_dir: str | Path) -> list[str]:
     """`finetune-recipes audit CV_DIR`: the audit of a finished cv, written into it (label_issues.csv, cv.md)."""
-    from ..ownership import lock_output_dir
-    from .cv_report import read_plan, write_outputs
+    from ..ownership import adopt_earlier, lock_output_dir
+    from .cv_report import read_plan, write_outputs, written_before_manifests
 
     out = Path(cv_dir)
     plan, runs = read_plan(out)
+    adopt_earlier(
+        out, "cv", ("cv.json", "folds"), written_before_manifests
+    )  # a cv from before manifests: its files are its own
     import_cleanlab()
     lock = lock_output_dir(out, None)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..atomic import remove
+from ..atomic import is_temporary, remove
 from ..catalog import (
     as_flags,
     flag_groups,
@@ -25,7 +25,7 @@ from ..catalog import (
 from ..config import SHARED_TYPES
 from ..errors import Parser, UserError, listing, on_interrupt
 from ..metrics import MULTI, REGRESSION, SINGLE, task_metrics
-from ..ownership import LOCK, MANIFEST, claim_tool_dir, entries, owned_entries
+from ..ownership import LOCK, MANIFEST, adopt_earlier, claim_tool_dir, entries, owned_entries, write_manifest
 from ..parsing import parse_config
 from ..rendering import cell
 from .compare_report import plot, reported_split, summarise, table_metrics, write_table
@@ -74,6 +74,9 @@ def claim_compare_dir(out: Path, overwrite: bool, planned: set[str], inputs: lis
         "(a recipe's folder loses only what its run wrote; tuning studies resume) or another --output_dir"
     )
     writes = [*OUTPUTS, *planned, "feature_cache"]  # feature_cache: what frozen weights computed, shared
+    runs = {*list_recipes(), *(f"{r}_seed{s}" for r in list_recipes() for s in seeds_in(out, r))}
+    named = lambda n: n in OUTPUTS or n in runs or n == "feature_cache" or is_temporary(n)  # noqa: E731
+    adopt_earlier(out, "compare", ("comparison.md", "comparison.csv"), named)  # its rule before it kept a manifest
     return claim_tool_dir(out, "compare", writes, "" if overwrite else earlier, inputs)
 
 
@@ -214,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "finetune-recipes compare " + " ".join(argv or [])
     print(write_table(rows, runs, out, command.strip(), known.folds or len(seeds)))
     plot(rows, out / "comparison.png")
+    write_manifest(
+        out, ["comparison.md", "comparison.csv", "comparison.png"], set()
+    )  # what was never written drops out
     os.close(lock)
     print(f"Wrote {out / 'comparison.md'}, comparison.csv and comparison.png")
 

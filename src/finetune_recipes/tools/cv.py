@@ -30,18 +30,19 @@ from ..atomic import atomic_path, atomic_write, remove
 from ..catalog import caches_features, given_names, list_recipes, recipe_types, recipes_dir, resolve_recipe
 from ..config import MULTI, REGRESSION, SHARED_TYPES, SINGLE
 from ..errors import Parser, UserError, on_interrupt, write_failure
-from ..ownership import LOCK, MANIFEST, claim_tool_dir, entries, owned_entries
+from ..ownership import LOCK, MANIFEST, adopt_earlier, claim_tool_dir, entries, owned_entries
 from ..parsing import parse_config
 from ..processes import PARENT, die_with_parent
 from ..readback import read_json
+from .cv_report import CV_NAMES, written_before_manifests
 from .tune import error_line, flag_inputs, old_name, refuse_hub_flags, tool_dir
 
 PLAN = "cv.json"
-RERUN = "run the same command with --overwrite_output_dir to redo the cv"
-A_REFUSAL = "failed (2)"  # a recipe's refusal of its input: the other folds, on the same flags, would be refused too
-OUTPUTS = ("cv.md", "cv.csv", "cv.png", PLAN, "oof_predictions.csv", "label_issues.csv", "folds", "logs")
-OUTPUTS += ("feature_cache",)  # what frozen weights computed, shared by the folds
-OUTPUTS += (MANIFEST, LOCK)
+RERUN = "run the same command again, with --overwrite_output_dir to start over"
+# A run that ended on its own `error:` line (exit code 2 alone, 1 under accelerate launch) refused its input or met a
+# full disk: the other folds, on the same flags and disk, would end the same way.
+SAID = "(log: "
+OUTPUTS = (*CV_NAMES, MANIFEST, LOCK)  # feature_cache among them: what frozen weights computed, shared by the folds
 # + fold_0, fold_1, ...: each fold's run (its output_dir); folds/fold_K/ holds its train and validation files
 DATA_FLAGS = ("train_file", "validation_file", "test_file", "dataset_name", "dataset_config_name")
 REFUSED = {  # flags that would break "every example predicted once", with what to do instead
@@ -234,16 +235,16 @@ def claim_cv_dir(out: Path, plan: dict, overwrite: bool, inputs: list[str]) -> t
         if not overwrite:
             raise
         earlier = {}  # damaged: replaced like a cv of another plan
-    writes = [*OUTPUTS, *(f"fold_{k}" for k in range(plan["folds"]))]
-    lock = claim_tool_dir(out, "cv", writes, inputs=inputs)
     same = earlier is not None and {k: earlier.get(k) for k in plan} == plan
+    if earlier is not None and not same and not overwrite:  # refused before anything is written
+        raise UserError(
+            f"--output_dir {out} holds a cv of other data, folds or flags; pass --overwrite_output_dir to "
+            "replace it or another --output_dir"
+        )
+    writes = [*OUTPUTS, *(f"fold_{k}" for k in range(plan["folds"]))]
+    adopt_earlier(out, "cv", (PLAN, "folds"), written_before_manifests)
+    lock = claim_tool_dir(out, "cv", writes, inputs=inputs)
     if earlier is not None and not same:
-        if not overwrite:
-            os.close(lock)
-            raise UserError(
-                f"--output_dir {out} holds a cv of other data, folds or flags; pass --overwrite_output_dir to "
-                "replace it or another --output_dir"
-            )
         for name in sorted((owned_entries(out) & entries(out)) - {MANIFEST, LOCK, "logs"}):
             remove(out / name)
     return lock, same
@@ -318,7 +319,7 @@ def run_folds(recipe: Path, flags: list[str], out: Path, k: int, has_test: bool,
         rows.append({**row, "fold": fold})
         progress.update()
         tqdm.write(f"fold {fold}: {row['status']}" + (" (finished earlier)" if row.get("resumed") else ""))
-        if row["status"].startswith(A_REFUSAL):
+        if SAID in row["status"]:
             break
     progress.close()
     failed = [r for r in rows if r["status"] != "ok"]
@@ -351,7 +352,7 @@ def run_recipe(recipe: str, out: Path, folder: str, flags: list[str], overwrite:
         wall = round(time.perf_counter() - start, 1)
     if code != 0:
         cause = error_line(log)  # the run's own one line, else "see LOG"
-        status = f"failed ({code}): " + (f"{cause[7:]} (log: {log})" if cause.startswith("error: ") else cause)
+        status = f"failed ({code}): " + (f"{cause[7:]} {SAID}{log})" if cause.startswith("error: ") else cause)
         return {"strategy": recipe, "wall_time_s": wall, "status": status}
     results = read_json(out / folder / "results.json", RERUN)
     return {"strategy": recipe, **results, "wall_time_s": wall, "status": "ok"}

@@ -5,22 +5,29 @@ and by their averaged probabilities, and the label audit's section when there is
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, is_temporary
 from ..config import METRICS, MULTI, REGRESSION, SINGLE
 from ..errors import UserError
 from ..metrics import task_metrics
-from ..ownership import refuse_unowned
+from ..ownership import refuse_unowned, write_manifest
 from ..readback import read_json
 from ..rendering import cell, csv_text, markdown_table, png, pyplot
 from ..reporting.predictions import read_csv, read_label_list, scores_of
 from .compare_report import summarise
 
 OOF = "oof_predictions.csv"
+# What cv writes (and, before it kept a manifest, went by: ownership.adopt_earlier), beside its fold_K/ folders.
+CV_NAMES = ("cv.md", "cv.csv", "cv.png", "cv.json", OOF, "label_issues.csv", "folds", "logs", "feature_cache")
+
+
+def written_before_manifests(name: str) -> bool:
+    return name in CV_NAMES or re.fullmatch(r"fold_\d+", name) is not None or is_temporary(name)
 
 
 def out_of_fold(out: Path, plan: dict) -> list[dict]:
@@ -137,6 +144,7 @@ def write_outputs(out: Path, plan: dict, runs: list[dict], audit: Callable | Non
     ensemble = ensemble_test(out, plan) if "test_samples" in runs[0] else {}
     files["cv.md"] = cv_markdown(plan, table, oof, ensemble, section)
     refuse_unowned(out, files, "audit" if audit is not None else "cv")
+    write_manifest(out, files, set())  # first, as a run records; names listed ahead and never written drop out
     for name, content in files.items():
         atomic_write(out / name, content)
     return list(files)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..atomic import is_temporary
 from ..catalog import (
     as_flags,
     caches_features,
@@ -33,7 +34,7 @@ from ..catalog import (
 )
 from ..config import SHARED_TYPES, RunArgs, greater_is_better
 from ..errors import Parser, UserError, listing, on_interrupt
-from ..ownership import LOCK, MANIFEST, claim_tool_dir, write_manifest
+from ..ownership import LOCK, MANIFEST, adopt_earlier, claim_tool_dir, write_manifest
 from ..parsing import parse_config
 from ..processes import PARENT
 from .search_space import check_space, search_space, suggest
@@ -76,6 +77,12 @@ class Study:
             names = optuna.get_all_study_names(storage)
             if recipe.stem not in names:
                 raise UserError(f"{directory} holds a study of {listing(names)}; pass another --output_dir")
+        adopt_earlier(
+            directory,
+            "tune",
+            (STUDY, "trials.csv"),
+            lambda n: n in OUTPUTS or n.startswith(".trial_") or is_temporary(n),
+        )
         self.lock = claim_study_dir(directory, inputs)
         self.pruner_name = options["pruner"]
         self.study = optuna.create_study(
@@ -391,6 +398,7 @@ def run_study(
         with on_interrupt(f"the finished trials are kept in {directory}; the same command resumes the study"):
             study.optimize(n_trials, timeout)
         written = study.write(command.strip())
+        write_manifest(directory, written, set())  # names listed ahead and never written drop out
     finally:
         os.close(study.lock)
     best = study.best()

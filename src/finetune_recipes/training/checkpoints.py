@@ -133,7 +133,8 @@ def write_atomically(accelerator: Accelerator, final: Path, write: Callable[[Pat
         shutil.rmtree(partial, ignore_errors=True)
         output_dir = final.parent.parent
         raise UserError(
-            f"cannot save {final.name} in {final.parent} ({reason}), so free space; {kept_checkpoint(output_dir)}"
+            f"cannot save {final.name} in {final.parent} ({reason}): free space or fix permissions; "
+            f"{kept_checkpoint(output_dir)}"
         ) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
