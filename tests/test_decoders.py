@@ -104,7 +104,7 @@ def trained(decoders, tiny_data, tmp_path_factory) -> dict[str, Path]:
         run_inline(
             run.split("/")[0], "--model_name_or_path", decoders[family], "--train_file", tiny_data["train"],
             "--validation_file", tiny_data["validation"], "--max_length", "32", "--per_device_train_batch_size", "8",
-            "--num_train_epochs", "2", "--learning_rate", "3e-3", "--output_dir", out, *FP32, *extra,
+            "--num_train_epochs", "1", "--learning_rate", "3e-3", "--output_dir", out, *FP32, *extra,
         )  # fmt: skip
     return outs
 

@@ -43,7 +43,7 @@ def scripts(tmp_path_factory) -> dict[str, Path]:
 def measured(module_args, tiny_data, scripts, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("evaluate") / "out"
     run_inline(
-        "full_finetune", *module_args, "--test_file", tiny_data["test"], "--num_train_epochs", "3",
+        "full_finetune", *module_args, "--test_file", tiny_data["test"], "--num_train_epochs", "2",
         "--learning_rate", "3e-3", "--metric_name", scripts["error_rate"], "--metric_for_best_model", "agreement",
         "--output_dir", out,
     )  # fmt: skip
