@@ -23,7 +23,7 @@ from .atomic import atomic_path
 from .config import DataArguments, TrainingArguments
 from .data import EpochWeightedSampler, aggregate_windows
 from .errors import UserError
-from .modeling import is_decoder
+from .modeling import is_decoder, last_real_token
 from .strategy_args import CacheArguments, EncodeArguments  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def pool(outputs, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     if pooling == "cls":
         return hidden[:, 0]
     if pooling == "last":
-        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).to(torch.int64).argmax(-1)
+        last = last_real_token(attention_mask)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

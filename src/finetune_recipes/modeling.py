@@ -94,6 +94,11 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def last_real_token(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last position the attention mask keeps: where a text ends, under right or left padding."""
+    return attention_mask.shape[1] - 1 - attention_mask.flip(-1).to(torch.int64).argmax(-1)
+
+
 def pool_last_real_token(model: PreTrainedModel) -> None:
     """A decoder classifier (its head `score` reads every position) scores each text by its last token, which
     transformers finds as the last one that is not the pad token: wrong where the pad token is end-of-sequence
@@ -109,7 +114,7 @@ def pool_last_real_token(model: PreTrainedModel) -> None:
         mask = kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2 or not per_token:
             return output
-        last = mask.shape[1] - 1 - mask.flip(-1).to(torch.int64).argmax(-1)
+        last = last_real_token(mask)
         logits = per_token.pop()
         output.logits = logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
         return output

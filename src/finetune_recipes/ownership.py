@@ -256,11 +256,11 @@ def claim_tool_dir(
 
 def refuse_unowned(directory: Path, names: Iterable[str], command: str) -> None:
     """Refuses to write `names` into `directory` where one is there and its manifest does not list it: a file a
-    user put there since (an `audit` after the cv) is theirs."""
+    user put there since (an `audit` after the cv, a `report` after the run) is theirs."""
     owned = owned_entries(directory)
     theirs = sorted(n for n in names if (directory / n).exists() and n not in owned)
     if theirs:
         raise UserError(
-            f"{directory / theirs[0]} is not a finetune-recipes output and {command} would replace it; move it "
-            f"away, then run {command} again"
+            f"{directory / theirs[0]} is not a run's output and {command} would replace it; move it away, then "
+            f"run {command} again"
         )

@@ -14,7 +14,7 @@ import yaml
 from ..atomic import atomic_write
 from ..config import REGRESSION
 from ..errors import UserError, first_line
-from ..ownership import file_hash, lock_output_dir, owned_entries, rendered_hashes, write_manifest
+from ..ownership import file_hash, lock_output_dir, refuse_unowned, rendered_hashes, write_manifest
 from .card import render_card, render_report
 from .predictions import prediction_rows, read_csv, regression_pairs, to_csv
 
@@ -85,10 +85,8 @@ def report(path: str | Path) -> list[str]:
     rendered = render_saved(out)
     lock = lock_output_dir(out, None)  # no run may be writing there meanwhile
     try:
-        owned, hashes = owned_entries(out), rendered_hashes(out)
-        theirs = sorted(n for n in rendered if (out / n).exists() and n not in owned)
-        if theirs:  # a run only ever replaces what a run wrote
-            raise UserError(f"{out / theirs[0]} is not a run's output; move it away, then run `report` again")
+        hashes = rendered_hashes(out)
+        refuse_unowned(out, rendered, "`report`")  # a run only ever replaces what a run wrote
         edited = [
             n for n in rendered if (out / n).exists() and n in hashes and file_hash((out / n).read_bytes()) != hashes[n]
         ]

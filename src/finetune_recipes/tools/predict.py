@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -21,9 +23,11 @@ MODEL_ONNX, HEAD_ONNX = "model.onnx", "head.onnx"  # what `export` writes
 # What features.FeatureClassifier saves beside its encoder; named here, not imported, since importing
 # features loads torch, which the ONNX path never needs.
 HEAD_CONFIG = "feature_head.json"
+T = TypeVar("T")
 RESTORE = "restore it, or train (and export) again"
-# The files a model folder is read with besides its weights, each read back checked: a damaged one is one line.
-READ_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "recipe_config.yaml", "results.json")
+# The small files a model folder is read with besides its weights, each read back checked before anything loads: a
+# damaged one is one line. tokenizer.json (megabytes for a decoder's) is checked only where it fails to load.
+READ_FILES = ("config.json", "tokenizer_config.json", "recipe_config.yaml", "results.json")
 
 
 def check_model_dir(path: Path) -> None:
@@ -219,8 +223,8 @@ def torch_logits(path: Path, texts: list[str], settings: dict, batch_size: int, 
 
     from ..modeling import bf16_supported
 
+    tokenizer = open_tokenizer(path, lambda: AutoTokenizer.from_pretrained(path))  # first: it fails quicker
     model = load_classifier(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     if settings["windows"]:
         from ..data.windows import encode_windows
 
@@ -254,7 +258,7 @@ def onnx_logits(path: Path, texts: list[str], settings: dict, batch_size: int) -
     from tokenizers import Tokenizer
 
     session = onnx_session(onnxruntime, path, MODEL_ONNX)
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer = open_tokenizer(path, lambda: Tokenizer.from_file(str(path / "tokenizer.json")))
     tokenizer.no_padding()  # padded below, per length-sorted batch
     tokenizer.enable_truncation(settings["max_length"], stride=settings["stride"] if settings["windows"] else 0)
     encodings, documents = [], []
@@ -295,6 +299,17 @@ def pad(encodings: list, pad_id: int) -> dict[str, np.ndarray]:
         batch["attention_mask"][row, :n] = 1
         batch["token_type_ids"][row, :n] = encoding.type_ids
     return batch
+
+
+def open_tokenizer(path: Path, load: Callable[[], T]) -> T:
+    """`load()`s the saved tokenizer; where that fails, a damaged tokenizer.json is one line naming it (the
+    tokenizers library raises a plain Exception for it), read only then, not parsed twice on every start."""
+    try:
+        return load()
+    except Exception:
+        if (path / "tokenizer.json").exists():
+            read_json(path / "tokenizer.json", RESTORE)
+        raise
 
 
 def pad_token_id(path: Path, tokenizer) -> int:
