@@ -53,6 +53,7 @@ from finetune_recipes.kit import (
     evaluate,
     fit_head,
     freeze,
+    head_has_bias,
     load_data,
     pair_dataloader,
     param_groups,
@@ -186,8 +187,11 @@ def main(model_args, data_args, training_args: TrainingArguments, pairs_args: Co
         evaluate(classifier, test_loader, data.task, accelerator, data_args.window_aggregation) if test_loader else None
     )
 
-    # Calibrate: a temperature fitted on validation (multi-label: thresholds tuned there), returned to be saved.
-    calibration = calibrate(data.task, {"validation": final, "test": test}, training_args.calibration)
+    # Calibrate: scores as trained, a temperature or vector scaling, chosen on validation's held-out folds and
+    # fitted there (multi-label: thresholds tuned there too), returned to be saved; a head without a bias
+    # (decoders' `score`) takes scales only.
+    shift = head_has_bias(classifier, data.task.num_labels)  # Strategy: the head fitted on the embeddings
+    calibration = calibrate(data.task, {"validation": final, "test": test}, training_args.calibration, shift)
     results = {**run_results(data.task, state, early_stopping, calibration, schedule), **timing}
 
     # Save: encoder + pooling + head as one Transformers classifier, which pipeline() and predict load.

@@ -44,6 +44,7 @@ from finetune_recipes.kit import (
     evaluate,
     feature_loaders,
     freeze,
+    head_has_bias,
     load_data,
     param_groups,
     push_to_hub,
@@ -173,8 +174,11 @@ def main(model_args, data_args, training_args: TrainingArguments, feats: Feature
     final = evaluate(model, eval_loader, data.task, accelerator, data_args.window_aggregation)
     test = evaluate(model, test_loader, data.task, accelerator, data_args.window_aggregation) if test_loader else None
 
-    # Calibrate: a temperature fitted on validation (multi-label: thresholds tuned there), returned to be saved.
-    calibration = calibrate(data.task, {"validation": final, "test": test}, training_args.calibration)
+    # Calibrate: scores as trained, a temperature or vector scaling, chosen on validation's held-out folds and
+    # fitted there (multi-label: thresholds tuned there too), returned to be saved; a head without a bias
+    # (decoders' `score`) takes scales only.
+    shift = head_has_bias(model, data.task.num_labels)
+    calibration = calibrate(data.task, {"validation": final, "test": test}, training_args.calibration, shift)
     results = {**run_results(data.task, state, early_stopping, calibration, schedule), **timing}
 
     # Save: encoder + pooling + head (Strategy), which `finetune-recipes predict` runs on raw text.

@@ -33,6 +33,7 @@ from finetune_recipes.kit import (
     claim_outputs,
     end_training,
     evaluate,
+    head_has_bias,
     load_data,
     param_groups,
     push_to_hub,
@@ -136,8 +137,11 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     final = evaluate(model, eval_loader, data.task, accelerator, data_args.window_aggregation)
     test = evaluate(model, test_loader, data.task, accelerator, data_args.window_aggregation) if test_loader else None
 
-    # Calibrate: a temperature fitted on validation (multi-label: thresholds tuned there), returned to be saved.
-    calibration = calibrate(data.task, {"validation": final, "test": test}, training_args.calibration)
+    # Calibrate: scores as trained, a temperature or vector scaling, chosen on validation's held-out folds and
+    # fitted there (multi-label: thresholds tuned there too), returned to be saved; a head without a bias
+    # (decoders' `score`) takes scales only.
+    shift = head_has_bias(model, data.task.num_labels)
+    calibration = calibrate(data.task, {"validation": final, "test": test}, training_args.calibration, shift)
     results = {**run_results(data.task, state, early_stopping, calibration, schedule), **timing}
 
     # Save: model and tokenizer where pipeline() loads them, results, predictions, the card; then the Hub.

@@ -199,3 +199,29 @@ def test_a_tokenizer_that_ends_texts_with_eos_and_has_no_pad_is_refused(decoders
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(UserError, match="ends every text with its end-of-sequence token and has no padding token"):
         load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_head_without_a_bias_is_calibrated_by_scales_alone(family, decoders):
+    """Decoders' `score` has no bias: calibration fits no shift for it, and the scales fold into its rows, so the
+    saved model gives the calibrated scores with no weight it cannot load."""
+    import numpy as np
+
+    from finetune_recipes.calibration import fit_scaling
+    from finetune_recipes.modeling import head_has_bias
+    from finetune_recipes.training.save import fold_into
+
+    model = AutoModelForSequenceClassification.from_pretrained(decoders[family], num_labels=3)
+    assert not head_has_bias(model, 3)
+    logits = np.random.default_rng(0).normal(0, 2, (600, 3))
+    planted = np.exp(logits * [0.3, 1.0, 2.0])  # some classes over-, others underconfident
+    cumulative = (planted / planted.sum(-1, keepdims=True)).cumsum(-1)
+    labels = (np.random.default_rng(1).random((600, 1)) > cumulative).sum(-1).clip(0, 2)
+    scaling = fit_scaling("vector", logits, labels, "single_label_classification", shift=False)
+    assert scaling.method == "vector" and scaling.shift == [0.0] * 3 and len(set(scaling.scale)) == 3
+    state = model.state_dict()
+    weight = state["score.weight"].clone()
+    fold_into(state, "score", scaling.shift, scaling.scale)
+    torch.testing.assert_close(state["score.weight"], weight * torch.tensor(scaling.scale)[:, None])
+    with pytest.raises(ValueError, match="no bias"):
+        fold_into(model.state_dict(), "score", [0.5, 0.0, 0.0], [1.0] * 3)

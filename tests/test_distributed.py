@@ -149,9 +149,12 @@ def test_best_weights_on_disk_on_two_processes_kept_beside_the_checkpoints(tiny_
     assert kept == sorted({f"step_{results['steps']}", f"best_step_{best['step']}"})
     saved = load_file(out / "model.safetensors")
     best_weights = load_file(out / "checkpoints" / f"best_step_{best['step']}" / "model.safetensors")
-    (temperature,) = results["task"]["temperature"].values()  # folded into the saved head, not the checkpoint's
-    for name, tensor in best_weights.items():
-        if name.startswith("classifier."):
-            torch.testing.assert_close(saved[name], tensor * (1 / temperature), msg=name)
+    scaling = results["task"].get("calibration", {"scale": {"all": 1.0}, "shift": {"all": 0.0}})
+    scale, shift = (torch.tensor(list(scaling[k].values())) for k in ("scale", "shift"))
+    for name, tensor in best_weights.items():  # the calibration is folded into the saved head, not the checkpoint's
+        if name == "classifier.weight":
+            torch.testing.assert_close(saved[name], tensor * scale[:, None], msg=name)
+        elif name == "classifier.bias":
+            torch.testing.assert_close(saved[name], tensor * scale + shift, msg=name)
         else:
             torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0, msg=name)

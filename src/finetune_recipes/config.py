@@ -294,8 +294,10 @@ class TrainingArguments:
         default=None,
         metadata={
             ON_RESUME: True,
-            "help": "temperature (the default for classification): fit a temperature on validation at the end and "
-            "fold it into the saved output layer, so its probabilities mean what they say; none: save as trained.",
+            "help": "auto (the default for classification): at the end, choose among the scores as trained, a "
+            "temperature and vector scaling (a scale and a shift per class) by their log-loss on held-out folds of "
+            "validation, fit the choice on all of it and fold it into the saved output layer, so its probabilities "
+            "mean what they say; temperature or vector: that one; none: save as trained.",
         },
     )
     early_stopping_patience: int | None = field(
@@ -328,8 +330,8 @@ class TrainingArguments:
                 )
         if self.mixed_precision not in (None, "no", "bf16", "fp16", "auto"):
             raise UserError(f"mixed_precision '{self.mixed_precision}' is not one of no, bf16, fp16, auto")
-        if self.calibration not in (None, "temperature", "none"):
-            raise UserError(f"calibration '{self.calibration}' is not one of temperature, none")
+        if self.calibration not in (None, "auto", "temperature", "vector", "none"):
+            raise UserError(f"calibration '{self.calibration}' is not one of auto, temperature, vector, none")
         if self.eval_strategy not in ("epoch", "steps"):
             raise UserError(f"eval_strategy '{self.eval_strategy}' is not one of epoch, steps")
         if self.eval_strategy == "steps" and not (self.eval_steps and self.eval_steps > 0):

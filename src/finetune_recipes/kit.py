@@ -22,7 +22,7 @@ from .features import (
 )
 from .freezing import Thaw, count_parameters, format_trainable, freeze, set_trainable, stage_starts, unfreezing_stages
 from .layers import block_linears, discover_layers, stored_transposed
-from .modeling import build_model
+from .modeling import build_model, head_has_bias
 from .optim import build_optimizer, build_schedule, format_groups, lr_trajectory, param_groups, plot_lr_schedule
 from .parsing import run_cli
 from .sentence import (

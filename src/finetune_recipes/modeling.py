@@ -288,6 +288,11 @@ def target_head(model: torch.nn.Module, outputs: int = 1) -> str:
     return trained[-1][0]
 
 
+def head_has_bias(model: torch.nn.Module, outputs: int) -> bool:
+    """Whether the output layer (target_head) has a bias for a calibration's shift: decoders' `score` has none."""
+    return model.get_submodule(target_head(model, outputs)).bias is not None
+
+
 def bf16_supported(device: torch.device) -> bool:
     """bf16 pays off on GPUs that have it and on CPUs with AVX-512 BF16 or AMX; elsewhere it is emulated."""
     if device.type == "cuda":

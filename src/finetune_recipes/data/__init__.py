@@ -67,11 +67,12 @@ def load_data(
 
 def check_task_flags(training_args, task: Task, validation: Dataset) -> None:
     """The training flags that depend on the task: metric_for_best_model must be one it computes (--metric_name's
-    included) and defined on this validation split; --calibration temperature needs classes (the default skips
-    regression)."""
+    included) and defined on this validation split; --calibration temperature or vector needs classes (the
+    default skips regression)."""
     problem_type = task.problem_type
-    if training_args.calibration == "temperature" and problem_type == REGRESSION:
-        raise UserError("calibration temperature scales class probabilities, and regression has none; drop it")
+    if training_args.calibration in ("temperature", "vector") and problem_type == REGRESSION:
+        method = training_args.calibration
+        raise UserError(f"calibration {method} scales class probabilities, and regression has none; drop it")
     name = training_args.metric_for_best_model
     if name and name not in task.metrics:
         kind = problem_type.replace("_classification", "").replace("_", "-")

@@ -73,33 +73,83 @@ def metrics_table(results: dict) -> str:
 
 
 def calibration_section(results: dict) -> str:
-    """How far the scores are from frequencies, per split, before and after the temperature (if one was fitted),
-    and the picture of it: empty for regression."""
+    """How far the scores are from frequencies, per split, before and after the scaling (if one was applied);
+    what chose it; the test ECE beside the floor a perfectly calibrated model shows at that size; each method's
+    held-out and test figures; and the picture of it. Empty for regression."""
     calibration = results.get("calibration")
     if not calibration:
         return ""
     splits = [(name, p) for name, p in (("validation", "eval"), ("test", "test")) if f"{p}_ece" in results]
-    fitted = "temperature" in results["task"]
-    variants = [(" (as trained)", "_uncalibrated"), (" (calibrated)", "")] if fitted else [("", "")]
+    scaled = calibration["method"] != "identity"
+    variants = [(" (as trained)", "_uncalibrated"), (" (calibrated)", "")] if scaled else [("", "")]
     rows = [
         [f"{name}{label}", *(results.get(f"{p}_{m}{suffix}") for m in ("ece", "nll", "brier"))]
         for name, p in splits
         for label, suffix in variants
     ]
-    if fitted:
-        shown = ", ".join(f"{n} {t:.3f}" for n, t in results["task"]["temperature"].items())
-        intro = (
-            f"Scores are calibrated: a temperature fitted on validation (by its log-loss: {shown}) divides the "
-            "output layer's weights, so that a score of 0.9 means right about 9 times in 10 on data like that split; "
-            "predicted labels are unchanged."
-        )
+    parts = ["### Calibration", calibration_said(results), floor_said(results, splits[-1])]
+    parts.append(table(["split", "ECE (15 bins)", "NLL", "Brier"], rows, right=(1, 2, 3)))
+    if "held_out_nll" in calibration and "test" in calibration:
+        held_out, test = calibration["held_out_nll"], calibration["test"]
+        evidence = [[m, held_out[m], test[m]["ece"], test[m]["nll"]] for m in held_out]
+        header = ["each method, fitted on validation", "held-out NLL (validation's folds)", "test ECE", "test NLL"]
+        parts.append(table(header, evidence, right=(1, 2, 3)))
+    return "\n\n".join([*parts, "![reliability diagram](reliability.png)"])
+
+
+def calibration_said(results: dict) -> str:
+    """What the scores are, and the evidence for it, in words."""
+    calibration, task = results["calibration"], results["task"]
+    asked, method, supported = calibration["asked"], calibration["method"], calibration.get("chosen")
+    if asked == "none":
+        return "Scores are as trained (--calibration none)."
+    held_out = calibration.get("held_out_nll")
+    evidence = (
+        "held-out folds of validation (each method fitted on 4 fifths, its log-loss measured on the fifth)"
+        if held_out
+        else "validation, too small to hold folds out (under 30 examples)"
+    )
+    if method == "identity":
+        why = "neither a temperature nor vector scaling lowered the log-loss by more than its standard error"
+        return f"Scores are as trained: on {evidence}, {why}." if held_out else f"Scores are as trained: {evidence}."
+    if method == "temperature":
+        shown = ", ".join(f"{n} {t:.3f}" for n, t in task["temperature"].items())
+        what = f"a temperature ({shown}) that divides the output layer's weights; predicted labels are unchanged"
     else:
-        intro = "Scores are as trained (--calibration none)."
-    return "\n\n".join([
-        "### Calibration", intro,
-        table(["split", "ECE (15 bins)", "NLL", "Brier"], rows, right=(1, 2, 3)),
-        "![reliability diagram](reliability.png)",
-    ])  # fmt: skip
+        what = "vector scaling (a scale per class, and a shift where the output layer has a bias), folded into the "
+        what += "output layer's weights and bias; a predicted label can change"
+    if asked == "auto":  # "calibrated" where the held-out choice and the last split's floor agree
+        last = "test" if "test_ece_floor_p95" in results else "eval"
+        verb = "calibrated" if results[f"{last}_ece"] <= results[f"{last}_ece_floor_p95"] else "scaled"
+        return (
+            f"Scores are {verb} by {what}. It was chosen on {evidence}, where it lowered the log-loss by more "
+            "than its standard error, then fitted on all of validation."
+        )
+    said = f"Scores are scaled by {what} (--calibration {asked}), fitted on validation."
+    if supported and supported != method:
+        said += f" The held-out evidence supported {supported} instead: pass --calibration auto to follow it."
+    return said
+
+
+def floor_said(results: dict, split: tuple[str, str]) -> str:
+    """The split's ECE beside the floor: where it lies inside the 95th percentile of a perfectly calibrated
+    model's, calibration cannot be told apart from perfect at this size."""
+    name, p = split
+    ece, mean, p95 = (results.get(f"{p}_ece{s}") for s in ("", "_floor", "_floor_p95"))
+    if mean is None:
+        return ""
+    samples = results.get(f"{p}_samples")
+    size = f" ({samples:,} examples)" if samples else ""
+    inside = (
+        "inside it: at this size these scores cannot be told apart from perfectly calibrated ones"
+        if ece <= p95
+        else "above it: these scores are not calibrated on this split"
+    )
+    fitted = " (the split the scaling was fitted on, so an optimistic figure)" if name == "validation" else ""
+    return (
+        f"On {name}{size}{fitted}, ECE {ece:.4f}; a perfectly calibrated model with these scores would measure "
+        f"{mean:.4f} on average at this size, and up to {p95:.4f} (95th percentile of 200 draws): {inside}."
+    )
 
 
 def per_class_table(results: dict) -> str:

@@ -5,7 +5,7 @@ The training data (train, and validation when the data has one: cross-validation
 cut into K folds of exact-duplicate groups, stratified by label (iterative stratification for multi-label,
 rank bins for regression). Fold k's run trains on the other K - 1 folds and takes fold k as its validation
 split; its predictions there are fold k's out-of-fold predictions, so every training example is predicted
-exactly once by a model that did not train on it. (Its validation split also fits the run's temperature and,
+exactly once by a model that did not train on it. (Its validation split also calibrates the run and,
 with --metric_for_best_model, picks its checkpoint.) A test split, when the data has one, is scored by every
 fold model and by their averaged probabilities. Each fold runs the recipe in its own process, as `compare`
 does; a killed cv resumes with the same command and does not train a finished fold again.

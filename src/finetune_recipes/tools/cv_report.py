@@ -162,7 +162,7 @@ def cv_markdown(plan: dict, table: str, oof: list[dict], ensemble: dict, section
         table,
         "",
         f"Out-of-fold {metric}, every example predicted once by the model that did not train on it: "
-        f"{cell(oof_metrics[metric])} ([{OOF}]({OOF})). Each fold's held-out examples also fitted its temperature "
+        f"{cell(oof_metrics[metric])} ([{OOF}]({OOF})). Each fold's held-out examples also calibrated it "
         "(and, with --metric_for_best_model, chose its checkpoint), so held-out scores lean slightly optimistic; "
         "a test split's do not.",
         "",

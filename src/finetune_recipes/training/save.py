@@ -83,20 +83,20 @@ def save_run(
     `model` is what is saved: the prepared model itself, or a model built around what trained (`trained`: the
     feature head inside encoder + pooling + head). `calibration` (what `calibrate` returned) holds the final
     evaluations of validation and test, whose predictions files are written from the same numbers as the
-    metrics, the temperature and the multi-label thresholds: what is saved depends only on these arguments. A
-    regression model is saved predicting in the target's units, a classifier with its temperature (its output
-    layer scaled in the saved copy: the live model is left as it trained). All of it is staged and moved into
-    place once whole, so a full disk or a permission error leaves no config.json without its weights; the card
-    and pictures are then drawn from the saved files.
+    metrics, the scaling of the logits and the multi-label thresholds: what is saved depends only on these
+    arguments. A regression model is saved predicting in the target's units, a classifier with its scaling (its
+    output layer scaled and shifted in the saved copy: the live model is left as it trained). All of it is
+    staged and moved into place once whole, so a full disk or a permission error leaves no config.json without
+    its weights; the card and pictures are then drawn from the saved files.
     """
     task, training = data.task, args.get(TrainingArguments)
     state_dict = gathered_state(accelerator, model, trained if trained is not None else model)  # every process
     unwrapped = accelerator.unwrap_model(model)
     if task.problem_type == REGRESSION and state_dict:
         fold_into(state_dict, target_head(unwrapped), task.target_mean, task.target_std)
-    temperature, thresholds = calibration.temperature, calibration.thresholds
-    if temperature is not None and state_dict:  # logits / T: the calibrated probabilities
-        fold_into(state_dict, target_head(unwrapped, task.num_labels), 0.0, [1 / t for t in temperature])
+    scaling, thresholds = calibration.scaling, calibration.thresholds
+    if scaling is not None and state_dict:  # logits · scale + shift: the calibrated probabilities
+        fold_into(state_dict, target_head(unwrapped, task.num_labels), scaling.shift, scaling.scale)
     results = {**results, **describe(accelerator, args, len(data.train), unwrapped)}
     files = {
         "recipe_config.yaml": yaml.safe_dump(args.resolved(), sort_keys=False),
@@ -197,16 +197,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def fold_into(state_dict: dict[str, torch.Tensor], head: str, mean: float, std) -> None:
-    """An affine map of the outputs folded into the saved output layer `head` (w·std, b·std + mean; `std` one
+def fold_into(state_dict: dict[str, torch.Tensor], head: str, mean, std) -> None:
+    """An affine map of the outputs folded into the saved output layer `head` (w·std, b·std + mean; each one
     number or one per output): a regression target's standardisation, so the saved model gives values in the
-    target's units, or 1 / temperature, so it gives calibrated probabilities. `pipeline()`, `predict` and the
-    ONNX export then need no extra step."""
+    target's units, or a calibration's scale and shift, so it gives calibrated probabilities. `pipeline()`,
+    `predict` and the ONNX export then need no extra step. A head without a bias takes no shift (calibrate
+    fits none for it)."""
     weight, bias = f"{head}.weight", f"{head}.bias"
-    factor = torch.as_tensor(std, dtype=state_dict[weight].dtype, device=state_dict[weight].device)
+    like = {"dtype": state_dict[weight].dtype, "device": state_dict[weight].device}
+    factor, offset = torch.as_tensor(std, **like), torch.as_tensor(mean, **like)
     state_dict[weight] = state_dict[weight] * (factor.unsqueeze(-1) if factor.dim() else factor)
     if bias in state_dict:
-        state_dict[bias] = state_dict[bias] * factor + mean
+        state_dict[bias] = state_dict[bias] * factor + offset
+    elif offset.count_nonzero():
+        raise ValueError(f"{head} has no bias to fold a shift into")
 
 
 def gathered_state(accelerator: Accelerator, model, trained) -> dict[str, Any]:
