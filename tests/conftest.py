@@ -102,9 +102,30 @@ def start_stoppable(cmd: list[str]) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def teacher_for(path: Path, args: list[str]) -> list[str]:
+    """`args`, with `--teacher DIR` when the recipe needs one (distill) and they give none: static_embeddings
+    trained on the same model and data flags (so on the same splits: no leakage), once per data in a session."""
+    import hashlib
+    from dataclasses import fields
+
+    from finetune_recipes.catalog import flag_groups, needed_flags
+    from finetune_recipes.config import DataArguments, ModelArguments
+
+    if "teacher" not in needed_flags(path) or "--teacher" in args:
+        return args
+    kept_names = {f.name for t in (ModelArguments, DataArguments) for f in fields(t)} | {"seed", "mixed_precision"}
+    kept = [token for name, tokens in flag_groups(args) if name in kept_names for token in tokens]
+    teacher = Path(CACHE.name) / "teachers" / hashlib.sha256("\0".join(kept).encode()).hexdigest()[:16]
+    if not (teacher / "results.json").is_file():
+        run_inline("static_embeddings", *kept, "--output_dir", teacher, "--feature_cache_dir", teacher.parent / "cache")
+    return [*args, "--teacher", str(teacher)]
+
+
 def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, check: bool = True, **kw):
-    """Runs recipes/<recipe>.py in a subprocess, as a user would, and returns the finished process."""
-    cmd = [*(launcher or [sys.executable]), str(ROOT / "recipes" / f"{recipe}.py"), *map(str, args)]
+    """Runs recipes/<recipe>.py in a subprocess, as a user would, and returns the finished process (a recipe
+    that needs a teacher gets one: teacher_for)."""
+    path = ROOT / "recipes" / f"{recipe}.py"
+    cmd = [*(launcher or [sys.executable]), str(path), *teacher_for(path, list(map(str, args)))]
     proc = run_or_dump(cmd, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -114,8 +135,10 @@ def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, check
 def run_inline(recipe: str | Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Runs a recipe in this process as `python recipes/<recipe>.py ARGS` would run (`recipe` a name or a copied
     file's path), and returns what the process would: its exit code, stdout and stderr (log lines included).
-    10 s faster than run_recipe, which stays for what only a real process shows: kills, launches, imports."""
+    10 s faster than run_recipe, which stays for what only a real process shows: kills, launches, imports. A
+    recipe that needs a teacher gets one (teacher_for)."""
     path = Path(recipe) if str(recipe).endswith(".py") else ROOT / "recipes" / f"{recipe}.py"
+    args = tuple(teacher_for(path, list(map(str, args))))
     out, err = io.StringIO(), io.StringIO()
     log = logging.StreamHandler(err)
     logger = logging.getLogger("finetune_recipes")

@@ -18,6 +18,7 @@ from finetune_recipes.tools.predict import predict
 
 RECIPES = {
     "contrastive",
+    "distill",
     "feature_extraction",
     "frozen_base_pooler",
     "full_finetune",
@@ -239,6 +240,26 @@ def test_compare_leaves_out_a_recipe_that_does_not_take_the_datas_task(tmp_path,
         for_the_task(["full_finetune", "contrastive"], True, data, seed=0)
     topics = DataArguments(train_file=str(write_csv(tmp_path / "topics.csv", topic_rows(30, 0))))
     assert for_the_task(list(list_recipes()), True, topics, seed=0) == list(list_recipes())
+
+
+def test_compare_and_tune_take_distill_only_with_a_teacher(capsys):
+    from finetune_recipes.errors import UserError
+    from finetune_recipes.tools.compare import parse_args
+    from finetune_recipes.tools.tune import run_study
+
+    known, _ = parse_args(["--train_file", "t.csv"])
+    assert "distill" not in known.recipes and "full_finetune" in known.recipes
+    assert "compare: distill left out: it needs --teacher (pass it to compare distill too)" in capsys.readouterr().out
+    known, _ = parse_args(["--train_file", "t.csv", "--teacher", "outputs/full_finetune"])
+    assert "distill" in known.recipes
+    with pytest.raises(UserError, match="distill needs --teacher; pass it, or leave distill out of --recipes"):
+        parse_args(["--recipes", "distill,llrd"])
+    with pytest.raises(UserError, match=r"distill needs --teacher for every trial; pass it \(tune distill --teacher"):
+        run_study("distill", ["--train_file", "t.csv"])
+    for tool, said in (("compare", "distill only when --teacher is given"), ("tune", "distill's --teacher")):
+        with pytest.raises(SystemExit):
+            main([tool, "--help"])
+        assert said in " ".join(capsys.readouterr().out.split())  # their help says so
 
 
 @pytest.mark.parametrize(

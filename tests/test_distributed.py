@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_inline, run_recipe
+from conftest import ROOT, run_inline, run_recipe, teacher_for
 from safetensors.torch import load_file
 from test_recipes import RECIPES
 from transformers import AutoModelForSequenceClassification
@@ -113,11 +113,13 @@ def kill_after_checkpoint(cmd: list[str], checkpoint: Path, timeout: float = 300
         ("progressive_unfreezing", ["--unfreeze_every", "1"]),
         ("full_finetune", ["--sampler", "weighted", "--class_weights", "balanced"]),  # the drawn order repeats
         ("contrastive", ["--num_iterations", "1", "--num_train_epochs", "1"]),  # 24 steps of pairs, then the head
+        ("distill", []),  # the teacher's scores ride in the batches: a resume skips the same ones
     ],
 )
 def test_killed_run_resumes_to_the_same_weights_and_metrics(recipe, extra, tiny_args, tmp_path):
     # 12 optimizer steps per epoch; checkpoints every 5 land mid-epoch.
-    common = [*tiny_args, "--num_train_epochs", "8", "--checkpointing_steps", "5", *extra]
+    common = [*map(str, tiny_args), "--num_train_epochs", "8", "--checkpointing_steps", "5", *extra]
+    common = teacher_for(ROOT / "recipes" / f"{recipe}.py", common)  # distill's, given to the killed process too
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_inline(recipe, *common, "--output_dir", straight)
     cmd = [sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), *map(str, common), "--output_dir", str(resumed)]

@@ -35,7 +35,9 @@ def resolve_recipe(recipe: str | Path) -> Path:
     if path.suffix == ".py" and path.is_file():
         return path.resolve()
     if str(recipe) not in list_recipes():
-        raise UserError(f"no recipe '{recipe}'; recipes: {listing(list(list_recipes()))}, or a path to a recipe file")
+        raise UserError(
+            f"no recipe '{recipe}'; recipes: {listing(list(list_recipes()), limit=32)}, or a path to a recipe file"
+        )
     return recipes_dir() / f"{recipe}.py"
 
 
@@ -80,6 +82,14 @@ def caches_features(recipe: str | Path) -> bool:
     return any(f.name == "feature_cache_dir" for t in recipe_types(recipe) for f in dataclasses.fields(t))
 
 
+def needed_flags(recipe: str | Path) -> tuple[str, ...]:
+    """The flags a recipe cannot run without (config.NEEDED in their metadata: distill's --teacher): compare and
+    tune leave such a recipe out unless the command gives them."""
+    from .config import NEEDED
+
+    return tuple(f.name for t in recipe_types(recipe) for f in dataclasses.fields(t) if f.metadata.get(NEEDED))
+
+
 def flag_groups(argv: list[str]) -> list[tuple[str, list[str]]]:
     """`--name value...` (or `--name=value`) groups of a command line, each with its field name."""
     groups: list[tuple[str, list[str]]] = []
@@ -111,7 +121,7 @@ def copy_recipe(name: str, dest: str | Path, with_config: bool = False) -> list[
     """Copies recipe `name` (and its YAML under configs/ beside it) to `dest`; never overwrites."""
     recipes = list_recipes()
     if name.removesuffix(".py") not in recipes:
-        raise UserError(f"no recipe '{name}'; recipes: {listing(list(recipes))}")
+        raise UserError(f"no recipe '{name}'; recipes: {listing(list(recipes), limit=32)}")
     name = name.removesuffix(".py")
     # Anything not named *.py is a directory, created when missing (cp llrd mydir/).
     target = Path(dest) if str(dest).endswith(".py") else Path(dest) / f"{name}.py"

@@ -34,6 +34,7 @@ def greater_is_better(metric: str) -> bool:
 # Field metadata of a flag a resumed run may change: where the run writes, how often it logs, evaluates or saves,
 # where its data comes from (the data itself is compared by content); none alters what the run computes.
 ON_RESUME = "may_change_on_resume"
+NEEDED = "needed_to_run"  # a flag without which a recipe cannot run (distill's --teacher): no default serves
 # Field metadata of a numeric flag: its (low, high) bounds, None for no bound, and "above" third where low itself is
 # out (a rate, a decay); every numeric flag has one (a test says so), bounded above where a larger value would
 # exhaust memory or time before anything is learned.

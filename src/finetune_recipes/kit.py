@@ -11,6 +11,18 @@ tests/test_imports.py checks that it is exactly what the recipes import.
 
 from .config import ON_RESUME, RANGE, DataArguments, ModelArguments, RunArgs, TrainingArguments
 from .data import build_dataloaders, load_data
+from .distillation import (
+    check_no_leakage,
+    check_student_data,
+    check_teacher,
+    distillation_loss,
+    distilled_from,
+    read_teacher,
+    student_vectors,
+    teacher_scores,
+    unlabeled_texts,
+    with_teacher,
+)
 from .errors import UserError
 from .features import (
     ClassificationHead,
@@ -36,7 +48,7 @@ from .sentence import (
     sentence_pooling,
 )
 from .static import build_static_model, load_vectors
-from .strategy_args import EncodeArguments, StaticArguments
+from .strategy_args import DistillArguments, EncodeArguments, StaticArguments
 from .training.accelerator import build_accelerator, end_training, wrap_blocks_not_embeddings
 from .training.checkpoints import checkpoint_due, restore_best, save_best, save_checkpoint
 from .training.evaluate import calibrate, evaluate, record_evaluation, run_results

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import yaml
 from transformers import HfArgumentParser
 
-from .config import METRICS, ON_RESUME, RANGE, DataArguments, TrainingArguments, check_ranges, range_text
+from .config import METRICS, NEEDED, ON_RESUME, RANGE, DataArguments, TrainingArguments, check_ranges, range_text
 from .errors import OneLineErrors, Parser, UserError, on_interrupt
 from .processes import die_with_launcher, run_to_end
 from .strategy_args import CacheArguments
@@ -29,10 +29,10 @@ T = TypeVar("T")
 class DataclassParser(OneLineErrors, HfArgumentParser):
     @staticmethod
     def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
-        # HfArgumentParser hands a field's metadata to add_argument as keywords: ON_RESUME and RANGE are ours, not
+        # HfArgumentParser hands a field's metadata to add_argument as keywords: ON_RESUME, RANGE, NEEDED are ours, not
         # argparse's (the range goes into the help), and argparse formats a help text with %, so a plain "10%"
         # would break --help.
-        metadata = {k: v for k, v in field.metadata.items() if k not in (ON_RESUME, RANGE)}
+        metadata = {k: v for k, v in field.metadata.items() if k not in (ON_RESUME, RANGE, NEEDED)}
         if RANGE in field.metadata:
             metadata["help"] = f"{metadata.get('help', '')} ({range_text(field.metadata[RANGE])})".lstrip()
         if "help" in metadata:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ON_RESUME, RANGE
+from .config import NEEDED, ON_RESUME, RANGE
 from .errors import UserError
 
 
@@ -77,3 +77,52 @@ class StaticArguments(CacheArguments):  # + --feature_cache_dir: the reduced vec
             raise UserError(f"embeddings '{self.embeddings}' is not one of {', '.join(SOURCES)}")
         if self.embeddings_file is not None and not Path(self.embeddings_file).is_file():
             raise UserError(f"embeddings_file {self.embeddings_file} does not exist; pass a GloVe or .vec file")
+
+
+STUDENTS = ("static",)
+
+
+@dataclass
+class DistillArguments:
+    """The distill recipe's flags: the teacher, the unlabelled texts, and how the two losses mix."""
+
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            NEEDED: True,  # compare and tune leave the recipe out unless it is given
+            "help": "Required: a trained output (any recipe's output_dir that `finetune-recipes predict` loads), whose "
+            "scores the student learns from. Its labels and problem type must be the data's.",
+        },
+    )
+    student: str = field(
+        default="static",
+        metadata={"help": "static: the static-vector model of static_embeddings, with that recipe's flags."},
+    )
+    unlabeled_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Texts without labels (CSV/JSON/JSON Lines/Parquet, the --text_column), scored by the teacher "
+            "and learnt from its scores alone; default: none, the training texts only.",
+        },
+    )
+    distill_temperature: float = field(
+        default=2.0,
+        metadata={
+            RANGE: (0, 100, "above"),
+            "help": "T: teacher and student softmaxes at T in the distillation term (Hinton et al.), scaled by T².",
+        },
+    )
+    distill_alpha: float = field(
+        default=0.5,
+        metadata={
+            RANGE: (0, 1),
+            "help": "a: a labelled text's loss is a · T² · KL(teacher_T ‖ student_T) + (1 − a) · CE(label, student); "
+            "an unlabelled text's the first term alone.",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.student not in STUDENTS:
+            raise UserError(f"student '{self.student}' is not one of {', '.join(STUDENTS)}")
+        if self.unlabeled_file is not None and not Path(self.unlabeled_file).is_file():
+            raise UserError(f"unlabeled_file {self.unlabeled_file} does not exist; pass a CSV/JSON/Parquet file")

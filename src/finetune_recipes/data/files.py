@@ -56,6 +56,22 @@ def load_raw_datasets(args: DataArguments) -> DatasetDict:
     raise UserError("no data: pass --train_file (CSV, JSON, JSON Lines, Parquet) or --dataset_name")
 
 
+def read_texts_file(path: str, text_column: str, flag: str) -> list[str]:
+    """The texts of one file (no labels: distill's --unlabeled_file), read as written; refused in one line when the
+    file has no rows, lacks `text_column`, or holds a blank or missing text."""
+    ds = _load_files({"unlabeled": path}, [text_column])["unlabeled"]
+    if text_column not in ds.column_names:
+        raise UserError(
+            f"{flag} {path} has no column '{text_column}' (columns: {listing(ds.column_names)}); name its text "
+            "column with --text_column"
+        )
+    texts = list(ds[text_column])
+    blank = next((i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()), None)
+    if blank is not None:
+        raise UserError(f"{flag} {path}: row {blank + 1} has no text; fill it in or drop the row")
+    return texts
+
+
 def _load_error_reason(error: BaseException) -> str:
     """The error's first line; for "An error occurred while generating the dataset", its cause's, which says why."""
     if isinstance(error, datasets.exceptions.DatasetGenerationError) and error.__cause__ is not None:

@@ -54,16 +54,17 @@ class Task:
         """Every metric an evaluation reports: the built-in ones of the problem type, then --metric_name's."""
         return (*METRICS[self.problem_type], *self.extra_metrics)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy (single-label), BCE per label (multi-label) or MSE (regression), with the class
-        weights when there are any; computed in float32 whatever the autocast precision."""
+        weights when there are any; computed in float32 whatever the autocast precision. `reduction` as torch's
+        ("none": one value per text, or per text and label)."""
         logits = logits.float()
         weights = self._weight_tensor(logits.device)
         if self.problem_type == SINGLE:
-            return F.cross_entropy(logits, labels, weight=weights)
+            return F.cross_entropy(logits, labels, weight=weights, reduction=reduction)
         if self.problem_type == MULTI:
-            return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights)
-        return F.mse_loss(logits.squeeze(-1), labels.float())
+            return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights, reduction=reduction)
+        return F.mse_loss(logits.squeeze(-1), labels.float(), reduction=reduction)
 
     def _weight_tensor(self, device: torch.device) -> torch.Tensor | None:
         if self.class_weights is None:

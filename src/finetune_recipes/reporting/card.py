@@ -221,7 +221,7 @@ A {KINDS[problem_type]} fine-tuned from `{config.get("model_name_or_path")}` wit
 `{strategy}` recipe of finetune-recipes.
 
 {results.get("description", "")} Trainable parameters: {cell(trainable)}{share}.
-
+{distillation_said(results)}
 ## Data
 
 Trained on {source} ({cell(results.get("train_examples"))} training examples; {cell(results.get("eval_samples"))}
@@ -255,6 +255,29 @@ device {hardware.get("device", "?")}, {hardware.get("precision", "fp32")}; peak 
 split where there is one); a different kind of text may score lower.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
+
+
+def distillation_said(results: dict) -> str:
+    """A distilled student's teacher, its validation score, the unlabelled texts and the agreement on test."""
+    distilled = results.get("distillation")
+    if not distilled:
+        return ""
+    score = (
+        f" (validation {distilled['teacher_metric']} {distilled['teacher_eval_score']:.4f})"
+        if "teacher_eval_score" in distilled
+        else ""
+    )
+    said = (
+        f"\nDistilled from `{distilled['teacher']}`{score} on the training texts and {distilled['unlabeled_texts']:,} "
+        f"unlabelled texts (distill_alpha {distilled['alpha']:g}, distill_temperature {distilled['temperature']:g})."
+    )
+    if "test_agreement" in distilled:
+        value, problem_type = distilled["test_agreement"], results["task"]["problem_type"]
+        said += {
+            SINGLE: f" On test it gives the teacher's top label for {value:.2%} of the texts.",
+            MULTI: f" On test it gives the teacher's yes or no for {value:.2%} of the (text, label) pairs.",
+        }.get(problem_type, f" On test its values correlate with the teacher's at {value:.4f}.")
+    return said + "\n"
 
 
 def hyperparameters(config: dict) -> str:

@@ -17,6 +17,7 @@ from ..catalog import (
     flag_groups,
     given_names,
     list_recipes,
+    needed_flags,
     problem_types,
     recipe_types,
     recipes_dir,
@@ -163,7 +164,10 @@ def parse_args(argv: list[str] | None):
         allow_abbrev=False,
     )
     parser.add_argument(
-        "--recipes", default=None, help="comma-separated recipe names (default: every one that takes the data's task)"
+        "--recipes",
+        default=None,
+        help="comma-separated recipe names (default: every one that takes the data's task, and distill only when "
+        "--teacher is given)",
     )
     parser.add_argument("--output_dir", help="default outputs/compare; each strategy's runs in a folder of its own")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="replace an earlier comparison there")
@@ -190,6 +194,7 @@ def parse_args(argv: list[str] | None):
     if twice:
         raise UserError(f"--recipes names {twice[0]} twice; name each recipe once (--seeds repeats runs)")
     refuse_hub_flags(given_names(rest), "compare does not push its runs; push the one you keep with its recipe's")
+    known.recipes = with_needed_flags(known.recipes, known.named, given_names(rest))
     return known, rest if known.folds else with_test_split(rest)  # folds: each held-out fold is the score
 
 
@@ -234,6 +239,21 @@ def compare_runs(recipes: list[str], routes: dict, shared: list[str], known, out
         runs += run_strategy(recipe, routes[recipe], seeds, known, out, progress, runs)
     progress.close()
     return runs
+
+
+def with_needed_flags(recipes: list[str], named: bool, given: set[str]) -> list[str]:
+    """The recipes whose needed flags (catalog.needed_flags: distill's --teacher) the command gives: one that
+    lacks them is refused when --recipes names it, and left out, saying so, from the default list."""
+    kept = []
+    for recipe in recipes:
+        missing = [name for name in needed_flags(recipe) if name not in given]
+        if missing and named:
+            raise UserError(f"{recipe} needs --{missing[0]}; pass it, or leave {recipe} out of --recipes")
+        if missing:
+            tqdm.write(f"compare: {recipe} left out: it needs --{missing[0]} (pass it to compare {recipe} too)")
+        else:
+            kept.append(recipe)
+    return kept
 
 
 def for_the_task(recipes: list[str], named: bool, data_args, seed: int) -> list[str]:

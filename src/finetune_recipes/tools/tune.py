@@ -28,6 +28,7 @@ from ..catalog import (
     as_flags,
     caches_features,
     given_names,
+    needed_flags,
     recipe_config,
     recipe_types,
     resolve_recipe,
@@ -344,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="finetune-recipes tune",
         description="Searches a recipe's declared SEARCH_SPACE with Optuna (TPE, pruning on each evaluation). Any "
         "other flag goes to the recipe and stays fixed. With no test split in the data, 10% of train is held out "
-        "as test (--test_split_percentage), so what the study reports was never used to choose.",
+        "as test (--test_split_percentage), so what the study reports was never used to choose. A recipe that "
+        "needs a flag (distill's --teacher) is tuned only with it.",
         allow_abbrev=False,
     )
     parser.add_argument("recipe", help="a recipe name (finetune-recipes ls) or the path of a recipe file")
@@ -388,6 +390,11 @@ def run_study(
     if "report_to" in given:
         raise UserError("tune sets each trial's --report_to (its metrics drive the pruning); drop --report_to")
     refuse_hub_flags(given, f"tune's trials do not push; push the best with python {recipe.name} --config best.yaml")
+    missing = [name for name in needed_flags(recipe) if name not in given]
+    if missing:
+        raise UserError(
+            f"{recipe.stem} needs --{missing[0]} for every trial; pass it (tune {recipe.stem} --{missing[0]} ...)"
+        )
     space = search_space(recipe, space_file)
     check_space(space, types, given, recipe.stem)
     metric, data = objective_metric(types, flags, recipe)
