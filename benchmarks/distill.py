@@ -59,20 +59,29 @@ def accuracy_runs(sets: dict, names: list[str], seeds: int, out: Path, done: dic
         for seed in range(seeds):
             files, unlabeled = files_for(sets, name, seed, out)
             flags = [*(x for s, p in files.items() for x in (f"--{s}_file", str(p))), "--seed", str(seed),
-                     "--max_length", str(LENGTHS[name]), "--feature_cache_dir", str(out / "cache")]  # fmt: skip
+                     "--max_length", str(LENGTHS[name])]  # fmt: skip
+            cache = ["--feature_cache_dir", str(out / "cache")]  # the static models' tables, the teacher's scores
             teacher = out / "runs" / f"bbc: {name} teacher seed {seed}"
             plan = {
                 "teacher": ("full_finetune", []),
-                "labels_only": ("static_embeddings", []),
-                "distill_0": ("distill", ["--teacher", str(teacher)]),
-                "distill_1x": ("distill", ["--teacher", str(teacher), "--unlabeled_file", str(unlabeled["1x"])]),
-                "distill_all": ("distill", ["--teacher", str(teacher), "--unlabeled_file", str(unlabeled["all"])]),
+                "labels_only": ("static_embeddings", cache),
+                "distill_0": ("distill", [*cache, "--teacher", str(teacher)]),
+                "distill_1x": (
+                    "distill",
+                    [*cache, "--teacher", str(teacher), "--unlabeled_file", str(unlabeled["1x"])],
+                ),
+                "distill_all": (
+                    "distill",
+                    [*cache, "--teacher", str(teacher), "--unlabeled_file", str(unlabeled["all"])],
+                ),
             }
             for method, (recipe, extra) in plan.items():
                 key = f"{name}/{seed}/{method}"
                 if key in done:
                     continue
                 result = run(f"{name} {method.replace('_', ' ')} seed {seed}", recipe, [*flags, *extra], out)
+                if result.get("status") != "ok":
+                    raise SystemExit(f"{key} failed: {result.get('status')}")
                 done[key] = {
                     "test_accuracy": result.get("test_accuracy"), "wall_time_s": result.get("wall_time_s"),
                     "status": result.get("status"),
@@ -88,16 +97,21 @@ def speed(sets: dict, out: Path, repeats: int = 3) -> dict:
     file = out / "texts.txt"
     file.write_text("".join(t + "\n" for t in texts))
     teacher, student = (out / "runs" / f"bbc: headlines {m} seed 0" for m in ("teacher", "distill all"))
+    # predict() loads its model on every call: the call on 1,500 texts, and the marginal rate between 1,500 and
+    # 3,000 texts (what the loading costs cancels out: texts/s once loaded), the median of 3 after a warm-up.
     code = (
-        "import json, sys, time\nfrom finetune_recipes.tools.predict import predict\n"
+        "import statistics, sys, time\nfrom finetune_recipes.tools.predict import predict\n"
         "texts = open(sys.argv[2]).read().splitlines()\npredict(sys.argv[1], texts[:64])\n"
-        "start = time.perf_counter(); predict(sys.argv[1], texts)\nprint(len(texts) / (time.perf_counter() - start))"
+        "def timed(batch):\n    start = time.perf_counter(); predict(sys.argv[1], batch)\n"
+        "    return time.perf_counter() - start\n"
+        "one, two = zip(*[(timed(texts), timed(texts * 2)) for _ in range(3)])\n"
+        "print(len(texts) / statistics.median(one), len(texts) / statistics.median(b - a for a, b in zip(one, two)))"
     )
-    loaded = {
-        name: float(subprocess.run([sys.executable, "-c", code, str(model), str(file)], check=True,
-                                   capture_output=True, text=True, cwd=ROOT).stdout.split()[-1])
-        for name, model in (("teacher", teacher), ("student", student))
-    }  # fmt: skip
+    loaded = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        out_ = subprocess.run([sys.executable, "-c", code, str(model), str(file)], check=True, capture_output=True,
+                              text=True, cwd=ROOT).stdout.split()  # fmt: skip
+        loaded[name] = {"per_call": float(out_[-2]), "marginal": float(out_[-1])}
     commands = {
         "student": [CLI, "predict", "--model", str(student), "--file", str(file), "--format", "jsonl"],
         "teacher": [CLI, "predict", "--model", str(teacher), "--file", str(file), "--format", "jsonl"],
@@ -109,7 +123,7 @@ def speed(sets: dict, out: Path, repeats: int = 3) -> dict:
             start = time.perf_counter()
             subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
             walls[name].append(time.perf_counter() - start)
-    first = [CLI, "predict", "--model", str(student), "--text", texts[0]]
+    first = [CLI, "predict", "--model", str(student), texts[0]]
     start = time.perf_counter()
     subprocess.run(first, check=True, capture_output=True, cwd=ROOT)
     return {

@@ -141,6 +141,20 @@ def test_a_teacher_that_trained_on_the_validation_texts_is_refused(module_args, 
     assert "trained on 30 of the validation texts" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_a_validation_text_the_students_own_train_split_holds_is_the_datas_overlap_not_the_teachers(
+    module_args, tiny_data, tmp_path
+):
+    """Both trained on a train file that repeats one validation text: loading warns about that overlap, and the
+    teacher, which saw no more than the student does, is not refused for it."""
+    validation = read_rows(tiny_data["validation"])
+    train = write_csv(tmp_path / "train.csv", [*read_rows(tiny_data["train"]), validation[0]])
+    args = [*module_args, "--train_file", train]
+    run_inline("static_embeddings", *args, "--output_dir", tmp_path / "teacher", "--feature_cache_dir", tmp_path / "c")
+    proc = distill(args, tmp_path / "teacher", tmp_path / "out")
+    assert "1 of 30 validation texts also occur in train" in proc.stderr
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
 def test_a_teacher_whose_data_cannot_be_read_back_is_a_warning(module_args, tiny_data, teacher, tmp_path):
     moved = tmp_path / "teacher"
     moved.mkdir()

@@ -108,7 +108,8 @@ def check_no_leakage(teacher: Teacher, data: ClassificationData, text_column: st
     """The student is scored on validation and test by their labels; a teacher that trained on those texts
     would have learnt them, and the student's scores there would say more than held-out ones. Where the teacher's
     run says what it trained on (its data flags, its seed's validation split reproduced), such a teacher is
-    refused; where that cannot be read back (a moved file, a Hub data set offline), one warning says so."""
+    refused (a text the student's own train split holds too is the data's overlap, warned about when it loads);
+    where that cannot be read back (a moved file, a Hub data set offline), one warning says so."""
     if not teacher.data:
         logger.warning("--teacher %s keeps no recipe_config.yaml: cannot check that it did not train on the "
                        "validation or test texts", teacher.path)  # fmt: skip
@@ -120,9 +121,11 @@ def check_no_leakage(teacher: Teacher, data: ClassificationData, text_column: st
         logger.warning("Cannot read back what --teacher %s trained on (%s): not checked that it did not train on "
                        "the validation or test texts", teacher.path, str(error).splitlines()[0])  # fmt: skip
         return
-    trained = set(raw["train"][teacher.data.get("text_column") or "text"])
+    # A text the student's own train split also holds is the data's overlap, which loading already warns about:
+    # the teacher adds nothing to it.
+    trained = set(raw["train"][teacher.data.get("text_column") or "text"]) - set(data.raw["train"][text_column])
     for split in ("validation", "test"):
-        if data.raw is None or split not in data.raw:
+        if split not in data.raw:
             continue
         seen = [t for t in data.raw[split][text_column] if t in trained]
         if seen:
