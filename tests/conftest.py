@@ -111,13 +111,14 @@ def teacher_for(path: Path, args: list[str]) -> list[str]:
     from finetune_recipes.catalog import flag_groups, needed_flags
     from finetune_recipes.config import DataArguments, ModelArguments
 
-    if "teacher" not in needed_flags(path) or "--teacher" in args:
+    if "teacher" not in needed_flags(path) or {"--teacher", "--help", "-h"} & set(args):
         return args
     kept_names = {f.name for t in (ModelArguments, DataArguments) for f in fields(t)} | {"seed", "mixed_precision"}
     kept = [token for name, tokens in flag_groups(args) if name in kept_names for token in tokens]
     teacher = Path(CACHE.name) / "teachers" / hashlib.sha256("\0".join(kept).encode()).hexdigest()[:16]
     if not (teacher / "results.json").is_file():
-        run_inline("static_embeddings", *kept, "--output_dir", teacher, "--feature_cache_dir", teacher.parent / "cache")
+        flags = ["--output_dir", teacher, "--feature_cache_dir", teacher.parent / "cache", "--num_train_epochs", "4"]
+        run_inline("static_embeddings", *kept, *flags)  # 4 epochs: what it teaches matters less than its cost
     return [*args, "--teacher", str(teacher)]
 
 

@@ -113,7 +113,7 @@ def calibration_said(results: dict) -> str:
         why = "neither a temperature nor vector scaling lowered the log-loss by more than its standard error"
         return f"Scores are as trained: on {evidence}, {why}." if held_out else f"Scores are as trained: {evidence}."
     if method == "temperature":
-        shown = ", ".join(f"{n} {t:.3f}" for n, t in task["temperature"].items())
+        shown = ", ".join(f"T = {t:.3f}" if n == "all" else f"{n} {t:.3f}" for n, t in task["temperature"].items())
         what = f"a temperature ({shown}) that divides the output layer's weights; predicted labels are unchanged"
     else:
         what = "vector scaling (a scale per class, and a shift where the output layer has a bias), folded into the "
@@ -141,14 +141,14 @@ def floor_said(results: dict, split: tuple[str, str]) -> str:
     samples = results.get(f"{p}_samples")
     size = f" ({samples:,} examples)" if samples else ""
     inside = (
-        "inside it: at this size these scores cannot be told apart from perfectly calibrated ones"
+        "this ECE lies inside it, so at this size these scores cannot be told apart from perfectly calibrated ones"
         if ece <= p95
-        else "above it: these scores are not calibrated on this split"
+        else "this ECE lies above it: these scores are not calibrated on this split"
     )
     fitted = " (the split the scaling was fitted on, so an optimistic figure)" if name == "validation" else ""
     return (
         f"On {name}{size}{fitted}, ECE {ece:.4f}; a perfectly calibrated model with these scores would measure "
-        f"{mean:.4f} on average at this size, and up to {p95:.4f} (95th percentile of 200 draws): {inside}."
+        f"{mean:.4f} on average at this size, and up to {p95:.4f} (95th percentile of 200 draws); {inside}."
     )
 
 
