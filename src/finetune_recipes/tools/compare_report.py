@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import statistics
+import warnings
 from pathlib import Path
 
 from ..atomic import atomic_write
@@ -110,7 +111,9 @@ def verdict(rows: list[dict], prefix: str, metric: str, seeds: int) -> str:
             a, b = best[f"values_{metric}"], row[f"values_{metric}"]
             if statistics.pvariance(a) + statistics.pvariance(b) == 0:  # no spread on either side
                 return a[0] == b[0]
-            return bool(stats.ttest_ind(a, b, equal_var=False).pvalue >= 0.05)
+            with warnings.catch_warnings():  # runs alike to the last digits: scipy warns of precision loss, and
+                warnings.simplefilter("ignore", RuntimeWarning)  # its p-value still says what the test can tell
+                return bool(stats.ttest_ind(a, b, equal_var=False).pvalue >= 0.05)
 
         tested = [r for r in ranked[1:] if len(r[f"values_{metric}"]) >= 2]
         untested = [r["strategy"] for r in ranked[1:] if len(r[f"values_{metric}"]) < 2]
