@@ -49,9 +49,10 @@ class Scaling:
 
 
 def scaled_probabilities(logits, temperature, problem_type: str) -> np.ndarray:
-    """softmax(logits / T), or sigmoid(logits / T_label) per label; T = 1 gives the model's own scores."""
-    z = np.asarray(logits, dtype=np.float64) / np.asarray(temperature, dtype=np.float64)
-    return softmax(z, axis=-1) if problem_type == SINGLE else expit(z)
+    """softmax(logits / T), or sigmoid(logits / T_label) per label; T = 1 gives the model's own scores: the
+    Scaling of a temperature."""
+    scale = (1 / np.asarray(temperature, dtype=np.float64)).tolist()
+    return Scaling("temperature", scale, [0.0] * len(scale)).probabilities(logits, problem_type)
 
 
 def _nll_rows(z: np.ndarray, refs: np.ndarray, problem_type: str) -> np.ndarray:

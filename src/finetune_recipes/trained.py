@@ -339,9 +339,9 @@ def pad_token_id(path: Path, tokenizer) -> int:
 
 def trained_logits(path: str | Path, texts: list[str], batch_size: int = 64, bf16: bool | None = None):
     """The saved model's logits on `texts` (calibrated: the scaling is folded into its output layer; regression:
-    values in the target's units), one row per text in input order, with the problem type and the label names."""
+    values in the target's units), one row per text in input order, with the problem type and the label names.
+    `path` is checked first by its caller (check_model_dir: predict, distill's read_teacher), once."""
     path = Path(path)
-    check_model_dir(path)
     settings = recipe_settings(path)
     config = read_json(path / "config.json", RESTORE)
     kind, id2label = config.get("problem_type"), config.get("id2label") or {}
