@@ -16,6 +16,7 @@ data set, model or output_dir, a bad unfreezing schedule, or a model whose layer
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from finetune_recipes.kit import (
@@ -119,7 +120,9 @@ def main(model_args, data_args, training_args: TrainingArguments, unfreeze: Unfr
     starts = stage_starts(len(stages), u.unfreeze_every, schedule.steps_per_epoch, u.unfreeze_unit,
                           u.unfreeze_schedule, schedule.total_steps)  # fmt: skip
     accelerator.print("Unfreezing schedule: " + ", ".join(f"step {s}: {stages[k][-1]}" for k, s in enumerate(starts)))
-    thaw = Thaw(model, layers, stages, starts, accelerator.print)  # the model as discovered, not as prepared
+    # FSDP2 fixes at prepare which parameters take gradients: there all keep them, the frozen ones' are dropped.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    thaw = Thaw(model, layers, stages, starts, accelerator.print, keep_requires_grad=fsdp)  # the model as discovered
 
     # DDP registers only parameters that require gradients when it wraps the model: prepare while all do.
     wrap_blocks_not_embeddings(accelerator, model)  # FSDP2 only: what it shards
@@ -145,6 +148,7 @@ def main(model_args, data_args, training_args: TrainingArguments, unfreeze: Unfr
             loss = data.task.loss(model(**batch).logits, labels)  # cross-entropy, BCE or MSE; class-weighted
             accelerator.backward(loss)
             if accelerator.sync_gradients:  # the accumulated micro-batches are in: one optimizer step
+                thaw.drop_frozen_gradients()  # Strategy: under FSDP2 the frozen blocks have gradients: not stepped
                 if training_args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
                 optimizer.step()

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import ROOT
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification, BertConfig
 
@@ -17,6 +23,7 @@ from finetune_recipes.freezing import (
     stage_at,
     stage_starts,
     unfreeze,
+    unfreezing_stages,
 )
 from finetune_recipes.layers import LayerMap, discover_layers
 
@@ -196,3 +203,32 @@ def test_eval_frozen_turns_dropout_off_only_where_nothing_trains(bert):
     ids = torch.randint(5, 100, (2, 8))
     model(input_ids=ids).logits.sum().backward()  # the trainable part still gets its gradients
     assert model.bert.encoder.layer[1].output.dense.weight.grad is not None
+
+
+@pytest.mark.slow
+def test_thawing_under_fsdp2_keeps_requires_grad_and_steps_only_the_stage(tmp_path):
+    """Two gloo processes shard a tiny BERT with FSDP2's fully_shard, as fsdp.yaml does on GPUs. Switching
+    requires_grad after sharding fails there in backward with a bf16 policy; Thaw(keep_requires_grad=True)
+    drops the frozen gradients instead: the weights equal a one-process run that switches requires_grad, and
+    what never thawed is untouched, bit for bit."""
+    from fsdp_thaw import STARTS, dropout_free_bert, train
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "fsdp_thaw.py"), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ,
+                          OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests")))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    initial = {n: p.detach().clone() for n, p in dropout_free_bert().named_parameters()}
+    reference = {n: p.detach() for n, p in train(dropout_free_bert(), keep_requires_grad=False).named_parameters()}
+    layers = discover_layers(dropout_free_bert())
+    thawed = set(unfreezing_stages(layers)[len(STARTS) - 1])
+    for policy in ("fp32", "bf16"):
+        sharded = load_file(tmp_path / f"{policy}.safetensors")
+        assert sharded.keys() == reference.keys()
+        for name, weight in sharded.items():
+            if layers.group_of(name) in thawed:
+                assert not torch.equal(weight, initial[name]), f"{policy}: {name} did not train"
+            else:
+                assert torch.equal(weight, initial[name]), f"{policy}: frozen {name} changed"
+            if policy == "fp32":
+                torch.testing.assert_close(weight, reference[name], atol=2e-5, rtol=1e-4, msg=f"fp32: {name}")

@@ -147,20 +147,6 @@ def test_fsdp2_wraps_the_blocks_but_not_the_module_holding_the_input_embedding()
     assert plugin.transformer_cls_names_to_wrap == ["BertEmbeddings"]
 
 
-def test_a_recipe_that_thaws_mid_run_refuses_fsdp_before_training(monkeypatch):
-    from finetune_recipes.config import TrainingArguments
-    from finetune_recipes.errors import UserError
-    from finetune_recipes.training import accelerator as precision
-
-    class FsdpAccelerator(precision.Accelerator):
-        distributed_type = precision.DistributedType.FSDP
-
-    monkeypatch.setattr(precision, "Accelerator", FsdpAccelerator)
-    with pytest.raises(UserError, match="changes which parameters train mid-run, which FSDP2 does not follow"):
-        precision.build_accelerator(TrainingArguments(output_dir="unused"), find_unused_parameters=True)
-    precision.build_accelerator(TrainingArguments(output_dir="unused"))  # what trains is fixed: FSDP is fine
-
-
 @pytest.mark.parametrize(
     "device, bf16, expected",
     [("cuda", True, "bf16"), ("cuda", False, "fp16"), ("cpu", True, "bf16"), ("cpu", False, "no")],

@@ -72,19 +72,28 @@ def set_trainable(model: nn.Module, layer_map: LayerMap, groups: Iterable[str] |
     unfreeze(layer_map, names, model)
 
 
-def eval_frozen(model: nn.Module) -> None:
+def frozen_names(model: nn.Module, layer_map: LayerMap, groups: Iterable[str] | str) -> set[str]:
+    """The names of `model`'s parameters outside ``groups``: what stays frozen while they train (by name, as
+    in `unfreeze`)."""
+    selected = layer_map.groups()
+    training = {name for group in expand_groups(layer_map, groups) for name, _ in selected[group]}
+    return {name for name, _ in model.named_parameters() if name not in training}
+
+
+def eval_frozen(model: nn.Module, frozen: set[str] | None = None) -> None:
     """Puts every submodule whose parameters are all frozen in eval mode: no dropout where nothing trains.
 
-    Autograd already keeps no activations for a frozen prefix, but dropout there still costs a random draw
-    per element, and attention dropout keeps SDPA off its fused kernel on a CPU (benchmarks/README.md,
-    progressive unfreezing: 1.4-2.2x faster early stages). Everything else is put in train mode, so the
-    modes depend on what trains now alone, never on what trained before (a resumed run must match): call it
-    in training, before each forward pass.
+    Frozen means named in `frozen` when given (FSDP2: every parameter keeps requires_grad, see Thaw), else
+    not requiring a gradient. Autograd already keeps no activations for a frozen prefix, but dropout there
+    still costs a random draw per element, and attention dropout keeps SDPA off its fused kernel on a CPU
+    (benchmarks/README.md, progressive unfreezing: 1.4-2.2x faster early stages). Everything else is put in
+    train mode, so the modes depend on what trains now alone, never on what trained before (a resumed run
+    must match): call it in training, before each forward pass.
     """
     model.train()
-    for module in model.modules():
-        params = list(module.parameters())
-        if params and not any(p.requires_grad for p in params):
+    for prefix, module in model.named_modules():
+        params = list(module.named_parameters(prefix=prefix))
+        if params and all(n in frozen if frozen is not None else not p.requires_grad for n, p in params):
             module.eval()
 
 
@@ -97,23 +106,30 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def format_trainable(model: nn.Module, layer_map: LayerMap) -> str:
-    """A short report: trainable groups (partly trainable ones, as under LoRA, marked), frozen, counts."""
-    trainable, frozen = [], []
+def format_trainable(model: nn.Module, layer_map: LayerMap, frozen: set[str] | None = None) -> str:
+    """A short report: trainable groups (partly trainable ones, as under LoRA, marked), frozen, counts.
+    Frozen as in `eval_frozen`: named in `frozen` when given, else not requiring a gradient."""
+    current = dict(model.named_parameters())
+
+    def trains(name: str, param: nn.Parameter) -> bool:
+        return name not in frozen if frozen is not None else current.get(name, param).requires_grad
+
+    trainable, frozen_groups = [], []
     for name, params in layer_map.groups().items():
-        flags = [p.requires_grad for _, p in params]
+        flags = [trains(n, p) for n, p in params]
         if flags and all(flags):
             trainable.append(name)
         elif any(flags):
             trainable.append(f"{name} (partly)")
         else:
-            frozen.append(name)
-    count, total = count_parameters(model)
+            frozen_groups.append(name)
+    total = sum(p.numel() for p in current.values())
+    count = sum(p.numel() for n, p in current.items() if trains(n, p))
     percent = 100.0 * count / total if total else 0.0
     return "\n".join(
         [
             f"trainable groups: {_compact(trainable) or 'none'}",
-            f"frozen groups: {_compact(frozen) or 'none'}",
+            f"frozen groups: {_compact(frozen_groups) or 'none'}",
             f"trainable parameters: {count:,} of {total:,} ({percent:.2f}%)",
         ]
     )
@@ -205,16 +221,38 @@ class Thaw:
     it), and the blocks still frozen stay in eval mode (no dropout; again after each evaluation's model.train()).
 
     A function of the step alone, so a resumed run lands in its stage. `model` is the unwrapped model the
-    `layer_map` was discovered on; `say` prints each new stage (accelerator.print: the main process only)."""
+    `layer_map` was discovered on; `say` prints each new stage (accelerator.print: the main process only).
 
-    def __init__(self, model: nn.Module, layer_map: LayerMap, stages: list[list[str]], starts: list[int], say=print):
+    `keep_requires_grad` is for FSDP2, which fixes at `prepare` which parameters take gradients: a block thawed
+    after it fails in backward ("attempting to assign a gradient with dtype BFloat16 to a tensor with
+    grad_dtype Float", on an H200 and on CPUs alike). Every parameter then keeps requires_grad, and the frozen
+    ones' gradients, computed, are dropped by `drop_frozen_gradients` before clipping and the step. The update
+    is the same; the backward through the frozen blocks, which requires_grad=False skips, is the price.
+    """
+
+    def __init__(
+        self, model: nn.Module, layer_map: LayerMap, stages: list[list[str]], starts: list[int], say=print,
+        keep_requires_grad: bool = False,
+    ):  # fmt: skip
         self.model, self.layer_map, self.stages, self.starts, self.say = model, layer_map, stages, starts, say
-        self.current = -1
+        self.keep_requires_grad = keep_requires_grad
+        self.current, self.frozen = -1, set()
 
     def __call__(self, step: int) -> None:
         stage = stage_at(step, self.starts)
         if stage != self.current:
-            set_trainable(self.model, self.layer_map, self.stages[stage])
+            self.frozen = frozen_names(self.model, self.layer_map, self.stages[stage])
+            if not self.keep_requires_grad:
+                set_trainable(self.model, self.layer_map, self.stages[stage])
             self.current = stage
-            self.say(f"step {step}: stage {stage}\n{format_trainable(self.model, self.layer_map)}")
-        eval_frozen(self.model)
+            self.say(f"step {step}: stage {stage}\n{format_trainable(self.model, self.layer_map, self.frozen)}")
+        eval_frozen(self.model, self.frozen)
+
+    def drop_frozen_gradients(self) -> None:
+        """The frozen parameters' gradients gone (None), so clipping leaves them out of the norm and AdamW skips
+        them: no update, no moments, no weight decay, as for a parameter that requires no gradient. Without
+        keep_requires_grad they have none: nothing to drop."""
+        if self.keep_requires_grad:
+            for name, param in self.model.named_parameters():
+                if name in self.frozen:
+                    param.grad = None

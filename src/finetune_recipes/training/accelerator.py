@@ -72,14 +72,6 @@ def build_accelerator(args: TrainingArguments, find_unused_parameters: bool = Fa
         kwargs_handlers=handlers,
     )
     check_launch(accelerator)
-    if find_unused_parameters and accelerator.distributed_type == DistributedType.FSDP:
-        # Measured on an H200 (torch 2.11, accelerate 1.15): a block thawed after FSDP2 has sharded the model
-        # fails in backward ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype
-        # Float"); frozen-throughout parameters (pooler, LoRA) are fine.
-        raise UserError(
-            "this recipe changes which parameters train mid-run, which FSDP2 does not follow; launch it with "
-            "accelerate_configs/multi_gpu.yaml (DDP) or a DeepSpeed config instead of fsdp.yaml"
-        )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     if not accelerator.is_local_main_process:
