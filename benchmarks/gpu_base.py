@@ -4,23 +4,40 @@ of a CPU dry run, and a check's row. Standard library only: the orchestrator imp
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["feature_extraction", "frozen_base_pooler", "progressive_unfreezing", "full_finetune", "llrd", "lora"]
+# The sweep: one lever at a time against the eager batch-128 row (throughput:full_finetune:bs128). `foreach`:
+# AdamW's foreach kernels instead of the fused one the recipes use; flash, efficient, math: SDPA forced to that
+# backend; `masked`: texts of 120-128 tokens, so batches carry a padding mask (the others have none).
+SWEEP = (
+    [f"throughput:full_finetune:bs{b}" for b in (32, 256)]
+    + [f"throughput:full_finetune:bs128:{v}" for v in ("compiled", "foreach", "flash", "efficient", "math")]
+    + [f"throughput:full_finetune:bs128:{v}" for v in ("masked", "flash+masked", "efficient+masked", "math+masked")]
+)
+# In order of priority: a run cut short (--time_budget, or killed) has reported the rows above what it missed.
 CHECKS = (
     [f"single_gpu:{r}" for r in RECIPES]
     + ["resume:full_finetune", "packing"]
     + [f"fsdp:{r}" for r in RECIPES]
     + [f"{z}:{r}" for z in ("zero2", "zero3") for r in ("full_finetune", "lora")]
-    + [f"throughput:{r}:bs{b}" for r in ("full_finetune", "lora") for b in (32, 128)]
-    + ["throughput:full_finetune:bs128:compiled"]
-    + [f"profile:{r}:bs128" for r in ("full_finetune", "lora")]  # LoRA's: what the recipe adds per step
+    + ["fsdp_vs_single:progressive_unfreezing"]  # from the rows above: no process of its own
+    + ["mfu_peak", "throughput:full_finetune:bs128", "profile:full_finetune:bs128"]
     + [f"varlen:full_finetune:{layout}" for layout in ("padded", "packed")]
-    + ["mfu_peak"]
+    + ["throughput:lora:bs128", "profile:lora:bs128"]  # LoRA's profile: what the recipe adds per step
+    + SWEEP
 )
 ALONE = ("throughput", "profile", "varlen", "mfu_peak")  # timed: after the others, one process, nothing beside them
+# A derived check and the rows it reads: unfreezing under FSDP2 against one plain process, with full fine-tuning's
+# FSDP2-against-plain difference as the measure of bf16 noise.
+DERIVED = {
+    "fsdp_vs_single:progressive_unfreezing": [
+        f"{kind}:{recipe}" for recipe in ("progressive_unfreezing", "full_finetune") for kind in ("single_gpu", "fsdp")
+    ]
+}
 LAUNCH_CONFIG = {
     "single_gpu": "single_gpu.yaml",
     "fsdp": "fsdp.yaml",
@@ -29,7 +46,8 @@ LAUNCH_CONFIG = {
     "resume": "single_gpu.yaml",
 }
 LEARNING_RATE = {"feature_extraction": 3e-3, "frozen_base_pooler": 3e-3, "lora": 3e-3}  # others: 1e-3
-H200_BF16_DENSE_PEAK = 989e12  # FLOP/s, vendor datasheet, SXM, dense
+# Dense bf16 FLOP/s from the vendor's datasheets (without sparsity), by the name CUDA reports; the first match.
+DATASHEET_PEAKS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12)]
 FAIL_ENV = "FINETUNE_GPU_FAIL"
 
 
@@ -45,11 +63,12 @@ class Scale:
         self.checkpoint_every = 10 if dry_run else 50
         self.precision = "no" if dry_run else "bf16"
         # throughput: warm-up steps, timed steps, and the encoder (BERT-base on the GPU, a tiny one on the CPU)
-        self.warmup, self.timed = (2, 3) if dry_run else (10, 100)
+        # (the timed steps are 3 windows; a rate is their median)
+        self.warmup, self.timed = (2, 3) if dry_run else (10, 90)
         self.encoder = (
             dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128) if dry_run else {}
         )
-        self.batch_sizes = {32: 4, 128: 8} if dry_run else {32: 32, 128: 128}
+        self.batch_sizes = {32: 4, 128: 8, 256: 16} if dry_run else {32: 32, 128: 128, 256: 256}
         self.matmul = 512 if dry_run else 8192
         # varlen: texts with BBC News' token lengths, capped; profile: the steps the profiler records
         self.varlen_cap, self.varlen_batch = (128, 4) if dry_run else (512, 32)
@@ -79,6 +98,11 @@ def importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def datasheet_peak(device: str) -> float | None:
+    """The card's dense bf16 peak (FLOP/s) from DATASHEET_PEAKS, None for a card not listed (or a CPU)."""
+    return next((peak for name, peak in DATASHEET_PEAKS if name in device), None)
+
+
 def port_of(name: str) -> int:
     return 29600 + 4 * CHECKS.index(name)
 
@@ -86,3 +110,42 @@ def port_of(name: str) -> int:
 def slug(check: str) -> str:
     """A check's name as a file name."""
     return check.replace(":", "_")
+
+
+def not_run(check: str) -> dict:
+    """The row of a check the time budget left out."""
+    return row(check, "not run (time budget)", 0)
+
+
+def fsdp_against_single(name: str, rows: dict[str, dict]) -> dict:
+    """A DERIVED row: progressive unfreezing under FSDP2 against one plain process (the same flags and seed). It
+    passes when the stages start at the same steps and the logged losses differ by at most 3× what full
+    fine-tuning's do between the same two launches (FSDP2's bf16 parameters against autocast; nothing thaws
+    there) plus 0.01."""
+    missing = [check for check in DERIVED[name] if rows.get(check, {}).get("status") != "ok"]
+    if missing:
+        return row(name, f"skipped (needs {', '.join(missing)} ok)", 0)
+
+    def metrics(kind: str, recipe: str) -> dict:
+        return rows[f"{kind}:{recipe}"]["metrics"]
+
+    def gap(recipe: str) -> float:
+        a, b = (metrics(kind, recipe)["losses"] for kind in ("single_gpu", "fsdp"))
+        return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=math.inf) if len(a) == len(b) else math.inf
+
+    recipe = name.partition(":")[2]
+    single, sharded = metrics("single_gpu", recipe), metrics("fsdp", recipe)
+    unfreezing, noise = gap(recipe), gap("full_finetune")
+    limit = 3 * noise + 0.01
+    problems = []
+    if single["stage_starts"] != sharded["stage_starts"]:
+        problems.append(f"stages start at {sharded['stage_starts']} under FSDP2, {single['stage_starts']} alone")
+    if not unfreezing <= limit:
+        problems.append(f"losses differ by {unfreezing:.4f} > {limit:.4f}")
+    speed = (sharded["samples_per_s"] or 0) / (single["samples_per_s"] or math.inf)
+    summary = (
+        f"stages at {single['stage_starts']}; max |Δ logged loss| {unfreezing:.4f}, full fine-tuning's {noise:.4f}; "
+        f"samples/s FSDP2/alone {speed:.2f}"
+    )
+    return row(name, "FAILED" if problems else "ok", 0, summary, "; ".join(problems), loss_gap=unfreezing,
+               full_finetune_gap=noise, limit=limit, speed_ratio=speed)  # fmt: skip

@@ -135,6 +135,7 @@ def recipe_check(name: str, kind: str, recipe: str, work: Path, scale: Scale) ->
         name, "FAILED" if problems else "ok", 0, summary, "; ".join(problems),
         first_loss=seen[0] if seen else None, last_loss=seen[-1] if seen else None, eval_accuracy=accuracy,
         agreement=agree / total, steps=results["steps"], samples_per_s=results.get("train_samples_per_second"),
+        losses=seen, stage_starts=results.get("unfreezing_stage_starts"),
     )  # fmt: skip
 
 
