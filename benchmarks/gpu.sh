@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The one-command GPU check (benchmarks/gpu.py says what it checks): every recipe on one GPU, kill-and-resume,
 # FSDP, DeepSpeed ZeRO-2/3, throughput, MFU, a profile and a sweep of speed levers, in order of priority; one
-# table, rewritten as rows arrive, as Markdown
-# and JSON; exit code 1 when a check failed, 2 for a bad flag.
+# table, rewritten as rows arrive, as Markdown and JSON; exit code 1 when a check failed, 2 for a bad flag.
 #
 #   bash benchmarks/gpu.sh [--dry-run] [--only CHECK,...] [--time_budget S] [--out DIR|FILE.md] [--jobs N]
 #   PYTHON=.venv/bin/python bash benchmarks/gpu.sh --dry-run --out /tmp/gpu   # the same code on the CPU
