@@ -196,9 +196,10 @@ def run_checks(
             if job["proc"].poll() is None and (time.perf_counter() - job["start"] > timeout or over_budget):
                 os.killpg(job["proc"].pid, signal.SIGKILL)
                 job["proc"].wait()
+                job["stopped_for_budget"] = over_budget
             if job["proc"].poll() is not None:
                 running.remove(job)
-                arrived = [r for r in collect(job, timeout, over_budget) if r["check"] not in rows]
+                arrived = [r for r in collect(job, timeout) if r["check"] not in rows]
             for done in arrived:
                 rows[done["check"]] = done
                 print(format_progress(done), flush=True)
@@ -228,7 +229,7 @@ def finished_rows(job: dict) -> list[dict]:
     return [json.loads(path.read_text()) for path in paths if path.exists()]
 
 
-def collect(job: dict, timeout: float, over_budget: bool) -> list[dict]:
+def collect(job: dict, timeout: float) -> list[dict]:
     """Every row of an ended worker: a check it never reported is FAILED with the worker's last line, or not run
     when the worker was stopped at the time budget's end."""
     done = {r["check"]: r for r in finished_rows(job)}
@@ -237,7 +238,7 @@ def collect(job: dict, timeout: float, over_budget: bool) -> list[dict]:
     for check in job["checks"]:
         if check in done:
             out.append(done[check])
-        elif over_budget:
+        elif job.get("stopped_for_budget"):
             out.append(not_run(check))
         elif job["proc"].returncode == -signal.SIGKILL:
             out.append(row(check, "FAILED", seconds, note=f"timed out after {timeout:.0f} s"))
