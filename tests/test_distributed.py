@@ -31,13 +31,26 @@ TWO_PROCESSES = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_every_recipe_runs_on_two_processes_and_counts_each_example_once(recipe, tiny_args, tmp_path):
+def test_every_recipe_runs_on_two_processes_and_counts_each_example_once(recipe, tiny_args, tiny_model, tmp_path):
+    """Trained once per recipe, asserted many times: progressive unfreezing's run is the one of its stages
+    (DDP only reduces gradients of parameters it registered: thawed ones must still train and sync), full
+    fine-tuning's the one that keeps its best weights on disk (assert_best_weights_kept)."""
     extra = ["--feature_cache_dir", tmp_path / "cache"] if caches_features(recipe) else []
-    proc = run_recipe(recipe, *tiny_args, *extra, "--num_train_epochs", "2", launcher=TWO_PROCESSES)
+    if recipe == "progressive_unfreezing":
+        extra += stage_args([])
+    elif recipe == "full_finetune":  # tiny_args' 3 epochs
+        extra += ["--metric_for_best_model", "f1_macro", "--checkpointing_steps", "epoch", "--save_total_limit", "1"]
+    else:
+        extra += ["--num_train_epochs", "2"]
+    proc = run_recipe(recipe, *tiny_args, *extra, launcher=TWO_PROCESSES)
     assert "on 2 process(es) (MULTI_CPU)" in proc.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     # 30 validation and 30 test texts do not split evenly into 2 × 16-row batches: padding must not count.
     assert results["eval_samples"] == 30 and results["test_samples"] == 30
+    if recipe == "progressive_unfreezing":
+        assert_each_stage_trains_its_groups(tmp_path / "out", tiny_model)
+    elif recipe == "full_finetune":
+        assert_best_weights_kept(tmp_path / "out")
 
 
 def stage_args(tiny_args: list) -> list:
@@ -78,13 +91,6 @@ def assert_each_stage_trains_its_groups(out: Path, tiny_model: Path) -> None:
 
 def test_progressive_unfreezing_stages_train_exactly_their_groups(tiny_args, tiny_model, tmp_path):
     run_inline("progressive_unfreezing", *stage_args(tiny_args))
-    assert_each_stage_trains_its_groups(tmp_path / "out", tiny_model)
-
-
-@pytest.mark.slow
-def test_progressive_unfreezing_stages_on_two_processes(tiny_args, tiny_model, tmp_path):
-    # DDP only reduces gradients of parameters it registered; thawed ones must still train and sync.
-    run_recipe("progressive_unfreezing", *stage_args(tiny_args), launcher=TWO_PROCESSES)
     assert_each_stage_trains_its_groups(tmp_path / "out", tiny_model)
 
 
@@ -136,13 +142,8 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(recipe, extra, tiny_
         assert metrics[0][key] == metrics[1][key], key
 
 
-@pytest.mark.slow
-def test_best_weights_on_disk_on_two_processes_kept_beside_the_checkpoints(tiny_args, tmp_path):
-    run_recipe(
-        "full_finetune", *tiny_args, "--metric_for_best_model", "f1_macro", "--checkpointing_steps", "epoch",
-        "--save_total_limit", "1", launcher=TWO_PROCESSES,
-    )  # fmt: skip
-    out = tmp_path / "out"
+def assert_best_weights_kept(out: Path) -> None:
+    """--metric_for_best_model with --save_total_limit 1: the best evaluation's weights are the ones saved."""
     results = json.loads((out / "results.json").read_text())
     best = max(results["history"], key=lambda h: h["f1_macro"])
     assert results["eval_f1_macro"] == best["f1_macro"]

@@ -7,12 +7,10 @@ import fcntl
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_inline
+from conftest import run_inline
 
 from finetune_recipes import kit, ownership
 from finetune_recipes.config import TrainingArguments
@@ -99,11 +97,10 @@ def test_compare_keeps_a_users_file_in_a_recipes_directory(tiny_args, tmp_path):
     write_manifest(out, ["full_finetune"], set())
     flags = [a for a in short(tiny_args)]
     flags = flags[: flags.index("--output_dir")] + flags[flags.index("--output_dir") + 2 :]
-    cli = Path(sys.executable).parent / "finetune-recipes"
-    cmd = [str(cli), "compare", "--recipes", "full_finetune", "--no_baseline", "--output_dir", str(out), *flags]
-    cmd.append("--overwrite_output_dir")  # out holds a folder named like a recipe: an earlier comparison
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    from finetune_recipes.tools.cli import main
+
+    argv = ["compare", "--recipes", "full_finetune", "--no_baseline", "--output_dir", str(out), *flags]
+    main([*argv, "--overwrite_output_dir"])  # out holds a folder named like a recipe: an earlier comparison
     assert (out / "full_finetune" / "mine.txt").read_text() == "mine"
     assert "which no run wrote" in (out / "logs" / "full_finetune.log").read_text()
 

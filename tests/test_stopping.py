@@ -1,5 +1,6 @@
-"""A stopped run stops: a SIGKILL of the launcher alone (`accelerate launch`, `tune`) ends the recipe processes
-it started, checked in the process table; and a study does not resume while a trial it started still trains."""
+"""A stopped run stops: a SIGKILL of the launcher alone (`accelerate launch`; `tune`'s in test_tune.py) ends the
+recipe processes it started, checked in the process table; and a study does not resume while a trial it started
+still trains."""
 
 from __future__ import annotations
 
@@ -58,30 +59,6 @@ def test_a_sigkill_of_the_launcher_alone_ends_its_workers(tiny_args, tmp_path):
     os.kill(launcher.pid, signal.SIGKILL)  # the launcher alone, not its group: the harsher case
     launcher.wait()
     assert gone_within(str(out), 20) == []
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-def test_a_sigkill_of_tune_ends_its_trial_and_the_study_then_resumes(tiny_args, tmp_path):
-    study = tmp_path / "study"
-    data = without(tiny_args, "--output_dir", "--learning_rate", "--num_train_epochs")  # the last two: tuned
-    cmd = [CLI, "tune", "static_embeddings", "--n_trials", "1", "--output_dir", str(study), *data]
-    long = ["--max_train_steps", "100000", "--checkpointing_steps", "2"]
-    tune = start_and_wait_for([*cmd, *long], study / ".trial_0" / "checkpoints", timeout=300)
-    os.kill(tune.pid, signal.SIGKILL)
-    tune.wait()
-    assert gone_within(str(study / ".trial_0"), 20) == []  # no trial left training into .trial_0
-    resumed = start_and_wait_for([*cmd, *long], study / ".trial_1")  # the same command resumes: the lock went too
-    os.killpg(resumed.pid, signal.SIGKILL)
-    resumed.wait()
-
-
-def without(args: list, *flags: str) -> list[str]:
-    args = [str(a) for a in args]
-    for flag in flags:
-        i = args.index(flag)
-        args = args[:i] + args[i + 2 :]
-    return args
 
 
 def test_a_trial_holds_the_study_lock_while_it_lives(tmp_path):

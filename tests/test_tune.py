@@ -17,6 +17,7 @@ import yaml
 from conftest import ROOT, run_inline, run_recipe, start_stoppable
 from test_cli import replace_flag, snapshot
 from test_distributed import TWO_PROCESSES
+from test_stopping import gone_within
 
 from finetune_recipes.catalog import list_recipes, recipe_namespace, recipe_types, resolve_recipe
 from finetune_recipes.config import SHARED_TYPES
@@ -113,45 +114,20 @@ def test_eval_steps_beyond_the_run_is_refused_before_anything_is_written(tiny_ar
 
 
 def tune_learning_rate(low: float, high: float, study: Path, tiny_args: list, *argv: str) -> None:
-    """`finetune-recipes tune full_finetune` over the learning rate alone (log scale), on the tiny task."""
+    """`finetune-recipes tune full_finetune` over the learning rate alone (log scale), on the tiny task; in this
+    process (its trials are processes of their own)."""
     space = study.parent / "space.yaml"
     space.write_text(yaml.safe_dump({"learning_rate": {"low": low, "high": high, "log": True}}))
-    cmd = [CLI, "tune", "full_finetune", "--output_dir", str(study), "--search_space", str(space), *argv]
-    proc = subprocess.run([*cmd, *learning(tiny_args)], capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    main(
+        ["tune", "full_finetune", "--output_dir", str(study), "--search_space", str(space), *argv, *learning(tiny_args)]
+    )
 
 
 @pytest.mark.slow
-def test_a_study_finds_where_the_tiny_model_learns_and_its_best_yaml_reproduces_it(tiny_args, tmp_path):
-    """Learning rates from 1e-5 (learns nothing in 8 epochs) to 3e-2: the tiny model learns above about 5e-4."""
-    study = tmp_path / "study"
-    tune_learning_rate(1e-5, 3e-2, study, tiny_args, "--n_trials", "3", "--pruner", "none")
-    assert sorted(p.name for p in study.iterdir()) == [
-        ".finetune_recipes.json",
-        ".finetune_recipes.lock",
-        "best.yaml",
-        "logs",
-        "study.db",
-        "trials.csv",
-        "trials.md",
-        "tune.png",
-    ]  # fmt: skip: no trial's folder left behind
-    trials = list(csv.DictReader((study / "trials.csv").open()))
-    assert [t["state"] for t in trials] == ["complete"] * 3
-    best = max(trials, key=lambda t: float(t["validation accuracy"]))
-    assert float(best["validation accuracy"]) > 0.5 and float(best["learning_rate"]) > 3e-4  # chance is 1/3
-    assert best["test accuracy"]  # the test file's metrics, never used to choose
-    # The best YAML, read back with --config, trains the best trial's model again: the same score.
-    config = yaml.safe_load((study / "best.yaml").read_text())
-    assert config["learning_rate"] == pytest.approx(float(best["learning_rate"]))
-    run_inline("full_finetune", "--config", study / "best.yaml", "--output_dir", tmp_path / "again")
-    again = json.loads((tmp_path / "again" / "results.json").read_text())
-    assert again["eval_accuracy"] == pytest.approx(float(best["validation accuracy"]), abs=1e-9)
-    assert (study / "tune.png").read_bytes().startswith(b"\x89PNG")
-
-
-@pytest.mark.slow
-def test_pruning_stops_a_hopeless_trial_at_its_first_evaluation(tiny_args, tmp_path):
+def test_a_study_prunes_a_hopeless_trial_and_its_best_yaml_reproduces_the_best(tiny_args, tmp_path):
+    """Two trials at 3e-3, where the tiny model learns in 8 epochs, then one at 1e-7, which cannot move: the
+    median pruner stops it at its first evaluation past the halfway mark; the best trial's YAML trains the same
+    model again. (The trials are queued: a random start of three would leave the outcome to the seed.)"""
     study_dir = tmp_path / "study"
     study_dir.mkdir()
     study = optuna.create_study(
@@ -161,23 +137,53 @@ def test_pruning_stops_a_hopeless_trial_at_its_first_evaluation(tiny_args, tmp_p
         study.enqueue_trial({"learning_rate": lr})
     write_manifest(study_dir, ["study.db"], set())  # as an earlier tune there would have
     tune_learning_rate(1e-7, 1e-2, study_dir, tiny_args, "--n_trials", "3", "--pruner", "median")
+    assert sorted(p.name for p in study_dir.iterdir()) == [
+        ".finetune_recipes.json",
+        ".finetune_recipes.lock",
+        "best.yaml",
+        "logs",
+        "study.db",
+        "trials.csv",
+        "trials.md",
+        "tune.png",
+    ]  # fmt: skip: no trial's folder left behind
     trials = list(csv.DictReader((study_dir / "trials.csv").open()))
     assert [t["state"] for t in trials] == ["complete", "complete", "pruned"]
     assert 48 < int(trials[2]["pruned at step"]) < 96  # judged in the second half of its 96 steps only
-    assert not any(p.name.startswith(".trial_") for p in study_dir.iterdir())
+    best = max(trials[:2], key=lambda t: float(t["validation accuracy"]))
+    assert float(best["validation accuracy"]) > 0.5  # chance is 1/3
+    assert best["test accuracy"]  # the test file's metrics, never used to choose
+    # The best YAML, read back with --config, trains the best trial's model again: the same score.
+    config = yaml.safe_load((study_dir / "best.yaml").read_text())
+    assert config["learning_rate"] == pytest.approx(float(best["learning_rate"]))
+    run_inline("full_finetune", "--config", study_dir / "best.yaml", "--output_dir", tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["eval_accuracy"] == pytest.approx(float(best["validation accuracy"]), abs=1e-9)
+    assert (study_dir / "tune.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl_c"])
-def test_an_interrupted_study_resumes_with_the_same_command(stop, tiny_args, tmp_path):
+@pytest.mark.parametrize(
+    "stop",
+    [
+        pytest.param(signal.SIGKILL, id="kill", marks=pytest.mark.skipif(
+            not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")),
+        pytest.param(signal.SIGINT, id="ctrl_c"),
+    ],
+)  # fmt: skip
+def test_an_interrupted_study_resumes_with_the_same_command(stop, tiny_args, tmp_path, capsys):
     study = tmp_path / "study"
     cmd = [CLI, "tune", "static_embeddings", "--n_trials", "2", "--output_dir", str(study), *data_flags(tiny_args)]
     process = start_stoppable(cmd)
     deadline = time.monotonic() + 600
     while not (study / ".trial_1").exists() and time.monotonic() < deadline:  # trial 1 has begun writing
         time.sleep(0.2)
-    os.killpg(process.pid, stop)  # the session stops, or Ctrl-C reaches the group, in the middle of trial 1
+    # Ctrl-C reaches the group in the middle of trial 1; SIGKILL, the harsher case, reaches tune alone: its
+    # trial must not train on (the parent-death signal), nor keep the study's lock from the resume.
+    (os.killpg if stop == signal.SIGINT else os.kill)(process.pid, stop)
     stderr = process.communicate(timeout=120)[1]
+    if stop == signal.SIGKILL:
+        assert gone_within(str(study / ".trial_1"), 20) == []  # no trial left training into .trial_1
     if stop == signal.SIGINT:
         assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
         assert stderr.strip().splitlines()[-1] == (
@@ -192,8 +198,8 @@ def test_an_interrupted_study_resumes_with_the_same_command(stop, tiny_args, tmp
     assert [t["state"] for t in trials] == ["complete", "fail", "complete"]
     assert not any(p.name.startswith(".trial_") for p in study.iterdir())
     if stop == signal.SIGINT:  # running it again has nothing left to do (the same after a kill: checked once)
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-        assert proc.returncode == 0 and "already holds 2 finished trials" in proc.stdout
+        main(cmd[1:])
+        assert "already holds 2 finished trials" in capsys.readouterr().out
 
 
 @pytest.mark.slow
