@@ -77,8 +77,13 @@ def trained(tiny_model, tiny_data, tmp_path_factory) -> Path:
 
 def test_predict_table_jsonl_and_file(trained, tmp_path, capsys):
     main(["predict", "--model", str(trained), "market bank profit", "goal team win"])
-    table = capsys.readouterr().out.splitlines()
+    said = capsys.readouterr()
+    table = said.out.splitlines()
     assert table[0].split() == ["label", "score", "text"] and len(table) == 3
+    assert "Loading weights" not in said.err  # transformers' bar for a sub-second load, beside the table
+    from transformers.utils import logging as transformers_logging
+
+    assert transformers_logging.is_progress_bar_enabled()  # as it was: a recipe's long loads still show it
     texts = tmp_path / "texts.txt"
     texts.write_text("market bank profit\n\ngoal team win\nphone chip code\n")
     main(["predict", "--model", str(trained), "--file", str(texts), "--format", "jsonl"])

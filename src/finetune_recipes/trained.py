@@ -146,7 +146,10 @@ def load_classifier(path: str | Path):
     path = Path(path)
     check_model_dir(path)
     from safetensors import SafetensorError, safe_open
+    from transformers.utils import logging as transformers_logging
 
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # "Loading weights" of a saved classifier: no bar over the output
     try:
         for name in weight_files(path):  # each header read first: a damaged adapter fails before its base loads
             if name.endswith(".safetensors"):
@@ -157,6 +160,9 @@ def load_classifier(path: str | Path):
         raise
     except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as error:  # truncated, overwritten
         raise damaged(path, error) from None
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def load_model(path: Path):
