@@ -44,6 +44,7 @@ share in gpu_base.py; the report is gpu_report.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -194,8 +195,7 @@ def run_checks(
             timeout = scale.timeout * (len(job["checks"]) if job["checks"] is alone else 1)
             over_budget = deadline is not None and time.time() > deadline + GRACE
             if job["proc"].poll() is None and (time.perf_counter() - job["start"] > timeout or over_budget):
-                os.killpg(job["proc"].pid, signal.SIGKILL)
-                job["proc"].wait()
+                stop_worker(job, work)
                 job["stopped_for_budget"] = over_budget
             if job["proc"].poll() is not None:
                 running.remove(job)
@@ -221,6 +221,18 @@ def start_worker(batch: list[str], work: Path, env: dict, jobs: int, dry_run: bo
     with log.open("w") as f:  # the child keeps its own descriptor
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     return {"checks": batch, "proc": proc, "start": time.perf_counter(), "log": log}
+
+
+def stop_worker(job: dict, work: Path) -> None:
+    """SIGKILL to the worker's process group (its launches are in it) and to the groups of its own that it
+    registered under work/groups (a run its check kills itself: gpu_checks.launch)."""
+    os.killpg(job["proc"].pid, signal.SIGKILL)
+    job["proc"].wait()
+    for group in (work / "groups").glob("*"):
+        if group.read_text() == str(job["proc"].pid):
+            with contextlib.suppress(ProcessLookupError):  # already gone
+                os.killpg(int(group.name), signal.SIGKILL)
+            group.unlink()
 
 
 def finished_rows(job: dict) -> list[dict]:
@@ -271,7 +283,8 @@ def worker(args) -> int:
             result = run_one(name, work, scale, context)
         except Exception as error:  # one check's failure is its row, never the whole run's
             traceback.print_exc()
-            result = row(name, "FAILED", 0, note=last_line(str(error)) or type(error).__name__)
+            result = row(name, "FAILED", 0, note=last_line(str(error)) or type(error).__name__,
+                         traceback=traceback.format_exc()[-4000:])  # fmt: skip
         result["seconds"] = round(time.perf_counter() - start, 1)
         write_row(work, result)
     return 0

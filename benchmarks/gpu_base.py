@@ -47,7 +47,8 @@ LAUNCH_CONFIG = {
 }
 LEARNING_RATE = {"feature_extraction": 3e-3, "frozen_base_pooler": 3e-3, "lora": 3e-3}  # others: 1e-3
 # Dense bf16 FLOP/s from the vendor's datasheets (without sparsity), by the name CUDA reports; the first match.
-DATASHEET_PEAKS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12)]
+DATASHEET_PEAKS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H200", 989e12),
+                   ("H100", 989e12), ("A100", 312e12)]  # fmt: skip
 FAIL_ENV = "FINETUNE_GPU_FAIL"
 
 
@@ -130,14 +131,16 @@ def fsdp_against_single(name: str, rows: dict[str, dict]) -> dict:
         return rows[f"{kind}:{recipe}"]["metrics"]
 
     def gap(recipe: str) -> float:
-        a, b = (metrics(kind, recipe)["losses"] for kind in ("single_gpu", "fsdp"))
-        return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=math.inf) if len(a) == len(b) else math.inf
+        """The largest difference of the mean training loss logged at the same step (results.json's
+        loss_history); infinite when the two runs logged different steps."""
+        a, b = (metrics(kind, recipe)["loss_history"] for kind in ("single_gpu", "fsdp"))
+        return max((abs(a[step] - b[step]) for step in a), default=math.inf) if a.keys() == b.keys() else math.inf
 
     recipe = name.partition(":")[2]
     single, sharded = metrics("single_gpu", recipe), metrics("fsdp", recipe)
     unfreezing, noise = gap(recipe), gap("full_finetune")
     limit = 3 * noise + 0.01
-    problems = []
+    problems = [] if math.isfinite(noise) else ["full fine-tuning's two runs logged different steps"]
     if single["stage_starts"] != sharded["stage_starts"]:
         problems.append(f"stages start at {sharded['stage_starts']} under FSDP2, {single['stage_starts']} alone")
     if not unfreezing <= limit:

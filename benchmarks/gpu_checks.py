@@ -62,9 +62,12 @@ def prepare(work: Path, scale: Scale) -> int:
 
 
 def launch(
-    config: str, script: Path, flags: list, log: Path, port: int | None, env: dict | None = None, wait: bool = True
-):
-    """`accelerate launch` as a user types it, through `python -m` (no console script needed on PATH)."""
+    config: str, script: Path, flags: list, log: Path, port: int | None, env: dict | None = None, wait: bool = True,
+    groups: Path | None = None,
+):  # fmt: skip
+    """`accelerate launch` as a user types it, through `python -m` (no console script needed on PATH). In the
+    worker's process group, which the orchestrator kills whole at a timeout; `wait=False` (a run the check kills
+    itself) in a group of its own, written to `groups/PGID` with the worker's pid for the orchestrator to find."""
     extra = ["--num_processes", "1", "--main_process_port", str(port)] if port else []
     config_file = ROOT / "accelerate_configs" / config
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), *extra, str(script)]
@@ -74,8 +77,11 @@ def launch(
         f.write(" ".join(cmd) + "\n")
         f.flush()
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env or os.environ, start_new_session=True
+            cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env or os.environ, start_new_session=not wait
         )
+    if not wait and groups is not None:
+        groups.mkdir(exist_ok=True)
+        (groups / str(proc.pid)).write_text(str(os.getpid()))
     if wait:
         proc.wait()
         if proc.returncode:
@@ -135,7 +141,8 @@ def recipe_check(name: str, kind: str, recipe: str, work: Path, scale: Scale) ->
         name, "FAILED" if problems else "ok", 0, summary, "; ".join(problems),
         first_loss=seen[0] if seen else None, last_loss=seen[-1] if seen else None, eval_accuracy=accuracy,
         agreement=agree / total, steps=results["steps"], samples_per_s=results.get("train_samples_per_second"),
-        losses=seen, stage_starts=results.get("unfreezing_stage_starts"),
+        loss_history={str(h["step"]): h["loss"] for h in results.get("loss_history", [])},
+        stage_starts=results.get("unfreezing_stage_starts"),
     )  # fmt: skip
 
 
@@ -191,7 +198,7 @@ def resume_check(name: str, recipe: str, work: Path, scale: Scale) -> dict:
         out = base / f"{mode}-resumed"
         first = out / "checkpoints" / f"step_{scale.checkpoint_every}" / "index.json"  # written last: complete
         proc = launch(config, modes[mode], flags(mode, "resumed"), base / "logs" / f"{mode}-killed.log", None,
-                      env(mode), wait=False)  # fmt: skip
+                      env(mode), wait=False, groups=work / "groups")  # fmt: skip
         deadline = time.monotonic() + scale.timeout
         while not first.exists():
             if proc.poll() is not None:
@@ -201,6 +208,7 @@ def resume_check(name: str, recipe: str, work: Path, scale: Scale) -> dict:
             time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGKILL)  # accelerate launch does not pass SIGKILL on: the whole group
         proc.wait()
+        (work / "groups" / str(proc.pid)).unlink(missing_ok=True)
         if (out / "results.json").exists():
             raise RuntimeError(f"{mode} run finished before it was killed: raise the steps")
         steps_done = max(

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpu_base import slug
+from gpu_base import DERIVED, slug
 
 
 def format_progress(r: dict) -> str:
@@ -89,11 +89,9 @@ def write_report(
     title = f"# GPU check ({mode}), {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s wall{progress}"
     command = "bash benchmarks/gpu.sh " + shlex.join(sys.argv[1:])
     parts = [title, "", f"`{command.strip()}`", "", environment_line(info), "", markdown_table(rows)]
-    rerun = [r["check"] for r in rows if r["status"] == "FAILED" or r["status"].startswith("not run")]
-    rerun += [c for c in checks if c not in {r["check"] for r in rows}]
+    rerun = rerun_command(rows, checks, args)
     if rerun:
-        again = f"bash benchmarks/gpu.sh {'--dry-run ' if args.dry_run else ''}--only {','.join(rerun)}"
-        parts += ["", f"Rerun what failed or did not run: `{again}`"]
+        parts += ["", f"Rerun what failed or did not run: `{rerun}`"]
     detail = throughput_table(rows)
     if detail:
         parts += ["", detail, "", FORMULAS]
@@ -109,13 +107,28 @@ def write_report(
     if not final:
         return
     failed = [r for r in rows if r["status"] == "FAILED"]
-    if failed:  # the end of each failed check's logs beside the table, for a machine that is gone once it is read
-        tails = []
+    if failed:  # each failed check's traceback and the end of its logs, for a machine that is gone once it is read
+        tails = [f"==> {r['check']}: traceback <==\n{r['metrics']['traceback']}" for r in failed
+                 if r["metrics"].get("traceback")]  # fmt: skip
         for log in sorted((work / "logs").glob("*")):
-            if any(slug(r["check"]) in log.name for r in failed) or log.name.startswith("throughput"):
+            if any(slug(r["check"]) in log.name for r in failed):
                 tail = log.read_text(errors="replace").replace("\r", "\n").splitlines()[-60:]
                 tails.append(f"==> {log.name} <==\n" + "\n".join(tail))
         md_path.with_name(md_path.stem + "-failed-logs.txt").write_text("\n\n".join(tails) + "\n")
     print()
     print(text)
     print(f"Written to {md_path} and {md_path.with_suffix('.json')}")
+
+
+def rerun_command(rows: list[dict], checks: list[str], args) -> str:
+    """The command that reruns what failed or did not run (a derived row with the rows it reads), into a folder
+    `rerun` beside this report, under the same flags; "" when nothing is left to run."""
+    again = [r["check"] for r in rows if r["status"] == "FAILED" or r["status"].startswith("not run")]
+    again += [c for c in checks if c not in {r["check"] for r in rows}]
+    again += [d for d, needs in DERIVED.items() if d in checks and set(needs) & set(again) and d not in again]
+    if not again:
+        return ""
+    out = Path(args.out)
+    folder = (out.parent if out.suffix == ".md" else out) / "rerun"
+    flags = ["--dry-run"] * args.dry_run + (["--time_budget", f"{args.time_budget:g}"] if args.time_budget else [])
+    return shlex.join(["bash", "benchmarks/gpu.sh", *flags, "--only", ",".join(again), "--out", str(folder)])

@@ -152,9 +152,11 @@ def varlen_check(name: str, recipe: str, layout: str, work: Path, scale: Scale, 
 
 
 def profile_check(name: str, recipe: str, bs: int, work: Path, scale: Scale) -> dict:
-    """torch.profiler over `scale.profiled` steps of the throughput check, after its warm-up: the ops with the most
-    self device time (self CPU time on a dry run), and the share of the profiled wall time the GPU ran nothing."""
+    """torch.profiler over `scale.profiled` steps of the throughput check, after its warm-up: the kernels with the
+    most self device time (the ops with the most self CPU time on a dry run), and the share of the profiled wall
+    time the GPU ran nothing."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available() and not scale.dry_run
@@ -162,7 +164,11 @@ def profile_check(name: str, recipe: str, bs: int, work: Path, scale: Scale) -> 
     model, data = throughput_inputs(work, scale, scale.batch_sizes[bs])
     recipe_throughput(recipe, scale.batch_sizes[bs], model, data, work, scale, profiler=window)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in window.profiler.key_averages() if getattr(e, key) > 0]
+    # On CUDA the kernels alone: an op's CPU-side event carries its kernels' device time too (counted twice)
+    events = [
+        e for e in window.profiler.key_averages()
+        if getattr(e, key) > 0 and (not cuda or (e.device_type == DeviceType.CUDA and not e.is_user_annotation))
+    ]  # fmt: skip
     busy = sum(getattr(e, key) for e in events) / 1e6
     top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:15]
     table = [{"op": e.key[:80], "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / 1e6 / busy,
@@ -177,16 +183,16 @@ class ProfileWindow:
     """A profiler that the StepClock starts and stops, and the wall time between (device synced at both ends)."""
 
     def __init__(self, profiler):
-        self.profiler, self.seconds = profiler, 0.0
+        self.profiler, self.seconds, self.running = profiler, 0.0, False
 
     def start(self) -> None:
         sync()
         self.profiler.start()
-        self.started = time.perf_counter()
+        self.started, self.running = time.perf_counter(), True
 
     def stop(self) -> None:
         sync()
-        self.seconds = time.perf_counter() - self.started
+        self.seconds, self.running = time.perf_counter() - self.started, False
         self.profiler.stop()
 
 

@@ -158,6 +158,12 @@ class StepClock:
         timed = (self.marks[self.last] - self.marks[self.scale.warmup]) / (self.last - self.scale.warmup)
         return self.marks[1] - self.marks[0] - timed
 
+    def close(self) -> None:
+        """Sync counting and the profiler stopped, if a run ended (or failed) while they ran."""
+        self.syncs.stop()
+        if self.profiler is not None and getattr(self.profiler, "running", False):
+            self.profiler.stop()
+
     def syncs_per_step(self) -> float | None:
         counted = self.scale.warmup - 1
         return None if self.syncs.count is None or counted < 1 else self.syncs.count / counted
@@ -229,19 +235,13 @@ def recipe_throughput(
             clock.tick(self.steps)
 
     out = work / "runs" / f"throughput-{recipe}-bs{bs}"
-    steps = max(clock.last, scale.warmup + scale.profiled) + 1
-    argv = [str(ROOT / "recipes" / f"{recipe}.py"), *map(str, [
-        "--model_name_or_path", model, "--train_file", data / "train.csv", "--validation_file", data / "validation.csv",
-        "--output_dir", out, "--overwrite_output_dir", "--max_length", "128",
-        "--per_device_train_batch_size", bs, "--per_device_eval_batch_size", bs,
-        "--max_train_steps", steps, "--logging_steps", steps,
-        "--mixed_precision", scale.precision, "--learning_rate", "1e-4", *flags,
-    ])]  # fmt: skip
+    argv = recipe_argv(recipe, bs, model, data, out, max(clock.last, scale.warmup + scale.profiled) + 1, scale, flags)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     env = {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"} if "compiled" in levers else {}
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, out, ignore_errors=True)
+        stack.callback(clock.close)
         swaps = dict(claim_outputs=counted_claim, start_trackers=timed_trackers, LossMeter=TimedMeter)
         if "foreach" in levers:
             swaps["build_optimizer"] = foreach_adamw
@@ -260,6 +260,17 @@ def recipe_throughput(
         "syncs_per_step": clock.syncs_per_step(), "mean_loss": float(torch.stack([x.float() for x in timed]).mean()),
         **counts,
     }  # fmt: skip
+
+
+def recipe_argv(recipe: str, bs: int, model: Path, data: Path, out: Path, steps: int, scale: Scale, flags) -> list:
+    """`python recipes/RECIPE.py` and its flags for a timed run of `steps` optimizer steps."""
+    return [str(ROOT / "recipes" / f"{recipe}.py"), *map(str, [
+        "--model_name_or_path", model, "--train_file", data / "train.csv", "--validation_file", data / "validation.csv",
+        "--output_dir", out, "--overwrite_output_dir", "--max_length", "128",
+        "--per_device_train_batch_size", bs, "--per_device_eval_batch_size", bs,
+        "--max_train_steps", steps, "--logging_steps", steps,
+        "--mixed_precision", scale.precision, "--learning_rate", "1e-4", *flags,
+    ])]  # fmt: skip
 
 
 def plain_throughput(recipe: str, bs: int, model_path: Path, data: Path, scale: Scale) -> dict:

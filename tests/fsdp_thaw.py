@@ -32,7 +32,8 @@ def dropout_free_bert() -> torch.nn.Module:
 
 def train(model: torch.nn.Module, keep_requires_grad: bool, shard=None) -> torch.nn.Module:
     """STEPS optimizer steps of the recipe's order: thaw, forward, backward, drop, clip, step. `shard(model)`
-    (FSDP2) runs after the optimizer's parameters are listed, as accelerator.prepare does."""
+    (FSDP2) runs before the optimizer is built on the sharded parameters (accelerator.prepare builds it first and
+    swaps them in: the same parameters in the end)."""
     layers = discover_layers(model)
     thaw = Thaw(model, layers, unfreezing_stages(layers)[: len(STARTS)], STARTS, lambda _: None, keep_requires_grad)
     if shard is not None:

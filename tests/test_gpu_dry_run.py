@@ -65,7 +65,8 @@ def unfreezing_rows(**changes) -> dict[str, dict]:
     rows = {}
     for recipe, curve in losses.items():
         for kind, shift in (("single_gpu", 0.0), ("fsdp", 0.004)):
-            metrics = {"losses": [x + shift for x in curve], "stage_starts": [0, 10, 20], "samples_per_s": 100.0}
+            history = {str(10 * (i + 1)): x + shift for i, x in enumerate(curve)}  # results.json's, by step
+            metrics = {"loss_history": history, "stage_starts": [0, 10, 20], "samples_per_s": 100.0}
             rows[f"{kind}:{recipe}"] = {"status": "ok", "metrics": {**metrics, **changes.get(f"{kind}:{recipe}", {})}}
     return rows
 
@@ -75,12 +76,14 @@ def test_unfreezing_under_fsdp2_is_judged_against_full_finetunings_difference():
     same = gpu_base.fsdp_against_single(name, unfreezing_rows())
     assert same["status"] == "ok" and same["metrics"]["loss_gap"] == pytest.approx(0.004)
     assert same["metrics"]["limit"] == pytest.approx(3 * 0.004 + 0.01)
-    drifted = unfreezing_rows(**{"fsdp:progressive_unfreezing": {"losses": [1.104, 0.95, 0.50]}})
+    drifted = unfreezing_rows(**{"fsdp:progressive_unfreezing": {"loss_history": {"10": 1.104, "20": 0.95, "30": 0.5}}})
     assert "losses differ by 0.0500 > 0.0220" in gpu_base.fsdp_against_single(name, drifted)["note"]
     staged = unfreezing_rows(**{"fsdp:progressive_unfreezing": {"stage_starts": [0, 12, 20]}})
     assert "stages start at [0, 12, 20] under FSDP2" in gpu_base.fsdp_against_single(name, staged)["note"]
-    short = unfreezing_rows(**{"fsdp:progressive_unfreezing": {"losses": [1.1]}})
-    assert gpu_base.fsdp_against_single(name, short)["status"] == "FAILED"
+    short = unfreezing_rows(**{"fsdp:progressive_unfreezing": {"loss_history": {"10": 1.1}}})
+    assert gpu_base.fsdp_against_single(name, short)["status"] == "FAILED"  # different steps logged: no verdict
+    no_noise = unfreezing_rows(**{"fsdp:full_finetune": {"loss_history": {}}})  # an infinite limit passes nothing
+    assert "full fine-tuning's two runs logged different steps" in gpu_base.fsdp_against_single(name, no_noise)["note"]
     missing = unfreezing_rows()
     missing["fsdp:full_finetune"]["status"] = "skipped (dry run: FSDP needs CUDA)"
     assert gpu_base.fsdp_against_single(name, missing)["status"] == "skipped (needs fsdp:full_finetune ok)"
@@ -123,7 +126,8 @@ def test_a_spent_time_budget_leaves_checks_not_run_and_says_how_to_rerun_them(tm
     assert proc.returncode == 0, proc.stderr  # nothing failed: it did not run
     report = (tmp_path / "gpu.md").read_text()
     assert [cells[1] for cells in table_rows(report).values()] == ["not run (time budget)"] * 2
-    assert "Rerun what failed or did not run: `bash benchmarks/gpu.sh --dry-run --only packing,mfu_peak`" in report
+    rerun = f"bash benchmarks/gpu.sh --dry-run --time_budget 0.001 --only packing,mfu_peak --out {tmp_path / 'rerun'}"
+    assert f"Rerun what failed or did not run: `{rerun}`" in report
 
 
 def test_losses_are_read_from_the_progress_bar_and_errors_from_the_last_line():
