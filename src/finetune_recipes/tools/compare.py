@@ -31,8 +31,9 @@ from ..parsing import parse_config
 from ..rendering import cell
 from .compare_report import plot, reported_split, summarise, table_metrics, write_table
 from .cv import run_recipe
+from .runs import flag_inputs, refuse_hub_flags, tool_dir, with_test_split
 from .search_space import check_space, search_space
-from .tune import flag_inputs, import_optuna, refuse_hub_flags, run_study, tool_dir, with_test_split
+from .tune import import_optuna, run_study
 
 DEFAULT_CONFIG = recipes_dir() / "configs" / "full_finetune.yaml"  # the baseline's defaults (data, seed)
 SHARED_FLAGS = {f.name for t in SHARED_TYPES for f in fields(t)} | {"config"}

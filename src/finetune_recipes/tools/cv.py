@@ -35,7 +35,7 @@ from ..parsing import parse_config
 from ..processes import PARENT, die_with_parent
 from ..readback import read_json
 from .cv_report import CV_NAMES, written_before_manifests
-from .tune import error_line, flag_inputs, old_name, refuse_hub_flags, tool_dir
+from .runs import error_line, flag_inputs, old_name, refuse_hub_flags, tool_dir
 
 PLAN = "cv.json"
 RERUN = "run the same command again, with --overwrite_output_dir to start over"
