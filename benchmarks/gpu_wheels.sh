@@ -2,7 +2,7 @@
 # The wheels the GPU machine lacks, for `bash benchmarks/gpu.sh` there (benchmarks/README.md#gpu): this project's
 # pure-Python dependencies at the versions of ./.venv (the machine has its own torch, CUDA and pyarrow), for
 # CPython 3.12 on manylinux, and DeepSpeed built here without its ops (it is source-only on the index).
-# Writes .whl/ (git-ignored, about 30 MB), which the device tool carries.
+# Writes its wheels to .whl/ (git-ignored, about 25 MB), which the device tool carries.
 #
 #   bash benchmarks/gpu_wheels.sh [PYTHON_VERSION]   # default 3.12
 set -euo pipefail
@@ -23,5 +23,6 @@ rm -rf .whl.partial && mkdir .whl.partial
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
   -d .whl.partial "${pins[@]}" "${deepspeed_needs[@]}"
 DS_BUILD_OPS=0 "$pip" wheel -q --no-deps --no-build-isolation -w .whl.partial deepspeed==0.19.8
-rm -rf .whl && mv .whl.partial .whl
+mkdir -p .whl && rm -f .whl/*.whl  # the wheels an earlier run wrote; anything else in .whl/ stays
+mv .whl.partial/*.whl .whl/ && rmdir .whl.partial
 ls .whl && du -sh .whl
