@@ -38,6 +38,30 @@ def test_pairs_are_balanced_seeded_of_the_right_kind_and_never_of_an_example_wit
     assert len(multi) == 2 * (5 + 4)
 
 
+def test_multi_label_partners_are_uniform_over_their_kind_without_a_table_of_every_pair():
+    """Drawn by rejection (10,000 examples would make a table of 10^8 pairs): an alike partner uniformly among the
+    examples sharing a label, an unlike one among those sharing none, never the example itself."""
+    sets = [[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [0, 0, 0]]  # the last has no label
+    pairs = sentence_pairs(sets, MULTI, num_iterations=3000, seed=0)
+    drawn = Counter((i, j) for i, j, _ in pairs)
+    for i, kind, expected in [
+        (0, 1.0, {1, 4}),  # shares label 0 with these two
+        (4, 1.0, {0, 1, 2, 3}),  # shares a label with every labelled example
+        (5, 0.0, {0, 1, 2, 3, 4}),  # no label: unlike everyone else, never itself
+        (3, 0.0, {0, 1, 2, 5}),
+    ]:
+        partners = Counter(j for a, j, t in pairs if a == i and t == kind)
+        assert set(partners) == expected, (i, kind)
+        assert max(abs(c / 3000 - 1 / len(expected)) for c in partners.values()) < 0.03, (i, kind, partners)
+    assert not [p for p in pairs if p[0] == 5 and p[2] == 1.0]  # no label: no alike partner
+    assert drawn[(5, 5)] == 0
+    many = [[int(i % 7 == k) for k in range(7)] for i in range(20_000)]  # 7 disjoint labels
+    few = [[1] * 7] * 19_990 + [[0] * 7] * 10  # all but the 10 unlabelled ones overlap the first
+    assert len(sentence_pairs(many, MULTI, 1, seed=0)) == 40_000
+    unlike_of_first = [j for i, j, t in sentence_pairs(few, MULTI, 1, seed=0) if i == 0 and t == 0.0]
+    assert len(unlike_of_first) == 1 and unlike_of_first[0] >= 19_990  # listed: rejection would take 2,000 draws
+
+
 def test_pairs_refuse_what_cannot_be_paired():
     with pytest.raises(UserError, match="1 class\\(es\\) have one training example"):
         sentence_pairs([0, 0, 1], SINGLE, 1, 0)

@@ -98,16 +98,11 @@ def sentence_pairs(
 
 def _partners(labels: list, problem_type: str, rng: random.Random):
     """(alike, unlike): each draws, for example i, one uniformly random partner of that kind ([] when it has
-    none). Single-label draws by rejection, within the label's members and over all examples, so a large
-    training set costs no table of every pair; multi-label lists each example's partners once."""
+    none). Both draw by rejection (single-label within the label's members and over all examples; multi-label:
+    _multi_label_partners), so a large training set costs no table of every pair."""
     n = len(labels)
     if problem_type == MULTI:
-        sets = [frozenset(j for j, v in enumerate(y) if v > 0.5) for y in labels]
-        alike = [[j for j in range(n) if j != i and sets[i] & sets[j]] for i in range(n)]
-        unlike = [[j for j in range(n) if not sets[i] & sets[j]] for i in range(n)]
-        return (lambda i: [rng.choice(alike[i])] if alike[i] else []), (
-            lambda i: [rng.choice(unlike[i])] if unlike[i] else []
-        )
+        return _multi_label_partners([frozenset(j for j, v in enumerate(y) if v > 0.5) for y in labels], rng)
     y = [int(v) for v in labels]
     members: dict[int, list[int]] = {}
     for i, label in enumerate(y):
@@ -127,6 +122,51 @@ def _partners(labels: list, problem_type: str, rng: random.Random):
     return (lambda i: draw(lambda: rng.choice(members[y[i]]), lambda j: j != i)), (
         lambda i: draw(lambda: rng.randrange(n), lambda j: y[j] != y[i])
     )
+
+
+def _multi_label_partners(sets: list[frozenset], rng: random.Random):
+    """Multi-label (alike, unlike) by rejection: alike is uniform over the examples sharing a label with i (a label
+    of i drawn in proportion to its members, one of them, kept with probability 1 / the labels it shares with i);
+    unlike is uniform over all examples, kept when it shares none. Whether a partner exists is counted once per
+    distinct label set; a set that almost every example overlaps lists its few unlike partners instead. A table
+    of every pair, as before, took n² memory: 10,000 examples, 10^8 entries."""
+    n, members = len(sets), {}
+    for i, labels in enumerate(sets):
+        for label in labels:
+            members.setdefault(label, []).append(i)
+    overlapping: dict[frozenset, int] = {}  # a label set -> how many examples share a label with it (itself too)
+    few_unlike: dict[frozenset, list[int]] = {}
+
+    def overlap(labels: frozenset) -> int:
+        if labels not in overlapping:
+            overlapping[labels] = len(set().union(*(members[label] for label in labels)))
+        return overlapping[labels]
+
+    def alike(i: int) -> list[int]:
+        labels = sets[i]
+        if overlap(labels) < 2:  # no label, or labels no other example has
+            return []
+        order = sorted(labels)
+        while True:
+            label = rng.choices(order, weights=[len(members[k]) for k in order])[0]
+            j = rng.choice(members[label])
+            if j != i and rng.random() < 1 / len(labels & sets[j]):
+                return [j]
+
+    def unlike(i: int) -> list[int]:
+        labels = sets[i]
+        others = n - overlap(labels) - (0 if labels else 1)  # i overlaps itself, unless it has no label
+        if others == 0:
+            return []
+        if 64 * others < n:  # rejection would take over 64 draws a pair: list them (per label set, not per i)
+            if labels not in few_unlike:
+                few_unlike[labels] = [j for j in range(n) if not labels & sets[j]]
+            return [rng.choice([j for j in few_unlike[labels] if j != i])]
+        while (j := rng.randrange(n)) == i or labels & sets[j]:
+            pass
+        return [j]
+
+    return alike, unlike
 
 
 def embed(encoder: nn.Module, batch: dict, pooling: str, normalize: bool) -> torch.Tensor:
