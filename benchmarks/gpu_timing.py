@@ -228,9 +228,11 @@ def recipe_throughput(
         clock.start()
 
     class TimedMeter(kit.LossMeter):  # the loop adds each batch's loss once its step is taken
+        steps = 0  # the optimizer steps taken (one batch each: no accumulation here)
+
         def add(self, loss, samples: int) -> None:
             super().add(loss, samples)
-            self.steps = getattr(self, "steps", 0) + 1
+            self.steps += 1
             losses.append(loss)
             clock.tick(self.steps)
 

@@ -138,10 +138,17 @@ def test_losses_are_read_from_the_progress_bar_and_errors_from_the_last_line():
     )
 
 
-def test_an_unknown_check_is_one_line_and_exit_code_2(tmp_path):
-    proc = gpu_sh("--dry-run", "--only", "single_gpu:bogus", "--out", str(tmp_path))
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--only", "single_gpu:bogus"], "unknown check 'single_gpu:bogus'"),
+        (["--time_budget", "0"], "--time_budget must be a positive number of seconds"),
+    ],
+)
+def test_a_bad_flag_is_one_line_and_exit_code_2(flags, message, tmp_path):
+    proc = gpu_sh("--dry-run", *flags, "--out", str(tmp_path))
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "unknown check 'single_gpu:bogus'" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
     assert not list(tmp_path.iterdir())
 
 
